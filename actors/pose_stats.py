@@ -1,0 +1,66 @@
+"""Running tracking-quality statistics of a pose stream, in O(1) state.
+
+Fed one batch at a time in timeline order; never keeps frames. "Gap" means a hole
+in the frame timeline longer than :data:`GAP_FACTOR` nominal frame intervals, whether
+the frames were lost in transit (a skipped batch) or never sent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+NOMINAL_FPS = 30.0
+GAP_FACTOR = 3.0
+
+
+@dataclass
+class PoseStats:
+    frames: int = 0
+    frames_no_pose: int = 0
+    batches: int = 0
+    gaps: int = 0
+    first_t: int | None = None
+    last_t: int | None = None
+    _vis_sum: float = 0.0
+    _vis_n: int = 0
+
+    def add(self, t_ms: np.ndarray, frames: np.ndarray) -> None:
+        n = len(t_ms)
+        no_pose = np.isnan(frames[:, 0, 0])
+        self.batches += 1
+        self.frames += n
+        self.frames_no_pose += int(no_pose.sum())
+        vis = frames[~no_pose, :, 3]
+        if vis.size:
+            self._vis_sum += float(vis.mean(axis=1).sum())
+            self._vis_n += int(vis.shape[0])
+        t = t_ms.astype(np.int64)
+        limit = GAP_FACTOR * 1000.0 / NOMINAL_FPS
+        self.gaps += int((np.diff(t) > limit).sum())
+        if self.last_t is not None and t[0] - self.last_t > limit:
+            self.gaps += 1
+        if self.first_t is None:
+            self.first_t = int(t[0])
+        self.last_t = int(t[-1])
+
+    @property
+    def duration_ms(self) -> int:
+        if self.first_t is None or self.last_t is None:
+            return 0
+        return self.last_t - self.first_t
+
+    def to_dict(self) -> dict[str, Any]:
+        dur = self.duration_ms
+        return {
+            "frames": self.frames,
+            "frames_no_pose": self.frames_no_pose,
+            "batches": self.batches,
+            "gaps": self.gaps,
+            "duration_ms": dur,
+            # n frames span n-1 intervals
+            "effective_fps": round((self.frames - 1) * 1000.0 / dur, 2) if dur > 0 else None,
+            "mean_visibility": round(self._vis_sum / self._vis_n, 4) if self._vis_n else None,
+        }

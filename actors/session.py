@@ -1,0 +1,310 @@
+"""The session actor: one Trio task per live exercise session.
+
+The actor owns everything about its session: the batch sequencer, tracking
+statistics, the repetition engine and the compressed replay being written. The
+HTTP handlers talk to it only through :meth:`SessionActor.offer` (synchronous,
+never blocks: it accepts, deduplicates or refuses a batch and queues it in the
+bounded mailbox) and :meth:`SessionActor.request_end`.
+
+Lifecycle: ``run`` applies queued batches in sequence order until the session is
+ended by the client, an operator, idle timeout, maximum duration or shutdown; then
+it drains the mailbox (everything acknowledged is applied), finalises (blob written
+and verified, summary event published) and sets :attr:`finished`.
+
+Errors: an exception while applying a batch is a bug; the actor logs it, stops
+computing metrics, keeps appending the acknowledged frames to the replay, and
+finalises with end reason ``actor_error``. No exception escapes ``run`` except
+``trio.Cancelled``: a cancelled actor (hard stop after the shutdown deadline) does
+not finalise.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from actors.pose_stats import PoseStats
+from actors.reps import RepEngine
+from actors.sequencer import Sequencer, Verdict
+from actors.summary import build_summary
+from actors.summary import iso_time as _iso
+from storage.blobs import BlobStore, blob_key
+from storage.bus import Bus
+from storage.replay import ReplayWriter
+from telemetry.auth import SessionClaims
+from telemetry.config import Settings
+from telemetry.wire import PoseBatch
+
+log = logging.getLogger("telemetry.actor")
+
+END_REASONS = ("client_end", "admin", "idle_timeout", "max_duration", "shutdown", "actor_error")
+
+
+@dataclass(frozen=True)
+class Offer:
+    """The answer to one batch: what the handler tells the client."""
+
+    verdict: Verdict | str  # Verdict, or "ended" / "mailbox_full" / "space_changed"
+    message: str = ""
+    retry_after: float | None = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.verdict in (Verdict.ACCEPT, Verdict.DUPLICATE)
+
+
+class SessionActor:
+    def __init__(
+        self,
+        claims: SessionClaims,
+        first: PoseBatch,
+        *,
+        settings: Settings,
+        store: BlobStore,
+        bus: Bus,
+        log_id: str,
+    ) -> None:
+        self.claims = claims
+        self.org_id = claims.org_id
+        self.session_id = claims.session_id
+        self.space = first.space
+        self.log_id = log_id
+        self._settings = settings
+        self._store = store
+        self._bus = bus
+        self._tx, self._rx = trio.open_memory_channel[PoseBatch](settings.mailbox_size)
+        self._seq = Sequencer(window=settings.reorder_window)
+        self._held: dict[int, PoseBatch] = {}  # out-of-order batches awaiting their turn
+        self._gap_since: float | None = None
+        self.stats = PoseStats()
+        aspect = first.image_width / first.image_height if first.image_height else 1.0
+        ex = claims.exercise
+        self.reps: RepEngine | None = RepEngine(
+            ex.kind, side=ex.side, space=first.space, aspect=aspect, target_reps=ex.target_reps
+        )
+        meta = {
+            "exercise": ex.to_dict(),
+            "image_width": first.image_width,
+            "image_height": first.image_height,
+        }
+        kwargs: dict[str, Any] = {}
+        if settings.blob_encoding:
+            kwargs["encoding"] = settings.blob_encoding
+        self.replay = ReplayWriter(
+            org_id=claims.org_id, session_id=claims.session_id, space=first.space, meta=meta,
+            **kwargs,
+        )
+        now = trio.current_time()
+        self.started_mono = now
+        self.last_batch_mono = now
+        self.started_wall = time.time()
+        self.last_batch_wall = self.started_wall
+        self.duplicates = 0
+        self.end_reason: str | None = None
+        self.error: str | None = None
+        self.summary: dict[str, Any] | None = None
+        self.finished = trio.Event()
+        self._wake: trio.CancelScope | None = None
+
+    # -- handler side: synchronous, no checkpoints ---------------------------------
+
+    @property
+    def ending(self) -> bool:
+        return self.end_reason is not None
+
+    def offer(self, batch: PoseBatch) -> Offer:
+        """Accept, deduplicate or refuse ``batch``. Never blocks."""
+        if self.ending:
+            return Offer("ended", "session has ended")
+        if batch.space != self.space:
+            return Offer("space_changed", f"session streams {self.space!r} coordinates; "
+                         f"batch {batch.seq} is {batch.space!r}")
+        verdict, message = self._seq.check(batch.seq, batch.first_t, batch.last_t)
+        if verdict is Verdict.AHEAD_OF_WINDOW:
+            return Offer(verdict, message, retry_after=self._settings.gap_timeout_s)
+        if verdict is Verdict.DUPLICATE:
+            self.duplicates += 1
+        if verdict is not Verdict.ACCEPT:
+            return Offer(verdict, message)
+        try:
+            self._tx.send_nowait(batch)
+        except trio.WouldBlock:
+            return Offer("mailbox_full", "session mailbox is full", retry_after=1.0)
+        self._seq.accept(batch.seq, batch.first_t, batch.last_t)
+        self.last_batch_mono = trio.current_time()
+        self.last_batch_wall = time.time()
+        return Offer(Verdict.ACCEPT)
+
+    def request_end(self, reason: str) -> None:
+        """Ask the actor to drain and finalise. Idempotent: the first reason wins."""
+        if self.end_reason is None:
+            self.end_reason = reason
+        if self._wake is not None:
+            self._wake.cancel()
+
+    def snapshot(self) -> dict[str, Any]:
+        """The supervisor's admin view of this session (no personal data)."""
+        return {
+            "session_id": self.session_id,
+            "org_id": self.org_id,
+            "started_at": _iso(self.started_wall),
+            "last_batch_at": _iso(self.last_batch_wall),
+            "batches": self.stats.batches,
+            "frames": self.stats.frames,
+            "reps": self.reps.rep_count if self.reps is not None else None,
+            "mailbox_depth": self._rx.statistics().current_buffer_used,
+            "held_out_of_order": len(self._held),
+            "bytes_held": self.replay.nbytes,
+            "ending": self.end_reason,
+        }
+
+    # -- actor side -----------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        try:
+            await self._loop()
+        except Exception as exc:  # a bug in the loop itself; finalise what we have
+            log.exception("session actor loop failed", extra={"session": self.log_id})
+            self.end_reason = "actor_error"
+            self.error = f"{type(exc).__name__}: {exc}"
+        self._drain()
+        await self._finalise()
+
+    def _deadline(self) -> float:
+        s = self._settings
+        deadline = min(
+            self.last_batch_mono + s.idle_timeout_s, self.started_mono + s.max_session_s
+        )
+        if self._gap_since is not None:
+            deadline = min(deadline, self._gap_since + s.gap_timeout_s)
+        return deadline
+
+    async def _loop(self) -> None:
+        while self.end_reason is None:
+            with trio.CancelScope(deadline=self._deadline()) as self._wake:
+                batch = await self._rx.receive()
+                self._take(batch)
+                continue
+            self._wake = None
+            if self.end_reason is not None:
+                return
+            now = trio.current_time()
+            s = self._settings
+            if now >= self.started_mono + s.max_session_s:
+                self.end_reason = "max_duration"
+            elif now >= self.last_batch_mono + s.idle_timeout_s:
+                self.end_reason = "idle_timeout"
+            elif self._gap_since is not None and now >= self._gap_since + s.gap_timeout_s:
+                self._skip_gap()
+
+    def _drain(self) -> None:
+        """Apply everything acknowledged: the mailbox, then held batches past any gap."""
+        while True:
+            try:
+                self._take(self._rx.receive_nowait())
+            except trio.WouldBlock:
+                break
+        while self._held:
+            self._skip_gap()
+
+    def _skip_gap(self) -> None:
+        log.warning("batch %d never arrived; skipped", self._seq.next_seq,
+                    extra={"session": self.log_id})
+        self._seq.skip()
+        self._gap_since = None
+        self._apply_ready()
+
+    def _take(self, batch: PoseBatch) -> None:
+        self._held[batch.seq] = batch
+        self._apply_ready()
+
+    def _apply_ready(self) -> None:
+        while self._seq.next_seq in self._held:
+            batch = self._held.pop(self._seq.next_seq)
+            self._apply(batch)
+            self._seq.applied(batch.seq, batch.last_t)
+        if not self._held:
+            self._gap_since = None
+        elif self._gap_since is None:
+            self._gap_since = trio.current_time()
+
+    def _apply(self, batch: PoseBatch) -> None:
+        # The replay first: it is the record of what was acknowledged, and must
+        # survive a failure in the metrics below.
+        self.replay.append(batch.t_ms, batch.frames)
+        self.stats.add(batch.t_ms, batch.frames)
+        if self.reps is None:
+            return
+        try:
+            self.reps.feed(batch.t_ms.astype("float64"), batch.frames)
+        except Exception as exc:
+            log.exception("rep engine failed; session ends", extra={"session": self.log_id})
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.reps = None
+            self.end_reason = "actor_error"
+
+    async def _finalise(self) -> None:
+        """Write the blob, publish the summary. Shielded and time-bounded: shutdown's
+        cancellation must not cut a finalisation half-way; the deadline bounds it."""
+        with trio.move_on_after(self._settings.shutdown_deadline_s) as scope:
+            scope.shield = True
+            blob: dict[str, Any] | None = None
+            rep_summary: dict[str, Any] | None = None
+            if self.reps is not None:
+                try:
+                    self.reps.finish()
+                    rep_summary = self.reps.summary()
+                except Exception as exc:
+                    log.exception("rep engine failed at finish", extra={"session": self.log_id})
+                    self.error = f"{type(exc).__name__}: {exc}"
+                    self.end_reason = "actor_error"
+            if self.replay.frame_count:
+                data = self.replay.finish()
+                key = blob_key(self.org_id, self.session_id)
+                info = await _retry(lambda: self._store.put(key, data), "blob put", self.log_id)
+                if info is not None:
+                    blob = {"key": info.key, "size": info.size, "sha256": info.sha256,
+                            "encoding": self.replay.encoding}
+                else:
+                    self.error = self.error or "blob store unavailable"
+            summary = build_summary(
+                claims=self.claims, space=self.space, started_wall=self.started_wall,
+                ended_wall=time.time(), end_reason=self.end_reason or "client_end",
+                blob=blob, stats=self.stats, skipped=self._seq.skipped_count,
+                duplicates=self.duplicates, reps=rep_summary, error=self.error,
+            )
+            published = await _retry(lambda: self._bus.publish(summary), "publish", self.log_id)
+            summary["published"] = published is not None
+            self.summary = summary
+        if scope.cancelled_caught:
+            log.error("finalisation timed out", extra={"session": self.log_id})
+        if self.summary is None:
+            self.summary = build_summary(
+                claims=self.claims, space=self.space, started_wall=self.started_wall,
+                ended_wall=time.time(), end_reason=self.end_reason or "shutdown",
+                blob=None, stats=self.stats, skipped=self._seq.skipped_count,
+                duplicates=self.duplicates, reps=None, error="finalisation timed out",
+            )
+        self.finished.set()
+
+
+async def _retry(fn: Callable[[], Any], what: str, log_id: str, attempts: int = 4) -> Any:
+    """Call ``fn`` with backoff; return its result, or None after the last failure."""
+    for attempt in range(attempts):
+        try:
+            result = await fn()
+            return True if result is None else result
+        except Exception as exc:
+            log.warning("%s failed (attempt %d/%d): %s", what, attempt + 1, attempts,
+                        type(exc).__name__, extra={"session": log_id})
+            if attempt + 1 < attempts:
+                await trio.sleep(0.25 * math.pow(2, attempt))
+    return None
+

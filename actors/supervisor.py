@@ -1,0 +1,205 @@
+"""The session supervisor: owns the actors' nursery and the registry of sessions.
+
+Sessions are keyed by ``(org_id, session_id)``, so two organisations can never
+reach each other's session even if their ids collide.
+
+* A session's actor starts on its first accepted batch.
+* An ended session's summary is kept for ``ended_retention_s`` to answer repeated
+  end calls with the same summary and late batches with 409.
+* Failure isolation: an actor never raises out of its task (see
+  :mod:`actors.session`); a crash ends only that session, with reason ``actor_error``.
+
+Shutdown (:meth:`Supervisor.drain`): stop admitting sessions, ask every live actor
+to end with reason ``shutdown``, and wait for their finalisation up to a deadline.
+:meth:`run` returns once drained; cancelling it cancels any actor still running.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from actors.pose_stats import PoseStats
+from actors.session import Offer, SessionActor
+from actors.summary import build_summary
+from storage.blobs import BlobStore
+from storage.bus import Bus
+from telemetry.auth import SessionClaims
+from telemetry.config import Settings
+from telemetry.privacy import Pseudonymiser
+from telemetry.wire import PoseBatch
+
+log = logging.getLogger("telemetry.supervisor")
+
+Key = tuple[str, str]
+
+
+class SupervisorClosed(Exception):
+    """The supervisor is draining or stopped and admits no new session."""
+
+
+@dataclass
+class _Ended:
+    summary: dict[str, Any]
+    expires: float
+
+
+class Supervisor:
+    def __init__(
+        self, settings: Settings, *, store: BlobStore, bus: Bus, pseudonyms: Pseudonymiser
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._bus = bus
+        self._pseudonyms = pseudonyms
+        self._live: dict[Key, SessionActor] = {}
+        self._ended: OrderedDict[Key, _Ended] = OrderedDict()
+        self._nursery: trio.Nursery | None = None
+        self._closed = False
+        self._stopped = trio.Event()
+        self.crashed = 0
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Host the actors until :meth:`drain` has finished."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await self._stopped.wait()
+            nursery.cancel_scope.cancel()
+
+    async def drain(self, deadline_s: float | None = None) -> int:
+        """End every live session (reason ``shutdown``) and wait up to ``deadline_s``.
+
+        Returns how many sessions were still unfinished at the deadline; those are
+        cancelled when :meth:`run` exits. Safe to call more than once.
+        """
+        self._closed = True
+        deadline_s = self._settings.shutdown_deadline_s if deadline_s is None else deadline_s
+        actors = list(self._live.values())
+        for actor in actors:
+            actor.request_end("shutdown")
+        with trio.move_on_after(deadline_s):
+            for actor in actors:
+                await actor.finished.wait()
+        left = sum(1 for a in actors if not a.finished.is_set())
+        if left:
+            log.error("shutdown deadline passed with %d sessions unfinished", left)
+        self._stopped.set()
+        return left
+
+    @property
+    def accepting(self) -> bool:
+        return not self._closed
+
+    # -- used by the HTTP handlers ----------------------------------------------------
+
+    def ended_summary(self, org_id: str, session_id: str) -> dict[str, Any] | None:
+        self._expire()
+        ended = self._ended.get((org_id, session_id))
+        return ended.summary if ended else None
+
+    def offer(self, claims: SessionClaims, batch: PoseBatch) -> Offer:
+        key = (claims.org_id, claims.session_id)
+        actor = self._live.get(key)
+        if actor is None:
+            if self.ended_summary(*key) is not None:
+                return Offer("ended", "session has ended")
+            actor = self._start(claims, batch)
+        return actor.offer(batch)
+
+    async def end(self, claims: SessionClaims, reason: str = "client_end") -> dict[str, Any]:
+        """End a session and return its summary; the same summary on repeated calls.
+
+        A session that never sent a batch is ended at once with an empty summary, so
+        the Core API still learns that it ended."""
+        key = (claims.org_id, claims.session_id)
+        summary = self.ended_summary(*key)
+        if summary is not None:
+            return summary
+        actor = self._live.get(key)
+        if actor is None:
+            return await self._end_empty(claims, reason)
+        actor.request_end(reason)
+        await actor.finished.wait()
+        assert actor.summary is not None
+        return actor.summary
+
+    def live(self) -> list[SessionActor]:
+        return list(self._live.values())
+
+    def find(self, session_id: str, org_id: str | None = None) -> list[SessionActor]:
+        return [
+            a for (o, s), a in self._live.items()
+            if s == session_id and (org_id is None or o == org_id)
+        ]
+
+    # -- internals ------------------------------------------------------------------
+
+    def _start(self, claims: SessionClaims, first: PoseBatch) -> SessionActor:
+        if self._closed or self._nursery is None:
+            raise SupervisorClosed("service is shutting down")
+        log_id = self._pseudonyms.session(claims.org_id, claims.session_id)
+        actor = SessionActor(
+            claims, first, settings=self._settings, store=self._store, bus=self._bus,
+            log_id=log_id,
+        )
+        self._live[(claims.org_id, claims.session_id)] = actor
+        self._nursery.start_soon(self._host, actor)
+        log.info("session started", extra={
+            "session": log_id, "patient": self._pseudonyms.patient(claims.patient_id),
+            "exercise": claims.exercise.kind, "space": first.space,
+        })
+        return actor
+
+    async def _host(self, actor: SessionActor) -> None:
+        key = (actor.org_id, actor.session_id)
+        try:
+            await actor.run()
+        finally:
+            # Runs on cancellation too, so the registry never keeps a dead actor.
+            del self._live[key]
+            if actor.summary is not None:
+                self._remember(key, actor.summary)
+                if actor.end_reason == "actor_error":
+                    self.crashed += 1
+                log.info("session ended", extra={
+                    "session": actor.log_id, "end_reason": actor.summary["end_reason"],
+                    "frames": actor.stats.frames, "published": actor.summary.get("published"),
+                })
+
+    async def _end_empty(self, claims: SessionClaims, reason: str) -> dict[str, Any]:
+        wall = time.time()
+        summary = build_summary(
+            claims=claims, space=None, started_wall=wall, ended_wall=wall, end_reason=reason,
+            blob=None, stats=PoseStats(), skipped=0, duplicates=0, reps=None, error=None,
+        )
+        key = (claims.org_id, claims.session_id)
+        # Remember before the publish await so a concurrent end call gets the same one.
+        self._remember(key, summary)
+        try:
+            await self._bus.publish(summary)
+            summary["published"] = True
+        except Exception as exc:
+            log.warning("publish of empty session failed: %s", type(exc).__name__)
+            summary["published"] = False
+        return summary
+
+    def _remember(self, key: Key, summary: dict[str, Any]) -> None:
+        self._ended[key] = _Ended(summary, trio.current_time() + self._settings.ended_retention_s)
+        self._ended.move_to_end(key)
+        self._expire()
+
+    def _expire(self) -> None:
+        now = trio.current_time()
+        while self._ended:
+            key, ended = next(iter(self._ended.items()))
+            if ended.expires > now:
+                break
+            del self._ended[key]

@@ -1,0 +1,108 @@
+"""The ``telemetry`` command: serve, demo, token, replay, migrate, sink.
+
+Each subcommand loads :class:`Settings` once from the environment. A bad variable
+exits with status 2 and a message naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from typing import Any
+
+import trio
+
+from telemetry.config import ConfigError, Settings
+
+
+async def _serve(settings: Settings) -> None:
+    from telemetry.server import open_storage, serve
+
+    stop = trio.Event()
+
+    async def on_signals() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                stop.set()
+                return
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(on_signals)
+        async with open_storage(settings) as storage:
+            await serve(settings, storage, stop=stop)
+        nursery.cancel_scope.cancel()
+
+
+def _token(settings: Settings, args: argparse.Namespace) -> str:
+    from telemetry.auth import mint_service_token, mint_session_token
+
+    if args.service:
+        return mint_service_token(settings, subject=args.subject or "ops", scope=args.scope,
+                                  ttl_s=args.ttl)
+    exercise: dict[str, Any] = {"kind": args.exercise}
+    if args.side:
+        exercise["side"] = args.side
+    if args.target_reps:
+        exercise["target_reps"] = args.target_reps
+    return mint_session_token(
+        settings, org_id=args.org, session_id=args.session, patient_id=args.patient,
+        exercise=exercise, biometric=not args.no_biometric, analytics=not args.no_analytics,
+        ttl_s=args.ttl,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="telemetry", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the service (configuration from the environment)")
+
+    d = sub.add_parser("demo", help="run the service and stream simulated patients through it")
+    d.add_argument("--patients", type=int, default=5)
+    d.add_argument("--seconds", type=int, default=20, help="length of each session")
+    d.add_argument("--seed", type=int, default=7)
+
+    t = sub.add_parser("token", help="mint a development token signed like the Core API's")
+    t.add_argument("--org", default="org-dev")
+    t.add_argument("--session", default=None, help="session id (default: random)")
+    t.add_argument("--patient", default="patient-dev")
+    t.add_argument("--exercise", default="squat")
+    t.add_argument("--side", choices=["left", "right", "both"])
+    t.add_argument("--target-reps", type=int)
+    t.add_argument("--no-biometric", action="store_true")
+    t.add_argument("--no-analytics", action="store_true")
+    t.add_argument("--ttl", type=int, default=3600)
+    t.add_argument("--service", action="store_true", help="a service-account token instead")
+    t.add_argument("--scope", default="telemetry:admin")
+    t.add_argument("--subject")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"telemetry: configuration error: {exc}", file=sys.stderr)
+        return 2
+    from telemetry import logs
+
+    if args.command == "serve":
+        logs.configure(settings.log_level)
+        trio.run(_serve, settings)
+    elif args.command == "demo":
+        from telemetry.demo import run_demo
+
+        logs.configure("WARNING")
+        return trio.run(run_demo, settings, args.patients, args.seconds, args.seed)
+    elif args.command == "token":
+        print(_token(settings, args))
+    else:  # pragma: no cover - argparse rejects unknown commands
+        print(json.dumps({"error": f"unknown command {args.command}"}), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

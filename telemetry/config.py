@@ -1,0 +1,196 @@
+"""Service configuration: one frozen object, loaded once from the environment.
+
+Every variable is documented in ``docs/configuration.md`` (and the README table);
+:data:`VARIABLES` is the single source both are checked against by a test.
+
+``Settings.from_env`` raises :class:`ConfigError` naming the variable and the
+problem for any value it cannot parse, so a bad deployment fails at start-up
+rather than on the first request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# The development keyset: used only when TELEMETRY_JWT_KEYS is unset, so the demo and
+# tests run with zero configuration. Production sets TELEMETRY_JWT_KEYS from Secrets
+# Manager; ``telemetry serve`` logs a warning when it runs on the development keys.
+DEV_KEYS: dict[str, str] = {"dev-1": "restartix-telemetry-development-secret-not-for-production"}
+
+# name -> (default shown in docs, description)
+VARIABLES: dict[str, tuple[str, str]] = {
+    "TELEMETRY_HOST": ("127.0.0.1", "Address the HTTP server binds."),
+    "TELEMETRY_PORT": ("8080", "Port the HTTP server binds (0 = any free port)."),
+    "TELEMETRY_DATA_DIR": (".telemetry-data", "Root for embedded state: blobs, Postgres."),
+    "TELEMETRY_ENV": ("dev", "Environment name; the S3 bucket defaults to "
+                      "`restartix-telemetry-{env}`."),
+    "TELEMETRY_JWT_KEYS": ("(development key)", "JSON object `{kid: secret}` of HMAC keys "
+                           "accepted for tokens; several kids allow rotation."),
+    "TELEMETRY_JWT_SIGNING_KID": ("first kid", "Kid the `telemetry token` tool signs with."),
+    "TELEMETRY_JWT_ALGORITHMS": ("HS256", "Comma-separated allowlist of JWT algorithms; "
+                                 "never taken from the token."),
+    "TELEMETRY_JWT_ISSUER": ("restartix-core-api", "Required `iss` of every token."),
+    "TELEMETRY_JWT_AUDIENCE": ("restartix-telemetry", "Required `aud` of session tokens."),
+    "TELEMETRY_ADMIN_AUDIENCE": ("restartix-telemetry-admin", "Required `aud` of "
+                                 "service-account tokens for the admin endpoints."),
+    "TELEMETRY_JWT_LEEWAY_S": ("30", "Clock leeway for `exp`/`iat`/`nbf`, seconds."),
+    "TELEMETRY_JWT_MAX_LIFETIME_S": ("14400", "Tokens whose `exp - iat` exceeds this are "
+                                     "rejected even if unexpired."),
+    "TELEMETRY_MAX_BODY_BYTES": ("262144", "Cap on a request body; larger gets 413 before "
+                                 "the body is read."),
+    "TELEMETRY_MAX_FRAMES_PER_BATCH": ("120", "Cap on frames in one pose batch (400 above)."),
+    "TELEMETRY_MAILBOX_SIZE": ("16", "Batches a session actor may have queued; a full "
+                               "mailbox answers 503 with Retry-After."),
+    "TELEMETRY_REORDER_WINDOW": ("8", "How far ahead of the next expected sequence number a "
+                                 "batch may arrive and be held for reordering."),
+    "TELEMETRY_GAP_TIMEOUT_S": ("10", "How long a missing batch is waited for before the "
+                                "session skips it and applies what it holds."),
+    "TELEMETRY_IDLE_TIMEOUT_S": ("60", "A session with no batch for this long is ended "
+                                 "(end reason `idle_timeout`)."),
+    "TELEMETRY_MAX_SESSION_S": ("7200", "A session is ended at this age "
+                                "(end reason `max_duration`)."),
+    "TELEMETRY_ENDED_RETENTION_S": ("3600", "How long an ended session's summary is kept to "
+                                    "answer repeated end calls and 409 late frames."),
+    "TELEMETRY_SHUTDOWN_DEADLINE_S": ("25", "On shutdown, time allowed to finalise live "
+                                      "sessions; must stay below the orchestrator's stop "
+                                      "timeout."),
+    "TELEMETRY_BLOB_ENCODING": ("(replay default)", "Replay blob encoding; see "
+                                "docs/replay-format.md."),
+    "TELEMETRY_LOG_LEVEL": ("INFO", "Log level."),
+    "TELEMETRY_PSEUDONYM_KEY": ("(random per process)", "HMAC key for patient pseudonyms "
+                                "in logs."),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration variable is missing or malformed; the message names it."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={value} is below the minimum {minimum}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if not value >= minimum:
+        raise ConfigError(f"{name}={value} is below the minimum {minimum}")
+    return value
+
+
+def _keys(env: Mapping[str, str]) -> dict[str, str]:
+    raw = env.get("TELEMETRY_JWT_KEYS")
+    if not raw:
+        return dict(DEV_KEYS)
+    try:
+        keys: Any = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"TELEMETRY_JWT_KEYS is not valid JSON: {exc.msg}") from None
+    if (
+        not isinstance(keys, dict)
+        or not keys
+        or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in keys.items())
+    ):
+        raise ConfigError("TELEMETRY_JWT_KEYS must be a non-empty JSON object {kid: secret}")
+    short = [k for k, v in keys.items() if len(v.encode()) < 32]
+    if short:
+        # RFC 7518 3.2: an HMAC key must be at least as long as the hash output.
+        raise ConfigError(f"TELEMETRY_JWT_KEYS: keys {short} are shorter than 32 bytes")
+    return keys
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The service's whole configuration. Build with :meth:`from_env` or directly in tests."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = Path(".telemetry-data")
+    env: str = "dev"
+    jwt_keys: Mapping[str, str] = field(default_factory=lambda: dict(DEV_KEYS))
+    jwt_signing_kid: str = "dev-1"
+    jwt_algorithms: tuple[str, ...] = ("HS256",)
+    jwt_issuer: str = "restartix-core-api"
+    jwt_audience: str = "restartix-telemetry"
+    admin_audience: str = "restartix-telemetry-admin"
+    jwt_leeway_s: float = 30.0
+    jwt_max_lifetime_s: float = 4 * 3600.0
+    max_body_bytes: int = 256 * 1024
+    max_frames_per_batch: int = 120
+    mailbox_size: int = 16
+    reorder_window: int = 8
+    gap_timeout_s: float = 10.0
+    idle_timeout_s: float = 60.0
+    max_session_s: float = 7200.0
+    ended_retention_s: float = 3600.0
+    shutdown_deadline_s: float = 25.0
+    blob_encoding: str | None = None
+    log_level: str = "INFO"
+    pseudonym_key: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
+
+    @property
+    def uses_dev_keys(self) -> bool:
+        return dict(self.jwt_keys) == DEV_KEYS
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read every ``TELEMETRY_*`` variable; unknown ones are ignored, bad ones raise."""
+        env = os.environ if env is None else env
+        keys = _keys(env)
+        signing = env.get("TELEMETRY_JWT_SIGNING_KID") or next(iter(keys))
+        if signing not in keys:
+            raise ConfigError(f"TELEMETRY_JWT_SIGNING_KID={signing!r} is not in TELEMETRY_JWT_KEYS")
+        algs = tuple(
+            a.strip() for a in env.get("TELEMETRY_JWT_ALGORITHMS", "HS256").split(",") if a.strip()
+        )
+        allowed = {"HS256", "HS384", "HS512"}
+        if not algs or not set(algs) <= allowed:
+            raise ConfigError(
+                f"TELEMETRY_JWT_ALGORITHMS={','.join(algs)!r}: only {sorted(allowed)} are supported"
+            )
+        pkey = env.get("TELEMETRY_PSEUDONYM_KEY")
+        return cls(
+            host=env.get("TELEMETRY_HOST", "127.0.0.1"),
+            port=_int(env, "TELEMETRY_PORT", 8080),
+            data_dir=Path(env.get("TELEMETRY_DATA_DIR", ".telemetry-data")),
+            env=env.get("TELEMETRY_ENV", "dev"),
+            jwt_keys=keys,
+            jwt_signing_kid=signing,
+            jwt_algorithms=algs,
+            jwt_issuer=env.get("TELEMETRY_JWT_ISSUER", "restartix-core-api"),
+            jwt_audience=env.get("TELEMETRY_JWT_AUDIENCE", "restartix-telemetry"),
+            admin_audience=env.get("TELEMETRY_ADMIN_AUDIENCE", "restartix-telemetry-admin"),
+            jwt_leeway_s=_float(env, "TELEMETRY_JWT_LEEWAY_S", 30.0),
+            jwt_max_lifetime_s=_float(env, "TELEMETRY_JWT_MAX_LIFETIME_S", 14400.0, 1.0),
+            max_body_bytes=_int(env, "TELEMETRY_MAX_BODY_BYTES", 256 * 1024, 1024),
+            max_frames_per_batch=_int(env, "TELEMETRY_MAX_FRAMES_PER_BATCH", 120, 1),
+            mailbox_size=_int(env, "TELEMETRY_MAILBOX_SIZE", 16, 1),
+            reorder_window=_int(env, "TELEMETRY_REORDER_WINDOW", 8, 0),
+            gap_timeout_s=_float(env, "TELEMETRY_GAP_TIMEOUT_S", 10.0, 0.1),
+            idle_timeout_s=_float(env, "TELEMETRY_IDLE_TIMEOUT_S", 60.0, 0.1),
+            max_session_s=_float(env, "TELEMETRY_MAX_SESSION_S", 7200.0, 1.0),
+            ended_retention_s=_float(env, "TELEMETRY_ENDED_RETENTION_S", 3600.0, 1.0),
+            shutdown_deadline_s=_float(env, "TELEMETRY_SHUTDOWN_DEADLINE_S", 25.0, 0.1),
+            blob_encoding=env.get("TELEMETRY_BLOB_ENCODING") or None,
+            log_level=env.get("TELEMETRY_LOG_LEVEL", "INFO").upper(),
+            pseudonym_key=pkey.encode() if pkey else os.urandom(32),
+        )

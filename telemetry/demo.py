@@ -1,0 +1,161 @@
+"""``telemetry demo``: the real service on loopback, simulated patients over real HTTP.
+
+Each patient streams a synthetic exercise session (see :mod:`actors.synthetic`) at
+30 fps in 1-second batches, at real pace, with tracking noise, no-pose frames and
+frames dropped in transit; then calls the end endpoint. One patient abandons the
+session half-way, and the service ends it by idle timeout. The demo prints one row
+per session from the summaries the Core API side received on the bus.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import tempfile
+import time
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import trio
+
+from actors.synthetic import generate
+from telemetry.auth import mint_session_token
+from telemetry.config import Settings
+from telemetry.server import open_storage, serve
+from telemetry.wire import CONTENT_TYPE, encode_batch
+
+EXERCISES = ["squat", "bicep_curl", "lateral_raise", "lunge", "shoulder_press", "push_up",
+             "sit_to_stand", "hip_abduction"]
+DEMO_IDLE_TIMEOUT_S = 4.0
+
+
+@dataclasses.dataclass
+class Patient:
+    name: str
+    org_id: str
+    session_id: str
+    kind: str
+    true_reps: int
+    abandon: bool
+    token: str
+    batches: list[tuple[int, bytes]]
+
+
+def batches_of(t_ms: np.ndarray, frames: np.ndarray, rng: random.Random,
+               drop: float = 0.02) -> Iterator[bytes]:
+    """Split a session into 1-second batches, dropping ~``drop`` of frames in transit."""
+    keep = np.array([rng.random() >= drop for _ in range(len(t_ms))])
+    t, f = t_ms[keep], frames[keep]
+    second = (t // 1000).astype(np.int64)
+    seq = 0
+    for s in np.unique(second):
+        idx = second == s
+        yield encode_batch(seq, t[idx].astype(np.uint32), f[idx], space="image",
+                           image_width=1280, image_height=720)
+        seq += 1
+
+
+def make_patients(settings: Settings, n: int, seconds: int, seed: int) -> list[Patient]:
+    rng = random.Random(seed)
+    patients = []
+    for i in range(n):
+        kind = EXERCISES[i % len(EXERCISES)]
+        org = f"clinic-{'ab'[i % 2]}"
+        sid = f"demo-{seed}-{i}"
+        reps = max(2, seconds // 3)
+        session = generate(kind, reps=reps, seed=seed * 100 + i, duration_s=seconds)
+        abandon = i == n - 1 and n > 1
+        token = mint_session_token(
+            settings, org_id=org, session_id=sid, patient_id=f"patient-{i}",
+            exercise={"kind": kind, "target_reps": reps},
+        )
+        batches = list(batches_of(session.t_ms, session.frames, rng))
+        if abandon:
+            batches = batches[: len(batches) // 2]
+        patients.append(Patient(f"patient-{i}", org, sid, kind, session.true_reps, abandon,
+                                token, list(enumerate(batches))))
+    return patients
+
+
+async def stream(client: httpx.AsyncClient, p: Patient, t0: float) -> None:
+    headers = {"Authorization": f"Bearer {p.token}", "Content-Type": CONTENT_TYPE}
+    for k, body in p.batches:
+        await trio.sleep_until(t0 + k)
+        for attempt in range(6):
+            r = await client.post("/v1/pose/frames", content=body, headers=headers)
+            if r.status_code == 202:
+                break
+            if r.status_code not in (429, 503):
+                raise RuntimeError(f"{p.name}: batch {k} refused: {r.status_code} {r.text}")
+            await trio.sleep(float(r.headers.get("Retry-After", 1)) * (1 + attempt))
+    if not p.abandon:
+        r = await client.post(f"/v1/sessions/{p.session_id}/end",
+                              headers={"Authorization": f"Bearer {p.token}"})
+        r.raise_for_status()
+
+
+def print_table(patients: list[Patient], events: dict[tuple[str, str], dict[str, Any]],
+                out: Any = print) -> None:
+    cols = ("session", "org", "exercise", "frames", "reps", "true", "rom_deg", "secs",
+            "blob_kb", "end_reason")
+    out(" ".join(f"{c:>14}" if i > 2 else f"{c:<14}" for i, c in enumerate(cols)))
+    for p in patients:
+        e = events.get((p.org_id, p.session_id))
+        if e is None:
+            out(f"{p.session_id:<14} (no summary received)")
+            continue
+        reps = e.get("reps") or {}
+        rom = reps.get("rom_mean_deg")
+        blob = e.get("blob") or {}
+        row = (
+            p.session_id, p.org_id, p.kind, e["pose"]["frames"], reps.get("rep_count", "-"),
+            p.true_reps, f"{rom:.1f}" if isinstance(rom, float) else "-",
+            f"{e['pose']['duration_ms'] / 1000:.1f}",
+            f"{blob.get('size', 0) / 1024:.1f}", e["end_reason"],
+        )
+        out(" ".join(f"{str(c):>14}" if i > 2 else f"{str(c):<14}" for i, c in enumerate(row)))
+
+
+async def run_demo(settings: Settings, n: int = 5, seconds: int = 20, seed: int = 7) -> int:
+    started = time.monotonic()
+    tmp = tempfile.TemporaryDirectory(prefix="telemetry-demo-")
+    settings = dataclasses.replace(
+        settings, host="127.0.0.1", port=0, data_dir=Path(tmp.name),
+        idle_timeout_s=DEMO_IDLE_TIMEOUT_S,
+    )
+    patients = make_patients(settings, n, seconds, seed)
+    events: dict[tuple[str, str], dict[str, Any]] = {}
+    all_in = trio.Event()
+
+    async def on_event(event: Any) -> None:
+        events[(event["org_id"], event["session_id"])] = dict(event)
+        if len(events) == len(patients):
+            all_in.set()
+
+    print(f"RestartiX Telemetry demo: {n} simulated patients, {seconds} s sessions at 30 fps")
+    try:
+        async with open_storage(settings) as storage:
+            storage.bus.subscribe(on_event)  # type: ignore[attr-defined]
+            stop = trio.Event()
+            async with trio.open_nursery() as nursery:
+                port = await nursery.start(partial(serve, settings, storage, stop=stop))
+                print(f"service listening on http://127.0.0.1:{port}; streaming ...")
+                base = f"http://127.0.0.1:{port}"
+                async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+                    t0 = trio.current_time() + 0.5
+                    async with trio.open_nursery() as clients:
+                        for p in patients:
+                            clients.start_soon(stream, client, p, t0 + random.random())
+                with trio.move_on_after(DEMO_IDLE_TIMEOUT_S * 3):
+                    await all_in.wait()
+                stop.set()
+            print_table(patients, events)
+            print(f"blobs written under {settings.data_dir / 'blobs'} (removed on exit); "
+                  f"took {time.monotonic() - started:.1f} s")
+    finally:
+        tmp.cleanup()
+    return 0 if len(events) == len(patients) else 1

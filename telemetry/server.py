@@ -1,0 +1,124 @@
+"""The service's entry point: one root nursery and the shutdown order.
+
+Modelled on hypercorn's trio worker. Start-up: storage, then the supervisor, then
+the HTTP server; ``task_status.started(port)`` once it listens. Shutdown, when
+``stop`` is set (SIGTERM/SIGINT in the CLI):
+
+1. readiness goes false, so the load balancer stops routing here;
+2. hypercorn stops accepting and lets in-flight requests finish (graceful timeout);
+3. the supervisor ends every live session under ``shutdown_deadline_s``;
+4. storage is closed, shielded and time-bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve as hypercorn_serve
+
+from actors.supervisor import Supervisor
+from storage.blobs import BlobStore, FilesystemBlobStore
+from storage.bus import Bus, InProcessBus
+from telemetry.app import AppState, create_app
+from telemetry.auth import TokenVerifier
+from telemetry.config import Settings
+from telemetry.connection_close import close_on_connection_close
+from telemetry.privacy import Pseudonymiser
+
+log = logging.getLogger("telemetry.server")
+
+# Behind an ALB with a 60 s idle timeout the server must keep connections open
+# longer than the balancer does, or the balancer reuses a socket we just closed (502s).
+KEEP_ALIVE_TIMEOUT_S = 75.0
+GRACEFUL_TIMEOUT_S = 10.0
+BACKLOG = 2048
+
+
+def hypercorn_config(settings: Settings) -> Config:
+    config = Config()
+    config.bind = [f"{settings.host}:{settings.port}"]
+    config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT_S
+    config.graceful_timeout = GRACEFUL_TIMEOUT_S
+    config.backlog = BACKLOG
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    return config
+
+
+@dataclass
+class Storage:
+    store: BlobStore
+    bus: Bus
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(10) as scope:
+            scope.shield = True
+            await self.bus.aclose()
+            await self.store.aclose()
+
+
+@asynccontextmanager
+async def open_storage(settings: Settings) -> AsyncIterator[Storage]:
+    """The embedded defaults: filesystem blobs, in-process bus."""
+    storage = Storage(store=FilesystemBlobStore(settings.data_dir / "blobs"), bus=InProcessBus())
+    try:
+        yield storage
+    finally:
+        await storage.aclose()
+
+
+async def serve(
+    settings: Settings,
+    storage: Storage,
+    *,
+    stop: trio.Event,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> AppState:
+    """Run the service until ``stop`` is set, then shut down in order. Returns the
+    app state (its counters and supervisor) for the caller to report on."""
+    pseudonyms = Pseudonymiser(settings.pseudonym_key)
+    supervisor = Supervisor(settings, store=storage.store, bus=storage.bus, pseudonyms=pseudonyms)
+    state = AppState(settings, supervisor, TokenVerifier(settings), pseudonyms)
+    app = close_on_connection_close(create_app(state))
+    http_stopped = trio.Event()
+    http_done = trio.Event()
+
+    async with trio.open_nursery() as root:
+        await root.start(supervisor.run)
+
+        async def run_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
+            try:
+                await hypercorn_serve(
+                    app, hypercorn_config(settings), shutdown_trigger=http_stopped.wait,
+                    task_status=task_status,
+                )
+            finally:
+                http_done.set()
+
+        port = _port(await root.start(run_http))
+        if settings.uses_dev_keys:
+            log.warning("running with the development JWT keys; set TELEMETRY_JWT_KEYS")
+        log.info("listening", extra={"port": port})
+        task_status.started(port)
+        await stop.wait()
+
+        log.info("shutting down: readiness false, draining requests")
+        state.ready = False
+        http_stopped.set()
+        # hypercorn returns once in-flight requests are done (or its graceful timeout
+        # passed); only then may sessions be ended, or a batch could be acknowledged
+        # to an actor that has already finalised.
+        await http_done.wait()
+        left = await supervisor.drain()
+        log.info("shutdown complete", extra={"unfinished_sessions": left})
+    return state
+
+
+def _port(binds: list[str]) -> int:
+    # hypercorn reports binds as "http://127.0.0.1:PORT"
+    return int(binds[0].rsplit(":", 1)[1])

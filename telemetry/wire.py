@@ -1,0 +1,160 @@
+"""The binary pose batch (``application/x-restartix-pose``): encoder and strict decoder.
+
+Byte layout (little-endian), specified in ``docs/pose-batch-format.md``::
+
+    offset size  field
+    0      4     magic b"RXPB"
+    4      1     version (1)
+    5      1     space: 0 = normalised image coordinates, 1 = world metres
+    6      1     landmark count (33)
+    7      1     channels (4: x, y, z, visibility)
+    8      4     u32 batch sequence number within the session (first batch is 0)
+    12     2     u16 frame count N (>= 1)
+    14     2     u16 image width in pixels (0 = unknown)
+    16     2     u16 image height in pixels (0 = unknown)
+    18     2     reserved, must be 0
+    20     N*532 frames: u32 timestamp (ms since session start), then 33*4 float32
+
+:func:`decode_batch` raises :class:`BatchError` naming the first fault it finds. It
+never trusts a count in the header before checking it against the body length, so
+a hostile header cannot make it allocate more than the body it was given.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+MAGIC = b"RXPB"
+VERSION = 1
+CONTENT_TYPE = "application/x-restartix-pose"
+HEADER = struct.Struct("<4sBBBBIHHHH")
+LANDMARKS = 33
+CHANNELS = 4
+SPACES = ("image", "world")
+FRAME_DTYPE = np.dtype([("t", "<u4"), ("v", "<f4", (LANDMARKS, CHANNELS))])
+FRAME_BYTES = FRAME_DTYPE.itemsize  # 532
+# Visibility is a probability; a little slack for float rounding in clients.
+_VIS_MIN, _VIS_MAX = -1e-3, 1.0 + 1e-3
+# Coordinates far outside any plausible range mean a broken client, not a pose.
+_COORD_LIMIT = 1e4
+
+
+class BatchError(ValueError):
+    """A pose batch is malformed. ``code`` is machine-readable, ``str()`` says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, eq=False)
+class PoseBatch:
+    seq: int
+    space: str
+    t_ms: np.ndarray  # uint32 (n,)
+    frames: np.ndarray  # float32 (n, 33, 4); a row all-NaN means "no pose detected"
+    image_width: int = 0
+    image_height: int = 0
+
+    @property
+    def n(self) -> int:
+        return int(self.t_ms.shape[0])
+
+    @property
+    def first_t(self) -> int:
+        return int(self.t_ms[0])
+
+    @property
+    def last_t(self) -> int:
+        return int(self.t_ms[-1])
+
+
+def encode_batch(
+    seq: int,
+    t_ms: np.ndarray,
+    frames: np.ndarray,
+    *,
+    space: str = "image",
+    image_width: int = 0,
+    image_height: int = 0,
+) -> bytes:
+    """Pack frames into a batch body. Used by the demo, tests and benchmarks."""
+    n = len(t_ms)
+    header = HEADER.pack(
+        MAGIC, VERSION, SPACES.index(space), LANDMARKS, CHANNELS, seq, n,
+        image_width, image_height, 0,
+    )
+    body = np.empty(n, dtype=FRAME_DTYPE)
+    body["t"] = np.asarray(t_ms, dtype=np.uint32)
+    body["v"] = np.asarray(frames, dtype=np.float32)
+    return header + body.tobytes()
+
+
+def decode_batch(data: bytes, *, max_frames: int) -> PoseBatch:
+    """Parse and validate one batch body; raise :class:`BatchError` on any fault."""
+    if len(data) < HEADER.size:
+        raise BatchError("truncated", f"body is {len(data)} bytes, shorter than the "
+                         f"{HEADER.size}-byte header")
+    magic, version, space, landmarks, channels, seq, n, width, height, reserved = (
+        HEADER.unpack_from(data)
+    )
+    if magic != MAGIC:
+        raise BatchError("bad_magic", f"magic is {magic!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise BatchError("unsupported_version", f"version {version} is not supported "
+                         f"(supported: {VERSION})")
+    if space >= len(SPACES):
+        raise BatchError("bad_space", f"coordinate space {space} is not 0 (image) or 1 (world)")
+    if landmarks != LANDMARKS:
+        raise BatchError("bad_landmark_count", f"landmark count is {landmarks}, expected "
+                         f"{LANDMARKS}")
+    if channels != CHANNELS:
+        raise BatchError("bad_channel_count", f"channel count is {channels}, expected "
+                         f"{CHANNELS}")
+    if reserved != 0:
+        raise BatchError("bad_reserved", "reserved header field must be 0")
+    if n == 0:
+        raise BatchError("empty_batch", "frame count is 0")
+    if n > max_frames:
+        raise BatchError("too_many_frames", f"frame count {n} exceeds the cap of {max_frames}")
+    expected = HEADER.size + n * FRAME_BYTES
+    if len(data) != expected:
+        raise BatchError(
+            "length_mismatch" if len(data) > expected else "truncated",
+            f"header says {n} frames ({expected} bytes) but body is {len(data)} bytes",
+        )
+    if (width == 0) != (height == 0):
+        raise BatchError("bad_image_size", "image width and height must both be set or both 0")
+    rec = np.frombuffer(data, dtype=FRAME_DTYPE, offset=HEADER.size, count=n)
+    t_ms = rec["t"].copy()
+    frames = rec["v"].copy()
+    if n > 1 and not bool(np.all(t_ms[1:] > t_ms[:-1])):
+        i = int(np.argmax(t_ms[1:] <= t_ms[:-1])) + 1
+        raise BatchError("non_monotonic_timestamps", f"frame {i} timestamp {int(t_ms[i])} ms "
+                         f"is not after frame {i - 1} ({int(t_ms[i - 1])} ms)")
+    _check_values(frames)
+    return PoseBatch(seq, SPACES[space], t_ms, frames, width, height)
+
+
+def _check_values(frames: np.ndarray) -> None:
+    flat = frames.reshape(len(frames), -1)
+    nan = np.isnan(flat)
+    nan_rows = nan.all(axis=1)
+    partial = nan.any(axis=1) & ~nan_rows
+    if partial.any():
+        i = int(np.argmax(partial))
+        raise BatchError("nan_values", f"frame {i} has NaN in some values; a frame is either "
+                         "fully finite or all-NaN (no pose detected)")
+    good = frames[~nan_rows]
+    if good.size == 0:
+        return
+    if not np.isfinite(good).all():
+        raise BatchError("infinite_values", "frames contain +/-inf values")
+    if np.abs(good[:, :, :3]).max() > _COORD_LIMIT:
+        raise BatchError("coordinate_out_of_range", f"a coordinate exceeds +/-{_COORD_LIMIT:g}")
+    vis = good[:, :, 3]
+    if vis.min() < _VIS_MIN or vis.max() > _VIS_MAX:
+        raise BatchError("visibility_out_of_range", "visibility must be within [0, 1]")
