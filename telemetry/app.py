@@ -33,6 +33,7 @@ class AppState:
     verifier: TokenVerifier
     pseudonyms: Pseudonymiser
     ready: bool = True
+    port: int = 0
     counters: dict[str, int] = field(default_factory=dict)
 
 

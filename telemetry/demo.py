@@ -142,7 +142,7 @@ async def run_demo(settings: Settings, n: int = 5, seconds: int = 20, seed: int 
             storage.bus.subscribe(on_event)  # type: ignore[attr-defined]
             stop = trio.Event()
             async with trio.open_nursery() as nursery:
-                port = await nursery.start(partial(serve, settings, storage, stop=stop))
+                port = (await nursery.start(partial(serve, settings, storage, stop=stop))).port
                 print(f"service listening on http://127.0.0.1:{port}; streaming ...")
                 base = f"http://127.0.0.1:{port}"
                 async with httpx.AsyncClient(base_url=base, timeout=30) as client:

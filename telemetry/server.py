@@ -77,10 +77,12 @@ async def serve(
     storage: Storage,
     *,
     stop: trio.Event,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[AppState] = trio.TASK_STATUS_IGNORED,
 ) -> AppState:
-    """Run the service until ``stop`` is set, then shut down in order. Returns the
-    app state (its counters and supervisor) for the caller to report on."""
+    """Run the service until ``stop`` is set, then shut down in order.
+
+    ``task_status.started`` gets the :class:`AppState` (its ``port`` is the bound
+    port; its supervisor and counters are live) once the server listens."""
     pseudonyms = Pseudonymiser(settings.pseudonym_key)
     supervisor = Supervisor(settings, store=storage.store, bus=storage.bus, pseudonyms=pseudonyms)
     state = AppState(settings, supervisor, TokenVerifier(settings), pseudonyms)
@@ -100,11 +102,11 @@ async def serve(
             finally:
                 http_done.set()
 
-        port = _port(await root.start(run_http))
+        state.port = port = _port(await root.start(run_http))
         if settings.uses_dev_keys:
             log.warning("running with the development JWT keys; set TELEMETRY_JWT_KEYS")
         log.info("listening", extra={"port": port})
-        task_status.started(port)
+        task_status.started(state)
         await stop.wait()
 
         log.info("shutting down: readiness false, draining requests")

@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""Set up what is missing, then run the demo or the tests. Needs only Python 3.11+.
+
+    python3 dev.py demo     # virtualenv + install if needed, then `telemetry demo`
+    python3 dev.py test     # virtualenv + install (with test extras) if needed, then ruff + pytest
+
+Extra arguments go to the command run (e.g. `python3 dev.py test -k wire`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PY = BIN / "python"
+
+
+def ensure_env(extras: str) -> None:
+    if sys.version_info < (3, 11):  # noqa: UP036 - dev.py runs before any install
+        sys.exit(f"Python 3.11+ is required; this is {sys.version.split()[0]}")
+    if not PY.exists():
+        print(f"creating virtualenv in {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode()).hexdigest()
+    stamp = VENV / f".installed-{extras or 'base'}"
+    if stamp.exists() and stamp.read_text() == digest:
+        return
+    print("installing the project and its dependencies (first run only)", flush=True)
+    subprocess.check_call([str(PY), "-m", "pip", "install", "-q", "--upgrade", "pip"])
+    target = f".[{extras}]" if extras else "."
+    subprocess.check_call([str(PY), "-m", "pip", "install", "-q", "-e", target], cwd=ROOT)
+    stamp.write_text(digest)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in {"demo", "test"}:
+        print(__doc__)
+        return 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "demo":
+        ensure_env("")
+        return subprocess.call([str(BIN / "telemetry"), "demo", *rest], cwd=ROOT)
+    ensure_env("test")
+    rc = subprocess.call([str(BIN / "ruff"), "check", "."], cwd=ROOT)
+    if rc:
+        return rc
+    return subprocess.call([str(PY), "-m", "pytest", *rest], cwd=ROOT)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,169 @@
+"""Supervisor and session actor: timeouts, ordering, isolation, shutdown (no HTTP)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+import trio
+
+from actors.reps import RepEngine
+from actors.sequencer import Verdict
+from actors.supervisor import Supervisor, SupervisorClosed
+from storage.blobs import MemoryBlobStore, blob_key
+from storage.bus import InProcessBus
+from storage.replay import read_replay
+from telemetry.auth import SessionClaims, TokenVerifier
+from telemetry.config import Settings
+from telemetry.privacy import Pseudonymiser
+from telemetry.wire import decode_batch
+from tests.conftest import batch_body, session_token
+
+
+class Harness:
+    def __init__(self, settings: Settings, store: Any = None) -> None:
+        self.settings = settings
+        self.store = store or MemoryBlobStore()
+        self.bus = InProcessBus()
+        self.events: list[dict[str, Any]] = []
+        self.bus.subscribe(self._collect)
+        self.sup = Supervisor(settings, store=self.store, bus=self.bus,
+                              pseudonyms=Pseudonymiser(b"k" * 32))
+
+    async def _collect(self, event: Any) -> None:
+        self.events.append(dict(event))
+
+    def claims(self, sid: str = "sess-1", org: str = "org-a") -> SessionClaims:
+        tok = session_token(self.settings, session_id=sid, org_id=org)
+        return TokenVerifier(self.settings).verify_session(tok)
+
+    def offer(self, claims: SessionClaims, seq: int) -> Any:
+        return self.sup.offer(claims, decode_batch(batch_body(seq), max_frames=120))
+
+    def event(self, sid: str) -> dict[str, Any]:
+        (e,) = [e for e in self.events if e["session_id"] == sid]
+        return e
+
+
+@pytest.fixture
+async def h(settings: Settings, nursery: trio.Nursery) -> Harness:
+    harness = Harness(settings)
+    await nursery.start(harness.sup.run)
+    return harness
+
+
+async def test_idle_timeout_ends_session(h: Harness, autojump_clock: trio.abc.Clock) -> None:
+    c = h.claims()
+    assert h.offer(c, 0).verdict is Verdict.ACCEPT
+    await trio.sleep(h.settings.idle_timeout_s - 1)
+    assert h.events == [] and len(h.sup.live()) == 1
+    await trio.sleep(2)
+    assert h.event("sess-1")["end_reason"] == "idle_timeout"
+    assert h.sup.live() == []
+    assert h.offer(c, 1).verdict == "ended"
+    assert (await h.sup.end(c))["end_reason"] == "idle_timeout"
+
+
+async def test_max_duration_ends_session(settings: Settings, nursery: trio.Nursery,
+                                         autojump_clock: trio.abc.Clock) -> None:
+    h = Harness(dataclasses.replace(settings, max_session_s=100.0))
+    await nursery.start(h.sup.run)
+    c = h.claims()
+    for seq in range(15):
+        h.offer(c, seq)
+        await trio.sleep(10)
+    e = h.event("sess-1")
+    assert e["end_reason"] == "max_duration" and e["pose"]["batches"] == 10
+
+
+async def test_missing_batch_is_skipped_after_gap_timeout(
+    h: Harness, autojump_clock: trio.abc.Clock
+) -> None:
+    c = h.claims()
+    h.offer(c, 0)
+    h.offer(c, 2)
+    await trio.sleep(0.1)
+    (actor,) = h.sup.live()
+    assert actor.stats.batches == 1
+    await trio.sleep(h.settings.gap_timeout_s + 0.1)
+    assert actor.stats.batches == 2
+    assert h.offer(c, 1).verdict is Verdict.SKIPPED
+    s = await h.sup.end(c)
+    assert s["pose"]["batches_skipped"] == 1 and s["pose"]["frames"] == 60
+
+
+async def test_crashing_actor_is_isolated(h: Harness, monkeypatch: pytest.MonkeyPatch,
+                                          autojump_clock: trio.abc.Clock) -> None:
+    real_feed = RepEngine.feed
+    bad = h.claims("bad")
+    good = h.claims("good")
+
+    def feed(self: RepEngine, t: Any, f: Any) -> Any:
+        if any(a.reps is self for a in h.sup.find("bad")):
+            raise RuntimeError("injected bug")
+        return real_feed(self, t, f)
+
+    monkeypatch.setattr(RepEngine, "feed", feed)
+    for seq in range(3):
+        assert h.offer(good, seq).accepted
+        assert h.offer(bad, seq).accepted  # acknowledged before the actor applies it
+    await trio.sleep(1)
+    crashed = h.event("bad")
+    assert crashed["end_reason"] == "actor_error" and "injected bug" in crashed["error"]
+    # every acknowledged frame is still in the crashed session's replay
+    replay = read_replay(await h.store.get(blob_key("org-a", "bad")))
+    assert replay.frames.shape[0] == 90
+    assert h.offer(bad, 3).verdict == "ended"
+    h.offer(good, 3)
+    s = await h.sup.end(good)
+    assert s["end_reason"] == "client_end" and s["pose"]["frames"] == 120 and s["error"] is None
+    assert h.sup.crashed == 1
+
+
+async def test_drain_finalises_every_acknowledged_batch(h: Harness) -> None:
+    sessions = [h.claims(f"s{i}") for i in range(3)]
+    for c in sessions:
+        for seq in (0, 1, 3):  # 2 never comes: 3 is held out of order
+            assert h.offer(c, seq).accepted
+    # no checkpoint since the offers: batches are still in the mailboxes
+    left = await h.sup.drain(5)
+    assert left == 0
+    for c in sessions:
+        e = h.event(c.session_id)
+        assert e["end_reason"] == "shutdown"
+        assert e["pose"]["frames"] == 90 and e["pose"]["batches_skipped"] == 1
+    with pytest.raises(SupervisorClosed):
+        h.offer(h.claims("late"), 0)
+
+
+async def test_concurrent_end_calls_get_one_summary(h: Harness) -> None:
+    c = h.claims()
+    h.offer(c, 0)
+    results: list[dict[str, Any]] = []
+
+    async def end() -> None:
+        results.append(await h.sup.end(c))
+
+    async with trio.open_nursery() as n:
+        for _ in range(3):
+            n.start_soon(end)
+    assert results[0] == results[1] == results[2]
+    assert len(h.events) == 1
+
+
+class FailingStore(MemoryBlobStore):
+    async def put(self, key: str, data: bytes) -> Any:
+        raise OSError("disk on fire")
+
+
+async def test_blob_store_failure_is_reported_not_hidden(
+    settings: Settings, nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    h = Harness(settings, store=FailingStore())
+    await nursery.start(h.sup.run)
+    c = h.claims()
+    h.offer(c, 0)
+    s = await h.sup.end(c)
+    assert s["blob"] is None and s["error"] == "blob store unavailable"
+    assert h.event("sess-1")["end_reason"] == "client_end"

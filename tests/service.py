@@ -1,0 +1,69 @@
+"""A real service on a loopback port, for end-to-end tests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import trio
+
+from actors.supervisor import Supervisor
+from telemetry.app import AppState
+from telemetry.config import Settings
+from telemetry.server import Storage, open_storage, serve
+
+
+@dataclass
+class Running:
+    settings: Settings
+    storage: Storage
+    port: int
+    client: httpx.AsyncClient
+    events: list[dict[str, Any]] = field(default_factory=list)
+    stop: trio.Event = field(default_factory=trio.Event)
+    state: AppState | None = None
+
+    @property
+    def supervisor(self) -> Supervisor:
+        assert self.state is not None
+        return self.state.supervisor
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@asynccontextmanager
+async def running_service(settings: Settings) -> AsyncIterator[Running]:
+    """Serve until the block exits, then shut down in order and wait for it."""
+    async with open_storage(settings) as storage, trio.open_nursery() as nursery:
+        run: Running | None = None
+        done = trio.Event()
+
+        async def host(*, task_status: trio.TaskStatus[AppState]) -> None:
+            try:
+                assert run is not None
+                await serve(settings, storage, stop=run.stop, task_status=task_status)
+            finally:
+                done.set()
+
+        events: list[dict[str, Any]] = []
+
+        async def collect(event: Any) -> None:
+            events.append(dict(event))
+
+        storage.bus.subscribe(collect)  # type: ignore[attr-defined]
+        client = httpx.AsyncClient(timeout=20)
+        run = Running(settings, storage, 0, client, events)
+        run.state = await nursery.start(host)
+        run.port = run.state.port
+        client.base_url = httpx.URL(run.url)
+        try:
+            yield run
+        finally:
+            run.stop.set()
+            await done.wait()
+            await client.aclose()
