@@ -18,7 +18,8 @@ from telemetry.config import ConfigError, Settings
 
 
 async def _serve(settings: Settings) -> None:
-    from telemetry.server import open_storage, serve
+    from storage.wiring import open_storage
+    from telemetry.server import serve
 
     stop = trio.Event()
 

@@ -61,10 +61,34 @@ VARIABLES: dict[str, tuple[str, str]] = {
                                       "timeout."),
     "TELEMETRY_BLOB_ENCODING": ("(replay default)", "Replay blob encoding; see "
                                 "docs/replay-format.md."),
+    "TELEMETRY_BLOB_STORE": ("fs", "`fs` (files under the data dir) or `s3`."),
+    "TELEMETRY_S3_BUCKET": ("restartix-telemetry-{env}", "S3 bucket for replay blobs."),
+    "TELEMETRY_S3_PREFIX": ("(none)", "Key prefix inside the bucket."),
+    "TELEMETRY_S3_REGION": ("(boto3 default)", "AWS region of the bucket."),
+    "TELEMETRY_S3_ENDPOINT_URL": ("(AWS)", "S3-compatible endpoint (tests, MinIO, VPC "
+                                  "endpoint)."),
+    "TELEMETRY_S3_KMS_KEY_ID": ("(none: SSE-S3)", "KMS key for server-side encryption."),
+    "TELEMETRY_BUS": ("inprocess", "`inprocess` (embedded sink writes Postgres here) or "
+                      "`http` (POST to the Core API's internal endpoint)."),
+    "TELEMETRY_BUS_URL": ("(none)", "Core API internal events endpoint, for `http`."),
+    "TELEMETRY_BUS_TOKEN": ("(minted)", "Service-account token for the bus; when unset, "
+                            "one is minted from the keyset with scope `telemetry:sink`."),
+    "TELEMETRY_SINK": ("embedded", "`embedded`: run the aggregate sink in-process "
+                       "(Postgres); `none`: publish only."),
+    "TELEMETRY_SINK_HOST": ("127.0.0.1", "Bind address of `telemetry sink`."),
+    "TELEMETRY_SINK_PORT": ("8081", "Port of `telemetry sink`."),
+    "DATABASE_URL": ("(embedded pgserver)", "Postgres for the sink; when unset an embedded "
+                     "server is started in the data dir."),
     "TELEMETRY_LOG_LEVEL": ("INFO", "Log level."),
     "TELEMETRY_PSEUDONYM_KEY": ("(random per process)", "HMAC key for patient pseudonyms "
                                 "in logs."),
 }
+
+
+def markdown_table() -> str:
+    """The README's configuration table (regenerate with ``python -m telemetry.config``)."""
+    rows = [f"| `{k}` | {d} | {desc} |" for k, (d, desc) in VARIABLES.items()]
+    return "\n".join(["| variable | default | meaning |", "|---|---|---|", *rows])
 
 
 class ConfigError(ValueError):
@@ -144,6 +168,19 @@ class Settings:
     ended_retention_s: float = 3600.0
     shutdown_deadline_s: float = 25.0
     blob_encoding: str | None = None
+    blob_store: str = "fs"
+    s3_bucket: str = "restartix-telemetry-dev"
+    s3_prefix: str = ""
+    s3_region: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_kms_key_id: str | None = None
+    bus: str = "inprocess"
+    bus_url: str | None = None
+    bus_token: str | None = field(default=None, repr=False)
+    sink: str = "embedded"
+    sink_host: str = "127.0.0.1"
+    sink_port: int = 8081
+    database_url: str | None = field(default=None, repr=False)
     log_level: str = "INFO"
     pseudonym_key: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
 
@@ -168,11 +205,19 @@ class Settings:
                 f"TELEMETRY_JWT_ALGORITHMS={','.join(algs)!r}: only {sorted(allowed)} are supported"
             )
         pkey = env.get("TELEMETRY_PSEUDONYM_KEY")
+        deploy_env = env.get("TELEMETRY_ENV", "dev")
+        choices = {"TELEMETRY_BLOB_STORE": ("fs", "s3"), "TELEMETRY_BUS": ("inprocess", "http"),
+                   "TELEMETRY_SINK": ("embedded", "none")}
+        for name, allowed_values in choices.items():
+            if env.get(name, allowed_values[0]) not in allowed_values:
+                raise ConfigError(f"{name}={env[name]!r}: must be one of {allowed_values}")
+        if env.get("TELEMETRY_BUS") == "http" and not env.get("TELEMETRY_BUS_URL"):
+            raise ConfigError("TELEMETRY_BUS=http needs TELEMETRY_BUS_URL")
         return cls(
             host=env.get("TELEMETRY_HOST", "127.0.0.1"),
             port=_int(env, "TELEMETRY_PORT", 8080),
             data_dir=Path(env.get("TELEMETRY_DATA_DIR", ".telemetry-data")),
-            env=env.get("TELEMETRY_ENV", "dev"),
+            env=deploy_env,
             jwt_keys=keys,
             jwt_signing_kid=signing,
             jwt_algorithms=algs,
@@ -191,6 +236,23 @@ class Settings:
             ended_retention_s=_float(env, "TELEMETRY_ENDED_RETENTION_S", 3600.0, 1.0),
             shutdown_deadline_s=_float(env, "TELEMETRY_SHUTDOWN_DEADLINE_S", 25.0, 0.1),
             blob_encoding=env.get("TELEMETRY_BLOB_ENCODING") or None,
+            blob_store=env.get("TELEMETRY_BLOB_STORE", "fs"),
+            s3_bucket=env.get("TELEMETRY_S3_BUCKET") or f"restartix-telemetry-{deploy_env}",
+            s3_prefix=env.get("TELEMETRY_S3_PREFIX", ""),
+            s3_region=env.get("TELEMETRY_S3_REGION") or None,
+            s3_endpoint_url=env.get("TELEMETRY_S3_ENDPOINT_URL") or None,
+            s3_kms_key_id=env.get("TELEMETRY_S3_KMS_KEY_ID") or None,
+            bus=env.get("TELEMETRY_BUS", "inprocess"),
+            bus_url=env.get("TELEMETRY_BUS_URL") or None,
+            bus_token=env.get("TELEMETRY_BUS_TOKEN") or None,
+            sink=env.get("TELEMETRY_SINK", "embedded"),
+            sink_host=env.get("TELEMETRY_SINK_HOST", "127.0.0.1"),
+            sink_port=_int(env, "TELEMETRY_SINK_PORT", 8081),
+            database_url=env.get("DATABASE_URL") or None,
             log_level=env.get("TELEMETRY_LOG_LEVEL", "INFO").upper(),
             pseudonym_key=pkey.encode() if pkey else os.urandom(32),
         )
+
+
+if __name__ == "__main__":
+    print(markdown_table())

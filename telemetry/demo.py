@@ -23,9 +23,10 @@ import numpy as np
 import trio
 
 from actors.synthetic import generate
+from storage.wiring import open_storage
 from telemetry.auth import mint_session_token
 from telemetry.config import Settings
-from telemetry.server import open_storage, serve
+from telemetry.server import serve
 from telemetry.wire import CONTENT_TYPE, encode_batch
 
 EXERCISES = ["squat", "bicep_curl", "lateral_raise", "lunge", "shoulder_press", "push_up",

@@ -13,17 +13,13 @@ the HTTP server; ``task_status.started(port)`` once it listens. Shutdown, when
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
 from actors.supervisor import Supervisor
-from storage.blobs import BlobStore, FilesystemBlobStore
-from storage.bus import Bus, InProcessBus
+from storage.wiring import Storage
 from telemetry.app import AppState, create_app
 from telemetry.auth import TokenVerifier
 from telemetry.config import Settings
@@ -50,28 +46,6 @@ def hypercorn_config(settings: Settings) -> Config:
     return config
 
 
-@dataclass
-class Storage:
-    store: BlobStore
-    bus: Bus
-
-    async def aclose(self) -> None:
-        with trio.move_on_after(10) as scope:
-            scope.shield = True
-            await self.bus.aclose()
-            await self.store.aclose()
-
-
-@asynccontextmanager
-async def open_storage(settings: Settings) -> AsyncIterator[Storage]:
-    """The embedded defaults: filesystem blobs, in-process bus."""
-    storage = Storage(store=FilesystemBlobStore(settings.data_dir / "blobs"), bus=InProcessBus())
-    try:
-        yield storage
-    finally:
-        await storage.aclose()
-
-
 async def serve(
     settings: Settings,
     storage: Storage,
@@ -91,6 +65,7 @@ async def serve(
     http_done = trio.Event()
 
     async with trio.open_nursery() as root:
+        await root.start(storage.run_maintenance)
         await root.start(supervisor.run)
 
         async def run_http(*, task_status: trio.TaskStatus[list[str]]) -> None:

@@ -12,12 +12,16 @@ from telemetry.auth import mint_service_token, mint_session_token
 from telemetry.config import Settings
 from telemetry.wire import encode_batch
 
+pytest_plugins = ["tests.pg_fixtures"]
+
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return dataclasses.replace(
         Settings(), host="127.0.0.1", port=0, data_dir=tmp_path, idle_timeout_s=30.0,
         gap_timeout_s=2.0, shutdown_deadline_s=10.0, pseudonym_key=b"k" * 32,
+        # Most tests need no Postgres; the end-to-end ones turn the sink on.
+        sink="none",
     )
 
 

@@ -11,9 +11,10 @@ import httpx
 import trio
 
 from actors.supervisor import Supervisor
+from storage.wiring import Storage, open_storage
 from telemetry.app import AppState
 from telemetry.config import Settings
-from telemetry.server import Storage, open_storage, serve
+from telemetry.server import serve
 
 
 @dataclass

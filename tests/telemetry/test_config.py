@@ -38,8 +38,8 @@ def test_bad_values_name_the_variable(env: dict, names: str) -> None:
 
 def test_every_variable_documented_in_readme() -> None:
     readme = (ROOT / "README.md").read_text()
-    documented = set(re.findall(r"^\| `([A-Z_]+)` \|", readme, re.M))
+    documented = set(re.findall(r"^\| `([A-Z0-9_]+)` \|", readme, re.M))
     assert set(VARIABLES) <= documented, set(VARIABLES) - documented
     code = (ROOT / "telemetry/config.py").read_text()
-    used = set(re.findall(r'"((?:TELEMETRY|DATABASE)_[A-Z_]+)"', code))
+    used = set(re.findall(r'"((?:TELEMETRY|DATABASE)_[A-Z0-9_]+)"', code))
     assert used <= set(VARIABLES), used - set(VARIABLES)

@@ -1,0 +1,164 @@
+"""Session level of the media metrics: all views of a session, and the pose side of stalls.
+
+:class:`MediaTracker` holds one :class:`actors.media.MediaView` per ``view_id``;
+:func:`sink_view` reshapes a view summary for ``storage/sink.py``;
+:func:`pose_during_stalls` answers what no video-analytics product can, because none
+sees the camera: did the patient keep exercising while the video froze? That answer is
+a heuristic built only from the rep engine's rep intervals and the genuine (not
+seek-induced) stall intervals, both on the client clock (ms since the exercise session
+started). Definitions, and why they are heuristics, are in ``docs/media-metrics.md``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from telemetry.media_wire import MediaBatch
+
+if TYPE_CHECKING:
+    from actors.media import MediaView
+
+
+def merge_intervals(intervals: Iterable[tuple[float, float]]) -> list[tuple[int, int]]:
+    """Sorted, overlap-merged ``(start, end)`` intervals; empty or inverted ones dropped."""
+    out: list[tuple[int, int]] = []
+    for start, end in sorted((int(a), int(b)) for a, b in intervals if b > a):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def iso_ms(ts: float) -> str:
+    """UTC ISO-8601 with milliseconds (the format of ``actors.summary.iso_time``)."""
+    d = dt.datetime.fromtimestamp(ts, tz=dt.UTC)
+    return d.strftime("%Y-%m-%dT%H:%M:%S") + f".{d.microsecond // 1000:03d}Z"
+
+
+def pose_during_stalls(
+    stalls: list[tuple[int, int]],
+    reps: list[Mapping[str, Any]],
+    pose_activity: tuple[float, float] | None = None,
+) -> dict[str, Any]:
+    """Correlate genuine video stalls with the repetitions the patient performed.
+
+    ``stalls``: (start_ms, end_ms) client-clock intervals (e.g. ``MediaTracker.stalls()``).
+    ``reps``: the rep engine's per-rep dicts; only ``start_ms`` and ``end_ms`` are read
+    (a rep whose end is before its start is treated as instantaneous at its start).
+    ``pose_activity``: (first, last) pose-frame time of the session; stalls are clipped
+    to it, since outside it nothing can be said. If None, the span of the reps is used.
+
+    Returns ``stall_count``, ``stall_ms`` (after merging and clipping),
+    ``reps_during_stalls`` (reps overlapping a stall), ``rep_rate_per_min`` (reps not
+    overlapping a stall per minute of non-stall time in the span), ``stalls_paused``
+    and ``paused_during_stall`` (a stall with no overlapping rep, reps both before and
+    after it, and at least one rep expected in it at that rate), and
+    ``missed_reps_estimate`` (sum over stalls of rate x stall length minus the reps
+    overlapping it, floored at 0). Rates and estimates are None without reps.
+    """
+    spans = sorted((float(r["start_ms"]), max(float(r["start_ms"]), float(r["end_ms"])))
+                   for r in reps)
+    result: dict[str, Any] = {
+        "stall_count": 0, "stall_ms": 0, "reps_during_stalls": 0, "rep_rate_per_min": None,
+        "stalls_paused": 0, "paused_during_stall": False, "missed_reps_estimate": None,
+        "method": "heuristic-v1",
+    }
+    if pose_activity is None:
+        if not spans:
+            return result
+        pose_activity = (spans[0][0], max(e for _, e in spans))
+    lo, hi = pose_activity
+    clipped = merge_intervals((max(a, lo), min(b, hi)) for a, b in stalls)
+    if not clipped:
+        return result
+    stall_ms = sum(b - a for a, b in clipped)
+    overlaps = [[i for i, (s, e) in enumerate(spans) if s < b and e > a] for a, b in clipped]
+    during = {i for group in overlaps for i in group}
+    outside_ms = (hi - lo) - stall_ms
+    rate = (len(spans) - len(during)) / outside_ms if outside_ms > 0 else None
+    result.update(stall_count=len(clipped), stall_ms=stall_ms, reps_during_stalls=len(during))
+    if not spans or rate is None:
+        return result
+    paused = 0
+    missed = 0.0
+    for (a, b), group in zip(clipped, overlaps, strict=True):
+        expected = rate * (b - a)
+        missed += max(0.0, expected - len(group))
+        before = any(e <= a for _, e in spans)
+        after = any(s >= b for s, _ in spans)
+        if not group and before and after and expected >= 1.0:
+            paused += 1
+    result.update(rep_rate_per_min=round(rate * 60_000, 2), stalls_paused=paused,
+                  paused_during_stall=paused > 0, missed_reps_estimate=round(missed, 2))
+    return result
+
+
+class MediaTrackerError(ValueError):
+    """A batch the tracker refuses as a whole (nothing applied). ``code``:
+    ``too_many_views`` | ``view_media_mismatch`` | ``finished``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class MediaTracker:
+    """All media views of one exercise session, keyed by ``view_id``."""
+
+    def __init__(self, *, max_views: int = 20) -> None:
+        self.max_views = max_views
+        self._views: dict[str, MediaView] = {}  # insertion order = creation order
+        self.finished = False
+
+    def apply(self, batch: MediaBatch) -> tuple[int, int]:
+        """Apply a decoded batch; return (applied, not applied: duplicate/late/post-end
+        events). A view is created by its first batch. Raises :class:`MediaTrackerError`
+        before applying anything if the view cap is reached, the view id is already
+        used for another media id, or :meth:`finish` was called."""
+        if self.finished:
+            raise MediaTrackerError("finished", "the session's media views are finished")
+        view = self._views.get(batch.view_id)
+        if view is None:
+            if len(self._views) >= self.max_views:
+                raise MediaTrackerError("too_many_views", f"session already has "
+                                        f"{self.max_views} media views (the cap)")
+            from actors.media import MediaView  # media.py re-exports this module's names
+
+            view = self._views[batch.view_id] = MediaView(
+                batch.media_id, batch.view_id, batch.media_duration_s)
+        elif view.media_id != batch.media_id:
+            raise MediaTrackerError("view_media_mismatch", "view_id is already used for "
+                                    "another media_id")
+        elif view.media_duration_s is None:
+            view.media_duration_s = batch.media_duration_s
+        applied = sum(view.apply(ev) for ev in batch.events)
+        return applied, len(batch.events) - applied
+
+    def finish(self, end_t_ms: int | None) -> None:
+        """Close every view (see :meth:`MediaView.finish`); later batches are refused."""
+        for view in self._views.values():
+            view.finish(end_t_ms)
+        self.finished = True
+
+    def summaries(self) -> list[dict[str, Any]]:
+        return [v.summary() for v in self._views.values()]
+
+    def stalls(self) -> list[tuple[int, int]]:
+        """Genuine stalls of all views, sorted, overlaps merged."""
+        return merge_intervals([s for v in self._views.values() for s in v.stalls()])
+
+
+def sink_view(summary: dict[str, Any], t0_wall: float) -> dict[str, Any]:
+    """A view summary in the shape ``storage/sink.py`` reads: wall-clock ``started_at``
+    / ``ended_at`` and a ``buffering`` list with ``started_at``. ``t0_wall`` is the
+    Unix time of client ``t_ms == 0`` (the exercise session's start)."""
+    out = {k: v for k, v in summary.items() if k != "buffering_events"}
+    for key, t_key in (("started_at", "started_t_ms"), ("ended_at", "ended_t_ms")):
+        t = summary.get(t_key)
+        out[key] = None if t is None else iso_ms(t0_wall + t / 1000)
+    out["buffering"] = [{**b, "started_at": iso_ms(t0_wall + b["started_t_ms"] / 1000)}
+                        for b in summary.get("buffering_events", [])]
+    return out

@@ -1,0 +1,311 @@
+"""Per-side repetition detector: a bounded-state filter and hysteresis state machine.
+
+One ``SideDetector`` follows one joint angle on one side of the body. It works on
+``x = direction * angle`` so that a repetition is always "x rises away from
+rest, peaks, and comes back". Its working state is a fixed set of floats: no
+history is kept, so memory does not grow with the session.
+
+Per valid frame (landmarks visible and finite):
+
+1. median of the last three raw samples (removes single-frame tracking spikes),
+2. exponential smoothing with time constant ``TAU_MS``, aware of the actual
+   frame interval (dropped frames lengthen it); after a gap longer than
+   ``MAX_GAP_MS`` both filters restart from the new sample,
+3. state machine, with thresholds relative to the rest baseline ``b`` (lowest x
+   since the previous repetition) and the patient's typical range ``R``:
+
+   IDLE      -> ACTIVE     when x >= b + ENTER_FRAC * R
+   ACTIVE    -> RETURNING  when x <= b + EXIT_FRAC * (peak - b)
+   RETURNING -> IDLE       when x is back within BAND_FRAC * R of b, or starts
+                           rising again, or RETURN_TIMEOUT_MS has passed.
+
+``R`` starts at the profile's prior and then follows the measured ranges of
+counted repetitions, so thresholds adapt to the patient rather than being fixed
+angles. A finished excursion counts as a repetition only if it is deep enough,
+lasted between the profile's minimum and maximum duration, and the trunk
+posture at its end matches the one at its start (getting into position changes
+the posture; a repetition does not).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .profiles import Profile
+
+TAU_MS = 70.0
+MAX_GAP_MS = 1000.0
+ENTER_FRAC = 0.35
+EXIT_FRAC = 0.45
+BAND_FRAC = 0.1
+QUIET_FRAC = 0.2
+NEAR_PEAK_FRAC = 0.04
+RERISE_FRAC = 0.08
+DEPTH_FRAC = 0.55
+FIRST_DEPTH_FRAC = 0.45
+MIN_ROM_DEG = 10.0
+R_GAIN_UP = 0.5
+R_GAIN_DOWN = 0.2
+MIN_COVERAGE = 0.5
+RETURN_TIMEOUT_MS = 1500.0
+SETTLE_MS = 300.0
+SETTLE_START_MS = 1000.0
+STILL_MS = 300.0
+OVERSHOOT_FRAC = 0.3
+NOISE_GAIN = 0.02
+NOISE_K = 3.0
+MAX_POSTURE_CHANGE_DEG = 40.0
+VIS_FULL = 0.9
+VIS_MIN = 0.5
+
+IDLE, ACTIVE, RETURNING = 0, 1, 2
+
+ENTER, DONE = 0, 1
+
+
+@dataclass(slots=True)
+class SideRep:
+    """One finished excursion on one side, counted or not (``reason`` says why not)."""
+
+    side: str
+    start_ms: float
+    end_ms: float
+    done_ms: float
+    peak_first_ms: float
+    peak_last_ms: float
+    peak_x: float
+    base_x: float
+    rom_deg: float
+    mean_vis: float
+    coverage: float
+    confidence: float
+    counted: bool
+    reason: str
+
+
+def _clip01(v: float) -> float:
+    return 0.0 if v < 0.0 else (1.0 if v > 1.0 else v)
+
+
+class SideDetector:
+    """Repetition detector for one joint angle on one side.
+
+    ``process`` takes plain Python lists of the side's *valid* frames (time ms,
+    direction-adjusted angle, visibility, trunk inclination) and returns events
+    ``(t_ms, ENTER, start_ms)`` and ``(t_ms, DONE, SideRep)`` in time order.
+    Feeding the same frames in any split gives the same events, since every
+    piece of state is carried between calls and nothing depends on call
+    boundaries. ``t_first`` must be set to the stream's first timestamp.
+    """
+
+    __slots__ = (
+        "side", "min_ms", "max_ms", "R", "n_counted", "dur_typ", "t_first",
+        "t_last", "r1", "r2", "y", "dt_nom", "noise", "n_filt",
+        "state", "b", "b_run", "t_low", "t_band", "in_band", "n_acc", "v_acc", "j_acc",
+        "start", "settled", "tr_enter", "P", "t_pf", "t_pl",
+        "m", "tm", "t_exit", "tr_exit", "t_cross",
+    )
+
+    def __init__(self, profile: Profile, side: str) -> None:
+        self.side = side
+        self.min_ms = profile.min_rep_ms
+        self.max_ms = profile.max_rep_ms
+        self.R = profile.rom_prior_deg
+        self.n_counted = 0
+        self.dur_typ = 0.0
+        self.t_first = 0.0
+        self.t_last = -math.inf
+        self.r1 = self.r2 = self.y = self.dt_nom = self.noise = 0.0
+        self.n_filt = 0
+        self.state = IDLE
+        self.b = self.b_run = math.inf
+        self.t_low = self.t_band = 0.0
+        self.in_band = False
+        self.n_acc = 0
+        self.v_acc = self.j_acc = 0.0
+        self.start = self.P = self.t_pf = self.t_pl = 0.0
+        self.settled = True
+        self.tr_enter = self.tr_exit = math.nan
+        self.m = self.tm = self.t_exit = 0.0
+        self.t_cross = -1.0
+
+    def process(
+        self, ts: list[float], xs: list[float], vs: list[float], trs: list[float]
+    ) -> list[tuple]:
+        """Run the filter and state machine over a batch of valid frames."""
+        ev: list[tuple] = []
+        t_last, r1, r2, y, dt_nom = self.t_last, self.r1, self.r2, self.y, self.dt_nom
+        noise, n_filt = self.noise, self.n_filt
+        state, b, b_run, t_low = self.state, self.b, self.b_run, self.t_low
+        t_band, in_band = self.t_band, self.in_band
+        n_acc, v_acc, j_acc = self.n_acc, self.v_acc, self.j_acc
+        P, t_pf, t_pl = self.P, self.t_pf, self.t_pl
+        m, tm, t_exit, t_cross = self.m, self.tm, self.t_exit, self.t_cross
+        R = self.R
+        band, quiet, enter = BAND_FRAC * R, QUIET_FRAC * R, ENTER_FRAC * R
+        tol, rerise = NEAR_PEAK_FRAC * R, RERISE_FRAC * R
+        exp = math.exp
+        for i in range(len(ts)):
+            t = ts[i]
+            r = xs[i]
+            dt = t - t_last
+            t_last = t
+            if dt > MAX_GAP_MS:  # too long a gap: the filters restart from this sample
+                r1 = r2 = y = r
+                n_filt = 0
+            else:
+                dt_nom = dt if dt_nom == 0.0 else dt_nom + 0.05 * (dt - dt_nom)
+                if r1 <= r2:
+                    med = r1 if r < r1 else (r2 if r > r2 else r)
+                else:
+                    med = r2 if r < r2 else (r1 if r > r1 else r)
+                if n_filt >= 2:
+                    # second difference: blind to smooth movement, sees jitter
+                    noise += (abs(r - 2.0 * r1 + r2) - noise) * (
+                        NOISE_GAIN if n_filt > 50 else 1.0 / (n_filt - 1))
+                n_filt += 1
+                r2 = r1
+                r1 = r
+                y += (1.0 - exp(-dt / TAU_MS)) * (med - y)
+            x = y
+            n_acc += 1
+            v_acc += vs[i]
+            j_acc += abs(r - y)
+            if state == IDLE:
+                if x < b:
+                    b = x
+                    if b < b_run - band:  # a clearly lower rest: its hold starts now
+                        t_band, b_run = t, b
+                if x <= b + quiet:
+                    if not in_band:
+                        in_band, t_band, b_run = True, t, b
+                else:
+                    in_band = False
+                if x <= b + band:
+                    t_low = t
+                    n_acc, v_acc, j_acc = 1, vs[i], abs(r - y)
+                elif x >= b + enter:
+                    state = ACTIVE
+                    self.start, self.tr_enter = t_low, trs[i]
+                    # the first repetition must start from a rest that was held (or that
+                    # the stream began with), not from a passing dip such as a stride
+                    self.settled = (self.n_counted > 0 or t_low - t_band >= SETTLE_MS
+                                    or t_band - self.t_first <= SETTLE_START_MS)
+                    P, t_pf, t_pl = x, t, t
+                    ev.append((t, ENTER, t_low))
+            elif state == ACTIVE:
+                if x > P:
+                    if x > P + tol:
+                        t_pf = t
+                    P = x
+                if x >= P - tol:
+                    t_pl = t
+                if x <= b + EXIT_FRAC * (P - b):
+                    state = RETURNING
+                    m, tm, t_exit, t_cross = x, t, t, -1.0
+                    self.tr_exit = trs[i]
+                elif t - self.start > self.max_ms:
+                    # stuck away from rest, e.g. the patient changed position: start over
+                    ev.append((t, DONE, self._rep(t, t, P, b, x, n_acc, v_acc, j_acc, t_pf,
+                                                  t_pl, dt_nom, noise, "too long")))
+                    state, b, b_run, t_low, t_band, in_band = IDLE, x, x, t, t, True
+                    n_acc, v_acc, j_acc = 1, vs[i], 0.0
+            else:
+                if x < m:
+                    m, tm = x, t
+                if t_cross < 0.0 and x <= b + band:
+                    t_cross = t
+                done = False
+                if t_cross >= 0.0 and (self.n_counted > 0 or t - tm >= STILL_MS):
+                    # back at rest; before the first counted repetition also wait for
+                    # the return to come to a stop, to see where it lands
+                    done = True
+                elif x >= m + rerise or t - t_exit >= RETURN_TIMEOUT_MS:
+                    done = True
+                if done:
+                    end = t_cross if t_cross >= 0.0 else tm
+                    rep = self._rep(end, t, P, b, m, n_acc, v_acc, j_acc, t_pf, t_pl, dt_nom,
+                                    noise, "")
+                    ev.append((t, DONE, rep))
+                    if rep.counted:
+                        R = self.R
+                        band, quiet, enter = BAND_FRAC * R, QUIET_FRAC * R, ENTER_FRAC * R
+                        tol, rerise = NEAR_PEAK_FRAC * R, RERISE_FRAC * R
+                    state, b, b_run, t_low, t_band = IDLE, m, m, tm, tm
+                    in_band = x <= b + quiet
+                    if x <= b + band:
+                        t_low = t
+                    n_acc, v_acc, j_acc = 1, vs[i], 0.0
+        self.t_last, self.r1, self.r2, self.y, self.dt_nom = t_last, r1, r2, y, dt_nom
+        self.noise, self.n_filt = noise, n_filt
+        self.state, self.b, self.b_run, self.t_low = state, b, b_run, t_low
+        self.t_band, self.in_band = t_band, in_band
+        self.n_acc, self.v_acc, self.j_acc = n_acc, v_acc, j_acc
+        self.P, self.t_pf, self.t_pl = P, t_pf, t_pl
+        self.m, self.tm, self.t_exit, self.t_cross = m, tm, t_exit, t_cross
+        return ev
+
+    def flush(self) -> list[tuple]:
+        """End of stream: a repetition already on its way back to rest is complete."""
+        if self.state != RETURNING:
+            return []
+        end = self.t_cross if self.t_cross >= 0.0 else self.tm
+        rep = self._rep(end, self.t_last, self.P, self.b, self.m, self.n_acc, self.v_acc,
+                        self.j_acc, self.t_pf, self.t_pl, self.dt_nom, self.noise, "")
+        self.state = IDLE
+        return [(self.t_last, DONE, rep)]
+
+    @property
+    def active(self) -> bool:
+        return self.state != IDLE
+
+    def _rep(self, end: float, t_done: float, P: float, b: float, m: float, n: int,
+             v_sum: float, j_sum: float, t_pf: float, t_pl: float, dt_nom: float, noise: float,
+             reason: str) -> SideRep:
+        """Judge a finished excursion, score its confidence and adapt the typical range."""
+        start = self.start
+        amp = P - b
+        dur = end - start
+        R = self.R
+        first = self.n_counted == 0
+        depth = (FIRST_DEPTH_FRAC if first else DEPTH_FRAC) * R
+        n = max(n, 1)
+        mean_vis = v_sum / n
+        coverage = _clip01(n * dt_nom / dur) if dur > 0 and dt_nom > 0 else 0.0
+        if not reason:
+            if amp < max(MIN_ROM_DEG, depth, NOISE_K * noise):
+                reason = "shallow"
+            elif dur < self.min_ms:
+                reason = "too fast"
+            elif dur > self.max_ms:
+                reason = "too long"
+            elif coverage < MIN_COVERAGE:
+                reason = "poorly tracked"
+            elif not self.settled:
+                reason = "not settled"
+            elif abs(self.tr_exit - self.tr_enter) > MAX_POSTURE_CHANGE_DEG:
+                reason = "posture change"
+            elif first and b - m > OVERSHOOT_FRAC * amp:
+                # came back to a clearly different rest: it was a change of position
+                # (e.g. sitting down after walking in), not a repetition
+                reason = "rest changed"
+        c_track = math.sqrt(_clip01((mean_vis - VIS_MIN) / (VIS_FULL - VIS_MIN)) * coverage)
+        c_depth = _clip01((amp / R - DEPTH_FRAC) / (0.85 - DEPTH_FRAC))
+        c_noise = _clip01(1.0 - 4.0 * (j_sum / n) / amp) if amp > 0 else 0.0
+        c_tempo = 1.0
+        if self.dur_typ > 0 and dur > 0:
+            c_tempo = _clip01(1.0 - abs(math.log(dur / self.dur_typ)) / math.log(3.0))
+        confidence = c_track * (c_depth + c_noise + c_tempo) / 3.0
+        counted = not reason
+        if counted:
+            if first:
+                self.R, self.dur_typ = amp, dur
+            else:
+                # a deep repetition is strong evidence of the patient's range; shallow
+                # counted ones may be half-hearted, so the range follows them slowly
+                self.R += (R_GAIN_UP if amp > R else R_GAIN_DOWN) * (amp - R)
+                self.dur_typ += R_GAIN_DOWN * (dur - self.dur_typ)
+            self.n_counted += 1
+        return SideRep(self.side, start, end, t_done, t_pf, t_pl, P, b, amp, mean_vis,
+                       coverage, confidence, counted, reason)

@@ -1,0 +1,247 @@
+"""Incremental repetition engine: batches of pose frames in, completed repetitions out."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .angles import JOINT_LABELS, JOINTS, N_LANDMARKS, SPACES, triplet_angles, trunk_inclination
+from .detector import VIS_MIN
+from .profiles import Profile, fallback_profiles, profile_for
+from .rep import Rep, build_rep
+from .summary import SessionStats
+from .tracker import JointTracker
+
+SIDE_CHOICES = {None: (0, 1), "both": (0, 1), "left": (0,), "right": (1,)}
+
+# Fallback selection: lock onto the leading candidate once it has this many
+# repetitions, or once this much stream time has passed and it has at least
+# FALLBACK_MIN_REPS. Buffers are capped by FALLBACK_MAX_BUFFER repetitions per
+# candidate, so state stays bounded even if no candidate stands out.
+FALLBACK_LOCK_REPS = 4
+FALLBACK_LOCK_MS = 15000.0
+FALLBACK_MIN_REPS = 2
+FALLBACK_MAX_BUFFER = 8
+
+
+class RepEngine:
+    """Counts and measures repetitions of one exercise from a live pose stream.
+
+    ``kind`` selects a profile (see ``PROFILES``; aliases such as "push-up" are
+    accepted). An unknown or missing kind switches to fallback mode: every
+    joint is followed in both directions and the one with the largest periodic
+    motion is chosen; its first repetitions are then released together, so in
+    that mode repetitions arrive with a delay of a few repetitions (or
+    ``FALLBACK_LOCK_MS``). ``summary()["fallback"]`` says so.
+
+    Raises ValueError for an unknown ``side`` or ``space``, a non-positive or
+    non-finite ``aspect`` or a negative ``target_reps``.
+    """
+
+    def __init__(self, kind: str | None, *, side: str | None = None, space: str = "image",
+                 aspect: float = 1.0, target_reps: int | None = None) -> None:
+        if side not in SIDE_CHOICES:
+            raise ValueError(f"side must be 'left', 'right', 'both' or None, not {side!r}")
+        if space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, not {space!r}")
+        if not (isinstance(aspect, int | float) and math.isfinite(aspect) and aspect > 0):
+            raise ValueError(f"aspect must be a positive finite number, not {aspect!r}")
+        if target_reps is not None and (not isinstance(target_reps, int) or target_reps < 0):
+            raise ValueError(f"target_reps must be a non-negative int or None, not {target_reps!r}")
+        self.kind = kind
+        self.side = side
+        self.space = space
+        self.aspect = float(aspect)
+        self.target_reps = target_reps
+        sides = SIDE_CHOICES[side]
+        profile = profile_for(kind)
+        self._fallback_reason: str | None = None
+        if profile is None:
+            self._fallback_reason = ("no exercise kind given" if not kind
+                                     else f"unknown exercise kind {kind!r}")
+            cands = fallback_profiles()
+        else:
+            cands = [profile]
+        self._trackers = [JointTracker(p, sides) for p in cands]
+        self._profile: Profile | None = profile
+        # one angle column per (joint, side); candidates of the same joint share columns
+        joints = list(dict.fromkeys(p.joint for p in cands))
+        self._cols = [(j, s) for j in joints for s in sides]
+        self._triplets = np.array([JOINTS[j][s] for j, s in self._cols], dtype=np.intp)
+        self._col_of = {c: k for k, c in enumerate(self._cols)}
+        self._usable = {j: 0 for j in joints}
+        self._buffers: list[list] = [[] for _ in cands]
+        self._scores = [0.0] * len(cands)
+        self._t0: float | None = None
+        self._t_last = -math.inf
+        self._frames = 0
+        self._stats = SessionStats()
+        self._reps: list[Rep] = []
+        self._finished = False
+
+    # -- public API -----------------------------------------------------------------------
+
+    @property
+    def rep_count(self) -> int:
+        """Repetitions emitted so far."""
+        return len(self._reps)
+
+    @property
+    def fallback(self) -> bool:
+        return self._fallback_reason is not None
+
+    def feed(self, t_ms: np.ndarray, frames: np.ndarray) -> list[Rep]:
+        """Process a batch; return the repetitions completed by it (possibly none).
+
+        ``t_ms`` (n,) must be finite and strictly increasing, also across calls;
+        ``frames`` must be (n, 33, 4). Raises ValueError otherwise (and after
+        ``finish``); NaN rows and low-visibility landmarks are not errors, they
+        are counted as untracked frames.
+        """
+        if self._finished:
+            raise ValueError("feed() after finish()")
+        t = np.asarray(t_ms, dtype=np.float64)
+        f = np.asarray(frames)
+        if t.ndim != 1 or f.shape != (t.shape[0], N_LANDMARKS, 4):
+            raise ValueError(f"expected t_ms (n,) and frames (n, 33, 4), got {t.shape} and "
+                             f"{f.shape}")
+        n = t.shape[0]
+        if n == 0:
+            return []
+        if not np.all(np.isfinite(t)):
+            raise ValueError("t_ms must be finite")
+        if t[0] <= self._t_last or (n > 1 and not np.all(t[1:] > t[:-1])):
+            raise ValueError("t_ms must be strictly increasing across batches")
+        if self._t0 is None:
+            self._t0 = float(t[0])
+            for tr in self._trackers:
+                for det in tr.dets:
+                    det.t_first = self._t0
+        t_end = float(t[-1])
+        self._t_last = t_end
+        self._frames += n
+        ang, vis = triplet_angles(f, self._triplets, self.space, self.aspect)
+        trunk = trunk_inclination(f, self.space, self.aspect)
+        valid = (vis >= VIS_MIN) & ~np.isnan(ang)
+        for j in self._usable:
+            cols = [self._col_of[c] for c in self._cols if c[0] == j]
+            self._usable[j] += int(np.count_nonzero(valid[:, cols].any(axis=1)))
+        lists = {}
+        tl = trl = None
+        for k in range(len(self._cols)):
+            vk = valid[:, k]
+            if vk.all():
+                if tl is None:
+                    tl, trl = t.tolist(), trunk.tolist()
+                lists[k] = (tl, ang[:, k], vis[:, k].tolist(), trl)
+            else:
+                idx = np.flatnonzero(vk)
+                lists[k] = (t[idx].tolist(), ang[idx, k], vis[idx, k].tolist(),
+                            trunk[idx].tolist())
+        produced = []
+        for ci, tr in enumerate(self._trackers):
+            per_side = []
+            for s in tr.sides:
+                ts, a, vs, trs = lists[self._col_of[(tr.profile.joint, s)]]
+                xs = (a if tr.profile.direction > 0 else -a).tolist()
+                per_side.append((ts, xs, vs, trs))
+            produced.append(tr.feed(per_side, t_end))
+        return self._route(produced, t_end, final=False)
+
+    def finish(self) -> list[Rep]:
+        """End of session: flush pending repetitions. Idempotent; later feeds raise."""
+        if self._finished:
+            return []
+        self._finished = True
+        t_end = self._t_last if self._t0 is not None else 0.0
+        produced = [tr.flush(t_end) for tr in self._trackers]
+        return self._route(produced, t_end, final=True)
+
+    def summary(self) -> dict:
+        """Per-session metrics as a JSON-serialisable dict (see docs/rep-engine.md)."""
+        prof = self._trackers[0].profile if len(self._trackers) == 1 else None
+        joint = prof.joint if prof else None
+        usable = self._usable.get(joint, 0) if joint else max(self._usable.values(), default=0)
+        out = {
+            "profile": self._profile.kind if self._profile else "auto",
+            "kind_requested": self.kind,
+            "fallback": self.fallback,
+            "fallback_reason": self._fallback_reason,
+            "joint": joint,
+            "joint_label": JOINT_LABELS[joint] if joint else None,
+            "direction": ("flexion" if prof.direction < 0 else "extension") if prof else None,
+            "side": self.side or "both",
+            "space": self.space,
+            "target_reps": self.target_reps,
+            "rep_count": self.rep_count,
+            "target_completion": (round(self.rep_count / self.target_reps, 3)
+                                  if self.target_reps else None),
+            "frames": self._frames,
+            "tracked_fraction": round(usable / self._frames, 3) if self._frames else 0.0,
+        }
+        t0 = self._t0 if self._t0 is not None else 0.0
+        span = max(0.0, self._t_last - t0) if self._t0 is not None else 0.0
+        out.update(self._stats.as_dict(span, t0, self._t_last))
+        out["reps"] = [r.to_dict() for r in self._reps]
+        return out
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _emit(self, profile: Profile, sides: list) -> Rep:
+        rep = build_rep(len(self._reps) + 1, profile, sides)
+        self._reps.append(rep)
+        self._stats.add(rep)
+        return rep
+
+    def _route(self, produced: list[list], t_end: float, final: bool) -> list[Rep]:
+        if len(self._trackers) == 1:
+            prof = self._trackers[0].profile
+            return [self._emit(prof, sides) for _, sides in produced[0]]
+        # fallback, not locked yet: replay candidate repetitions in stream-time order, so
+        # the choice depends on stream time only, never on where batches were cut
+        items = sorted(((t, ci, k, sides) for ci, reps in enumerate(produced)
+                        for k, (t, sides) in enumerate(reps)), key=lambda x: x[:3])
+        deadline = (self._t0 or 0.0) + FALLBACK_LOCK_MS
+        out: list[Rep] = []
+        chosen: int | None = None
+        for t, ci, _k, sides in items:
+            if chosen is None and t > deadline and self._leader_ready(timed=True):
+                chosen = self._leader()
+                out.extend(self._lock(chosen))
+            if chosen is not None:
+                if ci == chosen:
+                    out.append(self._emit(self._trackers[0].profile, sides))
+                continue
+            self._buffers[ci].append(sides)
+            self._scores[ci] += sum(s.rom_deg for s in sides) / len(sides)
+            if self._leader_ready(timed=t >= deadline):
+                chosen = self._leader()
+                out.extend(self._lock(chosen))
+        if chosen is None:
+            timed_out = t_end >= deadline and self._leader_ready(timed=True)
+            if timed_out or (final and any(self._buffers)):
+                out.extend(self._lock(self._leader()))
+        return out
+
+    def _leader_ready(self, timed: bool) -> bool:
+        lead = self._leader()
+        n = len(self._buffers[lead])
+        if n >= FALLBACK_LOCK_REPS or (timed and n >= FALLBACK_MIN_REPS):
+            return True
+        return max(len(b) for b in self._buffers) >= FALLBACK_MAX_BUFFER
+
+    def _leader(self) -> int:
+        # largest summed range of motion; ties go to more repetitions, then list order
+        return max(range(len(self._scores)),
+                   key=lambda i: (self._scores[i], len(self._buffers[i]), -i))
+
+    def _lock(self, lead: int) -> list[Rep]:
+        tracker = self._trackers[lead]
+        buffered = self._buffers[lead]
+        self._trackers = [tracker]
+        self._buffers, self._scores = [[]], [0.0]
+        self._cols = [c for c in self._cols if c[0] == tracker.profile.joint]
+        self._triplets = np.array([JOINTS[j][s] for j, s in self._cols], dtype=np.intp)
+        self._col_of = {c: k for k, c in enumerate(self._cols)}
+        return [self._emit(tracker.profile, sides) for sides in buffered]

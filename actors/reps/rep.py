@@ -1,0 +1,107 @@
+"""The per-repetition record, built from one side's excursion or both sides' together."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .detector import SideRep
+from .profiles import Profile
+
+# Both sides enter the averages and the symmetry figure only when the less
+# visible one is at least this visible relative to the other; otherwise the
+# occluded side's angles are largely MediaPipe's guess.
+SYMMETRY_MIN_VIS_RATIO = 0.8
+SYMMETRY_MIN_VIS = 0.6
+
+
+@dataclass(frozen=True, slots=True)
+class Rep:
+    """One complete repetition. Times in ms since session start, angles in degrees.
+
+    ``peak_deg``/``trough_deg`` are the largest and smallest joint angle of the
+    movement (rest position included); ``rom_deg`` the excursion from rest.
+    ``symmetry`` is min/max of the left and right range of motion (1 = equal),
+    None unless both sides moved and were both reliably tracked.
+    """
+
+    index: int
+    joint: str
+    side: str
+    start_ms: float
+    end_ms: float
+    duration_ms: float
+    rom_deg: float
+    peak_deg: float
+    trough_deg: float
+    concentric_ms: float
+    eccentric_ms: float
+    hold_ms: float
+    rom_left_deg: float | None
+    rom_right_deg: float | None
+    symmetry: float | None
+    mean_visibility: float
+    coverage: float
+    confidence: float
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable dict; floats rounded to what the measurement supports."""
+        out = asdict(self)
+        for k, v in out.items():
+            if isinstance(v, float):
+                out[k] = round(v, 1 if k.endswith("_ms") else 3)
+        return out
+
+
+def _one(s: SideRep, direction: int) -> dict:
+    if direction < 0:
+        peak, trough = -s.base_x, -s.peak_x
+    else:
+        peak, trough = s.peak_x, s.base_x
+    return {
+        "start_ms": s.start_ms, "end_ms": s.end_ms, "rom_deg": s.rom_deg,
+        "peak_deg": peak, "trough_deg": trough,
+        "out_ms": max(0.0, s.peak_first_ms - s.start_ms),
+        "hold_ms": max(0.0, s.peak_last_ms - s.peak_first_ms),
+        "back_ms": max(0.0, s.end_ms - s.peak_last_ms),
+        "mean_visibility": s.mean_vis, "coverage": s.coverage, "confidence": s.confidence,
+    }
+
+
+def build_rep(index: int, profile: Profile, sides: list[SideRep]) -> Rep:
+    """Combine one or two side excursions (left first) into a Rep.
+
+    With two sides, fields are visibility-weighted means when both were
+    reliably tracked, else those of the better-tracked side alone.
+    """
+    parts = [_one(s, profile.direction) for s in sides]
+    roms = {s.side: s.rom_deg for s in sides}
+    symmetry = None
+    if len(sides) == 2:
+        va, vb = sides[0].mean_vis, sides[1].mean_vis
+        both_ok = min(va, vb) >= max(SYMMETRY_MIN_VIS, SYMMETRY_MIN_VIS_RATIO * max(va, vb))
+        if both_ok:
+            ra, rb = sides[0].rom_deg, sides[1].rom_deg
+            symmetry = min(ra, rb) / max(ra, rb) if max(ra, rb) > 0 else None
+            wa, wb = va / (va + vb), vb / (va + vb)
+            merged = {k: wa * parts[0][k] + wb * parts[1][k] for k in parts[0]}
+            merged["confidence"] = max(parts[0]["confidence"], parts[1]["confidence"])
+            side = "both"
+        else:
+            best = 0 if va >= vb else 1
+            merged = parts[best]
+            side = sides[best].side
+    else:
+        merged = parts[0]
+        side = sides[0].side
+    out_ms, back_ms = merged["out_ms"], merged["back_ms"]
+    concentric, eccentric = (out_ms, back_ms) if profile.concentric_first else (back_ms, out_ms)
+    return Rep(
+        index=index, joint=profile.joint, side=side,
+        start_ms=merged["start_ms"], end_ms=merged["end_ms"],
+        duration_ms=merged["end_ms"] - merged["start_ms"],
+        rom_deg=merged["rom_deg"], peak_deg=merged["peak_deg"], trough_deg=merged["trough_deg"],
+        concentric_ms=concentric, eccentric_ms=eccentric, hold_ms=merged["hold_ms"],
+        rom_left_deg=roms.get("left"), rom_right_deg=roms.get("right"), symmetry=symmetry,
+        mean_visibility=merged["mean_visibility"], coverage=merged["coverage"],
+        confidence=merged["confidence"],
+    )

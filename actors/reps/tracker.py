@@ -1,0 +1,127 @@
+"""One joint followed on one or both sides, with left/right excursions paired up.
+
+Both sides are detected independently. Excursions that overlap in time are the
+same repetition done with both limbs (squat, push-up, two-arm raise) and are
+merged into one; excursions that do not overlap are separate repetitions
+(alternating curls, one leg at a time). Pairing runs on time-stamped detector
+events replayed in time order, so the outcome does not depend on how frames
+were split into batches.
+"""
+
+from __future__ import annotations
+
+from .detector import DONE, ENTER, RETURN_TIMEOUT_MS, SideDetector, SideRep
+from .profiles import Profile
+
+# How long a finished excursion waits for the other side, which is still in an
+# excursion, to finish the same movement. Covers the other side's own return
+# timeout plus some lag.
+PAIR_WAIT_MS = RETURN_TIMEOUT_MS + 1000.0
+OVERLAP_MIN = 0.5
+
+
+def _overlap(a: SideRep, b: SideRep) -> bool:
+    inter = min(a.end_ms, b.end_ms) - max(a.start_ms, b.start_ms)
+    shorter = min(a.end_ms - a.start_ms, b.end_ms - b.start_ms)
+    return inter > 0 and inter >= OVERLAP_MIN * shorter
+
+
+class JointTracker:
+    """Detectors for ``profile.joint`` on the given sides (0 = left, 1 = right).
+
+    ``feed`` returns the repetitions completed so far as ``(t_emit_ms, [SideRep,
+    ...])`` with sides in left, right order. ``t_emit_ms`` is the stream time
+    at which the repetition became final; it does not depend on batching.
+    """
+
+    def __init__(self, profile: Profile, sides: tuple[int, ...]) -> None:
+        self.profile = profile
+        self.sides = sides
+        names = ("left", "right")
+        self.dets = [SideDetector(profile, names[s]) for s in sides]
+        self._active: list[float | None] = [None, None]
+        self._pending: list[SideRep | None] = [None, None]
+        self._last_single: tuple[int, SideRep] | None = None
+        self._seq = 0
+
+    def feed(self, per_side: list[tuple[list, list, list, list]], t_end: float) -> list:
+        """Process one batch; ``per_side[i]`` holds the lists for ``self.sides[i]``."""
+        if len(self.dets) == 1:
+            ev = self.dets[0].process(*per_side[0])
+            return [(e[0], [e[2]]) for e in ev if e[1] == DONE and e[2].counted]
+        events = []
+        for i, det in enumerate(self.dets):
+            for e in det.process(*per_side[i]):
+                events.append((e[0], i, self._next(), e[1], e[2]))
+        return self._replay(events, t_end)
+
+    def flush(self, t_end: float) -> list:
+        """End of stream: finish returning excursions and release anything waiting."""
+        if len(self.dets) == 1:
+            return [(e[0], [e[2]]) for e in self.dets[0].flush() if e[2].counted]
+        events = [(e[0], i, self._next(), e[1], e[2])
+                  for i, det in enumerate(self.dets) for e in det.flush()]
+        out = self._replay(events, t_end)
+        for i in (0, 1):
+            rep = self._pending[i]
+            if rep is not None:
+                out.append((t_end, [rep]))
+                self._pending[i] = None
+        return out
+
+    def _next(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _release_due(self, now: float, out: list, inclusive: bool) -> None:
+        for i in (0, 1):
+            rep = self._pending[i]
+            if rep is None:
+                continue
+            due = rep.done_ms + PAIR_WAIT_MS
+            if due < now or (inclusive and due <= now):
+                out.append((due, [rep]))
+                self._pending[i] = None
+                self._last_single = (i, rep)
+
+    def _replay(self, events: list, t_end: float) -> list:
+        events.sort(key=lambda e: (e[0], e[1], e[2]))
+        out: list = []
+        for t, i, _seq, kind, payload in events:
+            self._release_due(t, out, inclusive=False)
+            o = 1 - i
+            if kind == ENTER:
+                self._active[i] = payload
+                continue
+            self._active[i] = None
+            rep: SideRep = payload
+            own = self._pending[i]
+            if own is not None:
+                # a newer excursion on the same side: the older one found no partner
+                self._pending[i] = None
+                out.append((t, [own]))
+                self._last_single = (i, own)
+            other = self._pending[o]
+            if other is not None:
+                self._pending[o] = None
+                if rep.counted and _overlap(rep, other):
+                    pair = [other, rep] if o == 0 else [rep, other]
+                    out.append((t, pair))
+                    self._last_single = None
+                    continue
+                out.append((t, [other]))
+                self._last_single = (o, other)
+            if not rep.counted:
+                continue
+            start_o = self._active[o]
+            if start_o is not None and start_o < rep.end_ms:
+                self._pending[i] = rep
+                continue
+            last = self._last_single
+            if last is not None and last[0] == o and _overlap(rep, last[1]):
+                # the other side already reported this movement on its own
+                continue
+            out.append((t, [rep]))
+            self._last_single = (i, rep)
+        self._release_due(t_end, out, inclusive=True)
+        return out

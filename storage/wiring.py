@@ -1,0 +1,116 @@
+"""Builds the storage side from configuration: blob store, bus, and embedded sink.
+
+Embedded defaults (no configuration): filesystem blobs under the data dir, the
+in-process bus, and the aggregate sink in this process writing to an embedded
+Postgres (``pgserver``) or ``DATABASE_URL``. Production: ``TELEMETRY_BLOB_STORE=s3``
+and ``TELEMETRY_BUS=http`` (the sink then runs on the Core API side, or as
+``telemetry sink``).
+
+:func:`open_storage` opens everything before yielding and closes it afterwards
+under a shielded, time-bounded scope, so a cancelled shutdown still releases the
+database and clients. Long-running maintenance (Postgres partitions) is not started
+here: the entry point starts :meth:`Storage.run_maintenance` in its root nursery.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from storage.blobs import BlobStore, FilesystemBlobStore
+from storage.bus import Bus, InProcessBus
+from telemetry.auth import mint_service_token
+from telemetry.config import Settings
+
+SINK_SCOPE = "telemetry:sink"
+
+
+@dataclass
+class Storage:
+    store: BlobStore
+    bus: Bus
+    sink: object | None = None  # storage.sink.AggregateSink in embedded mode
+    db: object | None = None  # storage.pg.Database in embedded mode
+
+    async def run_maintenance(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Keep Postgres partitions ahead (embedded sink only); runs until cancelled."""
+        if self.db is None:
+            task_status.started()
+            return
+        from storage.migrate import run_partition_maintenance
+
+        await run_partition_maintenance(self.db, task_status=task_status)  # type: ignore[arg-type]
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(15) as scope:
+            scope.shield = True
+            await self.bus.aclose()
+            await self.store.aclose()
+            if self.db is not None:
+                await self.db.aclose()  # type: ignore[attr-defined]
+
+
+def _blob_store(settings: Settings) -> BlobStore:
+    if settings.blob_store == "s3":
+        from storage.s3 import S3BlobStore
+
+        return S3BlobStore(
+            bucket=settings.s3_bucket, prefix=settings.s3_prefix, region=settings.s3_region,
+            endpoint_url=settings.s3_endpoint_url, kms_key_id=settings.s3_kms_key_id,
+        )
+    return FilesystemBlobStore(Path(settings.data_dir) / "blobs")
+
+
+class _TokenCache:
+    """Mints the bus's service-account token and renews it before it expires."""
+
+    def __init__(self, settings: Settings, ttl_s: int = 900) -> None:
+        self._settings, self._ttl = settings, ttl_s
+        self._token, self._expires = "", 0.0
+
+    def __call__(self) -> str:
+        if self._settings.bus_token:
+            return self._settings.bus_token
+        if time.time() > self._expires - 60:
+            self._token = mint_service_token(
+                self._settings, subject="telemetry", scope=SINK_SCOPE, ttl_s=self._ttl)
+            self._expires = time.time() + self._ttl
+        return self._token
+
+
+@asynccontextmanager
+async def open_storage(settings: Settings) -> AsyncIterator[Storage]:
+    store = _blob_store(settings)
+    bus: Bus
+    if settings.bus == "http":
+        from storage.http_bus import HttpBus
+
+        assert settings.bus_url is not None
+        bus = HttpBus(url=settings.bus_url, token_provider=_TokenCache(settings))
+    else:
+        bus = InProcessBus()
+    storage = Storage(store=store, bus=bus)
+    try:
+        if settings.bus == "inprocess" and settings.sink == "embedded":
+            from storage.migrate import migrate
+            from storage.pg import Database
+            from storage.sink import AggregateSink
+
+            db = await Database.open(database_url=settings.database_url,
+                                     data_dir=Path(settings.data_dir))
+            storage.db = db
+            await migrate(db)
+            sink = AggregateSink(db)
+            storage.sink = sink
+            assert isinstance(bus, InProcessBus)
+            bus.subscribe(sink.handle)
+        yield storage
+    finally:
+        await storage.aclose()
