@@ -64,6 +64,7 @@ class MediaView:
         self._request_t: int | None = None
         self._first_frame_t: int | None = None
         self._end_t: int | None = None
+        self._session_started = False
         self._ttfb: float | None = None
         self._load: float | None = None
         self._conn: str | None = None
@@ -222,7 +223,8 @@ class MediaView:
     # -- event handlers (one per type; ``f`` is the validated field mapping) -----------
 
     def _on_session_start(self, t: int, f: Any) -> None:
-        if self._ttfb is None and self._conn is None and self._load is None:
+        if not self._session_started:  # only the first one counts
+            self._session_started = True
             self._ttfb, self._load = f.get("ttfb_ms"), f.get("load_time_ms")
             self._conn = f.get("connection_type")
         pos = self._position(f)

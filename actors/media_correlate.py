@@ -114,8 +114,9 @@ class MediaTracker:
         self.finished = False
 
     def apply(self, batch: MediaBatch) -> tuple[int, int]:
-        """Apply a decoded batch; return (applied, not applied: duplicate/late/post-end
-        events). A view is created by its first batch. Raises :class:`MediaTrackerError`
+        """Apply a decoded batch; return (applied, not applied = duplicate + late events;
+        events after the view's end count as applied but change nothing). A view is
+        created by its first batch. Raises :class:`MediaTrackerError`
         before applying anything if the view cap is reached, the view id is already
         used for another media id, or :meth:`finish` was called."""
         if self.finished:

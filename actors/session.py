@@ -237,13 +237,14 @@ class SessionActor:
 
     def _apply(self, batch: PoseBatch) -> None:
         # The replay first: it is the record of what was acknowledged, and must
-        # survive a failure in the metrics below.
-        self.replay.append(batch.t_ms, batch.frames)
-        self.stats.add(batch.t_ms, batch.frames)
+        # survive a failure in the metrics below. Metrics are computed on the frames
+        # as stored, so `telemetry replay` reproduces them exactly.
+        frames = self.replay.append(batch.t_ms, batch.frames)
+        self.stats.add(batch.t_ms, frames)
         if self.reps is None:
             return
         try:
-            self.reps.feed(batch.t_ms.astype("float64"), batch.frames)
+            self.reps.feed(batch.t_ms.astype("float64"), frames)
         except Exception as exc:
             log.exception("rep engine failed; session ends", extra={"session": self.log_id})
             self.error = f"{type(exc).__name__}: {exc}"

@@ -39,6 +39,8 @@ class SyntheticSession:
     true_reps: int
     true_rom_deg: list[float]
     true_rom3d_deg: list[float]
+    true_rom_sides_deg: list[tuple[float | None, float | None]]
+    true_rom3d_sides_deg: list[tuple[float | None, float | None]]
     rep_spans_ms: list[tuple[float, float]]
     rep_sides: list[str]
     partial_reps: int
@@ -392,16 +394,25 @@ def _angles(pts: np.ndarray, tri: tuple[int, int, int]) -> np.ndarray:
     return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
 
 
-def _truth(pts: np.ndarray, kind: str, reps: list) -> list[float]:
-    """ROM of each complete rep: largest excursion from the angle at its start, sides averaged."""
+def _truth(pts: np.ndarray, kind: str, reps: list) -> list[tuple[float | None, float | None]]:
+    """Per-side ROM of each complete rep: largest excursion from the angle at its start.
+
+    None for a side that does not move in that rep.
+    """
     prof = PROFILES[kind]
     ang = [_angles(pts, JOINTS[prof.joint][s]) for s in (0, 1)]
     out = []
     for f0, f1, sides, _ in reps:
-        use = (0, 1) if sides == "both" else ((0,) if sides == "left" else (1,))
-        out.append(float(np.mean([np.max(prof.direction * (ang[s][f0:f1 + 1] - ang[s][f0]))
-                                  for s in use])))
+        out.append(tuple(
+            float(np.max(prof.direction * (ang[s][f0:f1 + 1] - ang[s][f0])))
+            if sides in ("both", name) else None
+            for s, name in ((0, "left"), (1, "right"))))
     return out
+
+
+def _mean(sides: tuple) -> float:
+    vals = [v for v in sides if v is not None]
+    return float(np.mean(vals))
 
 
 def generate(kind: str, *, reps: int, seed: int, fps: float = 30.0, space: str = "image",
@@ -472,9 +483,11 @@ def generate(kind: str, *, reps: int, seed: int, fps: float = 30.0, space: str =
     vis = np.clip(0.985 + 0.01 * _smooth_noise(rng, (T, 33), 5), 0, 0.9999)
     occ = rng.uniform(0.4, 0.8)
     far = _R_SIDE if facing > 0 else _L_SIDE
-    vis[:, far] -= occ * abs(facing) + 0.05 * _smooth_noise(rng, (T, far.size), 10)
+    # the far side starts to hide behind the body past ~30 degrees of yaw
+    hidden = max(0.0, (abs(facing) - 0.5) / 0.5)
+    vis[:, far] -= occ * hidden + 0.05 * _smooth_noise(rng, (T, far.size), 10)
     sigma = np.full((T, 33), 1.0)
-    sigma[:, far] = 1.0 + abs(facing)
+    sigma[:, far] = 1.0 + hidden
     out = (img[..., 0] < 0) | (img[..., 0] > 1) | (img[..., 1] < 0) | (img[..., 1] > 1)
     vis[out] = rng.uniform(0.02, 0.3, out.sum())
     for _ in range(rng.poisson(vis_drops * T / fps / 15.0)):
@@ -507,8 +520,9 @@ def generate(kind: str, *, reps: int, seed: int, fps: float = 30.0, space: str =
     spans = [(float(t_ms[a]), float(t_ms[b])) for a, b, _, _ in rep_list]
     return SyntheticSession(
         kind=kind, space=space, aspect=float(aspect), fps=float(fps), t_ms=t_ms[keep],
-        frames=frames[keep], true_reps=len(rep_list), true_rom_deg=rom_space,
-        true_rom3d_deg=rom3d, rep_spans_ms=spans, rep_sides=[r[2] for r in rep_list],
+        frames=frames[keep], true_reps=len(rep_list), true_rom_deg=[_mean(r) for r in rom_space],
+        true_rom3d_deg=[_mean(r) for r in rom3d], true_rom_sides_deg=rom_space,
+        true_rom3d_sides_deg=rom3d, rep_spans_ms=spans, rep_sides=[r[2] for r in rep_list],
         partial_reps=partial, yaw_deg=float(yaw_deg),
         info={"mode": mode, "height_m": round(float(h), 3), "rom_nominal_deg": round(float(rom), 1),
               "nan_frames": int(nan_rows[keep].sum()), "dropped_frames": int((~keep).sum())})

@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.blob_sizes [--minutes 30] [--level 6] [--json]
 
 Builds a session of ``minutes * 60 * 30`` frames (54,000 for 30 minutes) from
-the real push-up recordings in /work/shared/data/pose/pushup (MediaPipe Pose
+the real push-up recordings in ../shared/data/pose/pushup (MediaPipe Pose
 0.10.14 output, image and world space; see that folder's README):
 
 * all clips are concatenated in file-name order (one *pass*, ~8,500
@@ -41,7 +41,7 @@ import numpy as np
 
 from storage.replay import ReplayWriter, read_replay
 
-DATA = Path("/work/shared/data/pose/pushup")
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pose" / "pushup"
 FPS = 30
 BATCH = 30
 

@@ -211,10 +211,13 @@ class ReplayWriter:
     def finished(self) -> bool:
         return self._blob is not None
 
-    def append(self, t_ms: np.ndarray, frames: np.ndarray) -> None:
+    def append(self, t_ms: np.ndarray, frames: np.ndarray) -> np.ndarray:
         """Encode and compress a batch: ``t_ms`` (n,) numbers, ``frames`` (n, L, C)
         float32 (other real dtypes are converted to float32).  Validation happens
-        first; on ValueError/TypeError nothing has been written."""
+        first; on ValueError/TypeError nothing has been written.
+
+        Returns the frames exactly as :func:`read_replay` will decode them (the input
+        itself for lossless encodings), so callers can compute on what is stored."""
         if self._blob is not None:
             raise RuntimeError("ReplayWriter.append() after finish()")
         t = np.asarray(t_ms)
@@ -228,7 +231,7 @@ class ReplayWriter:
             )
         n = t.shape[0]
         if n == 0:
-            return
+            return np.asarray(f, dtype=np.float32)
         t64 = np.ascontiguousarray(t, dtype=np.float64)
         f32 = np.ascontiguousarray(f, dtype=np.float32).reshape(n, L * C)
         for s in range(0, n, MAX_CHUNK_FRAMES):
@@ -238,6 +241,7 @@ class ReplayWriter:
             self._emit(payload)
         self._frames += n
         self._raw_nbytes += n * (8 + 4 * L * C)
+        return self._codec.reconstruct(f32).reshape(n, L, C)
 
     def _emit(self, raw: bytes) -> None:
         out = self._z.compress(raw)

@@ -158,6 +158,24 @@ class ChunkCodec:
         self._prev_t = bits[-1:].copy()
         return bits.view("<f8").astype(np.float64)
 
+    def reconstruct(self, frames: np.ndarray) -> np.ndarray:
+        """The values the decoder will return for ``frames`` (n, S) float32.
+
+        Lossless encodings return ``frames`` itself. For q16delta each value becomes
+        ``dequantise(rint(x / step))`` where that is within the bound, and stays as it
+        is otherwise (exceptions are stored verbatim) -- the same rule as ``_enc_q``.
+        The session actor computes its live metrics on these values, so a replay
+        reproduces them exactly."""
+        if self.encoding in LOSSLESS:
+            return frames
+        x = frames.astype(np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):
+            qf = np.rint(x / self._step_s)
+            ok = np.isfinite(qf) & (np.abs(qf) <= QUANT_LIMIT)
+            r = dequantise(np.where(ok, qf, 0.0).astype(np.int64), self._step_s)
+            ok &= np.abs(r.astype(np.float64) - x) <= self._err_s
+        return np.where(ok, r, frames)
+
     # ----- encode
     def encode(self, t: np.ndarray, frames: np.ndarray) -> bytes:
         """t float64 (n,), frames float32 (n, S); n >= 1. Returns the payload."""

@@ -57,7 +57,8 @@ class Storage:
                 await self.db.aclose()  # type: ignore[attr-defined]
 
 
-def _blob_store(settings: Settings) -> BlobStore:
+def open_blob_store(settings: Settings) -> BlobStore:
+    """The configured blob store (filesystem or S3); the caller closes it."""
     if settings.blob_store == "s3":
         from storage.s3 import S3BlobStore
 
@@ -87,7 +88,7 @@ class _TokenCache:
 
 @asynccontextmanager
 async def open_storage(settings: Settings) -> AsyncIterator[Storage]:
-    store = _blob_store(settings)
+    store = open_blob_store(settings)
     bus: Bus
     if settings.bus == "http":
         from storage.http_bus import HttpBus

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
+from functools import partial
 from typing import Any
 
 import trio
@@ -54,6 +56,29 @@ def _token(settings: Settings, args: argparse.Namespace) -> str:
     )
 
 
+async def _replay(settings: Settings, args: argparse.Namespace) -> int:
+    from actors.replay_metrics import recompute
+    from storage.replay import ReplayFormatError, read_replay
+
+    if args.key:
+        from storage.wiring import open_blob_store
+
+        store = open_blob_store(settings)
+        try:
+            data = await store.get(args.key)
+        finally:
+            await store.aclose()
+    else:
+        data = await trio.Path(args.blob).read_bytes()
+    try:
+        result = recompute(read_replay(data))
+    except ReplayFormatError as exc:
+        print(f"telemetry replay: not a valid replay blob: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="telemetry", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -63,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--patients", type=int, default=5)
     d.add_argument("--seconds", type=int, default=20, help="length of each session")
     d.add_argument("--seed", type=int, default=7)
+
+    r = sub.add_parser("replay", help="recompute a session's metrics from its replay blob")
+    r.add_argument("blob", nargs="?", help="path of a .bin.gz replay blob")
+    r.add_argument("--key", help="read {org_id}/{session_id}.bin.gz from the configured store")
+    sub.add_parser("migrate", help="apply Postgres migrations and create partitions, then exit")
+    sub.add_parser("sink", help="run the aggregate sink's HTTP receiver (Core API side)")
 
     t = sub.add_parser("token", help="mint a development token signed like the Core API's")
     t.add_argument("--org", default="org-dev")
@@ -95,8 +126,24 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "demo":
         from telemetry.demo import run_demo
 
-        logs.configure("WARNING")
+        logs.configure(os.environ.get("TELEMETRY_DEMO_LOG_LEVEL", "WARNING"))
         return trio.run(run_demo, settings, args.patients, args.seconds, args.seed)
+    elif args.command == "replay":
+        if not args.blob and not args.key:
+            print("telemetry replay: give a BLOB path or --key", file=sys.stderr)
+            return 2
+        return trio.run(_replay, settings, args)
+    elif args.command == "migrate":
+        from storage.migrate import migrate_main
+
+        logs.configure(settings.log_level)
+        trio.run(partial(migrate_main, settings, database_url=settings.database_url))
+    elif args.command == "sink":
+        from telemetry.sink_app import run_sink
+
+        logs.configure(settings.log_level)
+        trio.run(run_sink, settings, settings.sink_host, settings.sink_port,
+                 settings.database_url, settings.sink_database_url)
     elif args.command == "token":
         print(_token(settings, args))
     else:  # pragma: no cover - argparse rejects unknown commands

@@ -77,6 +77,8 @@ VARIABLES: dict[str, tuple[str, str]] = {
                        "(Postgres); `none`: publish only."),
     "TELEMETRY_SINK_HOST": ("127.0.0.1", "Bind address of `telemetry sink`."),
     "TELEMETRY_SINK_PORT": ("8081", "Port of `telemetry sink`."),
+    "TELEMETRY_SINK_DATABASE_URL": ("(derived)", "The sink role's own Postgres URL; default: "
+                                    "DATABASE_URL with the user `telemetry_sink`, no password."),
     "DATABASE_URL": ("(embedded pgserver)", "Postgres for the sink; when unset an embedded "
                      "server is started in the data dir."),
     "TELEMETRY_LOG_LEVEL": ("INFO", "Log level."),
@@ -181,6 +183,7 @@ class Settings:
     sink_host: str = "127.0.0.1"
     sink_port: int = 8081
     database_url: str | None = field(default=None, repr=False)
+    sink_database_url: str | None = field(default=None, repr=False)
     log_level: str = "INFO"
     pseudonym_key: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
 
@@ -249,6 +252,7 @@ class Settings:
             sink_host=env.get("TELEMETRY_SINK_HOST", "127.0.0.1"),
             sink_port=_int(env, "TELEMETRY_SINK_PORT", 8081),
             database_url=env.get("DATABASE_URL") or None,
+            sink_database_url=env.get("TELEMETRY_SINK_DATABASE_URL") or None,
             log_level=env.get("TELEMETRY_LOG_LEVEL", "INFO").upper(),
             pseudonym_key=pkey.encode() if pkey else os.urandom(32),
         )

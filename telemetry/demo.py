@@ -50,7 +50,9 @@ def batches_of(t_ms: np.ndarray, frames: np.ndarray, rng: random.Random,
                drop: float = 0.02) -> Iterator[bytes]:
     """Split a session into 1-second batches, dropping ~``drop`` of frames in transit."""
     keep = np.array([rng.random() >= drop for _ in range(len(t_ms))])
-    t, f = t_ms[keep], frames[keep]
+    # The browser stamps whole ms since the session started.
+    t = np.rint(t_ms[keep] - t_ms[0]).astype(np.int64)
+    f = frames[keep]
     second = (t // 1000).astype(np.int64)
     seq = 0
     for s in np.unique(second):
@@ -67,17 +69,20 @@ def make_patients(settings: Settings, n: int, seconds: int, seed: int) -> list[P
         kind = EXERCISES[i % len(EXERCISES)]
         org = f"clinic-{'ab'[i % 2]}"
         sid = f"demo-{seed}-{i}"
-        reps = max(2, seconds // 3)
-        session = generate(kind, reps=reps, seed=seed * 100 + i, duration_s=seconds)
+        reps = max(2, seconds // 4)
+        session = generate(kind, reps=reps, seed=seed * 100 + i)
         abandon = i == n - 1 and n > 1
         token = mint_session_token(
             settings, org_id=org, session_id=sid, patient_id=f"patient-{i}",
             exercise={"kind": kind, "target_reps": reps},
         )
         batches = list(batches_of(session.t_ms, session.frames, rng))
+        true_reps = session.true_reps
         if abandon:
             batches = batches[: len(batches) // 2]
-        patients.append(Patient(f"patient-{i}", org, sid, kind, session.true_reps, abandon,
+            cut_ms = session.t_ms[0] + 1000 * len(batches)
+            true_reps = sum(1 for _, end in session.rep_spans_ms if end < cut_ms)
+        patients.append(Patient(f"patient-{i}", org, sid, kind, true_reps, abandon,
                                 token, list(enumerate(batches))))
     return patients
 
@@ -99,26 +104,42 @@ async def stream(client: httpx.AsyncClient, p: Patient, t0: float) -> None:
         r.raise_for_status()
 
 
-def print_table(patients: list[Patient], events: dict[tuple[str, str], dict[str, Any]],
+def _row(record: dict[str, Any]) -> dict[str, Any]:
+    """A table row from a Postgres ``pose_session_metrics`` row or, without a sink,
+    from the bus event itself."""
+    if "pose" in record:  # a bus event
+        reps = record.get("reps") or {}
+        blob = record.get("blob") or {}
+        return {"frames": record["pose"]["frames"], "reps": reps.get("rep_count"),
+                "rom": reps.get("rom_mean_deg"), "ms": record["pose"]["duration_ms"],
+                "blob": blob.get("size"), "end": record["end_reason"]}
+    summary = record.get("reps_summary") or {}
+    return {"frames": record["frames"], "reps": record["rep_count"],
+            "rom": summary.get("rom_mean_deg"), "ms": record["duration_ms"],
+            "blob": record["blob_size"], "end": record["end_reason"]}
+
+
+def print_table(patients: list[Patient], records: dict[tuple[str, str], dict[str, Any]],
                 out: Any = print) -> None:
     cols = ("session", "org", "exercise", "frames", "reps", "true", "rom_deg", "secs",
             "blob_kb", "end_reason")
-    out(" ".join(f"{c:>14}" if i > 2 else f"{c:<14}" for i, c in enumerate(cols)))
+
+    def line(values: tuple[Any, ...]) -> str:
+        return " ".join(f"{str(v):>11}" if i > 2 else f"{str(v):<14}"
+                        for i, v in enumerate(values))
+
+    out(line(cols))
     for p in patients:
-        e = events.get((p.org_id, p.session_id))
-        if e is None:
+        rec = records.get((p.org_id, p.session_id))
+        if rec is None:
             out(f"{p.session_id:<14} (no summary received)")
             continue
-        reps = e.get("reps") or {}
-        rom = reps.get("rom_mean_deg")
-        blob = e.get("blob") or {}
-        row = (
-            p.session_id, p.org_id, p.kind, e["pose"]["frames"], reps.get("rep_count", "-"),
-            p.true_reps, f"{rom:.1f}" if isinstance(rom, float) else "-",
-            f"{e['pose']['duration_ms'] / 1000:.1f}",
-            f"{blob.get('size', 0) / 1024:.1f}", e["end_reason"],
-        )
-        out(" ".join(f"{str(c):>14}" if i > 2 else f"{str(c):<14}" for i, c in enumerate(row)))
+        r = _row(rec)
+        out(line((
+            p.session_id, p.org_id, p.kind, r["frames"], r["reps"], p.true_reps,
+            f"{r['rom']:.1f}" if isinstance(r["rom"], float) else "-", f"{r['ms'] / 1000:.1f}",
+            f"{(r['blob'] or 0) / 1024:.1f}", r["end"],
+        )))
 
 
 async def run_demo(settings: Settings, n: int = 5, seconds: int = 20, seed: int = 7) -> int:
@@ -154,7 +175,16 @@ async def run_demo(settings: Settings, n: int = 5, seconds: int = 20, seed: int 
                 with trio.move_on_after(DEMO_IDLE_TIMEOUT_S * 3):
                     await all_in.wait()
                 stop.set()
-            print_table(patients, events)
+            records: dict[tuple[str, str], dict[str, Any]] = dict(events)
+            source = "bus events"
+            if storage.sink is not None:
+                source = "Postgres (pose_session_metrics, read under each org's RLS)"
+                records = {}
+                for org in sorted({p.org_id for p in patients}):
+                    for row in await storage.sink.session_rows(org):  # type: ignore[attr-defined]
+                        records[(org, row["session_id"])] = row
+            print(f"results from {source}:")
+            print_table(patients, records)
             print(f"blobs written under {settings.data_dir / 'blobs'} (removed on exit); "
                   f"took {time.monotonic() - started:.1f} s")
     finally:

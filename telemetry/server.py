@@ -92,6 +92,8 @@ async def serve(
         # to an actor that has already finalised.
         await http_done.wait()
         left = await supervisor.drain()
+        # Background maintenance has nothing left to serve; storage closes next.
+        root.cancel_scope.cancel()
         log.info("shutdown complete", extra={"unfinished_sessions": left})
     return state
 

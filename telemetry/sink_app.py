@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import sys
 from functools import partial
@@ -160,7 +159,7 @@ async def serve_sink(
         await db.aclose()
 
 
-async def _main(settings: Settings, host: str, port: int, database_url: str | None,
+async def run_sink(settings: Settings, host: str, port: int, database_url: str | None,
                 sink_database_url: str | None) -> None:
     stop = trio.Event()
 
@@ -189,13 +188,12 @@ def main() -> int:
 
     try:
         settings = Settings.from_env()
-        port = int(os.environ.get("TELEMETRY_SINK_PORT") or DEFAULT_SINK_PORT)
-    except (ConfigError, ValueError) as exc:
+    except ConfigError as exc:
         print(f"telemetry sink: configuration error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level, stream=sys.stderr)
-    trio.run(_main, settings, settings.host, port, os.environ.get("DATABASE_URL") or None,
-             os.environ.get("TELEMETRY_SINK_DATABASE_URL") or None)
+    trio.run(run_sink, settings, settings.sink_host, settings.sink_port,
+             settings.database_url, settings.sink_database_url)
     return 0
 
 

@@ -81,8 +81,13 @@ def encode_batch(
     image_width: int = 0,
     image_height: int = 0,
 ) -> bytes:
-    """Pack frames into a batch body. Used by the demo, tests and benchmarks."""
+    """Pack frames into a batch body. Used by the demo, tests and benchmarks.
+
+    Raises ``ValueError`` for timestamps that do not fit a u32 of whole ms."""
     n = len(t_ms)
+    t = np.asarray(t_ms)
+    if n and (t.min() < 0 or t.max() > 0xFFFFFFFF or not np.array_equal(t, np.rint(t))):
+        raise ValueError("timestamps must be whole ms in [0, 2**32)")
     header = HEADER.pack(
         MAGIC, VERSION, SPACES.index(space), LANDMARKS, CHANNELS, seq, n,
         image_width, image_height, 0,

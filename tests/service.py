@@ -11,6 +11,7 @@ import httpx
 import trio
 
 from actors.supervisor import Supervisor
+from storage.bus import InProcessBus
 from storage.wiring import Storage, open_storage
 from telemetry.app import AppState
 from telemetry.config import Settings
@@ -56,7 +57,8 @@ async def running_service(settings: Settings) -> AsyncIterator[Running]:
         async def collect(event: Any) -> None:
             events.append(dict(event))
 
-        storage.bus.subscribe(collect)  # type: ignore[attr-defined]
+        if isinstance(storage.bus, InProcessBus):
+            storage.bus.subscribe(collect)
         client = httpx.AsyncClient(timeout=20)
         run = Running(settings, storage, 0, client, events)
         run.state = await nursery.start(host)

@@ -28,9 +28,10 @@ JOINTS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
     "knee": ((L_HIP, L_KNEE, L_ANKLE), (R_HIP, R_KNEE, R_ANKLE)),
     "elbow": ((L_SHOULDER, L_ELBOW, L_WRIST), (R_SHOULDER, R_ELBOW, R_WRIST)),
     "shoulder": ((L_HIP, L_SHOULDER, L_ELBOW), (R_HIP, R_SHOULDER, R_ELBOW)),
+    # trunk side vs thigh: closes with hip flexion (sagittal) and with abduction
+    # (frontal); the long shoulder-hip segment makes it far less noisy than an
+    # angle against the short pelvis line
     "hip": ((L_SHOULDER, L_HIP, L_KNEE), (R_SHOULDER, R_HIP, R_KNEE)),
-    # pelvis line vs thigh: ~90 deg standing, grows with abduction
-    "hip_abduction": ((R_HIP, L_HIP, L_KNEE), (L_HIP, R_HIP, R_KNEE)),
 }
 
 JOINT_LABELS = {
@@ -38,71 +39,78 @@ JOINT_LABELS = {
     "elbow": "elbow flexion (shoulder-elbow-wrist)",
     "shoulder": "shoulder angle (hip-shoulder-elbow)",
     "hip": "hip angle (shoulder-hip-knee)",
-    "hip_abduction": "hip abduction (other hip-hip-knee)",
 }
 
 SPACES = ("image", "world")
 
 
-def triplet_angles(
-    frames: np.ndarray,
-    triplets: np.ndarray,
-    space: str,
-    aspect: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Angles (degrees) and visibilities for k landmark triplets over n frames.
+_DEG = 180.0 / np.pi
+_TRUNK = np.array([L_SHOULDER, R_SHOULDER, L_HIP, R_HIP], dtype=np.intp)
 
-    ``frames`` is (n, 33, 4); ``triplets`` an int array (k, 3). ``space`` is
-    "image" (2-D angle in the image plane, x scaled by ``aspect`` = width/height
-    so that a pixel is square) or "world" (3-D angle from metric x, y, z).
 
-    Returns ``(angles, vis)``, both float64 (n, k). ``vis`` is the smallest
-    visibility of the three landmarks. A frame whose landmarks are NaN, or whose
-    segments have zero length, gets a NaN angle; callers treat NaN as "not
-    tracked" rather than raising, because MediaPipe emits NaN rows routinely.
+def gather_index(triplets: np.ndarray) -> np.ndarray:
+    """Landmark indices read per frame: all a's, all b's, all c's, then the trunk."""
+    tri = np.asarray(triplets, dtype=np.intp).reshape(-1, 3)
+    return np.concatenate([tri[:, 0], tri[:, 1], tri[:, 2], _TRUNK])
+
+
+def batch_features(
+    frames: np.ndarray, index: np.ndarray, k: int, space: str, aspect: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Joint angles, their visibility and the trunk inclination for a batch.
+
+    ``frames`` is (n, 33, 4); ``index`` comes from ``gather_index`` for k
+    triplets (a, b, c), the angle being measured at b between b->a and b->c.
+    ``space`` "image" gives the 2-D angle in the image plane with x scaled by
+    ``aspect`` (width/height) so pixels are square; "world" the 3-D angle.
+
+    Returns angles (n, k) in degrees (float64), visibility (n, k) (the smallest
+    of the three landmarks'), trunk inclination (n,) in degrees (0 = upright,
+    90 = lying, 180 = upside down in the image, as a push-up filmed head-on
+    looks). NaN input gives NaN output: callers treat NaN as "not tracked"
+    rather than raising, because MediaPipe emits NaN rows routinely. Two
+    landmarks at exactly the same spot give 0 degrees, not an error.
+
+    Everything is element-wise per frame (no reductions across frames, no
+    BLAS), so a frame's values never depend on the batch it came in.
     """
-    pts = frames[:, triplets, :].astype(np.float64)  # (n, k, 3, 4)
-    a, b, c = pts[:, :, 0], pts[:, :, 1], pts[:, :, 2]
+    m = 3 * k
+    g = np.take(frames, index, axis=1).astype(np.float64)  # one gather for everything
+    a, b, c = g[:, :k], g[:, k:2 * k], g[:, 2 * k:m]
     vis = np.minimum(np.minimum(a[..., 3], b[..., 3]), c[..., 3])
+    u = a - b
+    v = c - b
+    s0, s1 = g[:, m] + g[:, m + 1], g[:, m + 2] + g[:, m + 3]  # shoulders, hips (x2)
     if space == "world":
-        u = a[..., :3] - b[..., :3]
-        v = c[..., :3] - b[..., :3]
-        cx = u[..., 1] * v[..., 2] - u[..., 2] * v[..., 1]
-        cy = u[..., 2] * v[..., 0] - u[..., 0] * v[..., 2]
-        cz = u[..., 0] * v[..., 1] - u[..., 1] * v[..., 0]
+        ux, uy, uz = u[..., 0], u[..., 1], u[..., 2]
+        vx, vy, vz = v[..., 0], v[..., 1], v[..., 2]
+        dot = ux * vx + uy * vy + uz * vz
+        cx, cy, cz = uy * vz - uz * vy, uz * vx - ux * vz, ux * vy - uy * vx
         cross = np.sqrt(cx * cx + cy * cy + cz * cz)
-        dot = u[..., 0] * v[..., 0] + u[..., 1] * v[..., 1] + u[..., 2] * v[..., 2]
-        degenerate = (u[..., 0] == 0) & (u[..., 1] == 0) & (u[..., 2] == 0)
-        degenerate |= (v[..., 0] == 0) & (v[..., 1] == 0) & (v[..., 2] == 0)
+        dx, dz = s1[:, 0] - s0[:, 0], s1[:, 2] - s0[:, 2]
+        horiz = np.sqrt(dx * dx + dz * dz)
     else:
-        ux = (a[..., 0] - b[..., 0]) * aspect
-        uy = a[..., 1] - b[..., 1]
-        vx = (c[..., 0] - b[..., 0]) * aspect
-        vy = c[..., 1] - b[..., 1]
-        cross = np.abs(ux * vy - uy * vx)
+        ux, uy, vx, vy = u[..., 0] * aspect, u[..., 1], v[..., 0] * aspect, v[..., 1]
         dot = ux * vx + uy * vy
-        degenerate = ((ux == 0) & (uy == 0)) | ((vx == 0) & (vy == 0))
-    ang = np.degrees(np.arctan2(cross, dot))
-    ang[degenerate] = np.nan
+        cross = np.abs(ux * vy - uy * vx)
+        horiz = np.abs((s1[:, 0] - s0[:, 0]) * aspect)
+    ang = np.arctan2(cross, dot) * _DEG
+    trunk = np.arctan2(horiz, s1[:, 1] - s0[:, 1]) * _DEG
+    return ang, vis, trunk
+
+
+def triplet_angles(
+    frames: np.ndarray, triplets: np.ndarray, space: str, aspect: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Angles (degrees) and visibilities (n, k) for k landmark triplets; see ``batch_features``."""
+    triplets = np.asarray(triplets, dtype=np.intp).reshape(-1, 3)
+    ang, vis, _ = batch_features(frames, gather_index(triplets), len(triplets), space, aspect)
     return ang, vis
 
 
 def trunk_inclination(frames: np.ndarray, space: str, aspect: float) -> np.ndarray:
-    """Trunk inclination per frame, degrees in [0, 180].
-
-    The trunk is the vector from mid-shoulders to mid-hips; 0 means upright
-    (hips straight below shoulders), 90 lying horizontal, 180 upside down (as a
-    push-up filmed head-on appears in the image). NaN where not tracked. Used to
-    reject "repetitions" that start and end in different postures, which is what
-    getting into or out of position looks like.
-    """
-    s = frames[:, (L_SHOULDER, R_SHOULDER, L_HIP, R_HIP), :3].astype(np.float64)
-    d = (s[:, 2] + s[:, 3]) - (s[:, 0] + s[:, 1])  # 2x the vector, scale-free
-    if space == "world":
-        horiz = np.sqrt(d[:, 0] * d[:, 0] + d[:, 2] * d[:, 2])
-    else:
-        horiz = np.abs(d[:, 0] * aspect)
-    return np.degrees(np.arctan2(horiz, d[:, 1]))
+    """Trunk inclination per frame, degrees in [0, 180]; see ``batch_features``."""
+    return batch_features(frames, gather_index(np.empty((0, 3))), 0, space, aspect)[2]
 
 
 def joint_triplets(joints: list[tuple[str, int]]) -> np.ndarray:

@@ -39,19 +39,18 @@ MAX_GAP_MS = 1000.0
 ENTER_FRAC = 0.35
 EXIT_FRAC = 0.45
 BAND_FRAC = 0.1
-QUIET_FRAC = 0.2
 NEAR_PEAK_FRAC = 0.04
 RERISE_FRAC = 0.08
 DEPTH_FRAC = 0.55
-FIRST_DEPTH_FRAC = 0.45
+FIRST_DEPTH_FRAC = 0.6
+CONSISTENT_FRAC = 0.25
 MIN_ROM_DEG = 10.0
 R_GAIN_UP = 0.5
 R_GAIN_DOWN = 0.2
-MIN_COVERAGE = 0.5
+MIN_COVERAGE = 0.3
 RETURN_TIMEOUT_MS = 1500.0
-SETTLE_MS = 300.0
-SETTLE_START_MS = 1000.0
 STILL_MS = 300.0
+STALE_MS = 3000.0
 OVERSHOOT_FRAC = 0.3
 NOISE_GAIN = 0.02
 NOISE_K = 3.0
@@ -82,6 +81,7 @@ class SideRep:
     confidence: float
     counted: bool
     reason: str
+    noise: float
 
 
 def _clip01(v: float) -> float:
@@ -101,9 +101,9 @@ class SideDetector:
 
     __slots__ = (
         "side", "min_ms", "max_ms", "R", "n_counted", "dur_typ", "t_first",
-        "t_last", "r1", "r2", "y", "dt_nom", "noise", "n_filt",
-        "state", "b", "b_run", "t_low", "t_band", "in_band", "n_acc", "v_acc", "j_acc",
-        "start", "settled", "tr_enter", "P", "t_pf", "t_pl",
+        "t_last", "r1", "r2", "y", "dt_nom", "noise", "n_filt", "n_noise",
+        "state", "b", "t_low", "n_acc", "v_acc", "j_acc", "shallow_amp",
+        "start", "tr_enter", "P", "t_pf", "t_pl",
         "m", "tm", "t_exit", "tr_exit", "t_cross",
     )
 
@@ -117,15 +117,14 @@ class SideDetector:
         self.t_first = 0.0
         self.t_last = -math.inf
         self.r1 = self.r2 = self.y = self.dt_nom = self.noise = 0.0
-        self.n_filt = 0
+        self.n_filt = self.n_noise = 0
         self.state = IDLE
-        self.b = self.b_run = math.inf
-        self.t_low = self.t_band = 0.0
-        self.in_band = False
+        self.b = math.inf
+        self.t_low = 0.0
+        self.shallow_amp = 0.0
         self.n_acc = 0
         self.v_acc = self.j_acc = 0.0
         self.start = self.P = self.t_pf = self.t_pl = 0.0
-        self.settled = True
         self.tr_enter = self.tr_exit = math.nan
         self.m = self.tm = self.t_exit = 0.0
         self.t_cross = -1.0
@@ -136,14 +135,13 @@ class SideDetector:
         """Run the filter and state machine over a batch of valid frames."""
         ev: list[tuple] = []
         t_last, r1, r2, y, dt_nom = self.t_last, self.r1, self.r2, self.y, self.dt_nom
-        noise, n_filt = self.noise, self.n_filt
-        state, b, b_run, t_low = self.state, self.b, self.b_run, self.t_low
-        t_band, in_band = self.t_band, self.in_band
+        noise, n_filt, n_noise = self.noise, self.n_filt, self.n_noise
+        state, b, t_low = self.state, self.b, self.t_low
         n_acc, v_acc, j_acc = self.n_acc, self.v_acc, self.j_acc
         P, t_pf, t_pl = self.P, self.t_pf, self.t_pl
         m, tm, t_exit, t_cross = self.m, self.tm, self.t_exit, self.t_cross
         R = self.R
-        band, quiet, enter = BAND_FRAC * R, QUIET_FRAC * R, ENTER_FRAC * R
+        band, enter = BAND_FRAC * R, ENTER_FRAC * R
         tol, rerise = NEAR_PEAK_FRAC * R, RERISE_FRAC * R
         exp = math.exp
         for i in range(len(ts)):
@@ -155,15 +153,21 @@ class SideDetector:
                 r1 = r2 = y = r
                 n_filt = 0
             else:
-                dt_nom = dt if dt_nom == 0.0 else dt_nom + 0.05 * (dt - dt_nom)
+                if dt_nom == 0.0:
+                    dt_nom = dt
                 if r1 <= r2:
                     med = r1 if r < r1 else (r2 if r > r2 else r)
                 else:
                     med = r2 if r < r2 else (r1 if r > r1 else r)
+                if dt > 2.5 * dt_nom:  # frames missing in between: not a jitter sample
+                    n_filt = 1
+                else:
+                    dt_nom += 0.05 * (dt - dt_nom)
                 if n_filt >= 2:
-                    # second difference: blind to smooth movement, sees jitter
+                    # second difference: blind to smooth movement, sees tracking jitter
+                    n_noise += 1
                     noise += (abs(r - 2.0 * r1 + r2) - noise) * (
-                        NOISE_GAIN if n_filt > 50 else 1.0 / (n_filt - 1))
+                        NOISE_GAIN if n_noise > 50 else 1.0 / n_noise)
                 n_filt += 1
                 r2 = r1
                 r1 = r
@@ -175,23 +179,12 @@ class SideDetector:
             if state == IDLE:
                 if x < b:
                     b = x
-                    if b < b_run - band:  # a clearly lower rest: its hold starts now
-                        t_band, b_run = t, b
-                if x <= b + quiet:
-                    if not in_band:
-                        in_band, t_band, b_run = True, t, b
-                else:
-                    in_band = False
                 if x <= b + band:
                     t_low = t
                     n_acc, v_acc, j_acc = 1, vs[i], abs(r - y)
                 elif x >= b + enter:
                     state = ACTIVE
                     self.start, self.tr_enter = t_low, trs[i]
-                    # the first repetition must start from a rest that was held (or that
-                    # the stream began with), not from a passing dip such as a stride
-                    self.settled = (self.n_counted > 0 or t_low - t_band >= SETTLE_MS
-                                    or t_band - self.t_first <= SETTLE_START_MS)
                     P, t_pf, t_pl = x, t, t
                     ev.append((t, ENTER, t_low))
             elif state == ACTIVE:
@@ -205,11 +198,18 @@ class SideDetector:
                     state = RETURNING
                     m, tm, t_exit, t_cross = x, t, t, -1.0
                     self.tr_exit = trs[i]
+                elif self.n_counted == 0 and t - t_pf > STALE_MS:
+                    # no progress for a while before anything was counted: the "rest" we
+                    # started from was a passing dip, this plateau is the real rest
+                    ev.append((t, DONE, self._rep(t, t, P, b, x, n_acc, v_acc, j_acc, t_pf,
+                                                  t_pl, dt_nom, noise, "stalled")))
+                    state, b, t_low = IDLE, x, t
+                    n_acc, v_acc, j_acc = 1, vs[i], 0.0
                 elif t - self.start > self.max_ms:
                     # stuck away from rest, e.g. the patient changed position: start over
                     ev.append((t, DONE, self._rep(t, t, P, b, x, n_acc, v_acc, j_acc, t_pf,
                                                   t_pl, dt_nom, noise, "too long")))
-                    state, b, b_run, t_low, t_band, in_band = IDLE, x, x, t, t, True
+                    state, b, t_low = IDLE, x, t
                     n_acc, v_acc, j_acc = 1, vs[i], 0.0
             else:
                 if x < m:
@@ -230,17 +230,15 @@ class SideDetector:
                     ev.append((t, DONE, rep))
                     if rep.counted:
                         R = self.R
-                        band, quiet, enter = BAND_FRAC * R, QUIET_FRAC * R, ENTER_FRAC * R
+                        band, enter = BAND_FRAC * R, ENTER_FRAC * R
                         tol, rerise = NEAR_PEAK_FRAC * R, RERISE_FRAC * R
-                    state, b, b_run, t_low, t_band = IDLE, m, m, tm, tm
-                    in_band = x <= b + quiet
+                    state, b, t_low = IDLE, m, tm
                     if x <= b + band:
                         t_low = t
                     n_acc, v_acc, j_acc = 1, vs[i], 0.0
         self.t_last, self.r1, self.r2, self.y, self.dt_nom = t_last, r1, r2, y, dt_nom
-        self.noise, self.n_filt = noise, n_filt
-        self.state, self.b, self.b_run, self.t_low = state, b, b_run, t_low
-        self.t_band, self.in_band = t_band, in_band
+        self.noise, self.n_filt, self.n_noise = noise, n_filt, n_noise
+        self.state, self.b, self.t_low = state, b, t_low
         self.n_acc, self.v_acc, self.j_acc = n_acc, v_acc, j_acc
         self.P, self.t_pf, self.t_pl = P, t_pf, t_pl
         self.m, self.tm, self.t_exit, self.t_cross = m, tm, t_exit, t_cross
@@ -274,7 +272,7 @@ class SideDetector:
         mean_vis = v_sum / n
         coverage = _clip01(n * dt_nom / dur) if dur > 0 and dt_nom > 0 else 0.0
         if not reason:
-            if amp < max(MIN_ROM_DEG, depth, NOISE_K * noise):
+            if amp < max(MIN_ROM_DEG, NOISE_K * noise):
                 reason = "shallow"
             elif dur < self.min_ms:
                 reason = "too fast"
@@ -282,14 +280,21 @@ class SideDetector:
                 reason = "too long"
             elif coverage < MIN_COVERAGE:
                 reason = "poorly tracked"
-            elif not self.settled:
-                reason = "not settled"
             elif abs(self.tr_exit - self.tr_enter) > MAX_POSTURE_CHANGE_DEG:
                 reason = "posture change"
             elif first and b - m > OVERSHOOT_FRAC * amp:
                 # came back to a clearly different rest: it was a change of position
                 # (e.g. sitting down after walking in), not a repetition
                 reason = "rest changed"
+            elif amp < depth:
+                reason = "shallow"
+                if first:
+                    # two clean movements in a row of the same size below the prior:
+                    # this is the patient's range, not a half-hearted repetition
+                    prev = self.shallow_amp
+                    if prev > 0 and abs(amp - prev) <= CONSISTENT_FRAC * max(amp, prev):
+                        reason = ""
+                    self.shallow_amp = amp
         c_track = math.sqrt(_clip01((mean_vis - VIS_MIN) / (VIS_FULL - VIS_MIN)) * coverage)
         c_depth = _clip01((amp / R - DEPTH_FRAC) / (0.85 - DEPTH_FRAC))
         c_noise = _clip01(1.0 - 4.0 * (j_sum / n) / amp) if amp > 0 else 0.0
@@ -308,4 +313,4 @@ class SideDetector:
                 self.dur_typ += R_GAIN_DOWN * (dur - self.dur_typ)
             self.n_counted += 1
         return SideRep(self.side, start, end, t_done, t_pf, t_pl, P, b, amp, mean_vis,
-                       coverage, confidence, counted, reason)
+                       coverage, confidence, counted, reason, noise)

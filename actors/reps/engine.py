@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from .angles import JOINT_LABELS, JOINTS, N_LANDMARKS, SPACES, triplet_angles, trunk_inclination
+from .angles import JOINT_LABELS, JOINTS, N_LANDMARKS, SPACES, batch_features, gather_index
 from .detector import VIS_MIN
 from .profiles import Profile, fallback_profiles, profile_for
 from .rep import Rep, build_rep
@@ -67,10 +67,8 @@ class RepEngine:
         self._profile: Profile | None = profile
         # one angle column per (joint, side); candidates of the same joint share columns
         joints = list(dict.fromkeys(p.joint for p in cands))
-        self._cols = [(j, s) for j in joints for s in sides]
-        self._triplets = np.array([JOINTS[j][s] for j, s in self._cols], dtype=np.intp)
-        self._col_of = {c: k for k, c in enumerate(self._cols)}
         self._usable = {j: 0 for j in joints}
+        self._set_columns([(j, s) for j in joints for s in sides])
         self._buffers: list[list] = [[] for _ in cands]
         self._scores = [0.0] * len(cands)
         self._t0: float | None = None
@@ -109,42 +107,44 @@ class RepEngine:
         n = t.shape[0]
         if n == 0:
             return []
-        if not np.all(np.isfinite(t)):
-            raise ValueError("t_ms must be finite")
-        if t[0] <= self._t_last or (n > 1 and not np.all(t[1:] > t[:-1])):
-            raise ValueError("t_ms must be strictly increasing across batches")
+        t_end = float(t[-1])
+        # increasing with finite ends implies finite throughout; NaN fails the comparisons
+        if not (t[0] > self._t_last and math.isfinite(t_end) and math.isfinite(t[0])
+                and (n == 1 or bool((t[1:] > t[:-1]).all()))):
+            raise ValueError("t_ms must be finite and strictly increasing across batches")
         if self._t0 is None:
             self._t0 = float(t[0])
             for tr in self._trackers:
                 for det in tr.dets:
                     det.t_first = self._t0
-        t_end = float(t[-1])
         self._t_last = t_end
         self._frames += n
-        ang, vis = triplet_angles(f, self._triplets, self.space, self.aspect)
-        trunk = trunk_inclination(f, self.space, self.aspect)
-        valid = (vis >= VIS_MIN) & ~np.isnan(ang)
-        for j in self._usable:
-            cols = [self._col_of[c] for c in self._cols if c[0] == j]
+        ang, vis, trunk = batch_features(f, self._index, len(self._cols), self.space,
+                                         self.aspect)
+        valid = (vis >= VIS_MIN) & (ang == ang)  # NaN angle: landmarks missing
+        for j, cols in self._joint_cols.items():
             self._usable[j] += int(np.count_nonzero(valid[:, cols].any(axis=1)))
-        lists = {}
-        tl = trl = None
+        tl, trl = t.tolist(), trunk.tolist()
+        angs, viss = ang.T.tolist(), vis.T.tolist()
+        all_ok = valid.all(axis=0).tolist()
+        oks = valid.T.tolist()
+        lists = []
         for k in range(len(self._cols)):
-            vk = valid[:, k]
-            if vk.all():
-                if tl is None:
-                    tl, trl = t.tolist(), trunk.tolist()
-                lists[k] = (tl, ang[:, k], vis[:, k].tolist(), trl)
+            if all_ok[k]:
+                lists.append((tl, angs[k], viss[k], trl))
             else:
-                idx = np.flatnonzero(vk)
-                lists[k] = (t[idx].tolist(), ang[idx, k], vis[idx, k].tolist(),
-                            trunk[idx].tolist())
+                ok = oks[k]
+                lists.append(([x for x, o in zip(tl, ok, strict=True) if o],
+                              [x for x, o in zip(angs[k], ok, strict=True) if o],
+                              [x for x, o in zip(viss[k], ok, strict=True) if o],
+                              [x for x, o in zip(trl, ok, strict=True) if o]))
         produced = []
-        for ci, tr in enumerate(self._trackers):
+        for tr in self._trackers:
             per_side = []
             for s in tr.sides:
                 ts, a, vs, trs = lists[self._col_of[(tr.profile.joint, s)]]
-                xs = (a if tr.profile.direction > 0 else -a).tolist()
+                # detectors see direction * angle, so every rep is "rise, then fall back"
+                xs = a if tr.profile.direction > 0 else [-x for x in a]
                 per_side.append((ts, xs, vs, trs))
             produced.append(tr.feed(per_side, t_end))
         return self._route(produced, t_end, final=False)
@@ -187,6 +187,14 @@ class RepEngine:
         return out
 
     # -- internals ------------------------------------------------------------------------
+
+    def _set_columns(self, cols: list[tuple[str, int]]) -> None:
+        """Angle columns computed per batch: one per (joint, side) followed."""
+        self._cols = cols
+        self._col_of = {c: k for k, c in enumerate(cols)}
+        self._index = gather_index(np.array([JOINTS[j][s] for j, s in cols], dtype=np.intp))
+        self._joint_cols = {j: [k for k, c in enumerate(cols) if c[0] == j]
+                            for j in dict.fromkeys(c[0] for c in cols)}
 
     def _emit(self, profile: Profile, sides: list) -> Rep:
         rep = build_rep(len(self._reps) + 1, profile, sides)
@@ -241,7 +249,5 @@ class RepEngine:
         buffered = self._buffers[lead]
         self._trackers = [tracker]
         self._buffers, self._scores = [[]], [0.0]
-        self._cols = [c for c in self._cols if c[0] == tracker.profile.joint]
-        self._triplets = np.array([JOINTS[j][s] for j, s in self._cols], dtype=np.intp)
-        self._col_of = {c: k for k, c in enumerate(self._cols)}
+        self._set_columns([c for c in self._cols if c[0] == tracker.profile.joint])
         return [self._emit(tracker.profile, sides) for sides in buffered]

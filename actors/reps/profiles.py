@@ -53,8 +53,8 @@ PROFILES: dict[str, Profile] = {
         Profile("sit_to_stand", "knee", 1, 70.0, 1200.0, 15000.0, True, "seated",
            "knee extension from seated to standing and back",
            ("sit_stand", "sts", "chair_stand", "sit_to_stands")),
-        Profile("hip_abduction", "hip_abduction", 1, 25.0, 600.0, 12000.0, True, "standing",
-           "leg raised sideways; one side at a time",
+        Profile("hip_abduction", "hip", -1, 25.0, 600.0, 12000.0, True, "standing",
+           "leg raised sideways (trunk-thigh angle opens sideways); one side at a time",
            ("standing_hip_abduction", "side_leg_raise", "hip_abductions")),
         Profile("lateral_raise", "shoulder", 1, 70.0, 600.0, 12000.0, True, "arms down",
            "shoulder abduction, arms raised sideways", ("lateral_raises", "side_raise")),
@@ -77,8 +77,7 @@ for _prof in PROFILES.values():
 
 # Fallback candidates: every joint in both directions, because for an unknown
 # exercise the rest position (flexed or extended) is unknown too.
-FALLBACK_ROM_PRIOR = {"elbow": 70.0, "shoulder": 60.0, "hip": 50.0, "knee": 60.0,
-                      "hip_abduction": 25.0}
+FALLBACK_ROM_PRIOR = {"elbow": 70.0, "shoulder": 60.0, "hip": 50.0, "knee": 60.0}
 
 
 def fallback_profiles() -> list[Profile]:

@@ -18,6 +18,10 @@ from .profiles import Profile
 # timeout plus some lag.
 PAIR_WAIT_MS = RETURN_TIMEOUT_MS + 1000.0
 OVERLAP_MIN = 0.5
+# A one-sided excursion smaller than this share of the other side's typical range
+# is not a repetition: when one limb works through its range, the other one's
+# small wobble is noise (the standing leg in hip abduction).
+CROSS_MIN = 0.5
 
 
 def _overlap(a: SideRep, b: SideRep) -> bool:
@@ -42,6 +46,7 @@ class JointTracker:
         self._active: list[float | None] = [None, None]
         self._pending: list[SideRep | None] = [None, None]
         self._last_single: tuple[int, SideRep] | None = None
+        self._typ = [0.0, 0.0]
         self._seq = 0
 
     def feed(self, per_side: list[tuple[list, list, list, list]], t_end: float) -> list:
@@ -65,9 +70,21 @@ class JointTracker:
         for i in (0, 1):
             rep = self._pending[i]
             if rep is not None:
-                out.append((t_end, [rep]))
                 self._pending[i] = None
+                self._single(i, rep, t_end, out)
         return out
+
+    def _single(self, i: int, rep: SideRep, t: float, out: list) -> None:
+        other = self._typ[1 - i]
+        if other > 0.0 and rep.rom_deg < CROSS_MIN * other:
+            return
+        self._learn(i, rep.rom_deg)
+        out.append((t, [rep]))
+        self._last_single = (i, rep)
+
+    def _learn(self, i: int, rom: float) -> None:
+        typ = self._typ[i]
+        self._typ[i] = rom if typ == 0.0 else typ + 0.25 * (rom - typ)
 
     def _next(self) -> int:
         self._seq += 1
@@ -80,9 +97,8 @@ class JointTracker:
                 continue
             due = rep.done_ms + PAIR_WAIT_MS
             if due < now or (inclusive and due <= now):
-                out.append((due, [rep]))
                 self._pending[i] = None
-                self._last_single = (i, rep)
+                self._single(i, rep, due, out)
 
     def _replay(self, events: list, t_end: float) -> list:
         events.sort(key=lambda e: (e[0], e[1], e[2]))
@@ -99,18 +115,18 @@ class JointTracker:
             if own is not None:
                 # a newer excursion on the same side: the older one found no partner
                 self._pending[i] = None
-                out.append((t, [own]))
-                self._last_single = (i, own)
+                self._single(i, own, t, out)
             other = self._pending[o]
             if other is not None:
                 self._pending[o] = None
                 if rep.counted and _overlap(rep, other):
                     pair = [other, rep] if o == 0 else [rep, other]
+                    self._learn(0, pair[0].rom_deg)
+                    self._learn(1, pair[1].rom_deg)
                     out.append((t, pair))
                     self._last_single = None
                     continue
-                out.append((t, [other]))
-                self._last_single = (o, other)
+                self._single(o, other, t, out)
             if not rep.counted:
                 continue
             start_o = self._active[o]
@@ -121,7 +137,6 @@ class JointTracker:
             if last is not None and last[0] == o and _overlap(rep, last[1]):
                 # the other side already reported this movement on its own
                 continue
-            out.append((t, [rep]))
-            self._last_single = (i, rep)
+            self._single(i, rep, t, out)
         self._release_due(t_end, out, inclusive=True)
         return out

@@ -162,6 +162,21 @@ def test_redelivered_batches_are_applied_once() -> None:
         k: v for k, v in b.items() if k != "events_duplicate"}
 
 
+def test_events_after_the_end_are_acknowledged_but_change_nothing() -> None:
+    t = MediaTracker()
+    t.apply(decode_media_batch(wire(WORKED)))
+    before = t.summaries()[0]
+    late_play = decode_media_batch(wire([("play", 108_000, {"position_seconds": 0.0})],
+                                        first_id=100))
+    assert t.apply(late_play) == (1, 0)
+    assert t.apply(late_play) == (0, 1)
+    after = t.summaries()[0]
+    assert (after["events_after_end"], after["events_duplicate"]) == (1, 1)
+    ignore = {"events_after_end", "events_duplicate"}
+    assert {k: v for k, v in after.items() if k not in ignore} == {
+        k: v for k, v in before.items() if k not in ignore}
+
+
 def test_late_events_with_new_ids_are_not_applied() -> None:
     v = view_of([ev("a", "play", 1000, position_seconds=0.0),
                  ev("b", "heartbeat", 11000, position_seconds=10.0, buffering_count=0,
@@ -356,6 +371,8 @@ def test_first_frame_from_heartbeat_progress_when_play_is_missing() -> None:
                     buffering_duration_ms=0)])
     s = v.summary()
     assert (s["video_started"], s["startup_time_ms"]) == (True, 20000)  # a late bound
+    assert v.apply(ev("4", "session_start", 21000, ttfb_ms=5.0)) is True
+    assert v.summary()["ttfb_ms"] is None  # only the first session_start counts
     no_start = view_of([ev("1", "play", 4000, position_seconds=0.0)]).summary()
     assert (no_start["video_started"], no_start["startup_time_ms"]) == (True, None)
 
