@@ -29,6 +29,8 @@ from typing import Any
 
 import trio
 
+from actors.media import MediaTracker
+from actors.media_correlate import pose_during_stalls, sink_view
 from actors.pose_stats import PoseStats
 from actors.reps import RepEngine
 from actors.sequencer import Sequencer, Verdict
@@ -39,9 +41,14 @@ from storage.bus import Bus
 from storage.replay import ReplayWriter
 from telemetry.auth import SessionClaims
 from telemetry.config import Settings
+from telemetry.media_wire import MediaBatch
 from telemetry.wire import PoseBatch
 
 log = logging.getLogger("telemetry.actor")
+
+class SessionEnded(Exception):
+    """The session is ending or has ended; it takes nothing more."""
+
 
 END_REASONS = ("client_end", "admin", "idle_timeout", "max_duration", "shutdown", "actor_error")
 
@@ -63,7 +70,6 @@ class SessionActor:
     def __init__(
         self,
         claims: SessionClaims,
-        first: PoseBatch,
         *,
         settings: Settings,
         store: BlobStore,
@@ -73,7 +79,6 @@ class SessionActor:
         self.claims = claims
         self.org_id = claims.org_id
         self.session_id = claims.session_id
-        self.space = first.space
         self.log_id = log_id
         self._settings = settings
         self._store = store
@@ -83,9 +88,30 @@ class SessionActor:
         self._held: dict[int, PoseBatch] = {}  # out-of-order batches awaiting their turn
         self._gap_since: float | None = None
         self.stats = PoseStats()
+        # Pose state starts with the first pose batch (its space and image size); a
+        # session may also carry only media events (analytics consent without biometric).
+        self.space: str | None = None
+        self.reps: RepEngine | None = None
+        self.replay: ReplayWriter | None = None
+        self.media = MediaTracker()
+        now = trio.current_time()
+        self.started_mono = now
+        self.last_batch_mono = now
+        self.started_wall = time.time()
+        self.last_batch_wall = self.started_wall
+        self.t0_wall: float | None = None  # wall time of client t_ms == 0 (estimated)
+        self.duplicates = 0
+        self.end_reason: str | None = None
+        self.error: str | None = None
+        self.summary: dict[str, Any] | None = None
+        self.finished = trio.Event()
+        self._wake: trio.CancelScope | None = None
+
+    def _start_pose(self, first: PoseBatch) -> None:
+        ex = self.claims.exercise
         aspect = first.image_width / first.image_height if first.image_height else 1.0
-        ex = claims.exercise
-        self.reps: RepEngine | None = RepEngine(
+        self.space = first.space
+        self.reps = RepEngine(
             ex.kind, side=ex.side, space=first.space, aspect=aspect, target_reps=ex.target_reps
         )
         meta = {
@@ -94,23 +120,20 @@ class SessionActor:
             "image_height": first.image_height,
         }
         kwargs: dict[str, Any] = {}
-        if settings.blob_encoding:
-            kwargs["encoding"] = settings.blob_encoding
+        if self._settings.blob_encoding:
+            kwargs["encoding"] = self._settings.blob_encoding
         self.replay = ReplayWriter(
-            org_id=claims.org_id, session_id=claims.session_id, space=first.space, meta=meta,
+            org_id=self.org_id, session_id=self.session_id, space=first.space, meta=meta,
             **kwargs,
         )
-        now = trio.current_time()
-        self.started_mono = now
-        self.last_batch_mono = now
-        self.started_wall = time.time()
-        self.last_batch_wall = self.started_wall
-        self.duplicates = 0
-        self.end_reason: str | None = None
-        self.error: str | None = None
-        self.summary: dict[str, Any] | None = None
-        self.finished = trio.Event()
-        self._wake: trio.CancelScope | None = None
+
+    def _touch(self, first_t_ms: int) -> None:
+        self.last_batch_mono = trio.current_time()
+        self.last_batch_wall = time.time()
+        if self.t0_wall is None:
+            # Client clocks count from the session start; the first message fixes the
+            # offset to wall time, up to one network delay.
+            self.t0_wall = self.last_batch_wall - first_t_ms / 1000.0
 
     # -- handler side: synchronous, no checkpoints ---------------------------------
 
@@ -122,7 +145,7 @@ class SessionActor:
         """Accept, deduplicate or refuse ``batch``. Never blocks."""
         if self.ending:
             return Offer("ended", "session has ended")
-        if batch.space != self.space:
+        if self.space is not None and batch.space != self.space:
             return Offer("space_changed", f"session streams {self.space!r} coordinates; "
                          f"batch {batch.seq} is {batch.space!r}")
         verdict, message = self._seq.check(batch.seq, batch.first_t, batch.last_t)
@@ -136,10 +159,25 @@ class SessionActor:
             self._tx.send_nowait(batch)
         except trio.WouldBlock:
             return Offer("mailbox_full", "session mailbox is full", retry_after=1.0)
+        if self.space is None:
+            self._start_pose(batch)
         self._seq.accept(batch.seq, batch.first_t, batch.last_t)
-        self.last_batch_mono = trio.current_time()
-        self.last_batch_wall = time.time()
+        self._touch(batch.first_t)
         return Offer(Verdict.ACCEPT)
+
+    def offer_media(self, batch: MediaBatch) -> tuple[int, int]:
+        """Apply a media batch now: ``(applied, not_applied)``.
+
+        Media metrics are cheap, pure and independent of pose order, so they are
+        applied on the caller's task (no checkpoint: the actor cannot interleave),
+        and the client learns exactly what was taken. Raises
+        :class:`MediaTrackerError` for a batch the session refuses as a whole, and
+        :class:`SessionEnded` once the session is ending."""
+        if self.ending:
+            raise SessionEnded("session has ended")
+        result = self.media.apply(batch)
+        self._touch(batch.events[0].t_ms)
+        return result
 
     def request_end(self, reason: str) -> None:
         """Ask the actor to drain and finalise. Idempotent: the first reason wins."""
@@ -160,7 +198,8 @@ class SessionActor:
             "reps": self.reps.rep_count if self.reps is not None else None,
             "mailbox_depth": self._rx.statistics().current_buffer_used,
             "held_out_of_order": len(self._held),
-            "bytes_held": self.replay.nbytes,
+            "bytes_held": self.replay.nbytes if self.replay is not None else 0,
+            "media_views": len(self.media.summaries()),
             "ending": self.end_reason,
         }
 
@@ -239,6 +278,7 @@ class SessionActor:
         # The replay first: it is the record of what was acknowledged, and must
         # survive a failure in the metrics below. Metrics are computed on the frames
         # as stored, so `telemetry replay` reproduces them exactly.
+        assert self.replay is not None
         frames = self.replay.append(batch.t_ms, batch.frames)
         self.stats.add(batch.t_ms, frames)
         if self.reps is None:
@@ -266,7 +306,7 @@ class SessionActor:
                     log.exception("rep engine failed at finish", extra={"session": self.log_id})
                     self.error = f"{type(exc).__name__}: {exc}"
                     self.end_reason = "actor_error"
-            if self.replay.frame_count:
+            if self.replay is not None and self.replay.frame_count:
                 data = self.replay.finish()
                 key = blob_key(self.org_id, self.session_id)
                 info = await _retry(lambda: self._store.put(key, data), "blob put", self.log_id)
@@ -281,6 +321,7 @@ class SessionActor:
                 blob=blob, stats=self.stats, skipped=self._seq.skipped_count,
                 duplicates=self.duplicates, reps=rep_summary, error=self.error,
             )
+            self._add_media(summary, rep_summary)
             published = await _retry(lambda: self._bus.publish(summary), "publish", self.log_id)
             summary["published"] = published is not None
             self.summary = summary
@@ -294,6 +335,23 @@ class SessionActor:
                 duplicates=self.duplicates, reps=None, error="finalisation timed out",
             )
         self.finished.set()
+
+
+    def _add_media(self, summary: dict[str, Any], reps: dict[str, Any] | None) -> None:
+        """Media view summaries, and what the pose stream did while the video stalled."""
+        try:
+            self.media.finish(self.stats.last_t)
+            t0 = self.t0_wall if self.t0_wall is not None else self.started_wall
+            summary["media"] = [sink_view(v, t0) for v in self.media.summaries()]
+            stalls = self.media.stalls()
+            if stalls and self.stats.first_t is not None:
+                activity = (float(self.stats.first_t), float(self.stats.last_t or 0))
+                summary["media_pose"] = pose_during_stalls(
+                    stalls, (reps or {}).get("reps", []), activity)
+        except Exception as exc:  # a bug here must not cost the pose summary
+            log.exception("media summary failed", extra={"session": self.log_id})
+            self.error = self.error or f"media: {type(exc).__name__}: {exc}"
+            summary["error"] = self.error
 
 
 async def _retry(fn: Callable[[], Any], what: str, log_id: str, attempts: int = 4) -> Any:

@@ -3,7 +3,7 @@
 Sessions are keyed by ``(org_id, session_id)``, so two organisations can never
 reach each other's session even if their ids collide.
 
-* A session's actor starts on its first accepted batch.
+* A session's actor starts on its first pose batch or media batch.
 * An ended session's summary is kept for ``ended_retention_s`` to answer repeated
   end calls with the same summary and late batches with 409.
 * Failure isolation: an actor never raises out of its task (see
@@ -25,12 +25,13 @@ from typing import Any
 import trio
 
 from actors.pose_stats import PoseStats
-from actors.session import Offer, SessionActor
+from actors.session import Offer, SessionActor, SessionEnded
 from actors.summary import build_summary
 from storage.blobs import BlobStore
 from storage.bus import Bus
 from telemetry.auth import SessionClaims
 from telemetry.config import Settings
+from telemetry.media_wire import MediaBatch
 from telemetry.privacy import Pseudonymiser
 from telemetry.wire import PoseBatch
 
@@ -106,13 +107,30 @@ class Supervisor:
         return ended.summary if ended else None
 
     def offer(self, claims: SessionClaims, batch: PoseBatch) -> Offer:
+        actor = self._actor(claims)
+        if actor is None:
+            return Offer("ended", "session has ended")
+        return actor.offer(batch)
+
+    def offer_media(self, claims: SessionClaims, batch: MediaBatch) -> tuple[int, int]:
+        """Apply a media batch to the session's actor, starting it if needed.
+
+        Raises :class:`SessionEnded`, :class:`MediaTrackerError` or
+        :class:`SupervisorClosed`."""
+        actor = self._actor(claims)
+        if actor is None:
+            raise SessionEnded("session has ended")
+        return actor.offer_media(batch)
+
+    def _actor(self, claims: SessionClaims) -> SessionActor | None:
+        """The live actor for the claims' session, started if new; None if ended."""
         key = (claims.org_id, claims.session_id)
         actor = self._live.get(key)
         if actor is None:
             if self.ended_summary(*key) is not None:
-                return Offer("ended", "session has ended")
-            actor = self._start(claims, batch)
-        return actor.offer(batch)
+                return None
+            actor = self._start(claims)
+        return actor
 
     async def end(self, claims: SessionClaims, reason: str = "client_end") -> dict[str, Any]:
         """End a session and return its summary; the same summary on repeated calls.
@@ -142,19 +160,18 @@ class Supervisor:
 
     # -- internals ------------------------------------------------------------------
 
-    def _start(self, claims: SessionClaims, first: PoseBatch) -> SessionActor:
+    def _start(self, claims: SessionClaims) -> SessionActor:
         if self._closed or self._nursery is None:
             raise SupervisorClosed("service is shutting down")
         log_id = self._pseudonyms.session(claims.org_id, claims.session_id)
         actor = SessionActor(
-            claims, first, settings=self._settings, store=self._store, bus=self._bus,
-            log_id=log_id,
+            claims, settings=self._settings, store=self._store, bus=self._bus, log_id=log_id,
         )
         self._live[(claims.org_id, claims.session_id)] = actor
         self._nursery.start_soon(self._host, actor)
         log.info("session started", extra={
             "session": log_id, "patient": self._pseudonyms.patient(claims.patient_id),
-            "exercise": claims.exercise.kind, "space": first.space,
+            "exercise": claims.exercise.kind,
         })
         return actor
 

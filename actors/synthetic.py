@@ -128,7 +128,12 @@ def _schedule(rng, kind, reps, fps, tempo_var, rom_var, pause_prob, partial_prob
                 kb = int(rng.uniform(0.3, 0.6) * fps)
                 amp = rng.uniform(0.2, 0.4)
                 bump = np.concatenate([_ramp(kb // 2, 0, amp), _ramp(kb - kb // 2, amp, 0)])
-                add(bump, bump)
+                still = np.zeros(kb)
+                if mode == "both":
+                    add(bump, bump)
+                else:  # only the limb about to work moves
+                    add(*((bump, still) if mode in ("left", "blocks", "alternate")
+                          else (still, bump)))
     hold(rng.uniform(0.4, 1.2))
     items = []
     for _ in range(reps):
@@ -288,12 +293,13 @@ def _skeleton(g: dict, h: float) -> np.ndarray:
     P[:, :11] = (head[:, None] + face[None, :, 0:1] * np.array([1.0, 0, 0])
                  - face[None, :, 1:2] * up[:, None] + face[None, :, 2:3] * fwd[:, None])
     fixed = g["fixed"]
-    if fixed == "auto":  # stand on the leg that moves less
-        s = int(np.ptp(g["ha"][0]) > np.ptp(g["ha"][1]))
-        anchor, ref = P[:, 27 + s], np.array([hw if s == 0 else -hw, 0.491 * h, 0])
+    ref_l, ref_r = np.array([hw, 0.491 * h, 0]), np.array([-hw, 0.491 * h, 0])
+    if fixed == "auto":  # stand on whichever leg is less abducted at the moment
+        w = 1.0 / (1.0 + np.exp(-(g["ha"][0] - g["ha"][1]) / 3.0))  # 1: left leg raised
+        shift = w[:, None] * (ref_r - P[:, 28]) + (1 - w)[:, None] * (ref_l - P[:, 27])
     else:
-        anchor, ref = (P[:, 27] + P[:, 28]) / 2, np.array([0, 0.491 * h, 0])
-    P += (ref - anchor)[:, None]
+        shift = (ref_l + ref_r) / 2 - (P[:, 27] + P[:, 28]) / 2
+    P += shift[:, None]
     return P
 
 
@@ -372,7 +378,8 @@ def _camera(P: np.ndarray, yaw_deg: float, aspect: float, walk: np.ndarray, rng,
                   + R[i, 2] * (P[..., 2] - centre[2]) for i in range(3))
     # walking in: enter from one side of the frame
     remaining = np.cumsum(walk[::-1])[::-1] / max(1.0, walk.sum())  # 1 -> 0 while walking
-    xc = xc + (walk * remaining * 2.4 * rng.choice([-1.0, 1.0]))[:, None]
+    # about 1.2 m in 1-2.5 s: an unhurried walk
+    xc = xc + (walk * remaining * 1.2 * rng.choice([-1.0, 1.0]))[:, None]
     zc = zc + dist
     u, v = xc / zc, yc / zc
     us, vs = u[still], v[still]

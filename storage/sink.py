@@ -292,6 +292,9 @@ def parse_event(ev: Any) -> dict[str, Any]:
     session.update(rep_cols)
     views, stalls = _media(ev, org, sid, started)
     session["media_views"] = len(views)
+    media_pose = ev.get("media_pose")
+    session["media_pose"] = None if media_pose is None else Jsonb(
+        _json(_obj(media_pose, "media_pose"), "media_pose"))
     return {"session": session, "reps": reps, "views": views, "stalls": stalls}
 
 
@@ -310,7 +313,7 @@ _SESSION_COLS = [
     "blob_key", "blob_size", "blob_sha256", "blob_encoding", "pose_space", "frames",
     "frames_no_pose", "batches", "batches_duplicate", "batches_skipped", "gaps",
     "duration_ms", "effective_fps", "mean_visibility", "rep_count", "usable_frame_share",
-    "active_ms", "paused_ms", "rep_profile", "reps_summary", "media_views",
+    "active_ms", "paused_ms", "rep_profile", "reps_summary", "media_views", "media_pose",
 ]
 _REP_COLS = ["org_id", "session_id", "session_started_at", "rep_index", "start_ms", "end_ms",
              "duration_ms", "rom_deg", "detail"]

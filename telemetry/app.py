@@ -14,12 +14,15 @@ from typing import Any
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
+from actors.media_correlate import MediaTrackerError
 from actors.sequencer import Verdict
+from actors.session import SessionEnded
 from actors.supervisor import Supervisor, SupervisorClosed
 from telemetry import errors
 from telemetry.auth import AuthError, SessionClaims, TokenVerifier, bearer_token, is_safe_id
 from telemetry.config import Settings
 from telemetry.errors import ApiError
+from telemetry.media_wire import MediaBatchError, decode_media_batch
 from telemetry.privacy import Pseudonymiser, truncate_ip
 from telemetry.wire import CONTENT_TYPE, BatchError, decode_batch
 
@@ -110,6 +113,38 @@ def create_app(state: AppState) -> QuartTrio:
         if v is Verdict.OVERLAP:
             raise ApiError(400, "timestamps_overlap", offer.message)
         raise ApiError(400, str(getattr(v, "value", v)), offer.message)
+
+    @app.post("/v1/media/events")
+    async def media_events() -> tuple[Response, int]:
+        claims = session_claims()
+        if not claims.analytics_consent:
+            raise ApiError(403, "consent_required",
+                           "media events need the patient's analytics consent")
+        ctype = (request.mimetype or "").lower()
+        if ctype != "application/json":
+            raise ApiError(415, "unsupported_media_type",
+                           f"Content-Type must be application/json, got {ctype or 'none'!r}")
+        body = await read_body()
+        try:
+            batch = decode_media_batch(body, max_events=s.max_events_per_batch,
+                                       max_bytes=s.max_body_bytes)
+        except MediaBatchError as exc:
+            count("media_rejected")
+            status = 413 if exc.code == "body_too_large" else 400
+            raise ApiError(status, exc.code, str(exc)) from None
+        try:
+            applied, not_applied = state.supervisor.offer_media(claims, batch)
+        except SupervisorClosed as exc:
+            raise ApiError(503, "shutting_down", str(exc), retry_after=5) from None
+        except SessionEnded:
+            raise ApiError(409, "session_ended", "session has ended; no more events accepted")\
+                from None
+        except MediaTrackerError as exc:
+            status = 409 if exc.code == "finished" else 400
+            raise ApiError(status, exc.code, str(exc)) from None
+        count("media_accepted")
+        return jsonify({"view_id": batch.view_id, "applied": applied,
+                        "duplicates": not_applied}), 202
 
     @app.post("/v1/sessions/<session_id>/end")
     async def end_session(session_id: str) -> Response:

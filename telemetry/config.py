@@ -44,6 +44,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "TELEMETRY_MAX_BODY_BYTES": ("262144", "Cap on a request body; larger gets 413 before "
                                  "the body is read."),
     "TELEMETRY_MAX_FRAMES_PER_BATCH": ("120", "Cap on frames in one pose batch (400 above)."),
+    "TELEMETRY_MAX_EVENTS_PER_BATCH": ("500", "Cap on events in one media batch (400 above)."),
     "TELEMETRY_MAILBOX_SIZE": ("16", "Batches a session actor may have queued; a full "
                                "mailbox answers 503 with Retry-After."),
     "TELEMETRY_REORDER_WINDOW": ("8", "How far ahead of the next expected sequence number a "
@@ -162,6 +163,7 @@ class Settings:
     jwt_max_lifetime_s: float = 4 * 3600.0
     max_body_bytes: int = 256 * 1024
     max_frames_per_batch: int = 120
+    max_events_per_batch: int = 500
     mailbox_size: int = 16
     reorder_window: int = 8
     gap_timeout_s: float = 10.0
@@ -231,6 +233,7 @@ class Settings:
             jwt_max_lifetime_s=_float(env, "TELEMETRY_JWT_MAX_LIFETIME_S", 14400.0, 1.0),
             max_body_bytes=_int(env, "TELEMETRY_MAX_BODY_BYTES", 256 * 1024, 1024),
             max_frames_per_batch=_int(env, "TELEMETRY_MAX_FRAMES_PER_BATCH", 120, 1),
+            max_events_per_batch=_int(env, "TELEMETRY_MAX_EVENTS_PER_BATCH", 500, 1),
             mailbox_size=_int(env, "TELEMETRY_MAILBOX_SIZE", 16, 1),
             reorder_window=_int(env, "TELEMETRY_REORDER_WINDOW", 8, 0),
             gap_timeout_s=_float(env, "TELEMETRY_GAP_TIMEOUT_S", 10.0, 0.1),

@@ -102,8 +102,8 @@ class SideDetector:
     __slots__ = (
         "side", "min_ms", "max_ms", "R", "n_counted", "dur_typ", "t_first",
         "t_last", "r1", "r2", "y", "dt_nom", "noise", "n_filt", "n_noise",
-        "state", "b", "t_low", "n_acc", "v_acc", "j_acc", "shallow_amp",
-        "start", "tr_enter", "P", "t_pf", "t_pl",
+        "state", "b", "t_low", "n_acc", "v_acc", "shallow_amp",
+        "start", "tr_enter", "P", "p_ref", "t_pf", "t_pl",
         "m", "tm", "t_exit", "tr_exit", "t_cross",
     )
 
@@ -123,8 +123,8 @@ class SideDetector:
         self.t_low = 0.0
         self.shallow_amp = 0.0
         self.n_acc = 0
-        self.v_acc = self.j_acc = 0.0
-        self.start = self.P = self.t_pf = self.t_pl = 0.0
+        self.v_acc = 0.0
+        self.start = self.P = self.p_ref = self.t_pf = self.t_pl = 0.0
         self.tr_enter = self.tr_exit = math.nan
         self.m = self.tm = self.t_exit = 0.0
         self.t_cross = -1.0
@@ -137,80 +137,77 @@ class SideDetector:
         t_last, r1, r2, y, dt_nom = self.t_last, self.r1, self.r2, self.y, self.dt_nom
         noise, n_filt, n_noise = self.noise, self.n_filt, self.n_noise
         state, b, t_low = self.state, self.b, self.t_low
-        n_acc, v_acc, j_acc = self.n_acc, self.v_acc, self.j_acc
-        P, t_pf, t_pl = self.P, self.t_pf, self.t_pl
+        n_acc, v_acc = self.n_acc, self.v_acc
+        P, p_ref, t_pf, t_pl = self.P, self.p_ref, self.t_pf, self.t_pl
         m, tm, t_exit, t_cross = self.m, self.tm, self.t_exit, self.t_cross
         R = self.R
         band, enter = BAND_FRAC * R, ENTER_FRAC * R
         tol, rerise = NEAR_PEAK_FRAC * R, RERISE_FRAC * R
-        exp = math.exp
-        for i in range(len(ts)):
-            t = ts[i]
-            r = xs[i]
+        tau, max_gap = TAU_MS, MAX_GAP_MS
+        for t, r, v, tr in zip(ts, xs, vs, trs, strict=True):
             dt = t - t_last
             t_last = t
-            if dt > MAX_GAP_MS:  # too long a gap: the filters restart from this sample
+            if dt > max_gap:  # too long a gap: the filters restart from this sample
                 r1 = r2 = y = r
                 n_filt = 0
             else:
-                if dt_nom == 0.0:
-                    dt_nom = dt
                 if r1 <= r2:
                     med = r1 if r < r1 else (r2 if r > r2 else r)
                 else:
                     med = r2 if r < r2 else (r1 if r > r1 else r)
-                if dt > 2.5 * dt_nom:  # frames missing in between: not a jitter sample
+                if dt > 2.5 * dt_nom > 0.0:  # frames missing in between: no jitter sample
                     n_filt = 1
                 else:
-                    dt_nom += 0.05 * (dt - dt_nom)
-                if n_filt >= 2:
-                    # second difference: blind to smooth movement, sees tracking jitter
-                    n_noise += 1
-                    noise += (abs(r - 2.0 * r1 + r2) - noise) * (
-                        NOISE_GAIN if n_noise > 50 else 1.0 / n_noise)
+                    dt_nom = dt if dt_nom == 0.0 else dt_nom + 0.05 * (dt - dt_nom)
+                    if n_filt >= 2:
+                        # second difference: blind to smooth movement, sees tracking jitter
+                        d2 = r - 2.0 * r1 + r2
+                        n_noise += 1
+                        noise += ((d2 if d2 > 0.0 else -d2) - noise) * (
+                            NOISE_GAIN if n_noise > 50 else 1.0 / n_noise)
                 n_filt += 1
                 r2 = r1
                 r1 = r
-                y += (1.0 - exp(-dt / TAU_MS)) * (med - y)
+                # first-order low-pass, exact for any frame interval dt
+                y += dt * (med - y) / (tau + dt)
             x = y
             n_acc += 1
-            v_acc += vs[i]
-            j_acc += abs(r - y)
+            v_acc += v
             if state == IDLE:
                 if x < b:
                     b = x
                 if x <= b + band:
                     t_low = t
-                    n_acc, v_acc, j_acc = 1, vs[i], abs(r - y)
+                    n_acc, v_acc = 1, v
                 elif x >= b + enter:
                     state = ACTIVE
-                    self.start, self.tr_enter = t_low, trs[i]
-                    P, t_pf, t_pl = x, t, t
+                    self.start, self.tr_enter = t_low, tr
+                    P, p_ref, t_pf, t_pl = x, x, t, t
                     ev.append((t, ENTER, t_low))
             elif state == ACTIVE:
                 if x > P:
-                    if x > P + tol:
-                        t_pf = t
                     P = x
+                    if x > p_ref + tol:  # clearly further out: the peak is not reached yet
+                        t_pf, p_ref = t, x
                 if x >= P - tol:
                     t_pl = t
                 if x <= b + EXIT_FRAC * (P - b):
                     state = RETURNING
                     m, tm, t_exit, t_cross = x, t, t, -1.0
-                    self.tr_exit = trs[i]
+                    self.tr_exit = tr
                 elif self.n_counted == 0 and t - t_pf > STALE_MS:
                     # no progress for a while before anything was counted: the "rest" we
                     # started from was a passing dip, this plateau is the real rest
-                    ev.append((t, DONE, self._rep(t, t, P, b, x, n_acc, v_acc, j_acc, t_pf,
-                                                  t_pl, dt_nom, noise, "stalled")))
+                    ev.append((t, DONE, self._rep(t, t, P, b, x, n_acc, v_acc, t_pf, t_pl,
+                                                  dt_nom, noise, "stalled")))
                     state, b, t_low = IDLE, x, t
-                    n_acc, v_acc, j_acc = 1, vs[i], 0.0
+                    n_acc, v_acc = 1, v
                 elif t - self.start > self.max_ms:
                     # stuck away from rest, e.g. the patient changed position: start over
-                    ev.append((t, DONE, self._rep(t, t, P, b, x, n_acc, v_acc, j_acc, t_pf,
-                                                  t_pl, dt_nom, noise, "too long")))
+                    ev.append((t, DONE, self._rep(t, t, P, b, x, n_acc, v_acc, t_pf, t_pl,
+                                                  dt_nom, noise, "too long")))
                     state, b, t_low = IDLE, x, t
-                    n_acc, v_acc, j_acc = 1, vs[i], 0.0
+                    n_acc, v_acc = 1, v
             else:
                 if x < m:
                     m, tm = x, t
@@ -225,8 +222,7 @@ class SideDetector:
                     done = True
                 if done:
                     end = t_cross if t_cross >= 0.0 else tm
-                    rep = self._rep(end, t, P, b, m, n_acc, v_acc, j_acc, t_pf, t_pl, dt_nom,
-                                    noise, "")
+                    rep = self._rep(end, t, P, b, m, n_acc, v_acc, t_pf, t_pl, dt_nom, noise, "")
                     ev.append((t, DONE, rep))
                     if rep.counted:
                         R = self.R
@@ -235,12 +231,12 @@ class SideDetector:
                     state, b, t_low = IDLE, m, tm
                     if x <= b + band:
                         t_low = t
-                    n_acc, v_acc, j_acc = 1, vs[i], 0.0
+                    n_acc, v_acc = 1, v
         self.t_last, self.r1, self.r2, self.y, self.dt_nom = t_last, r1, r2, y, dt_nom
         self.noise, self.n_filt, self.n_noise = noise, n_filt, n_noise
         self.state, self.b, self.t_low = state, b, t_low
-        self.n_acc, self.v_acc, self.j_acc = n_acc, v_acc, j_acc
-        self.P, self.t_pf, self.t_pl = P, t_pf, t_pl
+        self.n_acc, self.v_acc = n_acc, v_acc
+        self.P, self.p_ref, self.t_pf, self.t_pl = P, p_ref, t_pf, t_pl
         self.m, self.tm, self.t_exit, self.t_cross = m, tm, t_exit, t_cross
         return ev
 
@@ -250,7 +246,7 @@ class SideDetector:
             return []
         end = self.t_cross if self.t_cross >= 0.0 else self.tm
         rep = self._rep(end, self.t_last, self.P, self.b, self.m, self.n_acc, self.v_acc,
-                        self.j_acc, self.t_pf, self.t_pl, self.dt_nom, self.noise, "")
+                        self.t_pf, self.t_pl, self.dt_nom, self.noise, "")
         self.state = IDLE
         return [(self.t_last, DONE, rep)]
 
@@ -259,7 +255,7 @@ class SideDetector:
         return self.state != IDLE
 
     def _rep(self, end: float, t_done: float, P: float, b: float, m: float, n: int,
-             v_sum: float, j_sum: float, t_pf: float, t_pl: float, dt_nom: float, noise: float,
+             v_sum: float, t_pf: float, t_pl: float, dt_nom: float, noise: float,
              reason: str) -> SideRep:
         """Judge a finished excursion, score its confidence and adapt the typical range."""
         start = self.start
@@ -297,7 +293,7 @@ class SideDetector:
                     self.shallow_amp = amp
         c_track = math.sqrt(_clip01((mean_vis - VIS_MIN) / (VIS_FULL - VIS_MIN)) * coverage)
         c_depth = _clip01((amp / R - DEPTH_FRAC) / (0.85 - DEPTH_FRAC))
-        c_noise = _clip01(1.0 - 4.0 * (j_sum / n) / amp) if amp > 0 else 0.0
+        c_noise = _clip01(1.0 - 4.0 * noise / amp) if amp > 0 else 0.0
         c_tempo = 1.0
         if self.dur_typ > 0 and dur > 0:
             c_tempo = _clip01(1.0 - abs(math.log(dur / self.dur_typ)) / math.log(3.0))

@@ -8,6 +8,7 @@ import numpy as np
 
 from .angles import JOINT_LABELS, JOINTS, N_LANDMARKS, SPACES, batch_features, gather_index
 from .detector import VIS_MIN
+from .motion import WalkGate
 from .profiles import Profile, fallback_profiles, profile_for
 from .rep import Rep, build_rep
 from .summary import SessionStats
@@ -65,10 +66,12 @@ class RepEngine:
             cands = [profile]
         self._trackers = [JointTracker(p, sides) for p in cands]
         self._profile: Profile | None = profile
+        self._gate = (WalkGate(self.aspect) if profile is not None and profile.hips_still
+                      and space == "image" else None)
+        self._set_columns([(j, s) for j in dict.fromkeys(p.joint for p in cands) for s in sides])
         # one angle column per (joint, side); candidates of the same joint share columns
         joints = list(dict.fromkeys(p.joint for p in cands))
         self._usable = {j: 0 for j in joints}
-        self._set_columns([(j, s) for j in joints for s in sides])
         self._buffers: list[list] = [[] for _ in cands]
         self._scores = [0.0] * len(cands)
         self._t0: float | None = None
@@ -122,30 +125,35 @@ class RepEngine:
         ang, vis, trunk = batch_features(f, self._index, len(self._cols), self.space,
                                          self.aspect)
         valid = (vis >= VIS_MIN) & (ang == ang)  # NaN angle: landmarks missing
-        for j, cols in self._joint_cols.items():
-            self._usable[j] += int(np.count_nonzero(valid[:, cols].any(axis=1)))
+        if self._gate is not None:
+            valid &= ~self._gate.moving(t, f)[:, None]
+        if len(self._joint_cols) == 1:
+            self._usable[self._cols[0][0]] += int(np.count_nonzero(valid.any(axis=1)))
+        else:
+            for j, cols in self._joint_cols.items():
+                self._usable[j] += int(np.count_nonzero(valid[:, cols].any(axis=1)))
         tl, trl = t.tolist(), trunk.tolist()
-        angs, viss = ang.T.tolist(), vis.T.tolist()
+        # detectors see direction * angle, so that every rep is "rise, then fall back"
+        pos = neg = None
+        if self._need_pos:
+            pos = ang.T.tolist()
+        if self._need_neg:
+            neg = (-ang).T.tolist()
+        viss = vis.T.tolist()
         all_ok = valid.all(axis=0).tolist()
-        oks = valid.T.tolist()
-        lists = []
-        for k in range(len(self._cols)):
-            if all_ok[k]:
-                lists.append((tl, angs[k], viss[k], trl))
-            else:
-                ok = oks[k]
-                lists.append(([x for x, o in zip(tl, ok, strict=True) if o],
-                              [x for x, o in zip(angs[k], ok, strict=True) if o],
-                              [x for x, o in zip(viss[k], ok, strict=True) if o],
-                              [x for x, o in zip(trl, ok, strict=True) if o]))
+        oks = None if all(all_ok) else valid.T.tolist()
         produced = []
         for tr in self._trackers:
+            xs_all = pos if tr.profile.direction > 0 else neg
             per_side = []
             for s in tr.sides:
-                ts, a, vs, trs = lists[self._col_of[(tr.profile.joint, s)]]
-                # detectors see direction * angle, so every rep is "rise, then fall back"
-                xs = a if tr.profile.direction > 0 else [-x for x in a]
-                per_side.append((ts, xs, vs, trs))
+                k = self._col_of[(tr.profile.joint, s)]
+                if all_ok[k]:
+                    per_side.append((tl, xs_all[k], viss[k], trl))
+                else:
+                    ok = oks[k]
+                    per_side.append(tuple([x for x, o in zip(seq, ok, strict=True) if o]
+                                          for seq in (tl, xs_all[k], viss[k], trl)))
             produced.append(tr.feed(per_side, t_end))
         return self._route(produced, t_end, final=False)
 
@@ -195,6 +203,8 @@ class RepEngine:
         self._index = gather_index(np.array([JOINTS[j][s] for j, s in cols], dtype=np.intp))
         self._joint_cols = {j: [k for k, c in enumerate(cols) if c[0] == j]
                             for j in dict.fromkeys(c[0] for c in cols)}
+        self._need_pos = any(tr.profile.direction > 0 for tr in self._trackers)
+        self._need_neg = any(tr.profile.direction < 0 for tr in self._trackers)
 
     def _emit(self, profile: Profile, sides: list) -> Rep:
         rep = build_rep(len(self._reps) + 1, profile, sides)

@@ -20,6 +20,8 @@ class Profile:
     ``direction`` is -1 when a repetition decreases the angle away from the rest
     position (flexion: squat, curl, push-up) and +1 when it increases it
     (raises, sit-to-stand from seated, shoulder press from the shoulders).
+    ``hips_still`` marks exercises done standing in place without the hips
+    travelling: hips moving across the image then means walking, not exercise.
     """
 
     kind: str
@@ -32,6 +34,7 @@ class Profile:
     rest: str
     description: str
     aliases: tuple[str, ...] = ()
+    hips_still: bool = False
 
     def __post_init__(self) -> None:
         if self.joint not in JOINTS:
@@ -55,15 +58,15 @@ PROFILES: dict[str, Profile] = {
            ("sit_stand", "sts", "chair_stand", "sit_to_stands")),
         Profile("hip_abduction", "hip", -1, 25.0, 600.0, 12000.0, True, "standing",
            "leg raised sideways (trunk-thigh angle opens sideways); one side at a time",
-           ("standing_hip_abduction", "side_leg_raise", "hip_abductions")),
+           ("standing_hip_abduction", "side_leg_raise", "hip_abductions"), hips_still=True),
         Profile("lateral_raise", "shoulder", 1, 70.0, 600.0, 12000.0, True, "arms down",
-           "shoulder abduction, arms raised sideways", ("lateral_raises", "side_raise")),
+           "shoulder abduction, arms raised sideways", ("lateral_raises", "side_raise"), hips_still=True),
         Profile("shoulder_flexion", "shoulder", 1, 90.0, 700.0, 12000.0, True, "arms down",
-           "arm raised forward", ("front_raise", "arm_raise", "shoulder_raise")),
+           "arm raised forward", ("front_raise", "arm_raise", "shoulder_raise"), hips_still=True),
         Profile("bicep_curl", "elbow", -1, 90.0, 600.0, 12000.0, True, "arms extended",
-           "elbow flexion", ("biceps_curl", "curl", "curls", "bicep_curls", "elbow_flexion")),
+           "elbow flexion", ("biceps_curl", "curl", "curls", "bicep_curls", "elbow_flexion"), hips_still=True),
         Profile("shoulder_press", "elbow", 1, 70.0, 600.0, 12000.0, True, "hands at shoulders",
-           "elbow extension pressing overhead", ("overhead_press", "military_press")),
+           "elbow extension pressing overhead", ("overhead_press", "military_press"), hips_still=True),
         Profile("push_up", "elbow", -1, 60.0, 400.0, 12000.0, False, "arms extended (plank)",
            "elbow flexion lowering the body", ("pushup", "pushups", "press_up", "push_ups")),
     )

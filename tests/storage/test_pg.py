@@ -50,10 +50,13 @@ def partitions(conn: psycopg.Connection, parent: str) -> list[str]:
 async def test_migrations_apply_once_and_are_idempotent(pg_url: str, tmp_path: Path) -> None:
     db = await Database.open(database_url=pg_url, data_dir=tmp_path)
     try:
-        assert await migrate(db) == ["0001_init"]
+        shipped = [m.version for m in load_migrations()]
+        assert shipped[:2] == ["0001_init", "0002_media_pose"]
+        assert await migrate(db) == shipped
         assert await migrate(db) == []
-        recorded = await db.run_admin(lambda c: rows(c, "SELECT version FROM schema_migrations"))
-        assert recorded == [("0001_init",)]
+        recorded = await db.run_admin(
+            lambda c: rows(c, "SELECT version FROM schema_migrations ORDER BY version"))
+        assert recorded == [(v,) for v in shipped]
     finally:
         await db.aclose()
 
@@ -72,11 +75,11 @@ async def test_concurrent_migrators_do_not_collide(pg_url: str, tmp_path: Path) 
     finally:
         for db in dbs:
             await db.aclose()
-    assert sorted(results) == [[], [], ["0001_init"]]
+    assert sorted(results) == [[], [], [m.version for m in load_migrations()]]
 
 
 async def test_changed_migration_is_refused(pg_db: Database) -> None:
-    [first] = load_migrations()
+    first = load_migrations()[0]
     edited = Migration(first.version, first.sql + "\n-- edited\n")
     with pytest.raises(MigrationError, match="0001_init was changed"):
         await migrate(pg_db, [edited])
@@ -242,7 +245,7 @@ async def test_forced_rls_binds_a_non_superuser_owner(pg_admin_url: str, tmp_pat
     db = await Database.open(database_url=make_conninfo(pg_admin_url, dbname=name, user=owner),
                              data_dir=tmp_path)
     try:
-        assert await migrate(db) == ["0001_init"]
+        assert await migrate(db) == [m.version for m in load_migrations()]
         await AggregateSink(db).store(make_event(started_at="2032-02-01T00:00:00Z"))
         # The owner, without opting in, sees nothing.
         assert await db.run_admin(
@@ -308,7 +311,7 @@ async def test_embedded_server_starts_in_data_dir_and_stops_on_close(private_tmp
     pid_file = private_tmp / "data" / "pg" / "postmaster.pid"
     try:
         assert db.embedded and pid_file.exists()
-        assert await migrate(db) == ["0001_init"]
+        assert await migrate(db) == [m.version for m in load_migrations()]
         assert await AggregateSink(db).store(make_event()) == "stored"
         pid = int(pid_file.read_text().split()[0])
         assert psutil.pid_exists(pid)
