@@ -367,13 +367,22 @@ class AggregateSink:
     async def session_rows(self, org_id: str) -> list[dict[str, Any]]:
         """``pose_session_metrics`` rows of one organisation, oldest first, read under
         that organisation's RLS scope."""
+        return await self._rows(org_id, "pose_session_metrics", "started_at, session_id")
+
+    async def media_rows(self, org_id: str) -> list[dict[str, Any]]:
+        """``media_session_metrics`` rows (one per media view) of one organisation,
+        read under its RLS scope."""
+        return await self._rows(org_id, "media_session_metrics", "session_id, started_at")
+
+    async def _rows(self, org_id: str, table: str, order: str) -> list[dict[str, Any]]:
         if not isinstance(org_id, str) or not org_id:
             raise ValueError("org_id must be a non-empty string")
+        assert table in ("pose_session_metrics", "media_session_metrics")
 
         def read(conn: psycopg.Connection) -> list[dict[str, Any]]:
             with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
                 set_org(conn, org_id)
-                cur.execute("SELECT * FROM pose_session_metrics ORDER BY started_at, session_id")
+                cur.execute(f"SELECT * FROM {table} ORDER BY {order}")
                 return cur.fetchall()
 
         return await self.db.run(read)

@@ -26,6 +26,8 @@ from actors.synthetic import generate
 from storage.wiring import open_storage
 from telemetry.auth import mint_session_token
 from telemetry.config import Settings
+from telemetry.media_sim import batches as media_batches
+from telemetry.media_sim import player_events
 from telemetry.server import serve
 from telemetry.wire import CONTENT_TYPE, encode_batch
 
@@ -44,6 +46,8 @@ class Patient:
     abandon: bool
     token: str
     batches: list[tuple[int, bytes]]
+    media: list[tuple[int, bytes]]
+    poor_connection: bool
 
 
 def batches_of(t_ms: np.ndarray, frames: np.ndarray, rng: random.Random,
@@ -82,25 +86,51 @@ def make_patients(settings: Settings, n: int, seconds: int, seed: int) -> list[P
             batches = batches[: len(batches) // 2]
             cut_ms = session.t_ms[0] + 1000 * len(batches)
             true_reps = sum(1 for _, end in session.rep_spans_ms if end < cut_ms)
+        poor = i == 1
+        seconds_sent = len(batches)
+        events = player_events(end_ms=seconds_sent * 1000, media_duration_s=seconds_sent + 5.0,
+                               poor=poor, seed=seed * 100 + i)
+        media = list(media_batches(events, media_id=f"video-{kind}", view_id=f"view-{sid}",
+                                   media_duration_s=seconds_sent + 5.0))
         patients.append(Patient(f"patient-{i}", org, sid, kind, true_reps, abandon,
-                                token, list(enumerate(batches))))
+                                token, list(enumerate(batches)), media, poor))
     return patients
 
 
+async def _send(client: httpx.AsyncClient, path: str, body: bytes, headers: dict[str, str],
+                what: str) -> None:
+    """POST with the retry policy a client should have: retry 429/503, same body."""
+    for attempt in range(6):
+        r = await client.post(path, content=body, headers=headers)
+        if r.status_code == 202:
+            return
+        if r.status_code not in (429, 503):
+            raise RuntimeError(f"{what} refused: {r.status_code} {r.text}")
+        await trio.sleep(float(r.headers.get("Retry-After", 1)) * (1 + attempt))
+    raise RuntimeError(f"{what}: gave up after retries")
+
+
 async def stream(client: httpx.AsyncClient, p: Patient, t0: float) -> None:
-    headers = {"Authorization": f"Bearer {p.token}", "Content-Type": CONTENT_TYPE}
-    for k, body in p.batches:
-        await trio.sleep_until(t0 + k)
-        for attempt in range(6):
-            r = await client.post("/v1/pose/frames", content=body, headers=headers)
-            if r.status_code == 202:
-                break
-            if r.status_code not in (429, 503):
-                raise RuntimeError(f"{p.name}: batch {k} refused: {r.status_code} {r.text}")
-            await trio.sleep(float(r.headers.get("Retry-After", 1)) * (1 + attempt))
+    auth = {"Authorization": f"Bearer {p.token}"}
+
+    async def pose() -> None:
+        for k, body in p.batches:
+            await trio.sleep_until(t0 + k)
+            await _send(client, "/v1/pose/frames", body,
+                        {**auth, "Content-Type": CONTENT_TYPE}, f"{p.name}: batch {k}")
+
+    async def video() -> None:
+        for at_ms, body in p.media:
+            await trio.sleep_until(t0 + at_ms / 1000)
+            await _send(client, "/v1/media/events", body,
+                        {**auth, "Content-Type": "application/json"}, f"{p.name}: media")
+
+    async with trio.open_nursery() as both:
+        both.start_soon(pose)
+        if not p.abandon:
+            both.start_soon(video)
     if not p.abandon:
-        r = await client.post(f"/v1/sessions/{p.session_id}/end",
-                              headers={"Authorization": f"Bearer {p.token}"})
+        r = await client.post(f"/v1/sessions/{p.session_id}/end", headers=auth)
         r.raise_for_status()
 
 
@@ -120,9 +150,9 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def print_table(patients: list[Patient], records: dict[tuple[str, str], dict[str, Any]],
-                out: Any = print) -> None:
+                media: dict[tuple[str, str], dict[str, Any]], out: Any = print) -> None:
     cols = ("session", "org", "exercise", "frames", "reps", "true", "rom_deg", "secs",
-            "blob_kb", "end_reason")
+            "blob_kb", "end_reason", "startup_ms", "rebuf_%")
 
     def line(values: tuple[Any, ...]) -> str:
         return " ".join(f"{str(v):>11}" if i > 2 else f"{str(v):<14}"
@@ -135,11 +165,20 @@ def print_table(patients: list[Patient], records: dict[tuple[str, str], dict[str
             out(f"{p.session_id:<14} (no summary received)")
             continue
         r = _row(rec)
+        view = media.get((p.org_id, p.session_id))
+        if view:
+            r["startup_ms"], r["rebuffer_pct"] = view.get("startup_time_ms"), view.get(
+                "rebuffer_pct")
         out(line((
             p.session_id, p.org_id, p.kind, r["frames"], r["reps"], p.true_reps,
             f"{r['rom']:.1f}" if isinstance(r["rom"], float) else "-", f"{r['ms'] / 1000:.1f}",
             f"{(r['blob'] or 0) / 1024:.1f}", r["end"],
+            _fmt(r.get("startup_ms"), "{:.0f}"), _fmt(r.get("rebuffer_pct"), "{:.1f}"),
         )))
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return spec.format(value) if isinstance(value, int | float) else "-"
 
 
 async def run_demo(settings: Settings, n: int = 5, seconds: int = 20, seed: int = 7) -> int:
@@ -176,15 +215,22 @@ async def run_demo(settings: Settings, n: int = 5, seconds: int = 20, seed: int 
                     await all_in.wait()
                 stop.set()
             records: dict[tuple[str, str], dict[str, Any]] = dict(events)
+            media = {k: e["media"][0] for k, e in events.items() if e.get("media")}
             source = "bus events"
-            if storage.sink is not None:
-                source = "Postgres (pose_session_metrics, read under each org's RLS)"
-                records = {}
+            sink: Any = storage.sink
+            if sink is not None:
+                source = "Postgres (pose_ and media_session_metrics, read under each org's RLS)"
+                records, media = {}, {}
                 for org in sorted({p.org_id for p in patients}):
-                    for row in await storage.sink.session_rows(org):  # type: ignore[attr-defined]
+                    for row in await sink.session_rows(org):
                         records[(org, row["session_id"])] = row
+                    for row in await sink.media_rows(org):
+                        media[(org, row["session_id"])] = row
             print(f"results from {source}:")
-            print_table(patients, records)
+            print_table(patients, records, media)
+            poor = [p.session_id for p in patients if p.poor_connection]
+            print(f"{', '.join(poor)} played its video on a poor connection (stalls, lower "
+                  "bitrate); the last session was abandoned and ended by idle timeout.")
             print(f"blobs written under {settings.data_dir / 'blobs'} (removed on exit); "
                   f"took {time.monotonic() - started:.1f} s")
     finally:

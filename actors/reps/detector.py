@@ -51,7 +51,7 @@ MIN_COVERAGE = 0.3
 RETURN_TIMEOUT_MS = 1500.0
 STILL_MS = 300.0
 STALE_MS = 3000.0
-OVERSHOOT_FRAC = 0.3
+OVERSHOOT_FRAC = 0.5
 NOISE_GAIN = 0.02
 NOISE_K = 3.0
 MAX_POSTURE_CHANGE_DEG = 40.0
@@ -214,9 +214,8 @@ class SideDetector:
                 if t_cross < 0.0 and x <= b + band:
                     t_cross = t
                 done = False
-                if t_cross >= 0.0 and (self.n_counted > 0 or t - tm >= STILL_MS):
-                    # back at rest; before the first counted repetition also wait for
-                    # the return to come to a stop, to see where it lands
+                if t_cross >= 0.0 and t - tm >= STILL_MS:
+                    # back at rest and no longer sinking: we can see where it landed
                     done = True
                 elif x >= m + rerise or t - t_exit >= RETURN_TIMEOUT_MS:
                     done = True
@@ -278,7 +277,7 @@ class SideDetector:
                 reason = "poorly tracked"
             elif abs(self.tr_exit - self.tr_enter) > MAX_POSTURE_CHANGE_DEG:
                 reason = "posture change"
-            elif first and b - m > OVERSHOOT_FRAC * amp:
+            elif b - m > OVERSHOOT_FRAC * amp:
                 # came back to a clearly different rest: it was a change of position
                 # (e.g. sitting down after walking in), not a repetition
                 reason = "rest changed"

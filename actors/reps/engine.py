@@ -17,13 +17,15 @@ from .tracker import JointTracker
 SIDE_CHOICES = {None: (0, 1), "both": (0, 1), "left": (0,), "right": (1,)}
 
 # Fallback selection: lock onto the leading candidate once it has this many
-# repetitions, or once this much stream time has passed and it has at least
+# repetitions and FALLBACK_MARGIN times the summed range of motion of any other
+# joint, or once this much stream time has passed and it has at least
 # FALLBACK_MIN_REPS. Buffers are capped by FALLBACK_MAX_BUFFER repetitions per
 # candidate, so state stays bounded even if no candidate stands out.
 FALLBACK_LOCK_REPS = 4
 FALLBACK_LOCK_MS = 15000.0
 FALLBACK_MIN_REPS = 2
 FALLBACK_MAX_BUFFER = 8
+FALLBACK_MARGIN = 1.5
 
 
 class RepEngine:
@@ -245,14 +247,42 @@ class RepEngine:
     def _leader_ready(self, timed: bool) -> bool:
         lead = self._leader()
         n = len(self._buffers[lead])
-        if n >= FALLBACK_LOCK_REPS or (timed and n >= FALLBACK_MIN_REPS):
+        joint = self._trackers[lead].profile.joint
+        runner_up = max((sc for i, sc in enumerate(self._scores)
+                         if self._trackers[i].profile.joint != joint), default=0.0)
+        if n >= FALLBACK_LOCK_REPS and self._scores[lead] >= FALLBACK_MARGIN * runner_up:
+            return True
+        if timed and n >= FALLBACK_MIN_REPS:
             return True
         return max(len(b) for b in self._buffers) >= FALLBACK_MAX_BUFFER
 
     def _leader(self) -> int:
-        # largest summed range of motion; ties go to more repetitions, then list order
-        return max(range(len(self._scores)),
-                   key=lambda i: (self._scores[i], len(self._buffers[i]), -i))
+        """Candidate with the largest periodic motion so far.
+
+        Per joint, the two directions see nearly the same movements half a cycle
+        apart; the right one has the rest position between its repetitions, so
+        its repetitions are the shorter ones (the other's span the pauses),
+        unless it clearly has fewer. Across joints, the largest summed range of
+        motion wins; ties go to list order.
+        """
+        best: list[int] = []
+        for i in range(0, len(self._trackers), 2):
+            pair = [j for j in (i, i + 1) if j < len(self._trackers)]
+            if len(pair) == 2 and all(self._buffers[j] for j in pair):
+                a, b = pair
+                na, nb = len(self._buffers[a]), len(self._buffers[b])
+                if abs(na - nb) >= 2:
+                    best.append(a if na > nb else b)
+                else:
+                    best.append(a if self._mean_dur(a) <= self._mean_dur(b) else b)
+            else:
+                best.append(max(pair, key=lambda j: (len(self._buffers[j]), -j)))
+        return max(best, key=lambda i: (self._scores[i], len(self._buffers[i]), -i))
+
+    def _mean_dur(self, i: int) -> float:
+        durs = [sum(s.end_ms - s.start_ms for s in sides) / len(sides)
+                for sides in self._buffers[i]]
+        return sum(durs) / len(durs)
 
     def _lock(self, lead: int) -> list[Rep]:
         tracker = self._trackers[lead]

@@ -49,9 +49,9 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     p.kind: p
     for p in (
-        Profile("squat", "knee", -1, 80.0, 800.0, 12000.0, False, "standing",
+        Profile("squat", "knee", -1, 80.0, 1000.0, 12000.0, False, "standing",
            "knee flexion; down then up", ("squats", "bodyweight_squat", "mini_squat")),
-        Profile("lunge", "knee", -1, 70.0, 800.0, 12000.0, False, "split stance",
+        Profile("lunge", "knee", -1, 70.0, 1000.0, 12000.0, False, "split stance",
            "knee flexion of both legs; down then up", ("lunges", "split_squat")),
         Profile("sit_to_stand", "knee", 1, 70.0, 1200.0, 15000.0, True, "seated",
            "knee extension from seated to standing and back",
@@ -80,18 +80,21 @@ for _prof in PROFILES.values():
 
 # Fallback candidates: every joint in both directions, because for an unknown
 # exercise the rest position (flexed or extended) is unknown too.
-FALLBACK_ROM_PRIOR = {"elbow": 70.0, "shoulder": 60.0, "hip": 50.0, "knee": 60.0}
+# joint -> (prior ROM, minimum rep duration): legs move slower than arms, and a
+# stride's knee or hip swing must not pass for a repetition
+FALLBACK_PRIORS = {"elbow": (70.0, 500.0), "shoulder": (60.0, 500.0), "hip": (50.0, 1000.0),
+                   "knee": (60.0, 1000.0)}
 
 
 def fallback_profiles() -> list[Profile]:
     """Generic profiles tried when the kind is unknown, one per joint and direction."""
     out = []
-    for joint, prior in FALLBACK_ROM_PRIOR.items():
+    for joint, (prior, min_ms) in FALLBACK_PRIORS.items():
         for direction in (-1, 1):
             out.append(Profile(
                 kind=f"auto:{joint}:{'flexion' if direction < 0 else 'extension'}",
                 joint=joint, direction=direction, rom_prior_deg=prior,
-                min_rep_ms=500.0, max_rep_ms=12000.0,
+                min_rep_ms=min_ms, max_rep_ms=12000.0,
                 # without a profile the phase labels follow the usual case:
                 # lowering against gravity first for flexion-defined exercises
                 concentric_first=direction > 0, rest="unknown",

@@ -25,6 +25,7 @@ CROSS_MIN = 0.5
 
 
 def _overlap(a: SideRep, b: SideRep) -> bool:
+    """True when the two excursions share at least OVERLAP_MIN of the shorter one."""
     inter = min(a.end_ms, b.end_ms) - max(a.start_ms, b.start_ms)
     shorter = min(a.end_ms - a.start_ms, b.end_ms - b.start_ms)
     return inter > 0 and inter >= OVERLAP_MIN * shorter
