@@ -60,6 +60,25 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "TELEMETRY_SHUTDOWN_DEADLINE_S": ("25", "On shutdown, time allowed to finalise live "
                                       "sessions; must stay below the orchestrator's stop "
                                       "timeout."),
+    "TELEMETRY_MAX_LIVE_SESSIONS": ("5000", "Live sessions per process; a new session "
+                                    "beyond it gets 429 with Retry-After."),
+    "TELEMETRY_MAX_SESSIONS_PER_ORG": ("1000", "Live sessions per organisation per process "
+                                       "(429 beyond)."),
+    "TELEMETRY_MAX_BATCHES_PER_S": ("5", "Pose batches per second per session (token "
+                                    "bucket, burst 2x; 429 beyond)."),
+    "TELEMETRY_SPOOL_MAX_BYTES": ("2147483648", "Disk budget of the spool; past it new "
+                                  "batches get 503 with Retry-After."),
+    "TELEMETRY_SPOOL_FSYNC_MS": ("5", "Group-commit window: acknowledged batches are "
+                                 "fsynced together at most this often."),
+    "TELEMETRY_SHUTDOWN_MODE": ("flush", "On SIGTERM: `flush` (leave live sessions in the "
+                                "spool for the next start) or `finalise` (end them)."),
+    "TELEMETRY_TLS_CERT": ("(none)", "PEM certificate chain; with TELEMETRY_TLS_KEY the "
+                           "service terminates TLS itself (1.2+) and sends HSTS."),
+    "TELEMETRY_TLS_KEY": ("(none)", "PEM private key for TELEMETRY_TLS_CERT."),
+    "TELEMETRY_JWT_KEYS_FILE": ("(none)", "JSON file with the keyset (same shape as "
+                                "TELEMETRY_JWT_KEYS); reloaded on SIGHUP or change."),
+    "TELEMETRY_JWT_PUBLIC_KEYS": ("(none)", "JSON `{kid: PEM public key}` for EdDSA/ES256 "
+                                  "tokens, alongside the HMAC keys."),
     "TELEMETRY_BLOB_ENCODING": ("(replay default)", "Replay blob encoding; see "
                                 "docs/replay-format.md."),
     "TELEMETRY_BLOB_STORE": ("fs", "`fs` (files under the data dir) or `s3`."),
@@ -145,6 +164,21 @@ def _keys(env: Mapping[str, str]) -> dict[str, str]:
     return keys
 
 
+def _public_keys(env: Mapping[str, str]) -> dict[str, str]:
+    raw = env.get("TELEMETRY_JWT_PUBLIC_KEYS")
+    if not raw:
+        return {}
+    try:
+        keys: Any = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"TELEMETRY_JWT_PUBLIC_KEYS is not valid JSON: {exc.msg}") from None
+    if not isinstance(keys, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and "PUBLIC KEY" in v for k, v in keys.items()
+    ):
+        raise ConfigError("TELEMETRY_JWT_PUBLIC_KEYS must be a JSON object {kid: PEM public key}")
+    return keys
+
+
 @dataclass(frozen=True)
 class Settings:
     """The service's whole configuration. Build with :meth:`from_env` or directly in tests."""
@@ -165,6 +199,16 @@ class Settings:
     max_frames_per_batch: int = 120
     max_events_per_batch: int = 500
     mailbox_size: int = 16
+    max_live_sessions: int = 5000
+    max_sessions_per_org: int = 1000
+    max_batches_per_s: float = 5.0
+    spool_max_bytes: int = 2 * 1024**3
+    spool_fsync_ms: float = 5.0
+    shutdown_mode: str = "flush"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    jwt_keys_file: Path | None = None
+    jwt_public_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
     reorder_window: int = 8
     gap_timeout_s: float = 10.0
     idle_timeout_s: float = 60.0
@@ -212,10 +256,13 @@ class Settings:
         pkey = env.get("TELEMETRY_PSEUDONYM_KEY")
         deploy_env = env.get("TELEMETRY_ENV", "dev")
         choices = {"TELEMETRY_BLOB_STORE": ("fs", "s3"), "TELEMETRY_BUS": ("inprocess", "http"),
-                   "TELEMETRY_SINK": ("embedded", "none")}
+                   "TELEMETRY_SINK": ("embedded", "none"),
+                   "TELEMETRY_SHUTDOWN_MODE": ("flush", "finalise")}
         for name, allowed_values in choices.items():
             if env.get(name, allowed_values[0]) not in allowed_values:
                 raise ConfigError(f"{name}={env[name]!r}: must be one of {allowed_values}")
+        if bool(env.get("TELEMETRY_TLS_CERT")) != bool(env.get("TELEMETRY_TLS_KEY")):
+            raise ConfigError("TELEMETRY_TLS_CERT and TELEMETRY_TLS_KEY go together")
         if env.get("TELEMETRY_BUS") == "http" and not env.get("TELEMETRY_BUS_URL"):
             raise ConfigError("TELEMETRY_BUS=http needs TELEMETRY_BUS_URL")
         return cls(
@@ -234,6 +281,17 @@ class Settings:
             max_body_bytes=_int(env, "TELEMETRY_MAX_BODY_BYTES", 256 * 1024, 1024),
             max_frames_per_batch=_int(env, "TELEMETRY_MAX_FRAMES_PER_BATCH", 120, 1),
             max_events_per_batch=_int(env, "TELEMETRY_MAX_EVENTS_PER_BATCH", 500, 1),
+            max_live_sessions=_int(env, "TELEMETRY_MAX_LIVE_SESSIONS", 5000, 1),
+            max_sessions_per_org=_int(env, "TELEMETRY_MAX_SESSIONS_PER_ORG", 1000, 1),
+            max_batches_per_s=_float(env, "TELEMETRY_MAX_BATCHES_PER_S", 5.0, 0.1),
+            spool_max_bytes=_int(env, "TELEMETRY_SPOOL_MAX_BYTES", 2 * 1024**3, 1024),
+            spool_fsync_ms=_float(env, "TELEMETRY_SPOOL_FSYNC_MS", 5.0, 0.0),
+            shutdown_mode=env.get("TELEMETRY_SHUTDOWN_MODE", "flush"),
+            tls_cert=Path(env["TELEMETRY_TLS_CERT"]) if env.get("TELEMETRY_TLS_CERT") else None,
+            tls_key=Path(env["TELEMETRY_TLS_KEY"]) if env.get("TELEMETRY_TLS_KEY") else None,
+            jwt_keys_file=(Path(env["TELEMETRY_JWT_KEYS_FILE"])
+                           if env.get("TELEMETRY_JWT_KEYS_FILE") else None),
+            jwt_public_keys=_public_keys(env),
             mailbox_size=_int(env, "TELEMETRY_MAILBOX_SIZE", 16, 1),
             reorder_window=_int(env, "TELEMETRY_REORDER_WINDOW", 8, 0),
             gap_timeout_s=_float(env, "TELEMETRY_GAP_TIMEOUT_S", 10.0, 0.1),
