@@ -101,6 +101,10 @@ class SessionActor:
         self.last_batch_wall = self.started_wall
         self.t0_wall: float | None = None  # wall time of client t_ms == 0 (estimated)
         self.duplicates = 0
+        # Token bucket for batches per second (burst of two seconds' worth).
+        self._rate = settings.max_batches_per_s
+        self._tokens = 2 * settings.max_batches_per_s
+        self._tokens_at = now
         self.end_reason: str | None = None
         self.error: str | None = None
         self.summary: dict[str, Any] | None = None
@@ -145,6 +149,13 @@ class SessionActor:
         """Accept, deduplicate or refuse ``batch``. Never blocks."""
         if self.ending:
             return Offer("ended", "session has ended")
+        now = trio.current_time()
+        self._tokens = min(2 * self._rate, self._tokens + (now - self._tokens_at) * self._rate)
+        self._tokens_at = now
+        if self._tokens < 1.0:
+            return Offer("rate_limited", f"more than {self._rate:g} batches per second",
+                         retry_after=(1.0 - self._tokens) / self._rate)
+        self._tokens -= 1.0
         if self.space is not None and batch.space != self.space:
             return Offer("space_changed", f"session streams {self.space!r} coordinates; "
                          f"batch {batch.seq} is {batch.space!r}")

@@ -44,6 +44,14 @@ class SupervisorClosed(Exception):
     """The supervisor is draining or stopped and admits no new session."""
 
 
+class TooManySessions(Exception):
+    """A live-session limit (per process or per organisation) is reached."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 @dataclass
 class _Ended:
     summary: dict[str, Any]
@@ -59,6 +67,7 @@ class Supervisor:
         self._bus = bus
         self._pseudonyms = pseudonyms
         self._live: dict[Key, SessionActor] = {}
+        self._per_org: dict[str, int] = {}
         self._ended: OrderedDict[Key, _Ended] = OrderedDict()
         self._nursery: trio.Nursery | None = None
         self._closed = False
@@ -163,6 +172,15 @@ class Supervisor:
     def _start(self, claims: SessionClaims) -> SessionActor:
         if self._closed or self._nursery is None:
             raise SupervisorClosed("service is shutting down")
+        s = self._settings
+        # A new session must wait for another to end: a few seconds is a fair hint.
+        if len(self._live) >= s.max_live_sessions:
+            raise TooManySessions(f"this instance holds its maximum of {s.max_live_sessions} "
+                                  "live sessions", retry_after=5)
+        if self._per_org.get(claims.org_id, 0) >= s.max_sessions_per_org:
+            raise TooManySessions(f"the organisation has its maximum of "
+                                  f"{s.max_sessions_per_org} live sessions here", retry_after=5)
+        self._per_org[claims.org_id] = self._per_org.get(claims.org_id, 0) + 1
         log_id = self._pseudonyms.session(claims.org_id, claims.session_id)
         actor = SessionActor(
             claims, settings=self._settings, store=self._store, bus=self._bus, log_id=log_id,
@@ -182,6 +200,11 @@ class Supervisor:
         finally:
             # Runs on cancellation too, so the registry never keeps a dead actor.
             del self._live[key]
+            left = self._per_org[actor.org_id] - 1
+            if left:
+                self._per_org[actor.org_id] = left
+            else:
+                del self._per_org[actor.org_id]
             if actor.summary is not None:
                 self._remember(key, actor.summary)
                 if actor.end_reason == "actor_error":

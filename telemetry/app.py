@@ -17,7 +17,7 @@ from quart_trio import QuartTrio
 from actors.media_correlate import MediaTrackerError
 from actors.sequencer import Verdict
 from actors.session import SessionEnded
-from actors.supervisor import Supervisor, SupervisorClosed
+from actors.supervisor import Supervisor, SupervisorClosed, TooManySessions
 from telemetry import errors
 from telemetry.auth import AuthError, SessionClaims, TokenVerifier, bearer_token, is_safe_id
 from telemetry.config import Settings
@@ -70,6 +70,11 @@ def create_app(state: AppState) -> QuartTrio:
             raise ApiError(status, exc.reason, exc.detail) from None
 
     async def read_body() -> bytes:
+        encoding = (request.headers.get("Content-Encoding") or "identity").strip().lower()
+        if encoding != "identity":
+            # Compressed bodies are not accepted: nothing to decompress, nothing to bomb.
+            raise ApiError(415, "unsupported_content_encoding",
+                           f"Content-Encoding {encoding!r} is not accepted; send identity")
         length = request.content_length
         if length is not None and length > s.max_body_bytes:
             raise ApiError(413, "body_too_large",
@@ -96,6 +101,9 @@ def create_app(state: AppState) -> QuartTrio:
             offer = state.supervisor.offer(claims, batch)
         except SupervisorClosed as exc:
             raise ApiError(503, "shutting_down", str(exc), retry_after=5) from None
+        except TooManySessions as exc:
+            raise ApiError(429, "too_many_sessions", str(exc), retry_after=exc.retry_after)\
+                from None
         v = offer.verdict
         if offer.accepted:
             count("batch_duplicate" if v is Verdict.DUPLICATE else "batch_accepted")
@@ -108,6 +116,8 @@ def create_app(state: AppState) -> QuartTrio:
         if v is Verdict.AHEAD_OF_WINDOW:
             raise ApiError(503, "sequence_ahead_of_window", offer.message,
                            retry_after=offer.retry_after)
+        if v == "rate_limited":
+            raise ApiError(429, "rate_limited", offer.message, retry_after=offer.retry_after)
         if v == "mailbox_full":
             raise ApiError(503, "mailbox_full", offer.message, retry_after=offer.retry_after)
         if v is Verdict.OVERLAP:
@@ -136,6 +146,9 @@ def create_app(state: AppState) -> QuartTrio:
             applied, not_applied = state.supervisor.offer_media(claims, batch)
         except SupervisorClosed as exc:
             raise ApiError(503, "shutting_down", str(exc), retry_after=5) from None
+        except TooManySessions as exc:
+            raise ApiError(429, "too_many_sessions", str(exc), retry_after=exc.retry_after)\
+                from None
         except SessionEnded:
             raise ApiError(409, "session_ended", "session has ended; no more events accepted")\
                 from None

@@ -22,6 +22,8 @@ def settings(tmp_path: Path) -> Settings:
         gap_timeout_s=2.0, shutdown_deadline_s=10.0, pseudonym_key=b"k" * 32,
         # Most tests need no Postgres; the end-to-end ones turn the sink on.
         sink="none",
+        # Tests stream faster than real time; the rate limit has its own tests.
+        max_batches_per_s=1000.0,
     )
 
 
