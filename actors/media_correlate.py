@@ -119,6 +119,21 @@ class MediaTracker:
         created by its first batch. Raises :class:`MediaTrackerError`
         before applying anything if the view cap is reached, the view id is already
         used for another media id, or :meth:`finish` was called."""
+        self.check(batch)
+        view = self._views.get(batch.view_id)
+        if view is None:
+            from actors.media import MediaView  # media.py re-exports this module's names
+
+            view = self._views[batch.view_id] = MediaView(
+                batch.media_id, batch.view_id, batch.media_duration_s)
+        elif view.media_duration_s is None:
+            view.media_duration_s = batch.media_duration_s
+        applied = sum(view.apply(ev) for ev in batch.events)
+        return applied, len(batch.events) - applied
+
+    def check(self, batch: MediaBatch) -> None:
+        """Raise :class:`MediaTrackerError` if :meth:`apply` would refuse ``batch``
+        (so the caller can refuse it before making it durable); changes nothing."""
         if self.finished:
             raise MediaTrackerError("finished", "the session's media views are finished")
         view = self._views.get(batch.view_id)
@@ -126,17 +141,9 @@ class MediaTracker:
             if len(self._views) >= self.max_views:
                 raise MediaTrackerError("too_many_views", f"session already has "
                                         f"{self.max_views} media views (the cap)")
-            from actors.media import MediaView  # media.py re-exports this module's names
-
-            view = self._views[batch.view_id] = MediaView(
-                batch.media_id, batch.view_id, batch.media_duration_s)
         elif view.media_id != batch.media_id:
             raise MediaTrackerError("view_media_mismatch", "view_id is already used for "
                                     "another media_id")
-        elif view.media_duration_s is None:
-            view.media_duration_s = batch.media_duration_s
-        applied = sum(view.apply(ev) for ev in batch.events)
-        return applied, len(batch.events) - applied
 
     def finish(self, end_t_ms: int | None) -> None:
         """Close every view (see :meth:`MediaView.finish`); later batches are refused."""

@@ -21,24 +21,24 @@ not finalise.
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
+from actors.durable import START, encode_claims, session_key
+from actors.finalise import finalise
 from actors.media import MediaTracker
 from actors.media_correlate import pose_during_stalls, sink_view
 from actors.pose_stats import PoseStats
 from actors.reps import RepEngine
 from actors.sequencer import Sequencer, Verdict
-from actors.summary import build_summary
 from actors.summary import iso_time as _iso
-from storage.blobs import BlobStore, blob_key
+from storage.blobs import BlobStore
 from storage.bus import Bus
 from storage.replay import ReplayWriter
+from storage.spool import Spool
 from telemetry.auth import SessionClaims
 from telemetry.config import Settings
 from telemetry.media_wire import MediaBatch
@@ -75,14 +75,20 @@ class SessionActor:
         store: BlobStore,
         bus: Bus,
         log_id: str,
+        spool: Spool | None = None,
     ) -> None:
         self.claims = claims
+        self.settings = settings
+        self.store = store
+        self.bus = bus
+        self.spool = spool
+        self.key = session_key(claims.org_id, claims.session_id)
+        self.start_written = False
+        self._start_lock = trio.Lock()
+        self._handover = False
         self.org_id = claims.org_id
         self.session_id = claims.session_id
         self.log_id = log_id
-        self._settings = settings
-        self._store = store
-        self._bus = bus
         self._tx, self._rx = trio.open_memory_channel[PoseBatch](settings.mailbox_size)
         self._seq = Sequencer(window=settings.reorder_window)
         self._held: dict[int, PoseBatch] = {}  # out-of-order batches awaiting their turn
@@ -124,8 +130,8 @@ class SessionActor:
             "image_height": first.image_height,
         }
         kwargs: dict[str, Any] = {}
-        if self._settings.blob_encoding:
-            kwargs["encoding"] = self._settings.blob_encoding
+        if self.settings.blob_encoding:
+            kwargs["encoding"] = self.settings.blob_encoding
         self.replay = ReplayWriter(
             org_id=self.org_id, session_id=self.session_id, space=first.space, meta=meta,
             **kwargs,
@@ -146,22 +152,45 @@ class SessionActor:
         return self.end_reason is not None
 
     def offer(self, batch: PoseBatch) -> Offer:
-        """Accept, deduplicate or refuse ``batch``. Never blocks."""
+        """:meth:`check` then :meth:`accept`: the path without a spool. Never blocks."""
+        verdict = self.check(batch)
+        return self.accept(batch) if verdict.verdict is Verdict.ACCEPT else verdict
+
+    def check(self, batch: PoseBatch) -> Offer:
+        """Judge ``batch`` without taking it. ACCEPT means: make it durable, then call
+        :meth:`accept`. A new (non-duplicate) batch spends a rate-limit token here."""
         if self.ending:
             return Offer("ended", "session has ended")
+        if self.space is not None and batch.space != self.space:
+            return Offer("space_changed", f"session streams {self.space!r} coordinates; "
+                         f"batch {batch.seq} is {batch.space!r}")
+        verdict, message = self._seq.check(batch.seq, batch.first_t, batch.last_t)
+        if verdict is Verdict.AHEAD_OF_WINDOW:
+            return Offer(verdict, message, retry_after=self.settings.gap_timeout_s)
+        if verdict is Verdict.DUPLICATE:
+            self.duplicates += 1
+        if verdict is not Verdict.ACCEPT:
+            return Offer(verdict, message)
         now = trio.current_time()
         self._tokens = min(2 * self._rate, self._tokens + (now - self._tokens_at) * self._rate)
         self._tokens_at = now
         if self._tokens < 1.0:
             return Offer("rate_limited", f"more than {self._rate:g} batches per second",
                          retry_after=(1.0 - self._tokens) / self._rate)
+        stats = self._tx.statistics()
+        if stats.current_buffer_used >= stats.max_buffer_size:
+            return Offer("mailbox_full", "session mailbox is full", retry_after=1.0)
         self._tokens -= 1.0
-        if self.space is not None and batch.space != self.space:
-            return Offer("space_changed", f"session streams {self.space!r} coordinates; "
-                         f"batch {batch.seq} is {batch.space!r}")
+        return Offer(Verdict.ACCEPT)
+
+    def accept(self, batch: PoseBatch) -> Offer:
+        """Queue a batch that :meth:`check` accepted (and the caller made durable).
+
+        Judges again, because the session may have changed while the caller awaited
+        the spool: a concurrent retry of the same batch now reads as a duplicate."""
+        if self.ending:
+            return Offer("ended", "session has ended")
         verdict, message = self._seq.check(batch.seq, batch.first_t, batch.last_t)
-        if verdict is Verdict.AHEAD_OF_WINDOW:
-            return Offer(verdict, message, retry_after=self._settings.gap_timeout_s)
         if verdict is Verdict.DUPLICATE:
             self.duplicates += 1
         if verdict is not Verdict.ACCEPT:
@@ -189,6 +218,44 @@ class SessionActor:
         result = self.media.apply(batch)
         self._touch(batch.events[0].t_ms)
         return result
+
+    def hand_over(self) -> None:
+        """Stop without finalising (shutdown in flush mode; needs a spool)."""
+        assert self.spool is not None
+        self._handover = True
+        self.request_end("shutdown")
+
+    async def persist(self, kind: int, body: bytes) -> None:
+        """Make a record durable before it is acknowledged; no-op without a spool.
+
+        The session's START record (its claims) goes first, once. Raises the
+        spool's errors (``SpoolFull``, ``OSError``); cancellation propagates and the
+        record may or may not be on disk (it was not acknowledged either way)."""
+        if self.spool is None:
+            return
+        if not self.start_written:
+            async with self._start_lock:
+                if not self.start_written:
+                    await self.spool.append(
+                        self.key, START, encode_claims(self.claims, self.started_wall))
+                    self.start_written = True
+        await self.spool.append(self.key, kind, body)
+
+    def restore_pose(self, batch: PoseBatch) -> None:
+        """Recovery: re-apply a spooled batch through the live ordering logic. A
+        record the sequencer calls a duplicate (two retries raced to the spool) is
+        skipped, as it was live."""
+        verdict, _ = self._seq.check(batch.seq, batch.first_t, batch.last_t)
+        if verdict is not Verdict.ACCEPT:
+            return
+        if self.space is None:
+            self._start_pose(batch)
+        self._seq.accept(batch.seq, batch.first_t, batch.last_t)
+        self._take(batch)
+
+    @property
+    def skipped(self) -> int:
+        return self._seq.skipped_count
 
     def request_end(self, reason: str) -> None:
         """Ask the actor to drain and finalise. Idempotent: the first reason wins."""
@@ -224,11 +291,17 @@ class SessionActor:
             log.exception("session actor loop failed", extra={"session": self.log_id})
             self.end_reason = "actor_error"
             self.error = f"{type(exc).__name__}: {exc}"
+        if self._handover:
+            # Shutdown in flush mode: everything acknowledged is in the spool, and the
+            # next start carries the session on. Nothing to apply or finalise here.
+            self.finished.set()
+            return
         self._drain()
-        await self._finalise()
+        self.summary = await finalise(self)
+        self.finished.set()
 
     def _deadline(self) -> float:
-        s = self._settings
+        s = self.settings
         deadline = min(
             self.last_batch_mono + s.idle_timeout_s, self.started_mono + s.max_session_s
         )
@@ -246,7 +319,7 @@ class SessionActor:
             if self.end_reason is not None:
                 return
             now = trio.current_time()
-            s = self._settings
+            s = self.settings
             if now >= self.started_mono + s.max_session_s:
                 self.end_reason = "max_duration"
             elif now >= self.last_batch_mono + s.idle_timeout_s:
@@ -302,53 +375,7 @@ class SessionActor:
             self.reps = None
             self.end_reason = "actor_error"
 
-    async def _finalise(self) -> None:
-        """Write the blob, publish the summary. Shielded and time-bounded: shutdown's
-        cancellation must not cut a finalisation half-way; the deadline bounds it."""
-        with trio.move_on_after(self._settings.shutdown_deadline_s) as scope:
-            scope.shield = True
-            blob: dict[str, Any] | None = None
-            rep_summary: dict[str, Any] | None = None
-            if self.reps is not None:
-                try:
-                    self.reps.finish()
-                    rep_summary = self.reps.summary()
-                except Exception as exc:
-                    log.exception("rep engine failed at finish", extra={"session": self.log_id})
-                    self.error = f"{type(exc).__name__}: {exc}"
-                    self.end_reason = "actor_error"
-            if self.replay is not None and self.replay.frame_count:
-                data = self.replay.finish()
-                key = blob_key(self.org_id, self.session_id)
-                info = await _retry(lambda: self._store.put(key, data), "blob put", self.log_id)
-                if info is not None:
-                    blob = {"key": info.key, "size": info.size, "sha256": info.sha256,
-                            "encoding": self.replay.encoding}
-                else:
-                    self.error = self.error or "blob store unavailable"
-            summary = build_summary(
-                claims=self.claims, space=self.space, started_wall=self.started_wall,
-                ended_wall=time.time(), end_reason=self.end_reason or "client_end",
-                blob=blob, stats=self.stats, skipped=self._seq.skipped_count,
-                duplicates=self.duplicates, reps=rep_summary, error=self.error,
-            )
-            self._add_media(summary, rep_summary)
-            published = await _retry(lambda: self._bus.publish(summary), "publish", self.log_id)
-            summary["published"] = published is not None
-            self.summary = summary
-        if scope.cancelled_caught:
-            log.error("finalisation timed out", extra={"session": self.log_id})
-        if self.summary is None:
-            self.summary = build_summary(
-                claims=self.claims, space=self.space, started_wall=self.started_wall,
-                ended_wall=time.time(), end_reason=self.end_reason or "shutdown",
-                blob=None, stats=self.stats, skipped=self._seq.skipped_count,
-                duplicates=self.duplicates, reps=None, error="finalisation timed out",
-            )
-        self.finished.set()
-
-
-    def _add_media(self, summary: dict[str, Any], reps: dict[str, Any] | None) -> None:
+    def add_media(self, summary: dict[str, Any], reps: dict[str, Any] | None) -> None:
         """Media view summaries, and what the pose stream did while the video stalled."""
         try:
             self.media.finish(self.stats.last_t)
@@ -363,18 +390,3 @@ class SessionActor:
             log.exception("media summary failed", extra={"session": self.log_id})
             self.error = self.error or f"media: {type(exc).__name__}: {exc}"
             summary["error"] = self.error
-
-
-async def _retry(fn: Callable[[], Any], what: str, log_id: str, attempts: int = 4) -> Any:
-    """Call ``fn`` with backoff; return its result, or None after the last failure."""
-    for attempt in range(attempts):
-        try:
-            result = await fn()
-            return True if result is None else result
-        except Exception as exc:
-            log.warning("%s failed (attempt %d/%d): %s", what, attempt + 1, attempts,
-                        type(exc).__name__, extra={"session": log_id})
-            if attempt + 1 < attempts:
-                await trio.sleep(0.25 * math.pow(2, attempt))
-    return None
-

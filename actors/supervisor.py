@@ -24,11 +24,16 @@ from typing import Any
 
 import trio
 
+from actors.durable import MEDIA, POSE
+from actors.finalise import publish_and_close
 from actors.pose_stats import PoseStats
+from actors.recovery import RecoveryReport, recover
+from actors.sequencer import Verdict
 from actors.session import Offer, SessionActor, SessionEnded
 from actors.summary import build_summary
-from storage.blobs import BlobStore
+from storage.blobs import BlobStore, blob_key
 from storage.bus import Bus
+from storage.spool import Spool
 from telemetry.auth import SessionClaims
 from telemetry.config import Settings
 from telemetry.media_wire import MediaBatch
@@ -60,9 +65,13 @@ class _Ended:
 
 class Supervisor:
     def __init__(
-        self, settings: Settings, *, store: BlobStore, bus: Bus, pseudonyms: Pseudonymiser
+        self, settings: Settings, *, store: BlobStore, bus: Bus, pseudonyms: Pseudonymiser,
+        spool: Spool | None = None,
     ) -> None:
+        self._spool = spool
         self._settings = settings
+        self.settings = settings
+        self.recovered: RecoveryReport | None = None
         self._store = store
         self._bus = bus
         self._pseudonyms = pseudonyms
@@ -80,12 +89,43 @@ class Supervisor:
         """Host the actors until :meth:`drain` has finished."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self._spool is not None:
+                report = await recover(self, self._spool)
+                log.info("recovered from spool", extra=vars(report))
+                self.recovered = report
             task_status.started()
             await self._stopped.wait()
             nursery.cancel_scope.cancel()
 
+    # -- used by recovery -------------------------------------------------------------
+
+    def adopt(self, claims: SessionClaims, started_wall: float) -> SessionActor:
+        """A recovered session's actor, registered but not started (no limits apply:
+        it was admitted before)."""
+        actor = self._new_actor(claims)
+        actor.started_wall = started_wall
+        actor.start_written = True
+        return actor
+
+    def launch(self, actor: SessionActor) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(self._host, actor)
+
+    def remember(self, org_id: str, session_id: str, summary: dict[str, Any],
+                 ttl_s: float) -> None:
+        self._ended[(org_id, session_id)] = _Ended(summary, trio.current_time() + ttl_s)
+
+    def resume_publish(self, key: str, summary: dict[str, Any]) -> None:
+        assert self._nursery is not None and self._spool is not None
+        org_id, session_id = key.split("/")
+        self.remember(org_id, session_id, summary, self._settings.ended_retention_s)
+        self._nursery.start_soon(publish_and_close, self._bus, self._spool, key, summary,
+                                 self._pseudonyms.session(org_id, session_id))
+
     async def drain(self, deadline_s: float | None = None) -> int:
-        """End every live session (reason ``shutdown``) and wait up to ``deadline_s``.
+        """Hand every live session over to the spool (``shutdown_mode=flush``, the
+        default with a spool) or end it (reason ``shutdown``), waiting up to
+        ``deadline_s``.
 
         Returns how many sessions were still unfinished at the deadline; those are
         cancelled when :meth:`run` exits. Safe to call more than once.
@@ -93,8 +133,12 @@ class Supervisor:
         self._closed = True
         deadline_s = self._settings.shutdown_deadline_s if deadline_s is None else deadline_s
         actors = list(self._live.values())
+        hand_over = self._spool is not None and self._settings.shutdown_mode == "flush"
         for actor in actors:
-            actor.request_end("shutdown")
+            if hand_over:
+                actor.hand_over()
+            else:
+                actor.request_end("shutdown")
         with trio.move_on_after(deadline_s):
             for actor in actors:
                 await actor.finished.wait()
@@ -131,6 +175,42 @@ class Supervisor:
             raise SessionEnded("session has ended")
         return actor.offer_media(batch)
 
+    async def submit(self, claims: SessionClaims, batch: PoseBatch, body: bytes) -> Offer:
+        """The durable ingest path: judge, spool (fsync), then accept. The answer is
+        ACCEPT only once the batch is on disk. Raises :class:`SupervisorClosed`,
+        :class:`TooManySessions` and the spool's ``SpoolFull``/``OSError``."""
+        actor = await self._live_or_new(claims)
+        if actor is None:
+            return Offer("ended", "session has ended")
+        offer = actor.check(batch)
+        if offer.verdict is not Verdict.ACCEPT:
+            return offer
+        await actor.persist(POSE, body)
+        return actor.accept(batch)
+
+    async def submit_media(self, claims: SessionClaims, batch: MediaBatch,
+                           body: bytes) -> tuple[int, int]:
+        """Durable media path: spool, then apply. Raises as :meth:`offer_media`."""
+        actor = await self._live_or_new(claims)
+        if actor is None or actor.ending:
+            raise SessionEnded("session has ended")
+        actor.media.check(batch)
+        await actor.persist(MEDIA, body)
+        return actor.offer_media(batch)
+
+    async def _live_or_new(self, claims: SessionClaims) -> SessionActor | None:
+        key = (claims.org_id, claims.session_id)
+        actor = self._live.get(key)
+        if actor is not None:
+            return actor
+        if self.ended_summary(*key) is not None:
+            return None
+        # A session finalised before a restart (and past the summary's retention)
+        # must not start again and overwrite its blob.
+        if await self._store.exists(blob_key(*key)):
+            return None
+        return self._actor(claims)  # re-checks: a concurrent request may have started it
+
     def _actor(self, claims: SessionClaims) -> SessionActor | None:
         """The live actor for the claims' session, started if new; None if ended."""
         key = (claims.org_id, claims.session_id)
@@ -152,6 +232,8 @@ class Supervisor:
             return summary
         actor = self._live.get(key)
         if actor is None:
+            if await self._store.exists(blob_key(*key)):
+                raise SessionEnded("session ended earlier; its summary is no longer held here")
             return await self._end_empty(claims, reason)
         actor.request_end(reason)
         await actor.finished.wait()
@@ -180,17 +262,22 @@ class Supervisor:
         if self._per_org.get(claims.org_id, 0) >= s.max_sessions_per_org:
             raise TooManySessions(f"the organisation has its maximum of "
                                   f"{s.max_sessions_per_org} live sessions here", retry_after=5)
+        actor = self._new_actor(claims)
+        self._nursery.start_soon(self._host, actor)
+        log.info("session started", extra={
+            "session": actor.log_id, "patient": self._pseudonyms.patient(claims.patient_id),
+            "exercise": claims.exercise.kind,
+        })
+        return actor
+
+    def _new_actor(self, claims: SessionClaims) -> SessionActor:
         self._per_org[claims.org_id] = self._per_org.get(claims.org_id, 0) + 1
         log_id = self._pseudonyms.session(claims.org_id, claims.session_id)
         actor = SessionActor(
             claims, settings=self._settings, store=self._store, bus=self._bus, log_id=log_id,
+            spool=self._spool,
         )
         self._live[(claims.org_id, claims.session_id)] = actor
-        self._nursery.start_soon(self._host, actor)
-        log.info("session started", extra={
-            "session": log_id, "patient": self._pseudonyms.patient(claims.patient_id),
-            "exercise": claims.exercise.kind,
-        })
         return actor
 
     async def _host(self, actor: SessionActor) -> None:

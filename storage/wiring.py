@@ -1,8 +1,9 @@
 """Builds the storage side from configuration: blob store, bus, and embedded sink.
 
-Embedded defaults (no configuration): filesystem blobs under the data dir, the
-in-process bus, and the aggregate sink in this process writing to an embedded
-Postgres (``pgserver``) or ``DATABASE_URL``. Production: ``TELEMETRY_BLOB_STORE=s3``
+Always: the spool (acknowledged batches on local disk) and the outbox (events on
+local disk until the bus takes them). Embedded defaults (no configuration):
+filesystem blobs under the data dir, the in-process bus, and the aggregate sink in
+this process writing to an embedded Postgres (``pgserver``) or ``DATABASE_URL``. Production: ``TELEMETRY_BLOB_STORE=s3``
 and ``TELEMETRY_BUS=http`` (the sink then runs on the Core API side, or as
 ``telemetry sink``).
 
@@ -24,6 +25,8 @@ import trio
 
 from storage.blobs import BlobStore, FilesystemBlobStore
 from storage.bus import Bus, InProcessBus
+from storage.outbox import Outbox
+from storage.spool import Spool
 from telemetry.auth import mint_service_token
 from telemetry.config import Settings
 
@@ -33,9 +36,26 @@ SINK_SCOPE = "telemetry:sink"
 @dataclass
 class Storage:
     store: BlobStore
-    bus: Bus
+    bus: Bus  # what the actors publish to: the durable outbox, in front of `transport`
+    transport: Bus | None = None  # the bus the outbox delivers to (in-process or HTTP)
+    spool: Spool | None = None
     sink: object | None = None  # storage.sink.AggregateSink in embedded mode
     db: object | None = None  # storage.pg.Database in embedded mode
+
+    @property
+    def outbox(self) -> Outbox | None:
+        return self.bus if isinstance(self.bus, Outbox) else None
+
+    async def flush_outbox(self, timeout_s: float) -> int:
+        """Give the outbox up to ``timeout_s`` to deliver what it holds (at shutdown);
+        return how many events are left on disk for the next start."""
+        outbox = self.outbox
+        if outbox is None:
+            return 0
+        with trio.move_on_after(timeout_s):
+            while outbox.depth:  # noqa: ASYNC110 - no change event; shutdown only
+                await trio.sleep(0.05)
+        return outbox.depth
 
     async def run_maintenance(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -52,6 +72,8 @@ class Storage:
         with trio.move_on_after(15) as scope:
             scope.shield = True
             await self.bus.aclose()
+            if self.transport is not None:
+                await self.transport.aclose()
             await self.store.aclose()
             if self.db is not None:
                 await self.db.aclose()  # type: ignore[attr-defined]
@@ -97,7 +119,10 @@ async def open_storage(settings: Settings) -> AsyncIterator[Storage]:
         bus = HttpBus(url=settings.bus_url, token_provider=_TokenCache(settings))
     else:
         bus = InProcessBus()
-    storage = Storage(store=store, bus=bus)
+    data = Path(settings.data_dir)
+    spool = Spool(data / "spool", max_bytes=settings.spool_max_bytes,
+                  fsync_interval_s=settings.spool_fsync_ms / 1000.0)
+    storage = Storage(store=store, bus=Outbox(data / "outbox", bus), transport=bus, spool=spool)
     try:
         if settings.bus == "inprocess" and settings.sink == "embedded":
             from storage.migrate import migrate

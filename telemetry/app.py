@@ -18,6 +18,7 @@ from actors.media_correlate import MediaTrackerError
 from actors.sequencer import Verdict
 from actors.session import SessionEnded
 from actors.supervisor import Supervisor, SupervisorClosed, TooManySessions
+from storage.spool import SpoolFull
 from telemetry import errors
 from telemetry.auth import AuthError, SessionClaims, TokenVerifier, bearer_token, is_safe_id
 from telemetry.config import Settings
@@ -98,7 +99,13 @@ def create_app(state: AppState) -> QuartTrio:
             count("batch_rejected")
             raise ApiError(400, exc.code, str(exc)) from None
         try:
-            offer = state.supervisor.offer(claims, batch)
+            offer = await state.supervisor.submit(claims, batch, body)
+        except SpoolFull as exc:
+            raise ApiError(503, "spool_full", str(exc), retry_after=30) from None
+        except OSError:
+            log.exception("spool write failed")
+            raise ApiError(503, "storage_unavailable", "could not store the batch durably",
+                           retry_after=5) from None
         except SupervisorClosed as exc:
             raise ApiError(503, "shutting_down", str(exc), retry_after=5) from None
         except TooManySessions as exc:
@@ -143,7 +150,13 @@ def create_app(state: AppState) -> QuartTrio:
             status = 413 if exc.code == "body_too_large" else 400
             raise ApiError(status, exc.code, str(exc)) from None
         try:
-            applied, not_applied = state.supervisor.offer_media(claims, batch)
+            applied, not_applied = await state.supervisor.submit_media(claims, batch, body)
+        except SpoolFull as exc:
+            raise ApiError(503, "spool_full", str(exc), retry_after=30) from None
+        except OSError:
+            log.exception("spool write failed")
+            raise ApiError(503, "storage_unavailable", "could not store the batch durably",
+                           retry_after=5) from None
         except SupervisorClosed as exc:
             raise ApiError(503, "shutting_down", str(exc), retry_after=5) from None
         except TooManySessions as exc:
@@ -165,7 +178,10 @@ def create_app(state: AppState) -> QuartTrio:
         if session_id != claims.session_id:
             # The locked design answers a token used outside its scope with 401.
             raise ApiError(401, "scope_mismatch", "token is not valid for this session")
-        summary = await state.supervisor.end(claims)
+        try:
+            summary = await state.supervisor.end(claims)
+        except SessionEnded as exc:
+            raise ApiError(409, "session_ended", str(exc)) from None
         return jsonify(summary)
 
     @app.get("/v1/healthz")

@@ -74,7 +74,7 @@ def make_patients(settings: Settings, n: int, seconds: int, seed: int) -> list[P
         org = f"clinic-{'ab'[i % 2]}"
         sid = f"demo-{seed}-{i}"
         reps = max(2, seconds // 4)
-        session = generate(kind, reps=reps, seed=seed * 100 + i)
+        session = generate(kind, reps=reps, seed=seed * 100 + i, aspect=1280 / 720)
         abandon = i == n - 1 and n > 1
         token = mint_session_token(
             settings, org_id=org, session_id=sid, patient_id=f"patient-{i}",
@@ -200,7 +200,7 @@ async def run_demo(settings: Settings, n: int = 5, seconds: int = 20, seed: int 
     print(f"RestartiX Telemetry demo: {n} simulated patients, {seconds} s sessions at 30 fps")
     try:
         async with open_storage(settings) as storage:
-            storage.bus.subscribe(on_event)  # type: ignore[attr-defined]
+            storage.transport.subscribe(on_event)  # type: ignore[union-attr]
             stop = trio.Event()
             async with trio.open_nursery() as nursery:
                 port = (await nursery.start(partial(serve, settings, storage, stop=stop))).port

@@ -95,7 +95,8 @@ def _int_in(lo: int, hi: int) -> Callable[[Any, str, float], int]:
 def _number(v: Any, path: str) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise MediaBatchError("wrong_type", path, "must be a number")
-    if not math.isfinite(v):
+    # A JSON integer may be arbitrarily large; float() of it raises OverflowError.
+    if isinstance(v, int) and abs(v) > 1e300 or not math.isfinite(v):
         raise MediaBatchError("out_of_range", path, "must be finite")
     return float(v)
 

@@ -6,8 +6,10 @@ the HTTP server; ``task_status.started(port)`` once it listens. Shutdown, when
 
 1. readiness goes false, so the load balancer stops routing here;
 2. hypercorn stops accepting and lets in-flight requests finish (graceful timeout);
-3. the supervisor ends every live session under ``shutdown_deadline_s``;
-4. storage is closed, shielded and time-bounded.
+3. the supervisor hands every live session over to the spool (or, with
+   ``TELEMETRY_SHUTDOWN_MODE=finalise``, ends it) under ``shutdown_deadline_s``;
+4. the outbox gets a moment to deliver; what is left waits on disk;
+5. storage is closed, shielded and time-bounded.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ log = logging.getLogger("telemetry.server")
 KEEP_ALIVE_TIMEOUT_S = 75.0
 GRACEFUL_TIMEOUT_S = 10.0
 BACKLOG = 2048
+# What the outbox may still deliver at shutdown; the rest waits on disk.
+OUTBOX_FLUSH_S = 3.0
 
 
 def hypercorn_config(settings: Settings) -> Config:
@@ -58,13 +62,20 @@ async def serve(
     ``task_status.started`` gets the :class:`AppState` (its ``port`` is the bound
     port; its supervisor and counters are live) once the server listens."""
     pseudonyms = Pseudonymiser(settings.pseudonym_key)
-    supervisor = Supervisor(settings, store=storage.store, bus=storage.bus, pseudonyms=pseudonyms)
+    supervisor = Supervisor(settings, store=storage.store, bus=storage.bus, pseudonyms=pseudonyms,
+                            spool=storage.spool)
     state = AppState(settings, supervisor, TokenVerifier(settings), pseudonyms)
     app = close_on_connection_close(create_app(state))
     http_stopped = trio.Event()
     http_done = trio.Event()
 
     async with trio.open_nursery() as root:
+        # Storage's own tasks first: recovery (in supervisor.run) writes to the spool
+        # and publishes through the outbox.
+        if storage.spool is not None:
+            await root.start(storage.spool.run)
+        if storage.outbox is not None:
+            await root.start(storage.outbox.run)
         await root.start(storage.run_maintenance)
         await root.start(supervisor.run)
 
@@ -92,9 +103,11 @@ async def serve(
         # to an actor that has already finalised.
         await http_done.wait()
         left = await supervisor.drain()
-        # Background maintenance has nothing left to serve; storage closes next.
+        undelivered = await storage.flush_outbox(OUTBOX_FLUSH_S)
+        # The spool committer, outbox and maintenance have nothing left to serve.
         root.cancel_scope.cancel()
-        log.info("shutdown complete", extra={"unfinished_sessions": left})
+        log.info("shutdown complete", extra={"unfinished_sessions": left,
+                                             "outbox_left": undelivered})
     return state
 
 

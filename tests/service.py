@@ -57,8 +57,8 @@ async def running_service(settings: Settings) -> AsyncIterator[Running]:
         async def collect(event: Any) -> None:
             events.append(dict(event))
 
-        if isinstance(storage.bus, InProcessBus):
-            storage.bus.subscribe(collect)
+        if isinstance(storage.transport, InProcessBus):
+            storage.transport.subscribe(collect)
         client = httpx.AsyncClient(timeout=20)
         run = Running(settings, storage, 0, client, events)
         run.state = await nursery.start(host)

@@ -56,7 +56,7 @@ def gather_index(triplets: np.ndarray) -> np.ndarray:
 
 def batch_features(
     frames: np.ndarray, index: np.ndarray, k: int, space: str, aspect: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Joint angles, their visibility and the trunk inclination for a batch.
 
     ``frames`` is (n, 33, 4); ``index`` comes from ``gather_index`` for k
@@ -67,9 +67,12 @@ def batch_features(
     Returns angles (n, k) in degrees (float64), visibility (n, k) (the smallest
     of the three landmarks'), trunk inclination (n,) in degrees (0 = upright,
     90 = lying, 180 = upside down in the image, as a push-up filmed head-on
-    looks). NaN input gives NaN output: callers treat NaN as "not tracked"
-    rather than raising, because MediaPipe emits NaN rows routinely. Two
-    landmarks at exactly the same spot give 0 degrees, not an error.
+    looks), and in image space the hip midpoint's x and the trunk length
+    (shoulder to hip midpoints), both in frame heights (None in world space).
+
+    NaN input gives NaN output: callers treat NaN as "not tracked" rather than
+    raising, because MediaPipe emits NaN rows routinely. Two landmarks at
+    exactly the same spot give 0 degrees, not an error.
 
     Everything is element-wise per frame (no reductions across frames, no
     BLAS), so a frame's values never depend on the batch it came in.
@@ -89,14 +92,18 @@ def batch_features(
         cross = np.sqrt(cx * cx + cy * cy + cz * cz)
         dx, dz = s1[:, 0] - s0[:, 0], s1[:, 2] - s0[:, 2]
         horiz = np.sqrt(dx * dx + dz * dz)
+        hip_x = trunk_len = None
     else:
         ux, uy, vx, vy = u[..., 0] * aspect, u[..., 1], v[..., 0] * aspect, v[..., 1]
         dot = ux * vx + uy * vy
         cross = np.abs(ux * vy - uy * vx)
-        horiz = np.abs((s1[:, 0] - s0[:, 0]) * aspect)
+        dx = (s1[:, 0] - s0[:, 0]) * aspect
+        horiz = np.abs(dx)
+        hip_x = s1[:, 0] * (0.5 * aspect)
+        trunk_len = np.hypot(dx, s1[:, 1] - s0[:, 1]) * 0.5
     ang = np.arctan2(cross, dot) * _DEG
     trunk = np.arctan2(horiz, s1[:, 1] - s0[:, 1]) * _DEG
-    return ang, vis, trunk
+    return ang, vis, trunk, hip_x, trunk_len
 
 
 def triplet_angles(
@@ -104,7 +111,7 @@ def triplet_angles(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Angles (degrees) and visibilities (n, k) for k landmark triplets; see ``batch_features``."""
     triplets = np.asarray(triplets, dtype=np.intp).reshape(-1, 3)
-    ang, vis, _ = batch_features(frames, gather_index(triplets), len(triplets), space, aspect)
+    ang, vis = batch_features(frames, gather_index(triplets), len(triplets), space, aspect)[:2]
     return ang, vis
 
 

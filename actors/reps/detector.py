@@ -8,23 +8,29 @@ history is kept, so memory does not grow with the session.
 Per valid frame (landmarks visible and finite):
 
 1. median of the last three raw samples (removes single-frame tracking spikes),
-2. exponential smoothing with time constant ``TAU_MS``, aware of the actual
-   frame interval (dropped frames lengthen it); after a gap longer than
+2. first-order low-pass with time constant ``TAU_MS`` that uses the actual frame
+   interval (dropped frames lengthen it); after a gap longer than
    ``MAX_GAP_MS`` both filters restart from the new sample,
-3. state machine, with thresholds relative to the rest baseline ``b`` (lowest x
-   since the previous repetition) and the patient's typical range ``R``:
+3. a jitter estimate (running mean of the raw second difference, which smooth
+   movement barely touches),
+4. the state machine, with thresholds relative to the rest baseline ``b``
+   (lowest x since the previous repetition) and the patient's typical range
+   ``R``::
 
-   IDLE      -> ACTIVE     when x >= b + ENTER_FRAC * R
-   ACTIVE    -> RETURNING  when x <= b + EXIT_FRAC * (peak - b)
-   RETURNING -> IDLE       when x is back within BAND_FRAC * R of b, or starts
-                           rising again, or RETURN_TIMEOUT_MS has passed.
+     IDLE      -> ACTIVE     x >= b + ENTER_FRAC * R
+     ACTIVE    -> RETURNING  x <= b + EXIT_FRAC * (peak - b)
+     RETURNING -> IDLE       back within BAND_FRAC * R of b and no longer sinking
+                             for STILL_MS; or rising again; or RETURN_TIMEOUT_MS
 
-``R`` starts at the profile's prior and then follows the measured ranges of
-counted repetitions, so thresholds adapt to the patient rather than being fixed
-angles. A finished excursion counts as a repetition only if it is deep enough,
-lasted between the profile's minimum and maximum duration, and the trunk
-posture at its end matches the one at its start (getting into position changes
-the posture; a repetition does not).
+``R`` starts at the profile's prior and then follows the ranges of counted
+repetitions, so thresholds adapt to the patient rather than being fixed angles.
+A finished excursion counts only if it is clear of the jitter, deep enough
+(FIRST_DEPTH_FRAC of the prior for the first one, DEPTH_FRAC of ``R`` after;
+or, before anything was counted, the second of two clean excursions of the same
+size), lasted between the profile's minimum and maximum duration, was tracked
+for at least MIN_COVERAGE of its frames, kept the trunk posture (getting into
+position changes it; a repetition does not) and came back to the rest it left
+rather than well past it (sitting down after walking in is not a repetition).
 """
 
 from __future__ import annotations
@@ -34,29 +40,28 @@ from dataclasses import dataclass
 
 from .profiles import Profile
 
-TAU_MS = 70.0
-MAX_GAP_MS = 1000.0
-ENTER_FRAC = 0.35
-EXIT_FRAC = 0.45
-BAND_FRAC = 0.1
-NEAR_PEAK_FRAC = 0.04
-RERISE_FRAC = 0.08
-DEPTH_FRAC = 0.55
-FIRST_DEPTH_FRAC = 0.6
-CONSISTENT_FRAC = 0.25
+TAU_MS = 70.0  # smoothing; short against a repetition (>= 400 ms)
+MAX_GAP_MS = 1000.0  # longer tracking gaps restart the filters
+ENTER_FRAC = 0.35  # of R above rest: an excursion starts
+EXIT_FRAC = 0.45  # of the excursion's own depth: it is on its way back (lenient on lockout)
+BAND_FRAC = 0.1  # of R: "at rest"; also where start and end times are taken
+NEAR_PEAK_FRAC = 0.04  # of R: progress smaller than this is a hold, not movement
+RERISE_FRAC = 0.08  # of R: rising again by this much ends the return early
+DEPTH_FRAC = 0.55  # of R: shallower is a partial repetition
+FIRST_DEPTH_FRAC = 0.6  # of the profile prior, before the patient's range is known
+CONSISTENT_FRAC = 0.25  # two shallow excursions this close in size: the patient's range
 MIN_ROM_DEG = 10.0
-R_GAIN_UP = 0.5
-R_GAIN_DOWN = 0.2
-MIN_COVERAGE = 0.3
+R_GAIN_UP, R_GAIN_DOWN = 0.5, 0.2  # R follows deeper reps faster than shallower ones
+MIN_COVERAGE = 0.3  # share of the repetition's frames that must be tracked
 RETURN_TIMEOUT_MS = 1500.0
-STILL_MS = 300.0
-STALE_MS = 3000.0
-OVERSHOOT_FRAC = 0.5
+STILL_MS = 250.0
+STALE_MS = 3000.0  # before the first count: no progress this long means a new rest
+OVERSHOOT_FRAC = 0.5  # landing this far (of the depth) below the start rest
 NOISE_GAIN = 0.02
-NOISE_K = 3.0
-MAX_POSTURE_CHANGE_DEG = 40.0
-VIS_FULL = 0.9
-VIS_MIN = 0.5
+NOISE_K = 3.0  # an excursion must exceed NOISE_K x the mean |second difference|
+MAX_POSTURE_CHANGE_DEG = 40.0  # trunk inclination change between way out and way back
+VIS_FULL = 0.9  # visibility counted as fully reliable in the confidence
+VIS_MIN = 0.5  # below this a landmark's frame is ignored
 
 IDLE, ACTIVE, RETURNING = 0, 1, 2
 
@@ -96,15 +101,15 @@ class SideDetector:
     ``(t_ms, ENTER, start_ms)`` and ``(t_ms, DONE, SideRep)`` in time order.
     Feeding the same frames in any split gives the same events, since every
     piece of state is carried between calls and nothing depends on call
-    boundaries. ``t_first`` must be set to the stream's first timestamp.
+    boundaries.
     """
 
     __slots__ = (
-        "side", "min_ms", "max_ms", "R", "n_counted", "dur_typ", "t_first",
+        "side", "min_ms", "max_ms", "R", "n_counted", "dur_typ",
         "t_last", "r1", "r2", "y", "dt_nom", "noise", "n_filt", "n_noise",
         "state", "b", "t_low", "n_acc", "v_acc", "shallow_amp",
         "start", "tr_enter", "P", "p_ref", "t_pf", "t_pl",
-        "m", "tm", "t_exit", "tr_exit", "t_cross",
+        "m", "m_ref", "tm", "t_exit", "tr_exit", "t_cross",
     )
 
     def __init__(self, profile: Profile, side: str) -> None:
@@ -114,7 +119,6 @@ class SideDetector:
         self.R = profile.rom_prior_deg
         self.n_counted = 0
         self.dur_typ = 0.0
-        self.t_first = 0.0
         self.t_last = -math.inf
         self.r1 = self.r2 = self.y = self.dt_nom = self.noise = 0.0
         self.n_filt = self.n_noise = 0
@@ -126,7 +130,7 @@ class SideDetector:
         self.v_acc = 0.0
         self.start = self.P = self.p_ref = self.t_pf = self.t_pl = 0.0
         self.tr_enter = self.tr_exit = math.nan
-        self.m = self.tm = self.t_exit = 0.0
+        self.m = self.m_ref = self.tm = self.t_exit = 0.0
         self.t_cross = -1.0
 
     def process(
@@ -139,7 +143,7 @@ class SideDetector:
         state, b, t_low = self.state, self.b, self.t_low
         n_acc, v_acc = self.n_acc, self.v_acc
         P, p_ref, t_pf, t_pl = self.P, self.p_ref, self.t_pf, self.t_pl
-        m, tm, t_exit, t_cross = self.m, self.tm, self.t_exit, self.t_cross
+        m, m_ref, tm, t_exit, t_cross = self.m, self.m_ref, self.tm, self.t_exit, self.t_cross
         R = self.R
         band, enter = BAND_FRAC * R, ENTER_FRAC * R
         tol, rerise = NEAR_PEAK_FRAC * R, RERISE_FRAC * R
@@ -193,7 +197,7 @@ class SideDetector:
                     t_pl = t
                 if x <= b + EXIT_FRAC * (P - b):
                     state = RETURNING
-                    m, tm, t_exit, t_cross = x, t, t, -1.0
+                    m, m_ref, tm, t_exit, t_cross = x, x, t, t, -1.0
                     self.tr_exit = tr
                 elif self.n_counted == 0 and t - t_pf > STALE_MS:
                     # no progress for a while before anything was counted: the "rest" we
@@ -210,7 +214,9 @@ class SideDetector:
                     n_acc, v_acc = 1, v
             else:
                 if x < m:
-                    m, tm = x, t
+                    m = x
+                    if x < m_ref - tol:  # still clearly sinking back
+                        tm, m_ref = t, x
                 if t_cross < 0.0 and x <= b + band:
                     t_cross = t
                 done = False
@@ -236,7 +242,7 @@ class SideDetector:
         self.state, self.b, self.t_low = state, b, t_low
         self.n_acc, self.v_acc = n_acc, v_acc
         self.P, self.p_ref, self.t_pf, self.t_pl = P, p_ref, t_pf, t_pl
-        self.m, self.tm, self.t_exit, self.t_cross = m, tm, t_exit, t_cross
+        self.m, self.m_ref, self.tm, self.t_exit, self.t_cross = m, m_ref, tm, t_exit, t_cross
         return ev
 
     def flush(self) -> list[tuple]:
@@ -248,10 +254,6 @@ class SideDetector:
                         self.t_pf, self.t_pl, self.dt_nom, self.noise, "")
         self.state = IDLE
         return [(self.t_last, DONE, rep)]
-
-    @property
-    def active(self) -> bool:
-        return self.state != IDLE
 
     def _rep(self, end: float, t_done: float, P: float, b: float, m: float, n: int,
              v_sum: float, t_pf: float, t_pl: float, dt_nom: float, noise: float,
@@ -287,7 +289,8 @@ class SideDetector:
                     # two clean movements in a row of the same size below the prior:
                     # this is the patient's range, not a half-hearted repetition
                     prev = self.shallow_amp
-                    if prev > 0 and abs(amp - prev) <= CONSISTENT_FRAC * max(amp, prev):
+                    if (prev > 0 and abs(amp - prev) <= CONSISTENT_FRAC * max(amp, prev)
+                            and amp >= 2.0 * NOISE_K * noise):
                         reason = ""
                     self.shallow_amp = amp
         c_track = math.sqrt(_clip01((mean_vis - VIS_MIN) / (VIS_FULL - VIS_MIN)) * coverage)

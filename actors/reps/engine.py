@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
@@ -48,15 +49,17 @@ class RepEngine:
             raise ValueError(f"side must be 'left', 'right', 'both' or None, not {side!r}")
         if space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, not {space!r}")
-        if not (isinstance(aspect, int | float) and math.isfinite(aspect) and aspect > 0):
+        if not (isinstance(aspect, numbers.Real) and math.isfinite(aspect) and aspect > 0):
             raise ValueError(f"aspect must be a positive finite number, not {aspect!r}")
-        if target_reps is not None and (not isinstance(target_reps, int) or target_reps < 0):
+        if target_reps is not None and (isinstance(target_reps, bool)
+                                        or not isinstance(target_reps, numbers.Integral)
+                                        or target_reps < 0):
             raise ValueError(f"target_reps must be a non-negative int or None, not {target_reps!r}")
         self.kind = kind
         self.side = side
         self.space = space
         self.aspect = float(aspect)
-        self.target_reps = target_reps
+        self.target_reps = None if target_reps is None else int(target_reps)
         sides = SIDE_CHOICES[side]
         profile = profile_for(kind)
         self._fallback_reason: str | None = None
@@ -68,11 +71,11 @@ class RepEngine:
             cands = [profile]
         self._trackers = [JointTracker(p, sides) for p in cands]
         self._profile: Profile | None = profile
-        self._gate = (WalkGate(self.aspect) if profile is not None and profile.hips_still
+        self._gate = (WalkGate() if profile is not None and profile.hips_still
                       and space == "image" else None)
-        self._set_columns([(j, s) for j in dict.fromkeys(p.joint for p in cands) for s in sides])
         # one angle column per (joint, side); candidates of the same joint share columns
         joints = list(dict.fromkeys(p.joint for p in cands))
+        self._set_columns([(j, s) for j in joints for s in sides])
         self._usable = {j: 0 for j in joints}
         self._buffers: list[list] = [[] for _ in cands]
         self._scores = [0.0] * len(cands)
@@ -119,16 +122,13 @@ class RepEngine:
             raise ValueError("t_ms must be finite and strictly increasing across batches")
         if self._t0 is None:
             self._t0 = float(t[0])
-            for tr in self._trackers:
-                for det in tr.dets:
-                    det.t_first = self._t0
         self._t_last = t_end
         self._frames += n
-        ang, vis, trunk = batch_features(f, self._index, len(self._cols), self.space,
-                                         self.aspect)
+        ang, vis, trunk, hip_x, trunk_len = batch_features(
+            f, self._index, len(self._cols), self.space, self.aspect)
         valid = (vis >= VIS_MIN) & (ang == ang)  # NaN angle: landmarks missing
         if self._gate is not None:
-            valid &= ~self._gate.moving(t, f)[:, None]
+            valid &= ~self._gate.moving(t, hip_x, trunk_len)[:, None]
         if len(self._joint_cols) == 1:
             self._usable[self._cols[0][0]] += int(np.count_nonzero(valid.any(axis=1)))
         else:
@@ -174,8 +174,8 @@ class RepEngine:
         joint = prof.joint if prof else None
         usable = self._usable.get(joint, 0) if joint else max(self._usable.values(), default=0)
         out = {
-            "profile": self._profile.kind if self._profile else "auto",
-            "kind_requested": self.kind,
+            "profile": prof.kind if prof else "auto",
+            "kind_requested": self.kind if self.kind is None else str(self.kind),
             "fallback": self.fallback,
             "fallback_reason": self._fallback_reason,
             "joint": joint,
@@ -190,9 +190,8 @@ class RepEngine:
             "frames": self._frames,
             "tracked_fraction": round(usable / self._frames, 3) if self._frames else 0.0,
         }
-        t0 = self._t0 if self._t0 is not None else 0.0
-        span = max(0.0, self._t_last - t0) if self._t0 is not None else 0.0
-        out.update(self._stats.as_dict(span, t0, self._t_last))
+        span = self._t_last - self._t0 if self._t0 is not None else 0.0
+        out.update(self._stats.as_dict(span))
         out["reps"] = [r.to_dict() for r in self._reps]
         return out
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .angles import L_HIP, L_SHOULDER, R_HIP, R_SHOULDER
-
 LAG = 15  # frames over which the displacement is measured (0.5 s at 30 fps)
 MAX_SPEED = 0.5  # trunk lengths per second; walking is 1-3, fidgeting well below
 
@@ -25,28 +23,32 @@ class WalkGate:
     the visibility test) and do not enter the history.
     """
 
-    def __init__(self, aspect: float) -> None:
-        self.aspect = aspect
+    def __init__(self) -> None:
         self._x = np.empty(0)
         self._t = np.empty(0)
 
-    def moving(self, t: np.ndarray, frames: np.ndarray) -> np.ndarray:
-        """Boolean (n,): True where the patient is walking about."""
-        p = frames[:, (L_SHOULDER, R_SHOULDER, L_HIP, R_HIP), :2].astype(np.float64)
-        hx = (p[:, 2, 0] + p[:, 3, 0]) * (0.5 * self.aspect)
-        dx = (p[:, 2, 0] + p[:, 3, 0] - p[:, 0, 0] - p[:, 1, 0]) * (0.5 * self.aspect)
-        dy = (p[:, 2, 1] + p[:, 3, 1] - p[:, 0, 1] - p[:, 1, 1]) * 0.5
-        trunk = np.sqrt(dx * dx + dy * dy)
-        ok = (hx == hx) & (trunk > 0)
-        xs = np.concatenate([self._x, hx[ok]])
-        ts = np.concatenate([self._t, t[ok]])
-        c = self._x.size
-        n = int(ok.sum())
-        idx = np.arange(c, c + n)
-        lag = np.maximum(idx - LAG, 0)
-        dt = ts[idx] - ts[lag]
-        speed = np.abs(xs[idx] - xs[lag]) * 1000.0 / np.where(dt > 0, dt, np.inf)
-        out = np.zeros(t.shape[0], dtype=bool)
-        out[ok] = speed > MAX_SPEED * trunk[ok]
+    def moving(self, t: np.ndarray, hip_x: np.ndarray, trunk_len: np.ndarray) -> np.ndarray:
+        """Boolean (n,): True where the patient is walking about.
+
+        ``hip_x`` and ``trunk_len`` are in the same unit (frame heights), as
+        returned by ``angles.batch_features`` in image space.
+        """
+        ok = trunk_len > 0  # False for NaN
+        all_ok = bool(ok.all())
+        hx, tt, tl = (hip_x, t, trunk_len) if all_ok else (hip_x[ok], t[ok], trunk_len[ok])
+        xs = np.concatenate([self._x, hx])
+        ts = np.concatenate([self._t, tt])
+        c, n = self._x.size, hx.size
+        if c == LAG:
+            lag_x, lag_t = xs[:n], ts[:n]
+        else:  # start of the stream: compare with the oldest frame seen
+            lag = np.maximum(np.arange(c - LAG, c - LAG + n), 0)
+            lag_x, lag_t = xs[lag], ts[lag]
+        # |dx| / dt > MAX_SPEED * trunk, with dt in ms, written without a division
+        fast = np.abs(xs[c:] - lag_x) * 1000.0 > MAX_SPEED * tl * (ts[c:] - lag_t)
         self._x, self._t = xs[-LAG:], ts[-LAG:]
+        if all_ok:
+            return fast
+        out = np.zeros(t.shape[0], dtype=bool)
+        out[ok] = fast
         return out

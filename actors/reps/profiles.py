@@ -46,31 +46,40 @@ class Profile:
 
 
 
-PROFILES: dict[str, Profile] = {
-    p.kind: p
-    for p in (
-        Profile("squat", "knee", -1, 80.0, 1000.0, 12000.0, False, "standing",
-           "knee flexion; down then up", ("squats", "bodyweight_squat", "mini_squat")),
-        Profile("lunge", "knee", -1, 70.0, 1000.0, 12000.0, False, "split stance",
-           "knee flexion of both legs; down then up", ("lunges", "split_squat")),
-        Profile("sit_to_stand", "knee", 1, 70.0, 1200.0, 15000.0, True, "seated",
-           "knee extension from seated to standing and back",
-           ("sit_stand", "sts", "chair_stand", "sit_to_stands")),
-        Profile("hip_abduction", "hip", -1, 25.0, 600.0, 12000.0, True, "standing",
-           "leg raised sideways (trunk-thigh angle opens sideways); one side at a time",
-           ("standing_hip_abduction", "side_leg_raise", "hip_abductions"), hips_still=True),
-        Profile("lateral_raise", "shoulder", 1, 70.0, 600.0, 12000.0, True, "arms down",
-           "shoulder abduction, arms raised sideways", ("lateral_raises", "side_raise"), hips_still=True),
-        Profile("shoulder_flexion", "shoulder", 1, 90.0, 700.0, 12000.0, True, "arms down",
-           "arm raised forward", ("front_raise", "arm_raise", "shoulder_raise"), hips_still=True),
-        Profile("bicep_curl", "elbow", -1, 90.0, 600.0, 12000.0, True, "arms extended",
-           "elbow flexion", ("biceps_curl", "curl", "curls", "bicep_curls", "elbow_flexion"), hips_still=True),
-        Profile("shoulder_press", "elbow", 1, 70.0, 600.0, 12000.0, True, "hands at shoulders",
-           "elbow extension pressing overhead", ("overhead_press", "military_press"), hips_still=True),
-        Profile("push_up", "elbow", -1, 60.0, 400.0, 12000.0, False, "arms extended (plank)",
-           "elbow flexion lowering the body", ("pushup", "pushups", "press_up", "push_ups")),
-    )
-}
+def _profile(kind: str, joint: str, direction: int, rom: float, min_ms: float,
+             concentric_first: bool, rest: str, description: str, aliases: tuple[str, ...],
+             hips_still: bool = False, max_ms: float = 12000.0) -> Profile:
+    return Profile(kind, joint, direction, rom, min_ms, max_ms, concentric_first, rest,
+                   description, aliases, hips_still)
+
+
+# kind, joint, direction, typical patient ROM (deg), minimum rep duration (ms), ...
+PROFILES: dict[str, Profile] = {p.kind: p for p in (
+    _profile("squat", "knee", -1, 80.0, 1000.0, False, "standing",
+             "knee flexion; down then up", ("squats", "bodyweight_squat", "mini_squat")),
+    _profile("lunge", "knee", -1, 70.0, 1000.0, False, "split stance",
+             "knee flexion of both legs; down then up", ("lunges", "split_squat")),
+    _profile("sit_to_stand", "knee", 1, 70.0, 1200.0, True, "seated",
+             "knee extension from seated to standing and back",
+             ("sit_stand", "sts", "chair_stand", "sit_to_stands"), max_ms=15000.0),
+    _profile("hip_abduction", "hip", -1, 25.0, 600.0, True, "standing",
+             "leg raised sideways (the trunk-thigh angle opens); one side at a time",
+             ("standing_hip_abduction", "side_leg_raise", "hip_abductions"), hips_still=True),
+    _profile("lateral_raise", "shoulder", 1, 70.0, 600.0, True, "arms down",
+             "shoulder abduction, arms raised sideways", ("lateral_raises", "side_raise"),
+             hips_still=True),
+    _profile("shoulder_flexion", "shoulder", 1, 90.0, 700.0, True, "arms down",
+             "arm raised forward", ("front_raise", "arm_raise", "shoulder_raise"),
+             hips_still=True),
+    _profile("bicep_curl", "elbow", -1, 90.0, 600.0, True, "arms extended",
+             "elbow flexion", ("biceps_curl", "curl", "curls", "bicep_curls", "elbow_flexion"),
+             hips_still=True),
+    _profile("shoulder_press", "elbow", 1, 70.0, 600.0, True, "hands at shoulders",
+             "elbow extension pressing overhead", ("overhead_press", "military_press"),
+             hips_still=True),
+    _profile("push_up", "elbow", -1, 60.0, 400.0, False, "arms extended (plank)",
+             "elbow flexion lowering the body", ("pushup", "pushups", "press_up", "push_ups")),
+)}
 
 _ALIASES: dict[str, str] = {}
 for _prof in PROFILES.values():

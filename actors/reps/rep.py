@@ -48,7 +48,7 @@ class Rep:
         out = asdict(self)
         for k, v in out.items():
             if isinstance(v, float):
-                out[k] = round(v, 1 if k.endswith("_ms") else 3)
+                out[k] = round(v, 1 if k.endswith("_ms") else 2 if k.endswith("_deg") else 3)
         return out
 
 

@@ -49,17 +49,18 @@ class SessionStats:
                 self.active_ms += gap
         self.last_end = rep.end_ms
 
-    def as_dict(self, span_ms: float, t0: float, t_last: float) -> dict:
+    def as_dict(self, span_ms: float) -> dict:
         """Summary fields; None where undefined (no repetitions yet)."""
         n = self.n
         std = math.sqrt(self.dur_m2 / (n - 1)) if n > 1 else None
+        cv = round(std / self.dur_mean, 3) if std is not None and self.dur_mean > 0 else None
         active = min(self.active_ms, span_ms)
         return {
             "rom_mean_deg": round(self.rom_sum / n, 2) if n else None,
             "rom_min_deg": round(self.rom_min, 2) if n else None,
             "rom_max_deg": round(self.rom_max, 2) if n else None,
             "tempo_mean_ms": round(self.dur_mean, 1) if n else None,
-            "tempo_cv": round(std / self.dur_mean, 3) if std is not None and self.dur_mean else None,
+            "tempo_cv": cv,
             "cadence_per_min": round(60000.0 * n / active, 2) if n and active > 0 else None,
             "symmetry_mean": round(self.sym_sum / self.sym_n, 3) if self.sym_n else None,
             "symmetric_reps": self.sym_n,

@@ -67,7 +67,7 @@ async def test_idle_timeout_ends_session(h: Harness, autojump_clock: trio.abc.Cl
 
 async def test_max_duration_ends_session(settings: Settings, nursery: trio.Nursery,
                                          autojump_clock: trio.abc.Clock) -> None:
-    h = Harness(dataclasses.replace(settings, max_session_s=100.0))
+    h = Harness(dataclasses.replace(settings, max_session_s=95.0))
     await nursery.start(h.sup.run)
     c = h.claims()
     for seq in range(15):

@@ -1,0 +1,134 @@
+"""Finalisation of a session: blob stored and verified, summary event published.
+
+With a spool, finalisation is a state machine persisted in the session's state file
+(see :mod:`actors.durable`): ``upload`` → ``publish`` → ``ended``. Each step is
+idempotent (the blob bytes are a pure function of the acknowledged frames; the
+event id is derived from the session), so a crash at any point resumes at that step
+and nothing is seen twice. Outages delay a step, never drop it: the blob store and
+the bus are retried with capped backoff until they succeed or the task is
+cancelled (shutdown), and a cancelled finalisation resumes at the next start.
+
+Without a spool (unit tests, a deliberately ephemeral deployment) there is nothing
+to resume from, so finalisation is shielded from cancellation and bounded in time
+instead, and gives up after a few attempts, saying so in the summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from actors.durable import ended_key, session_key
+from actors.summary import build_summary
+from storage.blobs import blob_key
+
+if TYPE_CHECKING:
+    from actors.session import SessionActor
+
+log = logging.getLogger("telemetry.finalise")
+
+MAX_BACKOFF_S = 30.0
+
+
+async def retry(fn: Callable[[], Awaitable[Any]], what: str, log_id: str,
+                attempts: int | None) -> tuple[bool, Any]:
+    """Call ``fn`` until it succeeds (``attempts=None``: forever) with capped
+    exponential backoff and jitter. Returns ``(ok, result)``; cancellation propagates."""
+    attempt = 0
+    while True:
+        try:
+            return True, await fn()
+        except Exception as exc:
+            attempt += 1
+            log.warning("%s failed (attempt %d): %s", what, attempt, type(exc).__name__,
+                        extra={"session": log_id})
+            if attempts is not None and attempt >= attempts:
+                return False, None
+            delay = min(MAX_BACKOFF_S, 0.25 * math.pow(2, attempt - 1))
+            await trio.sleep(delay * random.uniform(0.8, 1.2))
+
+
+def _metrics(actor: SessionActor) -> dict[str, Any] | None:
+    if actor.reps is None:
+        return None
+    try:
+        actor.reps.finish()
+        return actor.reps.summary()
+    except Exception as exc:
+        log.exception("rep engine failed at finish", extra={"session": actor.log_id})
+        actor.error = f"{type(exc).__name__}: {exc}"
+        actor.end_reason = "actor_error"
+        return None
+
+
+async def _summary(actor: SessionActor, attempts: int | None) -> dict[str, Any]:
+    rep_summary = _metrics(actor)
+    blob: dict[str, Any] | None = None
+    if actor.replay is not None and actor.replay.frame_count:
+        data = actor.replay.finish()
+        key = blob_key(actor.org_id, actor.session_id)
+        ok, info = await retry(lambda: actor.store.put(key, data), "blob put", actor.log_id,
+                               attempts)
+        if ok:
+            blob = {"key": info.key, "size": info.size, "sha256": info.sha256,
+                    "encoding": actor.replay.encoding}
+        else:
+            actor.error = actor.error or "blob store unavailable"
+    summary = build_summary(
+        claims=actor.claims, space=actor.space, started_wall=actor.started_wall,
+        ended_wall=time.time(), end_reason=actor.end_reason or "client_end", blob=blob,
+        stats=actor.stats, skipped=actor.skipped, duplicates=actor.duplicates,
+        reps=rep_summary, error=actor.error,
+    )
+    actor.add_media(summary, rep_summary)
+    return summary
+
+
+async def publish_and_close(actor_bus: Any, spool: Any, key: str, summary: dict[str, Any],
+                            log_id: str) -> None:
+    """The last two steps, shared with recovery of a session found at ``publish``."""
+    await retry(lambda: actor_bus.publish(summary), "publish", log_id, None)
+    summary["published"] = True
+    # Kept for the retention period so late batches and repeated end calls are answered
+    # right after a restart too; under its own key, since remove() takes the log and
+    # the session's state file together.
+    await spool.set_state(ended_key(key), {"summary": summary, "ended_wall": time.time()})
+    await spool.remove(key)
+
+
+async def finalise(actor: SessionActor) -> dict[str, Any]:
+    """Run (or resume) finalisation; return the summary."""
+    spool = actor.spool
+    if spool is None:
+        return await _finalise_ephemeral(actor)
+    key = session_key(actor.org_id, actor.session_id)
+    await spool.set_state(key, {"step": "upload", "end_reason": actor.end_reason})
+    summary = await _summary(actor, attempts=None)
+    await spool.set_state(key, {"step": "publish", "summary": summary})
+    await publish_and_close(actor.bus, spool, key, summary, actor.log_id)
+    return summary
+
+
+async def _finalise_ephemeral(actor: SessionActor) -> dict[str, Any]:
+    summary: dict[str, Any] | None = None
+    with trio.move_on_after(actor.settings.shutdown_deadline_s) as scope:
+        scope.shield = True
+        summary = await _summary(actor, attempts=4)
+        ok, _ = await retry(lambda: actor.bus.publish(summary), "publish", actor.log_id, 4)
+        summary["published"] = ok
+    if scope.cancelled_caught or summary is None:
+        log.error("finalisation timed out", extra={"session": actor.log_id})
+        summary = build_summary(
+            claims=actor.claims, space=actor.space, started_wall=actor.started_wall,
+            ended_wall=time.time(), end_reason=actor.end_reason or "shutdown", blob=None,
+            stats=actor.stats, skipped=actor.skipped, duplicates=actor.duplicates, reps=None,
+            error="finalisation timed out",
+        )
+        summary["published"] = False
+    return summary

@@ -1,0 +1,193 @@
+"""Cost of making every 202 durable: spool append throughput and latency.
+
+Run from the repository root (about 30 s; files go to a temporary directory on
+the filesystem of ``--dir``, removed afterwards)::
+
+    .venv/bin/python -m bench.bench_spool
+    .venv/bin/python -m bench.bench_spool --sessions 200 --records 8 --dir /mnt/spool
+
+Two workloads, each on a fresh directory:
+
+* **burst** (closed loop): every session appends ``--records`` records back to
+  back, all sessions at once: the throughput ceiling and the latency under it.
+* **paced**: every session appends one record per second (a pose batch is about
+  one second of frames) at a random phase for ``--seconds``: production-like load.
+
+Modes: the :class:`~storage.spool.Spool` (group commit) with its defaults, with
+``append(..., compress=False)``, and with one worker thread per round
+(``fsync_threads=1``); against a baseline that writes and fsyncs each record in
+its own worker-thread call (open, append, fsync, close; plus a directory fsync
+for a new file) under a limiter of the same size, compressing like the spool's
+default. Payloads are real pose batches (``telemetry.wire``) from the synthetic
+generator, so compression sees realistic data. Latency is
+from calling ``append`` to its return. Figures are from one run: rerun to see
+the spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trio
+
+if __package__ in (None, ""):  # allow `python bench/bench_spool.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from actors.synthetic import generate  # noqa: E402
+from storage.spool import Spool, encode_record, fsync_dir  # noqa: E402
+from telemetry.wire import encode_batch  # noqa: E402
+
+Append = Callable[[str, int, bytes], Awaitable[None]]
+
+
+def pose_batches(n: int = 24) -> list[bytes]:
+    """``n`` one-second batches (30 frames, 15,980 bytes) of a synthetic session."""
+    s = generate("squat", reps=12, seed=7)
+    out = []
+    for i in range(n):
+        t = s.t_ms[i * 30:(i + 1) * 30].astype("uint32")
+        f = s.frames[i * 30:(i + 1) * 30].astype("float32")
+        out.append(encode_batch(i, t, f, space="image", image_width=640, image_height=480))
+    return out
+
+
+class PerRecordFsync:
+    """The baseline: each append is its own thread call that fsyncs its record."""
+
+    def __init__(self, root: Path, threads: int) -> None:
+        self.root, self.limiter = root, trio.CapacityLimiter(threads)
+        self.fsyncs = 0
+
+    def _append_sync(self, key: str, kind: int, payload: bytes) -> None:
+        path = self.root / f"{key}.log"
+        new = not path.exists()
+        if new:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        try:
+            os.write(fd, encode_record(kind, payload))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if new:
+            fsync_dir(path.parent)
+        self.fsyncs += 1 + new
+
+    async def append(self, key: str, kind: int, payload: bytes) -> None:
+        await trio.to_thread.run_sync(self._append_sync, key, kind, payload,
+                                      limiter=self.limiter)
+
+
+async def burst(append: Append, sessions: int, records: int, payloads: list[bytes]
+                ) -> tuple[float, list[float]]:
+    lat: list[float] = []
+
+    async def session(i: int) -> None:
+        for r in range(records):
+            t0 = time.perf_counter()
+            await append(f"org-{i % 16}/sess-{i}", 1, payloads[(i + r) % len(payloads)])
+            lat.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for i in range(sessions):
+            nursery.start_soon(session, i)
+    return time.perf_counter() - t0, lat
+
+
+async def paced(append: Append, sessions: int, seconds: float, payloads: list[bytes]
+                ) -> tuple[float, list[float]]:
+    lat: list[float] = []
+    rng = random.Random(3)
+
+    async def session(i: int, phase: float) -> None:
+        await trio.sleep(phase)
+        for r in range(int(seconds)):
+            t0 = time.perf_counter()
+            await append(f"org-{i % 16}/sess-{i}", 1, payloads[(i + r) % len(payloads)])
+            lat.append(time.perf_counter() - t0)
+            await trio.sleep(max(0.0, 1.0 - (time.perf_counter() - t0)))
+
+    t0 = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for i in range(sessions):
+            nursery.start_soon(session, i, rng.random())
+    return time.perf_counter() - t0, lat
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=1000)[int(q * 10) - 1] if len(values) > 1 else values[0]
+
+
+async def run_mode(name: str, workload: str, args: argparse.Namespace, payloads: list[bytes],
+                   base: Path) -> None:
+    root = Path(tempfile.mkdtemp(prefix="spool-bench-", dir=base))
+    try:
+        extra = ""
+        if name == "per-record fsync":
+            store = PerRecordFsync(root, args.threads)
+            append: Append = store.append
+            elapsed, lat = await _drive(workload, append, args, payloads)
+            extra = f"fsyncs {store.fsyncs}"
+        else:
+            spool = Spool(root, fsync_interval_s=args.interval_ms / 1000,
+                          fsync_threads=1 if name == "1 thread/round" else args.threads)
+            compress = name != "compress=False"
+
+            async def append(key: str, kind: int, payload: bytes) -> None:
+                await spool.append(key, kind, payload, compress=compress)
+
+            async with trio.open_nursery() as nursery:
+                await nursery.start(spool.run)
+                elapsed, lat = await _drive(workload, append, args, payloads)
+                nursery.cancel_scope.cancel()
+            s = spool.stats()
+            extra = (f"rounds {s['rounds']}, {s['records_per_round']:.1f} rec/round, "
+                     f"fsyncs {s['fsyncs']}, on disk {s['bytes'] / s['records'] / 1000:.1f} KB/rec")
+        n = len(lat)
+        print(f"{workload:6} {name:17} {n:6d} rec {n / elapsed:8.0f} rec/s  "
+              f"p50 {pct(lat, 50) * 1e3:7.1f} ms  p99 {pct(lat, 99) * 1e3:7.1f} ms  "
+              f"max {max(lat) * 1e3:7.1f} ms  | {extra}", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def _drive(workload: str, append: Append, args: argparse.Namespace,
+                 payloads: list[bytes]) -> tuple[float, list[float]]:
+    if workload == "burst":
+        return await burst(append, args.sessions, args.records, payloads)
+    return await paced(append, args.sessions, args.seconds, payloads)
+
+
+async def main(args: argparse.Namespace) -> None:
+    payloads = pose_batches()
+    base = args.dir
+    print(f"{args.sessions} sessions, {len(payloads[0])}-byte pose batches, "
+          f"fsync interval {args.interval_ms} ms, {args.threads} threads, dir {base}, "
+          f"{os.cpu_count()} CPUs", flush=True)
+    for mode in ("group commit", "compress=False", "1 thread/round", "per-record fsync"):
+        await run_mode(mode, "burst", args, payloads, base)
+    for mode in ("group commit", "compress=False", "per-record fsync"):
+        await run_mode(mode, "paced", args, payloads, base)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sessions", type=int, default=1000)
+    p.add_argument("--records", type=int, default=4, help="records per session (burst)")
+    p.add_argument("--seconds", type=float, default=4.0, help="duration of the paced run")
+    p.add_argument("--interval-ms", type=float, default=5.0)
+    p.add_argument("--threads", type=int, default=4, help="fsync threads / baseline limiter")
+    p.add_argument("--dir", default=tempfile.gettempdir(), help="where the temp dirs go")
+    parsed = p.parse_args()
+    parsed.dir = Path(parsed.dir).absolute()
+    trio.run(main, parsed)

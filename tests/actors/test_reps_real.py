@@ -1,0 +1,79 @@
+"""Real MediaPipe Pose recordings of push-ups with hand-counted repetitions.
+
+The clips live outside the repository (``../shared/data/pose/pushup``). They are
+a check on realism, not a training set: nothing in the engine is fitted to them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from actors.reps import RepEngine
+from bench.eval_reps import estimate_aspect
+
+POSE_DIR = Path(__file__).resolve().parents[2].parent / "shared/data/pose"
+PUSHUP = POSE_DIR / "pushup"
+
+
+def _clips() -> dict:
+    if not (PUSHUP / "labels.json").is_file():
+        pytest.fail(f"real pose data not found: expected {PUSHUP}/labels.json and the clips "
+                    f"(*.npz) next to it; see {POSE_DIR}/README.md")
+    return json.loads((PUSHUP / "labels.json").read_text())
+
+
+def _count(name: str, space: str) -> tuple[int, list]:
+    d = np.load(PUSHUP / f"{name}.npz")
+    frames = d["world"] if space == "world" else d["landmarks"]
+    aspect = estimate_aspect(d["landmarks"], d["world"]) if space == "image" else 1.0
+    eng = RepEngine("push_up", space=space, aspect=aspect)
+    t = d["t_ms"].astype(np.float64)
+    reps = []
+    for i in range(0, len(t), 30):
+        reps += eng.feed(t[i:i + 30], frames[i:i + 30])
+    reps += eng.finish()
+    return len(reps), reps
+
+
+@pytest.mark.parametrize("space", ["world", "image"])
+def test_real_pushup_counts(space):
+    labels = _clips()
+    assert len(labels) >= 50
+    errors, truths, roms = [], [], []
+    for name, lab in sorted(labels.items()):
+        n, reps = _count(name, space)
+        errors.append(n - lab["reps"])
+        truths.append(lab["reps"])
+        roms += [r.rom_deg for r in reps]
+    err = np.abs(errors)
+    exact, off1 = np.mean(err == 0), np.mean(err <= 1)
+    nmae = np.mean(err / np.array(truths))
+    detail = f"exact {exact:.3f}, off-by-one {off1:.3f}, nMAE {nmae:.3f}"
+    assert exact >= 0.93, detail
+    assert off1 >= 0.97, detail
+    assert nmae <= 0.05, detail
+    # push-up elbow excursions: the labels left out clips under 45 degrees
+    assert 40.0 <= np.median(roms) <= 120.0, np.median(roms)
+
+
+def test_real_multi_rep_clip_metrics():
+    labels = _clips()
+    name = max(labels, key=lambda k: labels[k]["reps"])  # the longest set
+    n, reps = _count(name, "world")
+    assert n == labels[name]["reps"]
+    starts = [r.start_ms for r in reps]
+    assert starts == sorted(starts)
+    assert all(r.end_ms <= s for r, s in zip(reps, starts[1:], strict=False))
+    assert all(0.0 <= r.confidence <= 1.0 for r in reps)
+    assert np.mean([r.confidence for r in reps]) > 0.5
+
+
+def test_aspect_estimate_is_a_real_frame_shape():
+    labels = _clips()
+    for name in sorted(labels)[:10]:
+        d = np.load(PUSHUP / f"{name}.npz")
+        assert 0.4 < estimate_aspect(d["landmarks"], d["world"]) < 2.5, name

@@ -1,0 +1,266 @@
+"""The durable outbox: real files in tmp dirs, a fake bus that fails on demand."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from storage.bus import Bus, BusError, InProcessBus
+from storage.outbox import Outbox, event_file_name
+
+
+class FakeBus:
+    """Accepts events into ``received`` after failing the first ``fail_first`` calls;
+    rejects every event whose id is in ``poison``; ``hang`` makes publish block."""
+
+    def __init__(self, fail_first: int = 0, poison: frozenset[str] = frozenset()) -> None:
+        self.fail_first = fail_first
+        self.poison = poison
+        self.hang = False
+        self.received: list[str] = []
+        self.calls: list[tuple[float, str]] = []
+        self.closed = False
+
+    async def publish(self, event: Mapping[str, Any]) -> None:
+        await trio.lowlevel.checkpoint()
+        self.calls.append((trio.current_time(), event["event_id"]))
+        if self.hang:
+            await trio.sleep_forever()
+        if self.fail_first > 0:
+            self.fail_first -= 1
+            raise BusError("sink unavailable (injected)")
+        if event["event_id"] in self.poison:
+            raise ValueError("receiver rejects this event (injected)")
+        self.received.append(event["event_id"])
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def ev(i: int | str, **extra: Any) -> dict[str, Any]:
+    return {"type": "telemetry.session.ended", "event_id": f"pose-session:org-a:s-{i}",
+            "n": i, **extra}
+
+
+def pending_files(root: Path) -> list[str]:
+    return sorted(os.listdir(root / "pending"))
+
+
+@asynccontextmanager
+async def delivering(outbox: Outbox) -> AsyncIterator[Outbox]:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(outbox.run)
+        yield outbox
+        nursery.cancel_scope.cancel()
+
+
+async def until(cond: Any, within_s: float = 3600) -> None:
+    """Poll ``cond`` (virtual time under autojump_clock); fail after ``within_s``."""
+    with trio.fail_after(within_s):
+        while not cond():  # noqa: ASYNC110 - polling a test's condition
+            await trio.sleep(0.01)
+
+
+def test_file_names_are_safe_and_distinct() -> None:
+    a, b = event_file_name("pose-session:org-a:s-1"), event_file_name("pose-session:org-a:s_1")
+    assert a != b and a.startswith("pose-session_org-a_s-1.")
+    for weird in ("../../etc/passwd", "/abs", "..", "\x00", "x" * 5000, "é/ü"):
+        name = event_file_name(weird)
+        assert "/" not in name and not name.startswith(".") and len(name) < 120
+
+
+async def test_outbox_is_a_bus(tmp_path: Path) -> None:
+    inner = FakeBus()
+    bus: Bus = Outbox(tmp_path, inner)
+    await bus.publish(ev(1))
+    await bus.aclose()
+    assert inner.closed
+    with pytest.raises(BusError):
+        await bus.publish(ev(2))
+
+
+async def test_publish_is_durable_on_return(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path, FakeBus())
+    await outbox.publish(ev(1, nested={"reps": [1, 2.5, None]}))
+    files = pending_files(tmp_path)
+    assert files == [event_file_name(ev(1)["event_id"]) + ".json"]
+    doc = json.loads((tmp_path / "pending" / files[0]).read_bytes())
+    assert doc["event"] == ev(1, nested={"reps": [1, 2.5, None]}) and doc["v"] == 1
+    assert (tmp_path / "pending" / files[0]).stat().st_mode & 0o077 == 0  # patient ids
+    assert outbox.depth == 1
+
+
+async def test_sink_down_then_up_delivers_each_once_in_order(tmp_path: Path,
+                                                           autojump_clock: object) -> None:
+    bus = FakeBus(fail_first=7)
+    outbox = Outbox(tmp_path, bus, base_delay_s=0.5, max_delay_s=4.0, rng=random.Random(1))
+    for i in range(5):
+        await outbox.publish(ev(i))
+    async with delivering(outbox):
+        await until(lambda: outbox.depth == 0)
+        await outbox.publish(ev(5))  # while running: woken at once
+        await until(lambda: outbox.depth == 0)
+    assert bus.received == [ev(i)["event_id"] for i in range(6)]
+    assert outbox.stats() == {"delivered": 6, "failures": 7, "dead": 0, "corrupt": 0,
+                              "depth": 0}
+    assert pending_files(tmp_path) == []
+    # backoff: waited at least d/2 for d doubling from 0.5 s, capped at 4 s (the upper
+    # bound is checked below: virtual time also jumps while a worker thread reads a file)
+    times = [t for t, _ in bus.calls[:8]]
+    for n, (a, b) in enumerate(zip(times, times[1:], strict=False), start=1):
+        assert b - a >= min(4.0, 0.5 * 2 ** (n - 1)) / 2 - 1e-6, (n, b - a)
+    assert times[-1] - times[0] >= 0.25 + 0.5 + 1 + 2 + 2 + 2 + 2 - 1e-6
+
+
+def test_retry_delay_doubles_with_jitter_and_cap(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path, FakeBus(), base_delay_s=0.5, max_delay_s=60.0,
+                    rng=random.Random(5))
+    for n in range(1, 80):
+        d = min(60.0, 0.5 * 2 ** (n - 1))
+        delays = [outbox.retry_delay(n) for _ in range(50)]
+        assert all(d / 2 <= x <= d for x in delays), n
+        assert max(delays) - min(delays) > d / 4  # jittered, not fixed
+
+
+async def test_restart_delivers_pending_from_disk(tmp_path: Path, autojump_clock: object) -> None:
+    down = FakeBus(fail_first=10**9)
+    first = Outbox(tmp_path, down)
+    async with delivering(first):
+        for i in range(3):
+            await first.publish(ev(i))
+        await until(lambda: first.stats()["failures"] >= 3)
+    assert len(pending_files(tmp_path)) == 3
+    up = FakeBus()
+    second = Outbox(tmp_path, up)  # a new process on the same directory
+    assert second.depth == 0
+    async with delivering(second):
+        assert second.depth == 3  # loaded before started()
+        await until(lambda: second.depth == 0)
+    assert up.received == [ev(i)["event_id"] for i in range(3)]
+    assert down.received == []
+
+
+async def test_same_event_id_twice_is_one_file_one_delivery(tmp_path: Path) -> None:
+    bus = FakeBus()
+    outbox = Outbox(tmp_path, bus)
+    await outbox.publish(ev(1))
+    await outbox.publish(ev(1, n="changed"))  # pending: the first document wins
+    async with trio.open_nursery() as nursery:  # concurrently, too
+        for _ in range(5):
+            nursery.start_soon(outbox.publish, ev(2))
+    assert len(pending_files(tmp_path)) == 2 and outbox.depth == 2
+    async with delivering(outbox):
+        await until(lambda: outbox.depth == 0, 10)
+    assert bus.received == [ev(1)["event_id"], ev(2)["event_id"]]
+
+
+async def test_poison_event_goes_to_dead_letters_after_max_attempts(
+        tmp_path: Path, autojump_clock: object) -> None:
+    bus = FakeBus(poison=frozenset({ev("bad")["event_id"]}))
+    outbox = Outbox(tmp_path, bus, max_attempts=4, max_delay_s=2.0)
+    await outbox.publish(ev("bad"))
+    await outbox.publish(ev("good"))
+    async with delivering(outbox):
+        await until(lambda: outbox.depth == 0)
+    assert bus.received == [ev("good")["event_id"]]
+    assert [eid for _, eid in bus.calls].count(ev("bad")["event_id"]) == 4
+    assert outbox.stats()["dead"] == 1 and outbox.stats()["failures"] == 4
+    dead = sorted(os.listdir(tmp_path / "dead"))
+    assert dead == [event_file_name(ev("bad")["event_id"]) + ".json"]
+    doc = json.loads((tmp_path / "dead" / dead[0]).read_bytes())
+    assert doc["attempts"] == 4 and "injected" in doc["last_error"] and doc["event"] == ev("bad")
+    assert pending_files(tmp_path) == []
+
+
+async def test_cancelled_delivery_keeps_the_event(tmp_path: Path) -> None:
+    bus = FakeBus()
+    bus.hang = True
+    outbox = Outbox(tmp_path, bus)
+    await outbox.publish(ev(1))
+    async with delivering(outbox):
+        await until(lambda: bus.calls, 10)
+    assert len(pending_files(tmp_path)) == 1  # in flight when stopped: still on disk
+    bus.hang = False
+    again = Outbox(tmp_path, bus)
+    async with delivering(again):
+        await until(lambda: again.depth == 0, 10)
+    assert bus.received == [ev(1)["event_id"]]
+
+
+async def test_aclose_stops_delivery_and_keeps_events(tmp_path: Path,
+                                                       autojump_clock: object) -> None:
+    bus = FakeBus(fail_first=10**9)
+    outbox = Outbox(tmp_path, bus)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(outbox.run)
+        await outbox.publish(ev(1))
+        await until(lambda: bus.calls)
+        await outbox.aclose()  # run returns by itself
+    assert bus.closed and len(pending_files(tmp_path)) == 1
+
+
+async def test_disk_failure_in_publish_is_a_bus_error(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    outbox = Outbox(tmp_path, FakeBus())
+
+    def no_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(os, "fsync", no_fsync)
+    with pytest.raises(BusError, match="outbox write failed"):
+        await outbox.publish(ev(1))
+    monkeypatch.undo()
+    assert outbox.depth == 0 and pending_files(tmp_path) == []  # the temp file is gone
+    await outbox.publish(ev(1))  # and the same event can be published again
+    assert outbox.depth == 1
+
+
+@pytest.mark.parametrize("event", [{"no": "id"}, {"event_id": ""}, {"event_id": 5},
+                                   {"event_id": "x", "v": object()},
+                                   {"event_id": "x", "v": float("nan")}])
+async def test_unpublishable_events_are_bus_errors(tmp_path: Path, event: dict) -> None:
+    outbox = Outbox(tmp_path, FakeBus())
+    with pytest.raises(BusError):
+        await outbox.publish(event)
+    assert outbox.depth == 0
+
+
+async def test_corrupt_pending_file_is_set_aside_others_delivered(tmp_path: Path) -> None:
+    bus = FakeBus()
+    outbox = Outbox(tmp_path, bus)
+    await outbox.publish(ev(1))
+    (tmp_path / "pending" / "junk.json").write_bytes(b'{"seq": 1, "ev')
+    (tmp_path / "pending" / ".stale.json.tmp").write_bytes(b"half")
+    again = Outbox(tmp_path, bus)
+    async with delivering(again):
+        await until(lambda: again.depth == 0, 10)
+    assert bus.received == [ev(1)["event_id"]]
+    assert again.stats()["corrupt"] == 1
+    assert os.listdir(tmp_path / "dead") == ["junk.corrupt"]
+    assert pending_files(tmp_path) == []
+
+
+async def test_in_process_bus_gets_the_event_as_published(tmp_path: Path) -> None:
+    got: list[Mapping[str, Any]] = []
+
+    async def subscriber(event: Mapping[str, Any]) -> None:
+        got.append(event)
+
+    inner = InProcessBus()
+    inner.subscribe(subscriber)
+    outbox = Outbox(tmp_path, inner)
+    event = ev(1, pose={"frames": 9000, "mean_visibility": 0.91}, blob=None, media=[])
+    async with delivering(outbox):
+        await outbox.publish(event)
+        await until(lambda: got, 10)
+    assert got == [event]

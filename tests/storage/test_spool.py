@@ -1,0 +1,550 @@
+"""The durable spool: real files in tmp dirs, real fsync (or an injected one)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import struct
+import threading
+import zlib
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from storage.spool import (
+    HEADER,
+    MAGIC,
+    Record,
+    Spool,
+    SpoolClosed,
+    SpoolError,
+    SpoolFull,
+    encode_record,
+)
+
+
+@asynccontextmanager
+async def running(root: Path, **kw: object) -> AsyncIterator[Spool]:
+    """A spool with its committer running; cancelled on exit."""
+    spool = Spool(root, **kw)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(spool.run)
+        yield spool
+        nursery.cancel_scope.cancel()
+
+
+def _fd_path(fd: int) -> str:
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+def pose_like(i: int, n: int = 16_000) -> bytes:
+    """Incompressible bytes, reproducible from ``i`` (a pose batch is mostly float
+    mantissas, which zlib barely shrinks)."""
+    return random.Random(i).randbytes(n)
+
+
+def log_file(root: Path, key: str) -> Path:
+    return root / f"{key}.log"
+
+
+# ------------------------------------------------------------------ format
+def test_record_format_is_as_documented() -> None:
+    raw = encode_record(7, b"x" * 1000)
+    magic, length, kind, flags, crc = HEADER.unpack(raw[:16])
+    assert (magic, kind, flags) == (MAGIC, 7, 1)  # compressible: zlib flag
+    assert length == len(raw) - 16 and length < 1000
+    assert crc == zlib.crc32(raw[16:], zlib.crc32(raw[:12]))
+    assert zlib.decompress(raw[16:]) == b"x" * 1000
+    plain = encode_record(3, os.urandom(500))  # would grow: stored as is
+    assert struct.unpack_from("<H", plain, 10)[0] == 0 and len(plain) == 516
+    assert encode_record(1, b"x" * 1000, compress_level=0)[10:12] == b"\0\0"
+
+
+@pytest.mark.parametrize("key", ["", "/a", "a/", "a//b", "../a", "a/..", ".a", "a b", "a\\b",
+                                 "a/b/c/d/e", "a.log/b", "x" * 129, "a/b.json", 7])
+async def test_unsafe_keys_rejected(tmp_path: Path, key: object) -> None:
+    async with running(tmp_path) as spool:
+        with pytest.raises(ValueError):
+            await spool.append(key, 1, b"p")  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            spool.read(key)  # type: ignore[arg-type]
+    assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------ basics
+async def test_roundtrip_kinds_and_compression(tmp_path: Path) -> None:
+    recs = [Record(1, pose_like(0)), Record(2, b'{"a": 1}' * 500), Record(65535, b""),
+            Record(0, b"tiny")]
+    async with running(tmp_path) as spool:
+        for r in recs:
+            await spool.append("org-a/sess-1", r.kind, r.payload)
+        assert spool.bytes_used == log_file(tmp_path, "org-a/sess-1").stat().st_size
+        s = spool.stats()
+        assert s["records"] == 4 and s["sessions"] == 1 and s["fsyncs"] >= 1
+    raw = sum(16 + len(r.payload) for r in recs)
+    assert log_file(tmp_path, "org-a/sess-1").stat().st_mode & 0o077 == 0  # patient data
+    assert (tmp_path / "org-a").stat().st_mode & 0o077 == 0
+    assert log_file(tmp_path, "org-a/sess-1").stat().st_size < raw - 3000  # JSON compressed
+    assert Spool(tmp_path).read("org-a/sess-1") == recs
+
+
+async def test_compress_false_stores_as_is(tmp_path: Path) -> None:
+    text = b'{"event": "timeupdate"}' * 200
+    async with running(tmp_path) as spool:
+        await spool.append("o/raw", 1, text, compress=False)
+        await spool.append("o/packed", 1, text)
+    assert log_file(tmp_path, "o/raw").stat().st_size == 16 + len(text)
+    assert log_file(tmp_path, "o/packed").stat().st_size < 16 + len(text) // 10
+    assert Spool(tmp_path).read("o/raw") == Spool(tmp_path).read("o/packed") == [Record(1, text)]
+
+
+async def test_append_needs_running_committer(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    with pytest.raises(SpoolClosed):
+        await spool.append("o/s", 1, b"x")
+    async with running(tmp_path) as spool:
+        await spool.append("o/s", 1, b"x")
+    with pytest.raises(SpoolClosed):  # stopped
+        await spool.append("o/s", 1, b"x")
+    with pytest.raises(RuntimeError):
+        await spool.run()
+
+
+async def test_group_commit_serves_many_sessions_per_fsync_round(tmp_path: Path) -> None:
+    n = 300
+    async with running(tmp_path, fsync_interval_s=0.02) as spool:
+        async with trio.open_nursery() as nursery:
+            for i in range(n):
+                nursery.start_soon(spool.append, f"org-{i % 3}/sess-{i}", 1, pose_like(i, 2000))
+        # the same session appending concurrently: one fsync per round for its file
+        async with trio.open_nursery() as nursery:
+            for i in range(50):
+                nursery.start_soon(spool.append, "org-0/busy", 2, pose_like(i, 500))
+        s = spool.stats()
+    assert s["records"] == n + 50
+    assert s["rounds"] <= 10, s  # far fewer rounds than appends
+    assert s["records_per_round"] >= 35
+    assert s["fsyncs"] <= n + s["rounds"]  # one per dirty file per round
+    reader = Spool(tmp_path)
+    assert len(reader.keys()) == n + 1
+    assert len(reader.read("org-0/busy")) == 50
+    assert reader.read("org-2/sess-5") == [Record(1, pose_like(5, 2000))]
+
+
+async def test_rounds_are_rate_limited(tmp_path: Path) -> None:
+    async with running(tmp_path, fsync_interval_s=0.1) as spool:
+        t0 = trio.current_time()
+        for i in range(4):  # sequential: each waits for its own round
+            await spool.append("o/s", 1, b"%d" % i)
+        elapsed = trio.current_time() - t0
+    assert elapsed >= 0.29  # rounds 2..4 each waited for the interval
+    assert spool.stats()["rounds"] == 4
+
+
+# ------------------------------------------------------------------ fsync injection
+async def test_append_returns_only_after_its_fsync(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = threading.Event()
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        gate.wait(10)
+        real_fsync(fd)
+        synced.append(_fd_path(fd))
+
+    async with running(tmp_path) as spool:
+        monkeypatch.setattr(os, "fsync", slow_fsync)
+        done = trio.Event()
+
+        async def appender() -> None:
+            await spool.append("o/s", 1, b"payload")
+            done.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(appender)
+            await trio.sleep(0.3)
+            assert not done.is_set()  # written, maybe, but not fsynced: no answer yet
+            assert synced == []
+            gate.set()
+        assert done.is_set()
+    assert any(p.endswith("o/s.log") for p in synced)
+    assert any(p == str(tmp_path / "o") for p in synced)  # new file: directory fsynced
+
+
+async def test_failed_fsync_refuses_record_and_rolls_back(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    real_fsync = os.fsync
+    failures = {"left": 0}
+
+    def flaky_fsync(fd: int) -> None:
+        if failures["left"] and _fd_path(fd).endswith(".log"):
+            failures["left"] -= 1
+            raise OSError(errno.EIO, "injected fsync failure")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", flaky_fsync)
+    async with running(tmp_path) as spool:
+        await spool.append("o/s", 1, b"first")
+        size = log_file(tmp_path, "o/s").stat().st_size
+        failures["left"] = 1
+        with pytest.raises(SpoolError, match="injected"):
+            await spool.append("o/s", 1, b"refused")
+        assert log_file(tmp_path, "o/s").stat().st_size == size  # rolled back
+        assert spool.bytes_used == size
+        await spool.append("o/s", 1, b"third")
+        assert spool.stats()["failed"] == 1
+    assert [r.payload for r in Spool(tmp_path).read("o/s")] == [b"first", b"third"]
+
+
+async def test_unrecoverable_log_is_marked_broken_other_sessions_fine(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_fsync = os.fsync
+
+    def failing_for_bad(fd: int) -> None:
+        if _fd_path(fd).endswith("bad.log"):
+            raise OSError(errno.EIO, "disk says no")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_for_bad)
+    async with running(tmp_path) as spool:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(spool.append, "o/good", 1, b"g")
+
+            async def bad() -> None:
+                with pytest.raises(SpoolError):
+                    await spool.append("o/bad", 1, b"b")
+
+            nursery.start_soon(bad)
+        with pytest.raises(SpoolError, match="broken"):  # the rollback could not be fsynced
+            await spool.append("o/bad", 1, b"again")
+        await spool.append("o/good", 1, b"g2")
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        await spool.remove("o/bad")  # removing clears it
+        await spool.append("o/bad", 1, b"fresh")
+    assert [r.payload for r in Spool(tmp_path).read("o/good")] == [b"g", b"g2"]
+    assert [r.payload for r in Spool(tmp_path).read("o/bad")] == [b"fresh"]
+
+
+async def test_failed_directory_fsync_fails_new_file_until_it_succeeds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_fsync = os.fsync
+    fail_dirs = {"on": True}
+
+    def dir_failing(fd: int) -> None:
+        if fail_dirs["on"] and os.path.isdir(_fd_path(fd)):
+            raise OSError(errno.EIO, "injected directory fsync failure")
+        real_fsync(fd)
+
+    async with running(tmp_path) as spool:
+        await spool.append("o/old", 1, b"x")  # directory synced before the failures
+        monkeypatch.setattr(os, "fsync", dir_failing)
+        with pytest.raises(SpoolError, match="directory"):
+            await spool.append("o/new", 1, b"1")  # its directory entry is not durable
+        with pytest.raises(SpoolError, match="directory"):
+            await spool.append("o/old", 1, b"y")  # same directory, still unsynced
+        fail_dirs["on"] = False
+        await spool.append("o/new", 1, b"2")  # the retried directory fsync succeeds
+        await spool.append("o/old", 1, b"z")
+        assert spool.stats()["failed"] == 2
+    # refused records may survive (never acknowledged; the client resends)
+    assert [r.payload for r in Spool(tmp_path).read("o/new")] == [b"1", b"2"]
+
+
+# ------------------------------------------------------------------ torn tails
+def _write_log(path: Path, payloads: list[bytes]) -> list[int]:
+    """Write records directly; the end offset of each."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ends, data = [], b""
+    for i, p in enumerate(payloads):
+        data += encode_record(i, p)
+        ends.append(len(data))
+    path.write_bytes(data)
+    return ends
+
+
+def _truncate_to(n: int) -> Callable[[bytes, list[int]], bytes]:
+    return lambda data, ends: data[: ends[1] + n]
+
+
+def _flip(offset_from_end: int) -> Callable[[bytes, list[int]], bytes]:
+    def f(data: bytes, ends: list[int]) -> bytes:
+        i = len(data) - offset_from_end
+        return data[:i] + bytes([data[i] ^ 0x40]) + data[i + 1:]
+    return f
+
+
+@pytest.mark.parametrize("damage", [
+    pytest.param(_truncate_to(3), id="torn-header"),
+    pytest.param(_truncate_to(16), id="header-only"),
+    pytest.param(_truncate_to(500), id="torn-payload"),
+    pytest.param(_flip(1), id="flipped-payload-byte"),
+    pytest.param(lambda d, e: d[: e[1]] + b"XXS1" + d[e[1] + 4:], id="bad-magic"),
+    pytest.param(lambda d, e: d[: e[1] + 4] + b"\xff\xff\xff\x7f" + d[e[1] + 8:], id="huge-len"),
+    pytest.param(lambda d, e: d[: e[1] + 10] + b"\x04\x00" + d[e[1] + 12:], id="unknown-flag"),
+])
+def test_torn_or_corrupt_tail_is_cut_and_counted(tmp_path: Path, damage: Callable) -> None:
+    path = log_file(tmp_path, "org/s")
+    payloads = [pose_like(i, 2000) for i in range(3)]
+    ends = _write_log(path, payloads)
+    path.write_bytes(damage(path.read_bytes(), ends))
+    spool = Spool(tmp_path)
+    records = spool.read("org/s")
+    assert [r.payload for r in records] == payloads[:2]
+    assert path.stat().st_size == ends[1]  # cut back to the last good record
+    assert spool.torn_tails == 1 and spool.stats()["torn_bytes"] > 0
+    assert Spool(tmp_path).read("org/s") == records  # idempotent: nothing more to cut
+    assert Spool(tmp_path).torn_tails == 0
+
+
+def test_garbage_after_last_record_is_cut(tmp_path: Path) -> None:
+    path = log_file(tmp_path, "org/s")
+    ends = _write_log(path, [b"a" * 100, b"b" * 100])
+    with path.open("ab") as f:
+        f.write(b"\0" * 4096)  # e.g. a preallocated tail after power loss
+    spool = Spool(tmp_path)
+    assert [r.payload for r in spool.read("org/s")] == [b"a" * 100, b"b" * 100]
+    assert path.stat().st_size == ends[-1] and spool.torn_tails == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(0, 3000), min_size=1, max_size=8), cut=st.floats(0, 1))
+def test_any_truncation_keeps_exactly_the_whole_records(tmp_path_factory: pytest.TempPathFactory,
+                                                       sizes: list[int], cut: float) -> None:
+    root = tmp_path_factory.mktemp("spool")
+    path = log_file(root, "o/s")
+    payloads = [bytes([i]) * n for i, n in enumerate(sizes)]
+    ends = _write_log(path, payloads)
+    keep = int(cut * ends[-1])
+    with path.open("r+b") as f:
+        f.truncate(keep)
+    whole = sum(1 for e in ends if e <= keep)
+    spool = Spool(root)
+    assert [r.payload for r in spool.read("o/s")] == payloads[:whole]
+    assert spool.torn_tails == (0 if keep in (0, *ends) else 1)
+
+
+async def test_recovered_log_continues_after_cut(tmp_path: Path) -> None:
+    async with running(tmp_path) as spool:
+        for i in range(3):
+            await spool.append("org/s", 1, b"rec%d" % i)
+    path = log_file(tmp_path, "org/s")
+    with path.open("r+b") as f:
+        f.truncate(path.stat().st_size - 2)
+    async with running(tmp_path) as spool:
+        assert [r.payload for r in await spool.aread("org/s")] == [b"rec0", b"rec1"]
+        assert spool.bytes_used == path.stat().st_size
+        await spool.append("org/s", 1, b"rec3")
+    assert [r.payload for r in Spool(tmp_path).read("org/s")] == [b"rec0", b"rec1", b"rec3"]
+
+
+# ------------------------------------------------------------------ budget
+async def test_spool_full_before_queuing_anything(tmp_path: Path) -> None:
+    rec = pose_like(0, 1000)
+    async with running(tmp_path, max_bytes=3 * (16 + 1000) + 30, compress_level=0) as spool:
+        for _ in range(3):
+            await spool.append("o/a", 1, rec)
+        used = spool.bytes_used
+        with pytest.raises(SpoolFull):
+            await spool.append("o/b", 1, rec)
+        assert spool.bytes_used == used and not log_file(tmp_path, "o/b").exists()
+        await spool.append("o/b", 1, b"small")  # what still fits is taken
+        await spool.remove("o/a")
+        assert spool.bytes_used == 16 + 5
+        await spool.append("o/b", 1, rec)
+    reopened = Spool(tmp_path, max_bytes=100)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reopened.run)
+        assert reopened.bytes_used == 2 * 16 + 5 + 1000  # computed from the files
+        with pytest.raises(SpoolFull):
+            await reopened.append("o/c", 1, b"x")
+        nursery.cancel_scope.cancel()
+
+
+async def test_concurrent_appends_reserve_budget(tmp_path: Path) -> None:
+    async with running(tmp_path, max_bytes=10 * 116, compress_level=0) as spool:
+        outcomes: list[str] = []
+
+        async def one(i: int) -> None:
+            try:
+                await spool.append(f"o/s{i}", 1, pose_like(i, 100))
+                outcomes.append("ok")
+            except SpoolFull:
+                outcomes.append("full")
+
+        async with trio.open_nursery() as nursery:
+            for i in range(15):
+                nursery.start_soon(one, i)
+        assert outcomes.count("ok") == 10 and outcomes.count("full") == 5
+        assert spool.bytes_used == 10 * 116
+
+
+# ------------------------------------------------------------------ state and removal
+async def test_state_is_replaced_atomically(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    async with running(tmp_path) as spool:
+        assert spool.get_state("o/s") is None
+        await spool.append("o/s", 1, b"x")
+        await spool.set_state("o/s", {"step": "blob_verified", "blob": {"size": 3}})
+        assert spool.get_state("o/s") == {"step": "blob_verified", "blob": {"size": 3}}
+
+        def broken_replace(src: object, dst: object) -> None:
+            raise OSError(errno.ENOSPC, "injected")
+
+        monkeypatch.setattr(os, "replace", broken_replace)
+        with pytest.raises(SpoolError):
+            await spool.set_state("o/s", {"step": "event_queued"})
+        monkeypatch.undo()
+        assert spool.get_state("o/s") == {"step": "blob_verified", "blob": {"size": 3}}
+        assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["s.log", "s.state.json"]
+        await spool.set_state("o/s", {"step": "event_queued"})
+        assert spool.get_state("o/s") == {"step": "event_queued"}
+        with pytest.raises(TypeError):
+            await spool.set_state("o/s", {"x": object()})
+    # a crash mid-write leaves only a temp file, which never shows as the state
+    (tmp_path / "o" / ".s.state.json.tmp").write_bytes(b'{"step": "half')
+    spool = Spool(tmp_path)
+    assert spool.get_state("o/s") == {"step": "event_queued"}
+    async with running(tmp_path):
+        pass
+    assert not (tmp_path / "o" / ".s.state.json.tmp").exists()  # cleaned at start-up
+
+
+def test_unparsable_state_reads_as_none_and_is_counted(tmp_path: Path) -> None:
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "s.state.json").write_bytes(b"\x00garbage")
+    spool = Spool(tmp_path)
+    assert spool.get_state("o/s") is None
+    assert spool.stats()["corrupt_states"] == 1
+
+
+async def test_keys_survive_reopen_and_remove(tmp_path: Path) -> None:
+    async with running(tmp_path) as spool:
+        for key in ("org-a/s1", "org-a/s2", "org-b/s1", "flat"):
+            await spool.append(key, 1, b"x")
+        await spool.set_state("org-c/only-state", {"step": "event_queued"})
+        await spool.remove("org-a/s2")
+        await spool.remove("never-existed")
+    (tmp_path / "org-a" / "notes.txt").write_text("foreign")
+    assert Spool(tmp_path).keys() == ["flat", "org-a/s1", "org-b/s1", "org-c/only-state"]
+    async with running(tmp_path) as spool:
+        assert spool.stats()["sessions"] == 3
+        await spool.remove("org-c/only-state")
+        assert "org-c/only-state" not in spool.keys()
+
+
+async def test_ops_on_one_key_apply_in_order_within_a_round(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = threading.Event()
+    real_fsync = os.fsync
+
+    def gated(fd: int) -> None:
+        if _fd_path(fd).endswith("blocker.log"):
+            gate.wait(10)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", gated)
+    async with running(tmp_path, fsync_threads=1) as spool:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(spool.append, "o/blocker", 1, b"b")  # round 1 hangs in fsync
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(spool.append, "o/s", 1, b"old")  # round 2, in this order:
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(spool.set_state, "o/s", {"n": 1})
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(spool.remove, "o/s")
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(spool.append, "o/s", 2, b"new")
+            await trio.testing.wait_all_tasks_blocked()
+            gate.set()
+        assert spool.stats()["rounds"] == 2
+    assert Spool(tmp_path).read("o/s") == [Record(2, b"new")]
+    assert Spool(tmp_path).get_state("o/s") is None
+
+
+# ------------------------------------------------------------------ cancellation
+async def test_stopping_never_reports_false_durability(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = threading.Event()
+    real_fsync = os.fsync
+
+    def gated(fd: int) -> None:
+        gate.wait(10)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", gated)
+    spool = Spool(tmp_path)
+    results: dict[str, object] = {}
+
+    async def append(name: str) -> None:
+        try:
+            await spool.append(f"o/{name}", 1, name.encode())
+            results[name] = "durable"
+        except SpoolClosed as e:
+            results[name] = e
+
+    async def release_later() -> None:
+        await trio.sleep(0.1)
+        assert not results  # nobody was answered while the round was in its thread
+        gate.set()
+
+    async with trio.open_nursery() as outer:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(spool.run)
+            outer.start_soon(append, "inflight")
+            await trio.testing.wait_all_tasks_blocked()  # round 1 is in its fsync
+            outer.start_soon(append, "queued")
+            await trio.testing.wait_all_tasks_blocked()
+            outer.start_soon(release_later)  # the in-flight thread then finishes
+            nursery.cancel_scope.cancel()  # stop the committer mid-round
+    assert results["inflight"] == "durable"
+    assert isinstance(results["queued"], SpoolClosed)
+    assert [r.payload for r in Spool(tmp_path).read("o/inflight")] == [b"inflight"]
+    assert not log_file(tmp_path, "o/queued").exists()
+
+
+async def test_cancelled_append_not_yet_committed_is_dropped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = threading.Event()
+    real_fsync = os.fsync
+
+    def gated(fd: int) -> None:
+        gate.wait(10)
+        real_fsync(fd)
+
+    async with running(tmp_path) as spool:
+        monkeypatch.setattr(os, "fsync", gated)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(spool.append, "o/first", 1, b"1")
+            await trio.testing.wait_all_tasks_blocked()
+            with trio.move_on_after(0.05) as scope:
+                await spool.append("o/second", 1, b"2" * 1000)
+            assert scope.cancelled_caught
+            used = spool.bytes_used
+            gate.set()
+        assert used < 1000  # its reservation was released at once
+        await spool.append("o/third", 1, b"3")  # a later round runs without it
+    assert not log_file(tmp_path, "o/second").exists()
+    assert Spool(tmp_path).keys() == ["o/first", "o/third"]
+
+
+async def test_read_refuses_a_key_with_queued_operations(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = threading.Event()
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (gate.wait(10), real_fsync(fd)))
+    async with running(tmp_path) as spool:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(spool.append, "o/s", 1, b"1")
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(RuntimeError, match="busy"):
+                spool.read("o/s")
+            gate.set()
+        assert spool.read("o/s") == [Record(1, b"1")]
