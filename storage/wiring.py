@@ -3,9 +3,9 @@
 Always: the spool (acknowledged batches on local disk) and the outbox (events on
 local disk until the bus takes them). Embedded defaults (no configuration):
 filesystem blobs under the data dir, the in-process bus, and the aggregate sink in
-this process writing to an embedded Postgres (``pgserver``) or ``DATABASE_URL``. Production: ``TELEMETRY_BLOB_STORE=s3``
-and ``TELEMETRY_BUS=http`` (the sink then runs on the Core API side, or as
-``telemetry sink``).
+this process writing to an embedded Postgres (``pgserver``) or ``DATABASE_URL``.
+Production: ``TELEMETRY_BLOB_STORE=s3`` and ``TELEMETRY_BUS=http`` (the sink then
+runs on the Core API side, or as ``telemetry sink``).
 
 :func:`open_storage` opens everything before yielding and closes it afterwards
 under a shielded, time-bounded scope, so a cancelled shutdown still releases the
