@@ -121,7 +121,8 @@ async def open_storage(settings: Settings) -> AsyncIterator[Storage]:
         bus = InProcessBus()
     data = Path(settings.data_dir)
     spool = Spool(data / "spool", max_bytes=settings.spool_max_bytes,
-                  fsync_interval_s=settings.spool_fsync_ms / 1000.0)
+                  fsync_interval_s=settings.spool_fsync_ms / 1000.0) if settings.spool_enabled \
+        else None
     storage = Storage(store=store, bus=Outbox(data / "outbox", bus), transport=bus, spool=spool)
     try:
         if settings.bus == "inprocess" and settings.sink == "embedded":

@@ -68,6 +68,8 @@ VARIABLES: dict[str, tuple[str, str]] = {
                                     "bucket, burst 2x; 429 beyond)."),
     "TELEMETRY_SPOOL_MAX_BYTES": ("2147483648", "Disk budget of the spool; past it new "
                                   "batches get 503 with Retry-After."),
+    "TELEMETRY_SPOOL": ("on", "`off` acknowledges from memory (no durability): only to "
+                        "measure what the spool costs."),
     "TELEMETRY_SPOOL_FSYNC_MS": ("5", "Group-commit window: acknowledged batches are "
                                  "fsynced together at most this often."),
     "TELEMETRY_SHUTDOWN_MODE": ("flush", "On SIGTERM: `flush` (leave live sessions in the "
@@ -204,6 +206,7 @@ class Settings:
     max_batches_per_s: float = 5.0
     spool_max_bytes: int = 2 * 1024**3
     spool_fsync_ms: float = 5.0
+    spool_enabled: bool = True
     shutdown_mode: str = "flush"
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -257,7 +260,8 @@ class Settings:
         deploy_env = env.get("TELEMETRY_ENV", "dev")
         choices = {"TELEMETRY_BLOB_STORE": ("fs", "s3"), "TELEMETRY_BUS": ("inprocess", "http"),
                    "TELEMETRY_SINK": ("embedded", "none"),
-                   "TELEMETRY_SHUTDOWN_MODE": ("flush", "finalise")}
+                   "TELEMETRY_SHUTDOWN_MODE": ("flush", "finalise"),
+                   "TELEMETRY_SPOOL": ("on", "off")}
         for name, allowed_values in choices.items():
             if env.get(name, allowed_values[0]) not in allowed_values:
                 raise ConfigError(f"{name}={env[name]!r}: must be one of {allowed_values}")
@@ -286,6 +290,7 @@ class Settings:
             max_batches_per_s=_float(env, "TELEMETRY_MAX_BATCHES_PER_S", 5.0, 0.1),
             spool_max_bytes=_int(env, "TELEMETRY_SPOOL_MAX_BYTES", 2 * 1024**3, 1024),
             spool_fsync_ms=_float(env, "TELEMETRY_SPOOL_FSYNC_MS", 5.0, 0.0),
+            spool_enabled=env.get("TELEMETRY_SPOOL", "on") == "on",
             shutdown_mode=env.get("TELEMETRY_SHUTDOWN_MODE", "flush"),
             tls_cert=Path(env["TELEMETRY_TLS_CERT"]) if env.get("TELEMETRY_TLS_CERT") else None,
             tls_key=Path(env["TELEMETRY_TLS_KEY"]) if env.get("TELEMETRY_TLS_KEY") else None,
