@@ -8,6 +8,8 @@ a JSON body (see :mod:`telemetry.errors`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,19 +100,8 @@ def create_app(state: AppState) -> QuartTrio:
         except BatchError as exc:
             count("batch_rejected")
             raise ApiError(400, exc.code, str(exc)) from None
-        try:
+        with admission_errors():
             offer = await state.supervisor.submit(claims, batch, body)
-        except SpoolFull as exc:
-            raise ApiError(503, "spool_full", str(exc), retry_after=30) from None
-        except OSError:
-            log.exception("spool write failed")
-            raise ApiError(503, "storage_unavailable", "could not store the batch durably",
-                           retry_after=5) from None
-        except SupervisorClosed as exc:
-            raise ApiError(503, "shutting_down", str(exc), retry_after=5) from None
-        except TooManySessions as exc:
-            raise ApiError(429, "too_many_sessions", str(exc), retry_after=exc.retry_after)\
-                from None
         v = offer.verdict
         if offer.accepted:
             count("batch_duplicate" if v is Verdict.DUPLICATE else "batch_accepted")
@@ -150,18 +141,8 @@ def create_app(state: AppState) -> QuartTrio:
             status = 413 if exc.code == "body_too_large" else 400
             raise ApiError(status, exc.code, str(exc)) from None
         try:
-            applied, not_applied = await state.supervisor.submit_media(claims, batch, body)
-        except SpoolFull as exc:
-            raise ApiError(503, "spool_full", str(exc), retry_after=30) from None
-        except OSError:
-            log.exception("spool write failed")
-            raise ApiError(503, "storage_unavailable", "could not store the batch durably",
-                           retry_after=5) from None
-        except SupervisorClosed as exc:
-            raise ApiError(503, "shutting_down", str(exc), retry_after=5) from None
-        except TooManySessions as exc:
-            raise ApiError(429, "too_many_sessions", str(exc), retry_after=exc.retry_after)\
-                from None
+            with admission_errors():
+                applied, not_applied = await state.supervisor.submit_media(claims, batch, body)
         except SessionEnded:
             raise ApiError(409, "session_ended", "session has ended; no more events accepted")\
                 from None
@@ -224,6 +205,24 @@ def create_app(state: AppState) -> QuartTrio:
         return jsonify(summary)
 
     return app
+
+
+@contextmanager
+def admission_errors() -> Iterator[None]:
+    """Map the ways a session can refuse new data to their answers."""
+    try:
+        yield
+    except SpoolFull as exc:
+        raise ApiError(503, "spool_full", str(exc), retry_after=30) from None
+    except OSError:
+        log.exception("spool write failed")
+        raise ApiError(503, "storage_unavailable", "could not store the data durably",
+                       retry_after=5) from None
+    except SupervisorClosed as exc:
+        raise ApiError(503, "shutting_down", str(exc), retry_after=5) from None
+    except TooManySessions as exc:
+        raise ApiError(429, "too_many_sessions", str(exc), retry_after=exc.retry_after) \
+            from None
 
 
 def _is_session_token(state: AppState, headers: Any) -> bool:

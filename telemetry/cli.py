@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from functools import partial
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import trio
 
 from telemetry.config import ConfigError, Settings
+from telemetry.signals import set_on_signal
 
 
 async def _serve(settings: Settings) -> None:
@@ -24,15 +24,8 @@ async def _serve(settings: Settings) -> None:
     from telemetry.server import serve
 
     stop = trio.Event()
-
-    async def on_signals() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for _ in signals:
-                stop.set()
-                return
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(on_signals)
+        nursery.start_soon(set_on_signal, stop)
         async with open_storage(settings) as storage:
             await serve(settings, storage, stop=stop)
         nursery.cancel_scope.cancel()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import sys
 from functools import partial
 from pathlib import Path
@@ -44,6 +43,7 @@ from telemetry import errors
 from telemetry.auth import AuthError, TokenVerifier, bearer_token
 from telemetry.config import Settings
 from telemetry.errors import ApiError
+from telemetry.signals import set_on_signal
 
 log = logging.getLogger("telemetry.sink")
 
@@ -162,15 +162,8 @@ async def serve_sink(
 async def run_sink(settings: Settings, host: str, port: int, database_url: str | None,
                 sink_database_url: str | None) -> None:
     stop = trio.Event()
-
-    async def on_signals() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for _ in signals:
-                stop.set()
-                return
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(on_signals)
+        nursery.start_soon(set_on_signal, stop)
         bound = await nursery.start(partial(
             serve_sink, settings, host=host, port=port, database_url=database_url,
             sink_database_url=sink_database_url, stop=stop,
