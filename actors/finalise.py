@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from actors.durable import ended_key, session_key
+from actors.faults import maybe_die
 from actors.summary import build_summary
 from storage.blobs import blob_key
 
@@ -94,11 +95,13 @@ async def publish_and_close(actor_bus: Any, spool: Any, key: str, summary: dict[
                             log_id: str) -> None:
     """The last two steps, shared with recovery of a session found at ``publish``."""
     await retry(lambda: actor_bus.publish(summary), "publish", log_id, None)
+    maybe_die("after_publish")
     summary["published"] = True
     # Kept for the retention period so late batches and repeated end calls are answered
     # right after a restart too; under its own key, since remove() takes the log and
     # the session's state file together.
     await spool.set_state(ended_key(key), {"summary": summary, "ended_wall": time.time()})
+    maybe_die("before_remove")
     await spool.remove(key)
 
 
@@ -109,7 +112,9 @@ async def finalise(actor: SessionActor) -> dict[str, Any]:
         return await _finalise_ephemeral(actor)
     key = session_key(actor.org_id, actor.session_id)
     await spool.set_state(key, {"step": "upload", "end_reason": actor.end_reason})
+    maybe_die("upload")
     summary = await _summary(actor, attempts=None)
+    maybe_die("after_upload")
     await spool.set_state(key, {"step": "publish", "summary": summary})
     await publish_and_close(actor.bus, spool, key, summary, actor.log_id)
     return summary

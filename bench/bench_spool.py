@@ -11,17 +11,18 @@ Two workloads, each on a fresh directory:
 * **burst** (closed loop): every session appends ``--records`` records back to
   back, all sessions at once: the throughput ceiling and the latency under it.
 * **paced**: every session appends one record per second (a pose batch is about
-  one second of frames) at a random phase for ``--seconds``: production-like load.
+  one second of frames) at a random phase, ``--seconds`` times: production-like
+  load; its rec/s is the offered load, the latencies are what matters.
 
-Modes: the :class:`~storage.spool.Spool` (group commit) with its defaults, with
-``append(..., compress=False)``, and with one worker thread per round
-(``fsync_threads=1``); against a baseline that writes and fsyncs each record in
-its own worker-thread call (open, append, fsync, close; plus a directory fsync
-for a new file) under a limiter of the same size, compressing like the spool's
-default. Payloads are real pose batches (``telemetry.wire``) from the synthetic
-generator, so compression sees realistic data. Latency is
-from calling ``append`` to its return. Figures are from one run: rerun to see
-the spread.
+Modes: the :class:`~storage.spool.Spool` (group commit, ``fsync_threads`` 4, or
+1: one thread call per round) against a baseline that writes and fsyncs each
+record in its own worker-thread call (open, append, fsync, close; plus a directory
+fsync for a new file) under a limiter of the same size; each without compression
+(``append(..., compress=False)``) and with the spool's default zlib level 1.
+Payloads are real pose batches (``telemetry.wire``) from the synthetic
+generator, so compression sees realistic data. Latency is from calling
+``append`` to its return. Figures are from one run on a shared machine: rerun to
+see the spread.
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ def pose_batches(n: int = 24) -> list[bytes]:
 class PerRecordFsync:
     """The baseline: each append is its own thread call that fsyncs its record."""
 
-    def __init__(self, root: Path, threads: int) -> None:
+    def __init__(self, root: Path, threads: int, level: int) -> None:
         self.root, self.limiter = root, trio.CapacityLimiter(threads)
+        self.level = level
         self.fsyncs = 0
 
     def _append_sync(self, key: str, kind: int, payload: bytes) -> None:
@@ -74,7 +76,7 @@ class PerRecordFsync:
             path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
         try:
-            os.write(fd, encode_record(kind, payload))
+            os.write(fd, encode_record(kind, payload, compress_level=self.level))
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -133,15 +135,15 @@ async def run_mode(name: str, workload: str, args: argparse.Namespace, payloads:
     root = Path(tempfile.mkdtemp(prefix="spool-bench-", dir=base))
     try:
         extra = ""
-        if name == "per-record fsync":
-            store = PerRecordFsync(root, args.threads)
+        compress = name.endswith("zlib-1")
+        if name.startswith("per-record"):
+            store = PerRecordFsync(root, args.threads, 1 if compress else 0)
             append: Append = store.append
             elapsed, lat = await _drive(workload, append, args, payloads)
             extra = f"fsyncs {store.fsyncs}"
         else:
             spool = Spool(root, fsync_interval_s=args.interval_ms / 1000,
-                          fsync_threads=1 if name == "1 thread/round" else args.threads)
-            compress = name != "compress=False"
+                          fsync_threads=1 if "1 thread" in name else args.threads)
 
             async def append(key: str, kind: int, payload: bytes) -> None:
                 await spool.append(key, kind, payload, compress=compress)
@@ -154,7 +156,7 @@ async def run_mode(name: str, workload: str, args: argparse.Namespace, payloads:
             extra = (f"rounds {s['rounds']}, {s['records_per_round']:.1f} rec/round, "
                      f"fsyncs {s['fsyncs']}, on disk {s['bytes'] / s['records'] / 1000:.1f} KB/rec")
         n = len(lat)
-        print(f"{workload:6} {name:17} {n:6d} rec {n / elapsed:8.0f} rec/s  "
+        print(f"{workload:6} {name:18} {n:6d} rec {n / elapsed:8.0f} rec/s  "
               f"p50 {pct(lat, 50) * 1e3:7.1f} ms  p99 {pct(lat, 99) * 1e3:7.1f} ms  "
               f"max {max(lat) * 1e3:7.1f} ms  | {extra}", flush=True)
     finally:
@@ -174,17 +176,18 @@ async def main(args: argparse.Namespace) -> None:
     print(f"{args.sessions} sessions, {len(payloads[0])}-byte pose batches, "
           f"fsync interval {args.interval_ms} ms, {args.threads} threads, dir {base}, "
           f"{os.cpu_count()} CPUs", flush=True)
-    for mode in ("group commit", "compress=False", "1 thread/round", "per-record fsync"):
+    for mode in ("group commit", "group, 1 thread", "per-record fsync", "group, zlib-1",
+                 "per-record, zlib-1"):
         await run_mode(mode, "burst", args, payloads, base)
-    for mode in ("group commit", "compress=False", "per-record fsync"):
+    for mode in ("group commit", "per-record fsync", "group, zlib-1"):
         await run_mode(mode, "paced", args, payloads, base)
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sessions", type=int, default=1000)
-    p.add_argument("--records", type=int, default=4, help="records per session (burst)")
-    p.add_argument("--seconds", type=float, default=4.0, help="duration of the paced run")
+    p.add_argument("--records", type=int, default=2, help="records per session (burst)")
+    p.add_argument("--seconds", type=int, default=3, help="records per session (paced)")
     p.add_argument("--interval-ms", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=4, help="fsync threads / baseline limiter")
     p.add_argument("--dir", default=tempfile.gettempdir(), help="where the temp dirs go")

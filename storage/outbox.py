@@ -27,8 +27,8 @@ from the bus, BusError or not) is retried after an exponential backoff
 (``base_delay_s`` doubling per failure, capped at ``max_delay_s``, with "equal
 jitter": half fixed, half random), and events behind it wait, so an outage does
 not reorder them. The bus protocol cannot tell a malformed event from an outage,
-so an event that has failed ``max_attempts`` times in a row (default 50: about
-45 minutes with the defaults) is moved to ``dead/`` and counted (``dead``), and
+so an event that has failed ``max_attempts`` times in a row (default 50: 22 to
+44 minutes with the default delays) is moved to ``dead/`` and counted (``dead``), and
 delivery moves on; an operator can move it back into ``pending/`` and restart.
 Attempt counts live in memory and restart from 0 after a restart. A crash after
 the bus accepted an event but before its file was deleted delivers it again.

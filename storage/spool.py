@@ -160,9 +160,10 @@ class _Round:
     errors: dict[str, BaseException] = field(default_factory=dict)
 
     def outcome(self, key: str) -> None:
+        """Raise the key's error, as a fresh exception per waiter (several may share it)."""
         err = self.errors.get(key)
         if err is not None:
-            raise err
+            raise type(err)(*err.args) from err.__cause__
 
     def fail(self, exc: BaseException) -> None:
         for op in self.ops:

@@ -20,7 +20,8 @@ from actors.media_correlate import MediaTrackerError
 from actors.sequencer import Verdict
 from actors.session import SessionEnded
 from actors.supervisor import Supervisor, SupervisorClosed, TooManySessions
-from storage.spool import SpoolFull
+from storage.blobs import BlobStoreError
+from storage.spool import SpoolError, SpoolFull
 from telemetry import errors
 from telemetry.auth import AuthError, SessionClaims, TokenVerifier, bearer_token, is_safe_id
 from telemetry.config import Settings
@@ -214,8 +215,10 @@ def admission_errors() -> Iterator[None]:
         yield
     except SpoolFull as exc:
         raise ApiError(503, "spool_full", str(exc), retry_after=30) from None
-    except OSError:
-        log.exception("spool write failed")
+    except (SpoolError, OSError, BlobStoreError):
+        # The spool could not make it durable, or the blob store could not say whether
+        # the session ended before: nothing was acknowledged, the client retries.
+        log.exception("storage failed while admitting data")
         raise ApiError(503, "storage_unavailable", "could not store the data durably",
                        retry_after=5) from None
     except SupervisorClosed as exc:

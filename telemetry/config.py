@@ -70,8 +70,9 @@ VARIABLES: dict[str, tuple[str, str]] = {
                                   "batches get 503 with Retry-After."),
     "TELEMETRY_SPOOL": ("on", "`off` acknowledges from memory (no durability): only to "
                         "measure what the spool costs."),
-    "TELEMETRY_SPOOL_FSYNC_MS": ("5", "Group-commit window: acknowledged batches are "
-                                 "fsynced together at most this often."),
+    "TELEMETRY_SPOOL_FSYNC_MS": ("0", "Minimum time between fsync rounds; 0 = a round "
+                                 "starts as soon as there is work (what arrives during a "
+                                 "round is committed together in the next)."),
     "TELEMETRY_SHUTDOWN_MODE": ("flush", "On SIGTERM: `flush` (leave live sessions in the "
                                 "spool for the next start) or `finalise` (end them)."),
     "TELEMETRY_TLS_CERT": ("(none)", "PEM certificate chain; with TELEMETRY_TLS_KEY the "
@@ -205,7 +206,7 @@ class Settings:
     max_sessions_per_org: int = 1000
     max_batches_per_s: float = 5.0
     spool_max_bytes: int = 2 * 1024**3
-    spool_fsync_ms: float = 5.0
+    spool_fsync_ms: float = 0.0
     spool_enabled: bool = True
     shutdown_mode: str = "flush"
     tls_cert: Path | None = None
@@ -289,7 +290,7 @@ class Settings:
             max_sessions_per_org=_int(env, "TELEMETRY_MAX_SESSIONS_PER_ORG", 1000, 1),
             max_batches_per_s=_float(env, "TELEMETRY_MAX_BATCHES_PER_S", 5.0, 0.1),
             spool_max_bytes=_int(env, "TELEMETRY_SPOOL_MAX_BYTES", 2 * 1024**3, 1024),
-            spool_fsync_ms=_float(env, "TELEMETRY_SPOOL_FSYNC_MS", 5.0, 0.0),
+            spool_fsync_ms=_float(env, "TELEMETRY_SPOOL_FSYNC_MS", 0.0, 0.0),
             spool_enabled=env.get("TELEMETRY_SPOOL", "on") == "on",
             shutdown_mode=env.get("TELEMETRY_SHUTDOWN_MODE", "flush"),
             tls_cert=Path(env["TELEMETRY_TLS_CERT"]) if env.get("TELEMETRY_TLS_CERT") else None,
