@@ -107,6 +107,14 @@ async def publish_and_close(actor_bus: Any, spool: Any, key: str, summary: dict[
 
 async def finalise(actor: SessionActor) -> dict[str, Any]:
     """Run (or resume) finalisation; return the summary."""
+    try:
+        return await _finalise(actor)
+    finally:
+        # The blob is stored (or, on cancellation, will be rebuilt from the spool).
+        actor.spill_path.unlink(missing_ok=True)
+
+
+async def _finalise(actor: SessionActor) -> dict[str, Any]:
     spool = actor.spool
     if spool is None:
         return await _finalise_ephemeral(actor)

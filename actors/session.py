@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -83,6 +84,7 @@ class SessionActor:
         self.bus = bus
         self.spool = spool
         self.key = session_key(claims.org_id, claims.session_id)
+        self.spill_path = Path(settings.data_dir) / "replay" / f"{self.key}.part"
         self.start_written = False
         self._start_lock = trio.Lock()
         self._handover = False
@@ -132,9 +134,14 @@ class SessionActor:
         kwargs: dict[str, Any] = {}
         if self.settings.blob_encoding:
             kwargs["encoding"] = self.settings.blob_encoding
+        # The compressed replay goes to disk as it grows, so memory per live session
+        # stays flat; a file left by an earlier process is stale (recovery rebuilds
+        # the replay from the spool's records).
+        self.spill_path.parent.mkdir(parents=True, exist_ok=True)
+        self.spill_path.unlink(missing_ok=True)
         self.replay = ReplayWriter(
             org_id=self.org_id, session_id=self.session_id, space=first.space, meta=meta,
-            **kwargs,
+            spill_path=self.spill_path, **kwargs,
         )
 
     def _touch(self, first_t_ms: int) -> None:

@@ -448,3 +448,19 @@ def test_append_returns_exactly_what_the_reader_decodes(encoding: str) -> None:
         returned.append(w.append(np.arange(30, dtype=np.float64) + 30 * k, f))
     decoded = read_replay(w.finish()).frames
     np.testing.assert_array_equal(np.concatenate(returned), decoded)
+
+
+def test_spill_keeps_memory_bounded_and_the_blob_identical(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    kw = dict(org_id="o", session_id="s", space="image", encoding="f32")
+    spilled = ReplayWriter(**kw, spill_path=tmp_path / "s.part")
+    in_memory = ReplayWriter(**kw)
+    for k in range(60):
+        f = rng.uniform(0, 1, size=(30, 33, 4)).astype(np.float32)
+        t = np.arange(30, dtype=np.float64) + 30 * k
+        spilled.append(t, f)
+        in_memory.append(t, f)
+        assert spilled.memory_nbytes < 64 * 1024 + 32 * 1024
+    assert in_memory.memory_nbytes > 500_000  # f32 noise barely compresses
+    assert (tmp_path / "s.part").stat().st_size > 400_000
+    assert spilled.finish() == in_memory.finish()
