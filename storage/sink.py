@@ -89,9 +89,13 @@ def _num(m: Mapping[str, Any], key: str, path: str, *, required: bool = False) -
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _fail(f"{path}{key}", f"expected a number, got {value!r}")
-    if not math.isfinite(value):
+    try:
+        number = float(value)  # a JSON integer may be too large for a float
+    except OverflowError:
+        raise _fail(f"{path}{key}", "number is out of range") from None
+    if not math.isfinite(number):
         raise _fail(f"{path}{key}", "number is not finite")
-    return float(value)
+    return number
 
 
 def _bool(m: Mapping[str, Any], key: str, path: str) -> bool | None:

@@ -3,34 +3,57 @@
 Handlers authenticate, validate and hand work to the :class:`Supervisor`; they
 never touch storage clients directly. Every refusal is an :class:`ApiError` with
 a JSON body (see :mod:`telemetry.errors`).
+
+Around every request (``before_request`` / ``after_request`` / ``teardown_request``):
+a request id (a safe incoming ``X-Request-Id`` or a fresh one) is put on every log
+line of the request and returned in the ``X-Request-Id`` response header; the
+answer is counted in the Prometheus metrics (:mod:`telemetry.metrics`, served at
+``GET /metrics``) and logged as one ``request`` line whose level follows the
+status (see ``docs/operations.md``).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from quart import Response, jsonify, request
+from quart import Response, g, jsonify, request
 from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
 
 from actors.media_correlate import MediaTrackerError
 from actors.sequencer import Verdict
 from actors.session import SessionEnded
 from actors.supervisor import Supervisor, SupervisorClosed, TooManySessions
 from storage.blobs import BlobStoreError
+from storage.outbox import Outbox
 from storage.spool import SpoolError, SpoolFull
-from telemetry import errors
+from telemetry import errors, logs
 from telemetry.auth import AuthError, SessionClaims, TokenVerifier, bearer_token, is_safe_id
 from telemetry.config import Settings
 from telemetry.errors import ApiError
 from telemetry.media_wire import MediaBatchError, decode_media_batch
+from telemetry.metrics import UNMATCHED, Metrics, StateCollector, StateSources, method_label
 from telemetry.privacy import Pseudonymiser, truncate_ip
 from telemetry.wire import CONTENT_TYPE, BatchError, decode_batch
 
+if TYPE_CHECKING:
+    from storage.spool import Spool
+    from storage.wiring import Storage
+
 log = logging.getLogger("telemetry.http")
+
+# Route template -> the ``endpoint`` label of the batch metrics.
+BATCH_ENDPOINTS = {"/v1/pose/frames": "pose", "/v1/media/events": "media"}
+# Routine successes are logged at debug; every other success at info.
+_QUIET_ENDPOINTS = frozenset({*BATCH_ENDPOINTS, "/v1/healthz", "/v1/readyz", "/metrics"})
+# The error codes of werkzeug's HTTP exceptions, as telemetry.errors answers them.
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
+               400: "bad_request"}
 
 
 @dataclass
@@ -41,37 +64,136 @@ class AppState:
     pseudonyms: Pseudonymiser
     ready: bool = True
     port: int = 0
-    counters: dict[str, int] = field(default_factory=dict)
+    metrics: Metrics = field(default_factory=Metrics)
+    # The storage the supervisor uses, for scrape-time spool and outbox figures; when
+    # None they are taken from the supervisor's own spool and bus.
+    storage: Storage | None = None
+
+
+class TelemetryApp(QuartTrio):
+    """QuartTrio that records an error's code for the request's metrics and log
+    line, and logs unhandled exceptions without the raw path (it holds ids)."""
+
+    async def handle_user_exception(self, error: Exception) -> Any:
+        if isinstance(error, ApiError):
+            g.error_code = error.code
+        elif isinstance(error, HTTPException):
+            g.error_code = _HTTP_CODES.get(error.code or 500, "http_error")
+        return await super().handle_user_exception(error)
+
+    def log_exception(self, exc_info: Any) -> None:
+        g.error_code = "internal_error"
+        log.error("unhandled exception", exc_info=exc_info,
+                  extra={"method": method_label(request.method), "endpoint": _endpoint()})
 
 
 def create_app(state: AppState) -> QuartTrio:
-    app = QuartTrio(__name__)
+    """The API for ``state``; call once per state (it registers ``state.metrics``'s
+    scrape-time collector)."""
+    app = TelemetryApp(__name__)
     app.config["MAX_CONTENT_LENGTH"] = state.settings.max_body_bytes
     errors.register(app)
     s = state.settings
+    m = state.metrics
+    collector = StateCollector(StateSources(
+        supervisor=lambda: state.supervisor,
+        spool=lambda: _spool(state),
+        outbox=lambda: _outbox(state),
+        ready=lambda: state.ready and state.supervisor.accepting,
+        spool_max_bytes=s.spool_max_bytes,
+    ))
+    m.registry.register(collector)
+    finalising: set[tuple[str, str]] = set()
 
-    def count(name: str) -> None:
-        state.counters[name] = state.counters.get(name, 0) + 1
+    @app.before_request
+    async def begin_request() -> None:
+        logs.begin_request(request.headers.get(logs.REQUEST_ID_HEADER))
+        g.t0 = time.perf_counter()
+
+    @app.after_request
+    async def finish_request(response: Response) -> Response:
+        observe(response)
+        ctx = logs.current_request()
+        if ctx is not None:
+            response.headers[logs.REQUEST_ID_HEADER] = ctx.request_id
+        return response
+
+    @app.teardown_request
+    async def end_request(exc: BaseException | None) -> None:
+        logs.end_request()
+
+    def observe(response: Response) -> None:
+        """Count and log one answer (runs for handled errors and 500s alike)."""
+        endpoint = _endpoint()
+        status = response.status_code
+        code = g.get("error_code")
+        elapsed = time.perf_counter() - g.get("t0", time.perf_counter())
+        m.requests.labels(method_label(request.method), endpoint, str(status)).inc()
+        m.request_seconds.labels(endpoint).observe(elapsed)
+        kind = BATCH_ENDPOINTS.get(endpoint)
+        if kind is not None and g.get("authenticated"):
+            if status < 400:
+                m.batches.labels(kind, g.get("batch_outcome", "accepted")).inc()
+            else:
+                reason = code or _HTTP_CODES.get(status, "http_error")
+                m.batches.labels(kind, "rejected").inc()
+                m.batches_rejected.labels(kind, reason).inc()
+                if reason == "storage_unavailable":
+                    m.storage_unavailable.labels(kind).inc()
+        fields: dict[str, Any] = {
+            "method": method_label(request.method), "endpoint": endpoint, "status": status,
+            "duration_ms": round(elapsed * 1000, 2),
+        }
+        if code:
+            fields["code"] = code
+        if status >= 400:
+            fields["client"] = truncate_ip(request.remote_addr)
+        log.log(_level(endpoint, status), "request", extra=fields)
 
     def session_claims() -> SessionClaims:
         try:
-            return state.verifier.verify_session(bearer_token(request.headers))
+            claims = state.verifier.verify_session(bearer_token(request.headers))
         except AuthError as exc:
-            count(f"auth_failed:{exc.reason}")
-            log.info("auth failed", extra={"reason": exc.reason,
+            m.auth_failures.labels("session", exc.reason).inc()
+            log.info("auth failed", extra={"reason": exc.reason, "kind": "session",
                                            "client": truncate_ip(request.remote_addr)})
             raise ApiError(exc.status, exc.reason, exc.detail) from None
+        g.authenticated = True
+        logs.set_session(state.pseudonyms.session(claims.org_id, claims.session_id))
+        return claims
 
     def admin() -> None:
         try:
             state.verifier.verify_service(bearer_token(request.headers))
         except AuthError as exc:
-            count(f"auth_failed:{exc.reason}")
+            m.auth_failures.labels("service", exc.reason).inc()
+            log.info("auth failed", extra={"reason": exc.reason, "kind": "service",
+                                           "client": truncate_ip(request.remote_addr)})
             # A valid session token here is a wrong kind of credential, not a bad one.
             status = exc.status
             if exc.reason == "wrong_audience" and _is_session_token(state, request.headers):
                 status = 403
             raise ApiError(status, exc.reason, exc.detail) from None
+
+    async def timed_end(claims: SessionClaims, reason: str) -> dict[str, Any]:
+        """``supervisor.end``, timing the first call that finalises a session (a
+        repeated or concurrent end call only waits for, or returns, that summary)."""
+        key = (claims.org_id, claims.session_id)
+        first = key not in finalising and state.supervisor.ended_summary(*key) is None
+        if first:
+            finalising.add(key)
+        t0 = time.perf_counter()
+        try:
+            summary = await state.supervisor.end(claims, reason=reason)
+        finally:
+            if first:
+                finalising.discard(key)
+        if first:
+            m.finalise_seconds.labels(reason).observe(time.perf_counter() - t0)
+            blob = summary.get("blob")
+            if isinstance(blob, dict) and isinstance(blob.get("size"), int):
+                m.blob_bytes.observe(blob["size"])
+        return summary
 
     async def read_body() -> bytes:
         encoding = (request.headers.get("Content-Encoding") or "identity").strip().lower()
@@ -83,7 +205,9 @@ def create_app(state: AppState) -> QuartTrio:
         if length is not None and length > s.max_body_bytes:
             raise ApiError(413, "body_too_large",
                            f"body of {length} bytes exceeds the cap of {s.max_body_bytes}")
-        return await request.get_data(cache=False)
+        body = await request.get_data(cache=False)
+        errors.mark_body_read()
+        return body
 
     @app.post("/v1/pose/frames")
     async def pose_frames() -> Response | tuple[Response, int]:
@@ -99,15 +223,13 @@ def create_app(state: AppState) -> QuartTrio:
         try:
             batch = decode_batch(body, max_frames=s.max_frames_per_batch)
         except BatchError as exc:
-            count("batch_rejected")
             raise ApiError(400, exc.code, str(exc)) from None
         with admission_errors():
             offer = await state.supervisor.submit(claims, batch, body)
         v = offer.verdict
         if offer.accepted:
-            count("batch_duplicate" if v is Verdict.DUPLICATE else "batch_accepted")
+            g.batch_outcome = "duplicate" if v is Verdict.DUPLICATE else "accepted"
             return jsonify({"seq": batch.seq, "duplicate": v is Verdict.DUPLICATE}), 202
-        count(f"batch_refused:{getattr(v, 'value', v)}")
         if v == "ended":
             raise ApiError(409, "session_ended", "session has ended; no more frames accepted")
         if v is Verdict.SKIPPED:
@@ -138,7 +260,6 @@ def create_app(state: AppState) -> QuartTrio:
             batch = decode_media_batch(body, max_events=s.max_events_per_batch,
                                        max_bytes=s.max_body_bytes)
         except MediaBatchError as exc:
-            count("media_rejected")
             status = 413 if exc.code == "body_too_large" else 400
             raise ApiError(status, exc.code, str(exc)) from None
         try:
@@ -150,7 +271,8 @@ def create_app(state: AppState) -> QuartTrio:
         except MediaTrackerError as exc:
             status = 409 if exc.code == "finished" else 400
             raise ApiError(status, exc.code, str(exc)) from None
-        count("media_accepted")
+        m.media_events.labels("applied").inc(applied)
+        m.media_events.labels("not_applied").inc(not_applied)
         return jsonify({"view_id": batch.view_id, "applied": applied,
                         "duplicates": not_applied}), 202
 
@@ -161,7 +283,7 @@ def create_app(state: AppState) -> QuartTrio:
             # The locked design answers a token used outside its scope with 401.
             raise ApiError(401, "scope_mismatch", "token is not valid for this session")
         try:
-            summary = await state.supervisor.end(claims)
+            summary = await timed_end(claims, "client_end")
         except SessionEnded as exc:
             raise ApiError(409, "session_ended", str(exc)) from None
         return jsonify(summary)
@@ -174,6 +296,13 @@ def create_app(state: AppState) -> QuartTrio:
     async def readyz() -> tuple[Response, int]:
         ok = state.ready and state.supervisor.accepting
         return jsonify({"ready": ok}), 200 if ok else 503
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        # No auth: the load balancer does not route /metrics (docs/operations.md).
+        await collector.prepare()
+        body, content_type = m.render(request.headers.get("Accept"))
+        return Response(body, status=200, content_type=content_type)
 
     @app.get("/v1/admin/sessions")
     async def admin_sessions() -> Response:
@@ -191,6 +320,7 @@ def create_app(state: AppState) -> QuartTrio:
         if len(found) > 1:
             raise ApiError(409, "ambiguous_session",
                            "session id is live in several organisations; pass ?org_id=")
+        logs.set_session(found[0].log_id)
         return found[0]
 
     @app.get("/v1/admin/sessions/<session_id>")
@@ -202,7 +332,7 @@ def create_app(state: AppState) -> QuartTrio:
     async def admin_end(session_id: str) -> Response:
         admin()
         actor = one(session_id)
-        summary = await state.supervisor.end(actor.claims, reason="admin")
+        summary = await timed_end(actor.claims, "admin")
         return jsonify(summary)
 
     return app
@@ -226,6 +356,38 @@ def admission_errors() -> Iterator[None]:
     except TooManySessions as exc:
         raise ApiError(429, "too_many_sessions", str(exc), retry_after=exc.retry_after) \
             from None
+
+
+def _endpoint() -> str:
+    """The request's route template (``/v1/sessions/<session_id>/end``): never the
+    raw path, which holds ids."""
+    rule = request.url_rule
+    return rule.rule if rule is not None else UNMATCHED
+
+
+def _level(endpoint: str, status: int) -> int:
+    """The level of a request's log line: error when the service failed, warning when
+    it refused for lack of capacity (429, 503), info for other refusals and for state
+    changes, debug for routine successes (batches, probes, scrapes)."""
+    if status >= 500 and status != 503:
+        return logging.ERROR
+    if status in (429, 503):
+        return logging.WARNING
+    if status >= 400 or endpoint not in _QUIET_ENDPOINTS:
+        return logging.INFO
+    return logging.DEBUG
+
+
+def _spool(state: AppState) -> Spool | None:
+    if state.storage is not None:
+        return state.storage.spool
+    return getattr(state.supervisor, "_spool", None)
+
+
+def _outbox(state: AppState) -> Outbox | None:
+    bus = state.storage.bus if state.storage is not None else getattr(
+        state.supervisor, "_bus", None)
+    return bus if isinstance(bus, Outbox) else None
 
 
 def _is_session_token(state: AppState, headers: Any) -> bool:

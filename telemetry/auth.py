@@ -48,7 +48,7 @@ import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from telemetry.config import Settings
+from telemetry.config import ConfigError, Settings
 
 log = logging.getLogger("telemetry.auth")
 
@@ -83,9 +83,10 @@ class AuthError(Exception):
         self.status = status
 
 
-class KeyStoreError(ValueError):
+class KeyStoreError(ConfigError):
     """A keyset source is malformed or unsafe. The message names the source and the
-    kid at fault, never any key material."""
+    kid at fault, never any key material. A :class:`ConfigError`, so entry points
+    that report bad configuration report this the same way."""
 
 
 @dataclass(frozen=True)

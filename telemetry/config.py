@@ -239,7 +239,8 @@ class Settings:
 
     @property
     def uses_dev_keys(self) -> bool:
-        return dict(self.jwt_keys) == DEV_KEYS
+        # A keys file replaces TELEMETRY_JWT_KEYS for verification (telemetry.auth).
+        return self.jwt_keys_file is None and dict(self.jwt_keys) == DEV_KEYS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -247,12 +248,12 @@ class Settings:
         env = os.environ if env is None else env
         keys = _keys(env)
         signing = env.get("TELEMETRY_JWT_SIGNING_KID") or next(iter(keys))
-        if signing not in keys:
+        if signing not in keys and not env.get("TELEMETRY_JWT_KEYS_FILE"):
             raise ConfigError(f"TELEMETRY_JWT_SIGNING_KID={signing!r} is not in TELEMETRY_JWT_KEYS")
         algs = tuple(
             a.strip() for a in env.get("TELEMETRY_JWT_ALGORITHMS", "HS256").split(",") if a.strip()
         )
-        allowed = {"HS256", "HS384", "HS512"}
+        allowed = {"HS256", "HS384", "HS512", "ES256", "EdDSA"}
         if not algs or not set(algs) <= allowed:
             raise ConfigError(
                 f"TELEMETRY_JWT_ALGORITHMS={','.join(algs)!r}: only {sorted(allowed)} are supported"

@@ -27,6 +27,7 @@ from telemetry.auth import TokenVerifier
 from telemetry.config import Settings
 from telemetry.connection_close import close_on_connection_close
 from telemetry.privacy import Pseudonymiser
+from telemetry.tls import apply_tls, hsts
 
 log = logging.getLogger("telemetry.server")
 
@@ -66,10 +67,15 @@ async def serve(
                             spool=storage.spool)
     state = AppState(settings, supervisor, TokenVerifier(settings), pseudonyms)
     app = close_on_connection_close(create_app(state))
+    config = hypercorn_config(settings)
+    if apply_tls(config, settings):
+        app = hsts(app)
     http_stopped = trio.Event()
     http_done = trio.Event()
 
     async with trio.open_nursery() as root:
+        # Key rotation without restart: SIGHUP or a change of the keys file.
+        await root.start(state.verifier.keystore.watch)
         # Storage's own tasks first: recovery (in supervisor.run) writes to the spool
         # and publishes through the outbox.
         if storage.spool is not None:
@@ -82,7 +88,7 @@ async def serve(
         async def run_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
             try:
                 await hypercorn_serve(
-                    app, hypercorn_config(settings), shutdown_trigger=http_stopped.wait,
+                    app, config, shutdown_trigger=http_stopped.wait,
                     task_status=task_status,
                 )
             finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +33,7 @@ def test_sink_receiver_would_fail_so_the_guard_can_fail() -> None:
     # the guard at it shows that it does detect real driver imports in this repo.
     r = run("telemetry/sink_app.py")
     assert r.returncode == 1
-    assert "telemetry/sink_app.py:33: imports psycopg directly" in r.stdout
+    assert re.search(r"^telemetry/sink_app\.py:\d+: imports psycopg directly", r.stdout, re.M)
 
 
 def test_every_kind_of_direct_import_is_reported(tmp_path: Path) -> None:

@@ -211,6 +211,10 @@ def test_near_valid_media_decodes_or_refuses(doc: dict[str, Any]) -> None:
 class ThreadService:
     url: str
     settings: Settings
+    # No keep-alive: a fresh connection per request. A refusal sent before the body
+    # is read can race with the client reusing the connection (a keep-alive matter,
+    # reported separately), which is not what these properties are about.
+    client: httpx.Client
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +250,9 @@ def http_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadSer
     if "error" in box:
         raise box["error"]
     try:
-        yield ThreadService(box["url"], s)
+        with httpx.Client(base_url=box["url"], timeout=20,
+                          limits=httpx.Limits(max_keepalive_connections=0)) as client:
+            yield ThreadService(box["url"], s, client)
     finally:
         trio.from_thread.run_sync(box["stop"].set, trio_token=box["token"])
         thread.join(60)
@@ -269,8 +275,7 @@ HTTP_SETTINGS = settings(max_examples=60, deadline=None, database=None,
 
 
 def post(svc: ThreadService, path: str, body: bytes, ctype: str, token: str) -> httpx.Response:
-    with httpx.Client(base_url=svc.url, timeout=20) as client:
-        return client.post(path, content=body, headers={"Content-Type": ctype,
+    return svc.client.post(path, content=body, headers={"Content-Type": ctype,
                                                         "Authorization": f"Bearer {token}"})
 
 
@@ -304,13 +309,12 @@ def test_http_media_any_body(http_service: ThreadService, body: bytes) -> None:
 def test_http_any_authorization_and_content_type(
     http_service: ThreadService, authorization: str, ctype: str
 ) -> None:
-    with httpx.Client(base_url=http_service.url, timeout=20) as client:
-        for path in ("/v1/pose/frames", "/v1/media/events", "/v1/sessions/s-1/end",
-                     "/v1/admin/sessions"):
-            method = "GET" if path.startswith("/v1/admin") else "POST"
-            headers = {"Content-Type": ctype}
-            if authorization:
-                headers["Authorization"] = authorization
-            r = client.request(method, path, content=batch_body(0), headers=headers)
-            assert_not_a_crash(r)
-            assert r.status_code in (401, 403), r.text
+    for path in ("/v1/pose/frames", "/v1/media/events", "/v1/sessions/s-1/end",
+                 "/v1/admin/sessions"):
+        method = "GET" if path.startswith("/v1/admin") else "POST"
+        headers = {"Content-Type": ctype}
+        if authorization:
+            headers["Authorization"] = authorization
+        r = http_service.client.request(method, path, content=batch_body(0), headers=headers)
+        assert_not_a_crash(r)
+        assert r.status_code in (401, 403), r.text

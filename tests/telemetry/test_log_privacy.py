@@ -1,0 +1,150 @@
+"""Logs carry no personal data: full sessions over real HTTP, then every line scanned.
+
+The service logs JSON lines (``telemetry.logs``) at DEBUG into a buffer while
+several complete sessions run (pose batches, media events, end, the embedded sink
+writing Postgres) next to refused requests (bad tokens, wrong session, no
+consent). Then every line must be JSON and free of raw patient ids, raw session
+ids and the full client IP. Patient and session ids here are distinctive
+strings, and the client connects from its own loopback address ``127.0.0.9`` (the
+server's bind address, 127.0.0.1, is not a client's and may be logged), so a hit
+cannot be a coincidence; the scan also asserts it saw the
+pseudonymised lines (``s_...``, ``p_...``) and truncated IPs (``127.0.0.0``), so it
+cannot pass by capturing nothing.
+
+Lines from ``httpx``/``httpcore`` are the *test client's* own request log (it runs in
+the same process and logs the URLs it calls); the service never logs through them
+except in the HTTP bus, which posts to the Core API's fixed URL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+import trio
+
+from telemetry import logs
+from telemetry.config import Settings
+from telemetry.privacy import Pseudonymiser
+from telemetry.wire import CONTENT_TYPE
+from tests.conftest import batch_body, session_token
+from tests.service import running_service
+
+CLIENT_LOGGERS = ("httpx", "httpcore")
+PATIENTS = ["pt-QX7K2M-ana", "pt-QX7K2M-bob", "pt-QX7K2M-cyd"]
+SESSIONS = ["sx-ZP4R8W-001", "sx-ZP4R8W-002", "sx-ZP4R8W-003"]
+ORGS = ["org-north", "org-south", "org-north"]
+JSON = "application/json"
+CLIENT_IP = "127.0.0.9"
+
+
+@pytest.fixture
+def log_buffer() -> Iterator[io.StringIO]:
+    root = logging.getLogger()
+    access = logging.getLogger("hypercorn.access")
+    saved = (root.handlers[:], root.level, access.disabled)
+    buf = io.StringIO()
+    logs.configure("DEBUG", buf)
+    try:
+        yield buf
+    finally:
+        root.handlers[:], root.level, access.disabled = saved[0], saved[1], saved[2]
+
+
+def media(view: str, events: list[dict[str, Any]]) -> bytes:
+    return json.dumps({"media_id": "ex-squat-01", "view_id": view, "media_duration_s": 120,
+                       "events": events}).encode()
+
+
+MEDIA_EVENTS = [
+    {"id": "e1", "type": "session_start", "t_ms": 1000, "ttfb_ms": 120, "connection_type": "wifi"},
+    {"id": "e2", "type": "play", "t_ms": 1500, "position_seconds": 0},
+    {"id": "e3", "type": "buffering_start", "t_ms": 2000, "position_seconds": 0.5},
+    {"id": "e4", "type": "buffering_end", "t_ms": 3500, "position_seconds": 0.5},
+    {"id": "e5", "type": "error", "t_ms": 3600, "code": "net_err",
+     "message": "GET https://cdn.example/v.m3u8?patient=pt-QX7K2M-ana failed"},
+    {"id": "e6", "type": "session_end", "t_ms": 5900, "reason": "completed"},
+]
+
+
+async def test_no_personal_data_in_any_log_line(
+    settings: Settings, pg_url: str, log_buffer: io.StringIO
+) -> None:
+    s = dataclasses.replace(settings, sink="embedded", database_url=pg_url, gap_timeout_s=0.2)
+    transport = httpx.AsyncHTTPTransport(local_address=CLIENT_IP)
+    async with running_service(s) as svc, httpx.AsyncClient(
+            base_url=svc.url, transport=transport, timeout=20) as client:
+        post = client.post
+
+        def hdr(tok: str, ctype: str = CONTENT_TYPE) -> dict[str, str]:
+            return {"Authorization": f"Bearer {tok}", "Content-Type": ctype}
+
+        for patient, sid, org in zip(PATIENTS, SESSIONS, ORGS, strict=True):
+            tok = session_token(s, org_id=org, session_id=sid, patient_id=patient)
+            for seq in (0, 1, 3):  # batch 2 never arrives: the actor logs a skipped gap
+                r = await post("/v1/pose/frames", content=batch_body(seq), headers=hdr(tok))
+                assert r.status_code == 202, r.text
+            r = await post("/v1/media/events", content=media("v-1", MEDIA_EVENTS),
+                           headers=hdr(tok, JSON))
+            assert r.status_code == 202, r.text
+            await trio.sleep(0.4)  # past the gap timeout
+            # refused requests naming this patient and session, each a log path
+            expired = session_token(s, org_id=org, session_id=sid, patient_id=patient,
+                                    now=time.time() - 7200)
+            other = session_token(s, org_id=org, session_id=sid + "-x", patient_id=patient)
+            forged = jwt.encode({"sub": patient, "sid": sid, "org_id": org}, "f" * 40,
+                                algorithm="HS256", headers={"kid": "dev-1"})
+            no_consent = session_token(s, org_id=org, session_id=sid, patient_id=patient,
+                                       biometric=False)
+            for path, tk in ((f"/v1/sessions/{sid}/end", expired),
+                             (f"/v1/sessions/{sid}/end", other),
+                             (f"/v1/sessions/{sid}/end", forged),
+                             ("/v1/pose/frames", no_consent),
+                             (f"/v1/sessions/{sid}/end", "garbage")):
+                r = await post(path, content=batch_body(4), headers=hdr(tk))
+                assert r.status_code in (401, 403), r.text
+            r = await post(f"/v1/sessions/{sid}/end", headers=hdr(tok))
+            assert r.status_code == 200, r.text
+            summary = r.json()
+            assert summary["pose"]["batches_skipped"] == 1 and summary["published"] is True
+        # admin lookups by id, one of them for a session that is not live
+        adm = {"Authorization": "Bearer " + _admin(s)}
+        assert (await client.get(f"/v1/admin/sessions/{SESSIONS[0]}",
+                                 headers=adm)).status_code == 404
+        rows = await svc.storage.sink.session_rows("org-north")  # type: ignore[union-attr]
+        assert {r["session_id"] for r in rows} == {SESSIONS[0], SESSIONS[2]}
+
+    lines = [line for line in log_buffer.getvalue().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    service = [(line, rec) for line, rec in zip(lines, records, strict=True)
+               if not rec["logger"].startswith(CLIENT_LOGGERS)]
+    assert len(service) >= 10
+    forbidden = [*PATIENTS, *SESSIONS, "QX7K2M", "ZP4R8W", CLIENT_IP]
+    leaks = [f"{rec['logger']}: {line}" for line, rec in service
+             for word in forbidden if word in line]
+    assert not leaks, "personal data in log lines:\n" + "\n".join(leaks)
+
+    # the scan saw the lines that matter, in their pseudonymised form
+    p = Pseudonymiser(s.pseudonym_key)
+    text = "\n".join(line for line, _ in service)
+    for patient, sid, org in zip(PATIENTS, SESSIONS, ORGS, strict=True):
+        assert p.session(org, sid) in text
+        assert p.patient(patient) in text
+    auth_failures = [rec for _, rec in service if rec["msg"] == "auth failed"]
+    assert len(auth_failures) >= 9
+    assert {rec["client"] for rec in auth_failures} == {"127.0.0.0"}
+    assert any("never arrived" in rec["msg"] for _, rec in service)
+
+
+def _admin(s: Settings) -> str:
+    from telemetry.auth import mint_service_token
+
+    return mint_service_token(s)
