@@ -2,7 +2,8 @@
 """Set up what is missing, then run the demo or the tests. Needs only Python 3.11+.
 
     python3 dev.py demo     # virtualenv + install if needed, then `telemetry demo`
-    python3 dev.py test     # virtualenv + install (with test extras) if needed, then ruff + pytest
+    python3 dev.py test     # virtualenv + install (with test extras) and, as root on Debian,
+                            # the system tools some tests drive, if needed; then ruff + pytest
 
 Extra arguments go to the command run (e.g. `python3 dev.py test -k wire`).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -39,6 +41,27 @@ def ensure_env(extras: str) -> None:
     stamp.write_text(digest)
 
 
+# Programs some tests drive for real: HAProxy checks the routing config, Chromium with
+# ChromeDriver runs the browser client, ffmpeg makes the test video. Debian packages.
+SYSTEM_TOOLS = {"haproxy": "haproxy", "chromium": "chromium",
+                "chromedriver": "chromium-driver", "ffmpeg": "ffmpeg"}
+
+
+def ensure_system_tools() -> None:
+    missing = [pkg for tool, pkg in SYSTEM_TOOLS.items() if shutil.which(tool) is None]
+    if not missing:
+        return
+    if os.name == "posix" and os.geteuid() == 0 and shutil.which("apt-get"):
+        print(f"installing system packages: {' '.join(missing)}", flush=True)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.check_call(["apt-get", "update", "-qq"], env=env)
+        subprocess.check_call(["apt-get", "install", "-y", "-qq", "--no-install-recommends",
+                               *missing], env=env)
+    else:
+        print(f"note: the tests that need {', '.join(missing)} will fail until they are "
+              f"installed (Debian: sudo apt-get install {' '.join(missing)})", flush=True)
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in {"demo", "test"}:
         print(__doc__)
@@ -48,6 +71,7 @@ def main(argv: list[str]) -> int:
         ensure_env("")
         return subprocess.call([str(BIN / "telemetry"), "demo", *rest], cwd=ROOT)
     ensure_env("test")
+    ensure_system_tools()
     rc = subprocess.call([str(BIN / "ruff"), "check", "."], cwd=ROOT)
     if rc:
         return rc

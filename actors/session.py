@@ -226,6 +226,11 @@ class SessionActor:
         self._touch(batch.events[0].t_ms)
         return result
 
+    def discard(self) -> None:
+        """Stop at once without finalising: the session never held any data here."""
+        self._handover = True
+        self.request_end("discarded")
+
     def hand_over(self) -> None:
         """Stop without finalising (shutdown in flush mode; needs a spool)."""
         assert self.spool is not None

@@ -179,11 +179,17 @@ class Supervisor:
         """The durable ingest path: judge, spool (fsync), then accept. The answer is
         ACCEPT only once the batch is on disk. Raises :class:`SupervisorClosed`,
         :class:`TooManySessions` and the spool's ``SpoolFull``/``OSError``."""
+        fresh = (claims.org_id, claims.session_id) not in self._live
         actor = await self._live_or_new(claims)
         if actor is None:
             return Offer("ended", "session has ended")
         offer = actor.check(batch)
         if offer.verdict is not Verdict.ACCEPT:
+            if fresh and not actor.start_written and actor.stats.frames == 0:
+                # Refused before it held anything (e.g. a session continuing from
+                # another instance, far past seq 0): no actor must linger here, or its
+                # idle timeout would publish an empty summary under the session's id.
+                actor.discard()
             return offer
         await actor.persist(POSE, body)
         return actor.accept(batch)

@@ -1,4 +1,4 @@
-"""The ``telemetry`` command: serve, demo, token, replay, migrate, sink.
+"""The ``telemetry`` command: serve, demo, token, replay, plot, migrate, sink.
 
 Each subcommand loads :class:`Settings` once from the environment. A bad variable
 exits with status 2 and a message naming it.
@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -81,10 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--patients", type=int, default=5)
     d.add_argument("--seconds", type=int, default=20, help="length of each session")
     d.add_argument("--seed", type=int, default=7)
+    d.add_argument("--plots", type=Path, default=Path("demo-plots"),
+                   help="directory for one PNG per session")
 
     r = sub.add_parser("replay", help="recompute a session's metrics from its replay blob")
     r.add_argument("blob", nargs="?", help="path of a .bin.gz replay blob")
     r.add_argument("--key", help="read {org_id}/{session_id}.bin.gz from the configured store")
+    pl = sub.add_parser("plot", help="draw a session's replay blob as a PNG")
+    pl.add_argument("blob", type=Path, help="path of a .bin.gz replay blob")
+    pl.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
+    pl.add_argument("--event", type=Path, help="end-of-session event JSON (shades video stalls)")
     sub.add_parser("migrate", help="apply Postgres migrations and create partitions, then exit")
     sub.add_parser("sink", help="run the aggregate sink's HTTP receiver (Core API side)")
 
@@ -120,12 +127,17 @@ def main(argv: list[str] | None = None) -> int:
         from telemetry.demo import run_demo
 
         logs.configure(os.environ.get("TELEMETRY_DEMO_LOG_LEVEL", "WARNING"))
-        return trio.run(run_demo, settings, args.patients, args.seconds, args.seed)
+        return trio.run(partial(run_demo, settings, args.patients, args.seconds, args.seed,
+                                plots=args.plots))
     elif args.command == "replay":
         if not args.blob and not args.key:
             print("telemetry replay: give a BLOB path or --key", file=sys.stderr)
             return 2
         return trio.run(_replay, settings, args)
+    elif args.command == "plot":
+        from telemetry.plot import plot_main  # lazily: `serve` never loads matplotlib
+
+        return plot_main(args.blob, args.output, args.event)
     elif args.command == "migrate":
         from storage.migrate import migrate_main
 

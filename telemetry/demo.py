@@ -181,7 +181,26 @@ def _fmt(value: Any, spec: str) -> str:
     return spec.format(value) if isinstance(value, int | float) else "-"
 
 
-async def run_demo(settings: Settings, n: int = 5, seconds: int = 20, seed: int = 7) -> int:
+async def write_plots(store: Any, events: dict[tuple[str, str], dict[str, Any]],
+                      out_dir: Path) -> list[Path]:
+    """One PNG per session with a blob (matplotlib in a worker thread: ~0.5 s each)."""
+    from telemetry.plot import plot_session
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for (org, sid), event in sorted(events.items()):
+        if not event.get("blob"):
+            continue
+        blob = await store.get(event["blob"]["key"])
+        path = out_dir / f"{org}-{sid}.png"
+        await trio.to_thread.run_sync(
+            partial(plot_session, blob, path, media=event.get("media")))
+        written.append(path)
+    return written
+
+
+async def run_demo(settings: Settings, n: int = 5, seconds: int = 20, seed: int = 7,
+                   plots: Path | None = None) -> int:
     started = time.monotonic()
     tmp = tempfile.TemporaryDirectory(prefix="telemetry-demo-")
     settings = dataclasses.replace(
@@ -231,6 +250,10 @@ async def run_demo(settings: Settings, n: int = 5, seconds: int = 20, seed: int 
             poor = [p.session_id for p in patients if p.poor_connection]
             print(f"{', '.join(poor)} played its video on a poor connection (stalls, lower "
                   "bitrate); the last session was abandoned and ended by idle timeout.")
+            if plots is not None:
+                written = await write_plots(storage.store, events, plots)
+                print(f"plots: {len(written)} PNGs in {plots.resolve()} "
+                      f"(e.g. {written[0].name})" if written else "plots: none")
             print(f"blobs written under {settings.data_dir / 'blobs'} (removed on exit); "
                   f"took {time.monotonic() - started:.1f} s")
     finally:

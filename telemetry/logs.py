@@ -2,16 +2,103 @@
 
 Callers pass only pseudonymised identifiers in ``extra`` (see
 :mod:`telemetry.privacy`); this module adds nothing personal of its own.
+
+Every line written while an HTTP request is being handled also carries that
+request's ``request_id`` and, once the request's token has named a session, the
+session's pseudonym ``session`` (``s_...``, never the raw id). The request context
+lives in a :class:`~contextvars.ContextVar` set by the app's request hooks
+(:func:`begin_request` / :func:`end_request`) and is added to records by
+:class:`RequestContextFilter`, which :func:`configure` installs on the handler.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
+import secrets
 import sys
 import time
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import TextIO
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+REQUEST_ID_HEADER = "X-Request-Id"
+# What an incoming X-Request-Id may be to be kept: a short token (a UUID, a trace
+# id). Anything else is replaced by a fresh id, so a header can't smuggle text into logs.
+_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+
+
+@dataclass
+class RequestContext:
+    """What log lines of one request carry. ``active`` goes false when the request
+    is done: a task started during the request (a session actor) shares this object
+    through its copied context, and must not go on tagging its lines with it."""
+
+    request_id: str
+    session: str | None = None
+    active: bool = True
+
+
+_current: ContextVar[RequestContext | None] = ContextVar("telemetry_request", default=None)
+
+
+def new_request_id() -> str:
+    """A fresh request id: 16 hex digits (64 random bits)."""
+    return secrets.token_hex(8)
+
+
+def safe_request_id(incoming: str | None) -> str | None:
+    """``incoming`` if it is a safe short token, else ``None``."""
+    if incoming and _SAFE_REQUEST_ID.fullmatch(incoming):
+        return incoming
+    return None
+
+
+def begin_request(incoming: str | None = None) -> RequestContext:
+    """Start the current task's request context: keep a safe incoming request id,
+    generate one otherwise."""
+    ctx = RequestContext(safe_request_id(incoming) or new_request_id())
+    _current.set(ctx)
+    return ctx
+
+
+def end_request() -> None:
+    """End the current request context; later lines carry no request id."""
+    ctx = _current.get()
+    if ctx is not None:
+        ctx.active = False
+        _current.set(None)
+
+
+def current_request() -> RequestContext | None:
+    """The active request context of this task, if any."""
+    ctx = _current.get()
+    return ctx if ctx is not None and ctx.active else None
+
+
+def set_session(pseudonym: str) -> None:
+    """Tag the rest of the current request's lines with a session pseudonym
+    (``Pseudonymiser.session``); a no-op outside a request."""
+    ctx = current_request()
+    if ctx is not None:
+        ctx.session = pseudonym
+
+
+class RequestContextFilter(logging.Filter):
+    """Adds ``request_id`` and ``session`` of the active request to each record.
+    Fields the caller set explicitly (``extra={"session": ...}``) win."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ctx = current_request()
+        if ctx is not None:
+            if not hasattr(record, "request_id"):
+                record.request_id = ctx.request_id
+            if ctx.session is not None and not hasattr(record, "session"):
+                record.session = ctx.session
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -32,11 +119,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def configure(level: str = "INFO", stream=None) -> None:
+def configure(level: str = "INFO", stream: TextIO | None = None) -> logging.Handler:
+    """Send every log record to ``stream`` (stderr) as one JSON object per line,
+    with the request context added; returns the handler installed on the root."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(RequestContextFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
     # hypercorn's access log would print full client IPs; ours logs truncated ones.
     logging.getLogger("hypercorn.access").disabled = True
+    return handler

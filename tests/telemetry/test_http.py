@@ -183,3 +183,20 @@ async def test_unknown_path_is_json_404(settings: Settings, path: str) -> None:
     async with running_service(settings) as svc:
         r = await svc.client.get(path)
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+async def test_refused_first_batch_leaves_no_session_behind(settings: Settings) -> None:
+    """A session continuing from another instance (first batch here far past seq 0)
+    must not leave an empty actor whose idle timeout publishes an empty summary."""
+    async with running_service(settings) as svc:
+        tok = session_token(settings)
+        r = await svc.client.post("/v1/pose/frames", content=batch_body(50), headers=hdr(tok))
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "sequence_ahead_of_window"
+        await trio.sleep(0.05)
+        assert svc.supervisor.live() == []
+        r = await svc.client.post("/v1/pose/frames", content=batch_body(0), headers=hdr(tok))
+        assert r.status_code == 202  # not mistaken for an ended session
+        r = await svc.client.post("/v1/sessions/sess-1/end", headers=hdr(tok))
+        assert r.json()["pose"]["frames"] == 30
+    assert [e["pose"]["frames"] for e in svc.events] == [30]  # one event, the real one

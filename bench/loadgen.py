@@ -1,0 +1,410 @@
+"""Load generator process for ``bench/load.py``: simulated patients over raw HTTP/1.1.
+
+One process drives a slice of the sessions over keep-alive TCP connections to
+127.0.0.1 (one connection per session, as a browser tab would), with a minimal
+hand-written HTTP/1.1 client on Trio sockets: a request is one ``send_all`` of
+bytes prepared ahead, a response is read up to its ``Content-Length``. That costs
+a fraction of what httpx does per request, so the generator is not what limits
+the figures (``bench/load.py`` measures its CPU to show it).
+
+Batches are realistic: a pool of synthetic sessions (:func:`actors.synthetic.generate`,
+split into 1-second batches by :func:`telemetry.demo.batches_of`, so about 2% of the
+frames are dropped in transit and some frames are all-NaN) is made once; each
+simulated session streams one pool session's batches in order, wrapping around,
+with the sequence number and the timestamps rewritten in place (one ``pack_into``
+and one strided numpy store per batch: a few microseconds).
+
+Modes:
+
+* ``paced``: session ``i`` of ``total`` starts at ``ramp * i/total`` seconds after
+  the common start, sends one batch a second at real pace, and ends (``POST
+  /v1/sessions/{id}/end``) at ``ramp + seconds + end_spread * i/total``. So every
+  session is live during ``[ramp, ramp + seconds]``, and starts and ends are spread
+  out rather than all in one instant.
+* ``closed``: every session sends its next batch as soon as the previous one is
+  answered (closed loop), for ``duration`` seconds or ``batches`` batches, then
+  optionally ends its session.
+
+A 429 or 503 is counted as an error and the same batch is sent again (as a client
+would) up to ``RETRIES`` times, ``RETRY_PAUSE_S`` apart; a transport error
+reconnects once. Protocol with the parent: print ``ready``, read ``go EPOCH``
+(wall-clock start, shared by all generators) on stdin, run, write the records to
+``--out`` (npz), print ``done``. Every loop is bounded by count and by time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import struct
+import sys
+import time
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import trio
+
+if __package__ in (None, ""):  # allow `python bench/loadgen.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from actors.synthetic import generate  # noqa: E402
+from telemetry.auth import mint_session_token  # noqa: E402
+from telemetry.config import Settings  # noqa: E402
+from telemetry.demo import EXERCISES, batches_of  # noqa: E402
+from telemetry.wire import CONTENT_TYPE, FRAME_BYTES, HEADER  # noqa: E402
+
+HOST = "127.0.0.1"
+RETRIES = 3
+RETRY_PAUSE_S = 0.1
+KIND_BATCH, KIND_END = 0, 1
+_SEQ = struct.Struct("<I")
+_TS_DTYPE = np.dtype("<u4")
+
+
+# -- realistic batches ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PoolBatch:
+    template: bytes  # the encoded batch as batches_of made it
+    rel_ms: np.ndarray  # frame timestamps within its second (uint32)
+    n: int
+
+
+@dataclass(frozen=True)
+class PoolSession:
+    kind: str
+    batches: list[PoolBatch]
+
+
+def make_pool(sessions: int = 8, reps: int = 20, seed: int = 11) -> list[PoolSession]:
+    """``sessions`` synthetic exercise sessions (about a minute each) in 1-s batches."""
+    rng = random.Random(seed)
+    pool = []
+    for j in range(sessions):
+        kind = EXERCISES[j % len(EXERCISES)]
+        s = generate(kind, reps=reps, seed=seed * 1000 + j, aspect=1280 / 720)
+        out = []
+        for body in batches_of(s.t_ms, s.frames, rng):
+            n = struct.unpack_from("<H", body, 12)[0]
+            ts = np.ndarray((n,), _TS_DTYPE, body, HEADER.size, (FRAME_BYTES,)).copy()
+            base = (int(ts[0]) // 1000) * 1000
+            out.append(PoolBatch(body, (ts - base).astype(np.uint32), n))
+        pool.append(PoolSession(kind, out))
+    return pool
+
+
+def batch_body(pb: PoolBatch, seq: int) -> bytearray:
+    """The pool batch as batch ``seq`` of a session: second ``seq`` of its clock."""
+    buf = bytearray(pb.template)
+    _SEQ.pack_into(buf, 8, seq)
+    np.ndarray((pb.n,), _TS_DTYPE, buf, HEADER.size, (FRAME_BYTES,))[:] = pb.rel_ms + 1000 * seq
+    return buf
+
+
+# -- a minimal HTTP/1.1 keep-alive client -------------------------------------------------
+
+
+class HttpError(Exception):
+    pass
+
+
+class Conn:
+    """One keep-alive connection; requests strictly one at a time."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.stream: trio.SocketStream | None = None
+        self.buf = bytearray()
+
+    async def connect(self) -> None:
+        await self.close()
+        self.stream = await trio.open_tcp_stream(HOST, self.port)
+        self.buf = bytearray()
+
+    async def close(self) -> None:
+        if self.stream is not None:
+            stream, self.stream = self.stream, None
+            with trio.move_on_after(1) as scope:
+                scope.shield = True
+                await stream.aclose()
+
+    async def _more(self) -> None:
+        assert self.stream is not None
+        chunk = await self.stream.receive_some(65536)
+        if not chunk:
+            raise HttpError("connection closed by server")
+        self.buf += chunk
+
+    async def request(self, data: bytes) -> tuple[int, bytes]:
+        if self.stream is None:
+            await self.connect()
+        assert self.stream is not None
+        await self.stream.send_all(data)
+        while (end := self.buf.find(b"\r\n\r\n")) < 0:
+            if len(self.buf) > 65536:
+                raise HttpError("response head too long")
+            await self._more()
+        head = bytes(self.buf[:end]).lower()
+        del self.buf[:end + 4]
+        status = int(head[9:12])
+        at = head.find(b"\r\ncontent-length:")
+        if at < 0:
+            raise HttpError("response without content-length")
+        stop = head.find(b"\r\n", at + 2)
+        length = int(head[at + 17:stop if stop >= 0 else len(head)])
+        while len(self.buf) < length:
+            await self._more()
+        body = bytes(self.buf[:length])
+        del self.buf[:length]
+        if b"\r\nconnection: close" in head:
+            await self.close()
+        return status, body
+
+
+# -- sessions -----------------------------------------------------------------------------
+
+
+@dataclass
+class Records:
+    """One row per request (and per retry): when sent (s since the common start),
+    how long to the full answer, how late against its schedule, status (0 =
+    transport error or timeout), kind (batch / end)."""
+
+    t: array[float] = field(default_factory=lambda: array("d"))
+    lat: array[float] = field(default_factory=lambda: array("d"))
+    lag: array[float] = field(default_factory=lambda: array("d"))
+    status: array[int] = field(default_factory=lambda: array("h"))
+    kind: array[int] = field(default_factory=lambda: array("b"))
+    codes: dict[str, int] = field(default_factory=dict)
+    end_checks: dict[str, int] = field(default_factory=dict)
+    blob_sizes: list[int] = field(default_factory=list)
+
+    def add(self, t: float, lat: float, lag: float, status: int, kind: int) -> None:
+        self.t.append(t)
+        self.lat.append(lat)
+        self.lag.append(lag)
+        self.status.append(status)
+        self.kind.append(kind)
+
+    def count(self, table: dict[str, int], key: str) -> None:
+        table[key] = table.get(key, 0) + 1
+
+
+@dataclass
+class Session:
+    index: int
+    session_id: str
+    token: str
+    pool: PoolSession
+    offset: int
+
+    def head(self, port: int, length: int) -> bytes:
+        return (f"POST /v1/pose/frames HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
+                f"Authorization: Bearer {self.token}\r\nContent-Type: {CONTENT_TYPE}\r\n"
+                f"Content-Length: {length}\r\n\r\n").encode()
+
+    def end_request(self, port: int) -> bytes:
+        return (f"POST /v1/sessions/{self.session_id}/end HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
+                f"Authorization: Bearer {self.token}\r\nContent-Length: 0\r\n\r\n").encode()
+
+    def batch(self, port: int, seq: int) -> bytes:
+        pb = self.pool.batches[(self.offset + seq) % len(self.pool.batches)]
+        body = batch_body(pb, seq)
+        return self.head(port, len(body)) + body
+
+
+def make_sessions(settings: Settings, run_id: str, indices: range,
+                  pool: list[PoolSession], orgs: int) -> list[Session]:
+    out = []
+    for i in indices:
+        ps = pool[i % len(pool)]
+        sid = f"bench-{run_id}-{i}"
+        token = mint_session_token(
+            settings, org_id=f"bench-org-{i % orgs}", session_id=sid,
+            patient_id=f"patient-{i}", exercise={"kind": ps.kind, "target_reps": 10},
+            ttl_s=4 * 3600,
+        )
+        out.append(Session(i, sid, token, ps, (i * 7) % len(ps.batches)))
+    return out
+
+
+class Runner:
+    def __init__(self, port: int, t0: float, timeout_s: float, check_summary: bool) -> None:
+        self.port = port
+        self.t0 = t0  # trio clock of the common start
+        self.timeout_s = timeout_s
+        self.check_summary = check_summary
+        self.rec = Records()
+
+    async def send(self, conn: Conn, data: bytes, due: float, kind: int) -> tuple[int, bytes]:
+        """One request with the retry policy; records every attempt."""
+        status, body = 0, b""
+        for attempt in range(RETRIES + 1):
+            sent = trio.current_time()
+            try:
+                with trio.fail_after(self.timeout_s):
+                    status, body = await conn.request(data)
+            except (OSError, HttpError, trio.BrokenResourceError, trio.ClosedResourceError,
+                    trio.TooSlowError, ValueError) as exc:
+                status, body = 0, b""
+                self.rec.count(self.rec.codes, f"transport: {type(exc).__name__}")
+                await conn.close()
+            now = trio.current_time()
+            self.rec.add(sent - self.t0, now - sent, sent - due, status, kind)
+            if status in (200, 202):
+                return status, body
+            if status:
+                self.rec.count(self.rec.codes, f"{status} {_error_code(body)}")
+            if status not in (0, 429, 503) or attempt == RETRIES:
+                break
+            await trio.sleep(RETRY_PAUSE_S)
+        return status, body
+
+    async def end(self, conn: Conn, s: Session, due: float) -> None:
+        status, body = await self.send(conn, s.end_request(self.port), due, KIND_END)
+        if status != 200:
+            self.rec.count(self.rec.end_checks, "end_failed")
+            return
+        if not self.check_summary:
+            self.rec.count(self.rec.end_checks, "ended")
+            return
+        try:
+            summary = json.loads(body)
+        except ValueError:
+            self.rec.count(self.rec.end_checks, "bad_summary")
+            return
+        blob = summary.get("blob") or {}
+        ok = summary.get("published") is True and bool(blob.get("key"))
+        if ok:
+            self.rec.blob_sizes.append(int(blob.get("size") or 0))
+        self.rec.count(self.rec.end_checks, "blob_and_published" if ok else "not_durable")
+
+    async def paced(self, s: Session, start: float, end: float) -> None:
+        """One batch a second from ``start`` until ``end`` (s since t0), then end."""
+        conn = Conn(self.port)
+        try:
+            await trio.sleep_until(self.t0 + start)
+            seq = 0
+            while start + seq < end:
+                due = self.t0 + start + seq
+                if trio.current_time() >= self.t0 + end:
+                    # Behind by the whole rest of the session (an overloaded server):
+                    # what was not sent by the session's end is counted, not sent.
+                    self.rec.count(self.rec.codes, "not sent: session behind schedule")
+                    seq += 1
+                    continue
+                await trio.sleep_until(due)
+                await self.send(conn, s.batch(self.port, seq), due, KIND_BATCH)
+                seq += 1
+            await trio.sleep_until(self.t0 + end)
+            await self.end(conn, s, self.t0 + end)
+        finally:
+            await conn.close()
+
+    async def closed(self, s: Session, stop: float, batches: int, end: bool) -> None:
+        conn = Conn(self.port)
+        try:
+            await trio.sleep_until(self.t0)
+            seq = 0
+            while seq < batches and trio.current_time() < self.t0 + stop:
+                now = trio.current_time()
+                await self.send(conn, s.batch(self.port, seq), now, KIND_BATCH)
+                seq += 1
+            if end:
+                await self.end(conn, s, trio.current_time())
+        finally:
+            await conn.close()
+
+
+def _error_code(body: bytes) -> str:
+    try:
+        return str(json.loads(body)["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return "-"
+
+
+async def prime(port: int, settings: Settings, pool: list[PoolSession]) -> None:
+    """A few batches and an end on a throw-away session, so lazy imports and first-use
+    allocations happen before the idle RSS is taken."""
+    (s,) = make_sessions(settings, f"prime{random.randrange(1 << 30)}", range(1), pool, 1)
+    conn = Conn(port)
+    try:
+        with trio.fail_after(30):
+            for seq in range(3):
+                await conn.request(s.batch(port, seq))
+            await conn.request(s.end_request(port))
+    finally:
+        await conn.close()
+
+
+async def main(a: argparse.Namespace) -> None:
+    settings = Settings.from_env()
+    pool = make_pool()
+    sessions = make_sessions(settings, a.run_id, range(a.index_from, a.index_to), pool, a.orgs)
+    if a.prime:
+        await prime(a.port, settings, pool)
+    print("ready", flush=True)
+    line = await trio.to_thread.run_sync(sys.stdin.readline)
+    if not line.startswith("go "):
+        raise SystemExit(f"expected 'go EPOCH', got {line!r}")
+    go_epoch = float(line.split()[1])
+    t0 = trio.current_time() + (go_epoch - time.time())
+    runner = Runner(a.port, t0, a.timeout, a.check_summary)
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    if a.mode == "paced":
+        limit = a.ramp + a.seconds + a.end_spread + a.timeout * (RETRIES + 2) + 30
+    else:
+        limit = a.duration + a.timeout * (RETRIES + 2) + 30
+    with trio.move_on_after(max(0.0, go_epoch - time.time()) + limit) as overall:
+        async with trio.open_nursery() as nursery:
+            for s in sessions:
+                u = s.index / a.total
+                if a.mode == "paced":
+                    nursery.start_soon(runner.paced, s, a.ramp * u,
+                                       a.ramp + a.seconds + a.end_spread * u)
+                else:
+                    nursery.start_soon(runner.closed, s, a.duration, a.batches, a.end)
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    r = runner.rec
+    if overall.cancelled_caught:
+        # Whatever was in flight is counted as an error; the records so far stand.
+        r.count(r.codes, "transport: run time limit")
+    meta = {"codes": r.codes, "end_checks": r.end_checks, "blob_sizes": r.blob_sizes,
+            "cpu_s": (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)}
+    np.savez(a.out, t=np.frombuffer(r.t, dtype=np.float64),
+             lat=np.frombuffer(r.lat, dtype=np.float64),
+             lag=np.frombuffer(r.lag, dtype=np.float64),
+             status=np.frombuffer(r.status, dtype=np.int16).astype(np.int32),
+             kind=np.frombuffer(r.kind, dtype=np.int8), meta=np.array(json.dumps(meta)))
+    print("done", flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--mode", choices=("paced", "closed"), required=True)
+    p.add_argument("--run-id", required=True)
+    p.add_argument("--index-from", type=int, required=True)
+    p.add_argument("--index-to", type=int, required=True)
+    p.add_argument("--total", type=int, required=True, help="sessions over all generators")
+    p.add_argument("--orgs", type=int, default=8)
+    p.add_argument("--ramp", type=float, default=5.0)
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--end-spread", type=float, default=5.0)
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--batches", type=int, default=10**9)
+    p.add_argument("--end", action="store_true", help="closed mode: end every session")
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--check-summary", action="store_true")
+    p.add_argument("--prime", action="store_true")
+    p.add_argument("--out", required=True)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    trio.run(main, parse_args())

@@ -1,0 +1,243 @@
+"""Prometheus metrics: a per-app registry, request-path instruments, scrape-time state.
+
+Two kinds of metric live here:
+
+* **Instruments** updated in the request path (:class:`Metrics`): counters and
+  histograms whose update is a dict lookup and an add. Labels are bounded sets
+  (route templates, HTTP status codes, error codes from the code base) -- never a
+  session, patient or organisation id, never a raw URL path.
+* **State** read when Prometheus scrapes (:class:`StateCollector`): live sessions,
+  mailbox depth, spool and outbox figures, straight from the supervisor's,
+  spool's and outbox's own ``stats()``; nothing is mirrored or kept in step.
+
+Every app gets its own :class:`~prometheus_client.CollectorRegistry` (never the
+global default), so several services in one process -- the tests -- do not collide.
+``docs/operations.md`` lists every metric with its type and labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from actors.supervisor import Supervisor
+    from storage.outbox import Outbox
+    from storage.spool import Spool
+
+PREFIX = "telemetry"
+# Finalisation is an upload plus a publish: tens of milliseconds on a local disk, up
+# to the S3 client's retries (tens of seconds) when the store is in trouble.
+FINALISE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# A replay blob is ~10-20 KiB per second of session (gzip) -- 16 KiB .. 256 MiB.
+BLOB_BUCKETS = tuple(float(16 * 1024 * 4**i) for i in range(8))
+REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+UNMATCHED = "unmatched"
+
+
+def method_label(method: str) -> str:
+    """The request method as a label; anything unusual is ``other`` (a client picks
+    the method, and a label must not be an open set)."""
+    return method if method in KNOWN_METHODS else "other"
+
+
+class Metrics:
+    """The request-path instruments of one app, registered in ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            f"{PREFIX}_http_requests", "HTTP requests answered, by route template and status.",
+            ["method", "endpoint", "status"], registry=r)
+        self.request_seconds = Histogram(
+            f"{PREFIX}_http_request_duration_seconds",
+            "Time from routing to the response being built, by route template.",
+            ["endpoint"], buckets=REQUEST_BUCKETS, registry=r)
+        self.batches = Counter(
+            f"{PREFIX}_batches",
+            "Authenticated ingest batches by endpoint (pose|media) and outcome "
+            "(accepted|duplicate|rejected).",
+            ["endpoint", "outcome"], registry=r)
+        self.batches_rejected = Counter(
+            f"{PREFIX}_batches_rejected",
+            "Authenticated ingest batches refused, by endpoint and the answer's error code.",
+            ["endpoint", "reason"], registry=r)
+        self.media_events = Counter(
+            f"{PREFIX}_media_events",
+            "Media events in accepted batches: applied, or not applied (duplicate or late).",
+            ["outcome"], registry=r)
+        self.auth_failures = Counter(
+            f"{PREFIX}_auth_failures",
+            "Refused credentials by token kind (session|service) and reason.",
+            ["kind", "reason"], registry=r)
+        self.finalise_seconds = Histogram(
+            f"{PREFIX}_finalise_duration_seconds",
+            "Time an end call waited for its session to be finalised (replay upload and "
+            "event publish), by end reason (client_end|admin). Idle, max-duration and "
+            "shutdown ends are not timed.",
+            ["reason"], buckets=FINALISE_BUCKETS, registry=r)
+        self.blob_bytes = Histogram(
+            f"{PREFIX}_blob_size_bytes",
+            "Size of replay blobs written by sessions ended through an end call "
+            "(_sum is the bytes written).",
+            buckets=BLOB_BUCKETS, registry=r)
+        self.storage_unavailable = Counter(
+            f"{PREFIX}_storage_unavailable",
+            "503 storage_unavailable answers: the spool or the blob store (S3) failed "
+            "while admitting data, by endpoint (pose|media).",
+            ["endpoint"], registry=r)
+
+    def render(self, accept: str | None) -> tuple[bytes, str]:
+        """The exposition for a scrape and its content type, negotiated from
+        ``Accept`` (Prometheus text 0.0.4 unless OpenMetrics is asked for)."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
+
+
+@dataclass(frozen=True)
+class SessionTotals:
+    """What the live sessions add up to at one moment."""
+
+    live: int = 0
+    mailbox_depth: int = 0
+    mailbox_depth_max: int = 0
+    held: int = 0
+
+
+# Sessions summed between two checkpoints: a snapshot costs ~30 us, so a scrape of the
+# maximum 5000 sessions never holds the Trio loop for more than ~10 ms at a time.
+SESSIONS_PER_CHECKPOINT = 250
+
+
+def _add(totals: list[int], snap: dict[str, Any]) -> None:
+    depth = int(snap.get("mailbox_depth") or 0)
+    totals[0] += 1
+    totals[1] += depth
+    totals[2] = max(totals[2], depth)
+    totals[3] += int(snap.get("held_out_of_order") or 0)
+
+
+def session_totals(supervisor: Supervisor) -> SessionTotals:
+    """Sum the live sessions' snapshots in one go."""
+    totals = [0, 0, 0, 0]
+    for actor in supervisor.live():
+        _add(totals, actor.snapshot())
+    return SessionTotals(*totals)
+
+
+async def session_totals_async(supervisor: Supervisor) -> SessionTotals:
+    """:func:`session_totals`, letting other tasks run every
+    :data:`SESSIONS_PER_CHECKPOINT` sessions (a session that ends meanwhile is
+    still counted: a scrape is a moment, give or take)."""
+    totals = [0, 0, 0, 0]
+    for i, actor in enumerate(supervisor.live()):
+        if i and i % SESSIONS_PER_CHECKPOINT == 0:
+            await trio.lowlevel.checkpoint()
+        _add(totals, actor.snapshot())
+    return SessionTotals(*totals)
+
+
+@dataclass
+class StateSources:
+    """Where scrape-time state comes from; each getter may return ``None``
+    (no spool with ``TELEMETRY_SPOOL=off``, no outbox in some wirings)."""
+
+    supervisor: Callable[[], Supervisor]
+    spool: Callable[[], Spool | None]
+    outbox: Callable[[], Outbox | None]
+    ready: Callable[[], bool]
+    spool_max_bytes: int
+
+
+class StateCollector(Collector):
+    """Gauges and cumulative counters read from live state at scrape time.
+
+    Runs on the Trio thread inside the ``/metrics`` handler (never from another
+    thread: the state it reads is not locked). The cost is one ``snapshot()`` per
+    live session: the handler sums them beforehand with checkpoints
+    (:meth:`prepare`); a bare ``generate_latest`` sums them in one go.
+    """
+
+    def __init__(self, sources: StateSources) -> None:
+        self._src = sources
+        self._prepared: SessionTotals | None = None
+
+    async def prepare(self) -> None:
+        """Sum the sessions for the next :meth:`collect`, yielding to other tasks."""
+        self._prepared = await session_totals_async(self._src.supervisor())
+
+    def describe(self) -> list[Metric]:
+        # Describing by collecting would read state at registration; declare nothing
+        # (the registry then skips duplicate-name checks for this collector).
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._sessions()
+        yield from self._spool()
+        yield from self._outbox()
+
+    def _sessions(self) -> Iterator[Metric]:
+        supervisor = self._src.supervisor()
+        t, self._prepared = self._prepared or session_totals(supervisor), None
+        yield _gauge("ready", "1 while the service admits traffic (readiness), else 0.",
+                     1 if self._src.ready() else 0)
+        yield _gauge("live_sessions", "Live session actors in this process.", t.live)
+        yield _gauge("mailbox_depth", "Batches queued in all live sessions' mailboxes.",
+                     t.mailbox_depth)
+        yield _gauge("mailbox_depth_max", "The fullest live session mailbox.",
+                     t.mailbox_depth_max)
+        yield _gauge("held_batches", "Batches held for reordering across live sessions.",
+                     t.held)
+        yield _counter("actor_crashes", "Sessions ended with reason actor_error.",
+                       supervisor.crashed)
+
+    def _spool(self) -> Iterator[Metric]:
+        spool = self._src.spool()
+        if spool is None:
+            return
+        s: dict[str, Any] = spool.stats()
+        yield _gauge("spool_bytes", "Bytes the spool holds (committed logs plus reservations).",
+                     s["bytes_used"])
+        yield _gauge("spool_max_bytes", "The spool's disk budget (TELEMETRY_SPOOL_MAX_BYTES); "
+                     "past it batches get 503 spool_full.", self._src.spool_max_bytes)
+        yield _gauge("spool_sessions", "Sessions with a log in the spool.", s["sessions"])
+        yield _counter("spool_records", "Records appended to the spool.", s["records"])
+        yield _counter("spool_appended_bytes", "Bytes appended to the spool.", s["bytes"])
+        yield _counter("spool_fsyncs", "fsync calls made by the spool committer.", s["fsyncs"])
+        yield _counter("spool_rounds", "Commit rounds of the spool.", s["rounds"])
+        yield _counter("spool_failures", "Spool appends that failed (not acknowledged).",
+                       s["failed"])
+        yield _counter("spool_torn_tails", "Torn or corrupt log tails cut at start-up.",
+                       s["torn_tails"])
+        yield _counter("spool_torn_bytes", "Bytes cut from torn log tails.", s["torn_bytes"])
+        yield _counter("spool_corrupt_states", "Session state files found corrupt.",
+                       s["corrupt_states"])
+
+    def _outbox(self) -> Iterator[Metric]:
+        outbox = self._src.outbox()
+        if outbox is None:
+            return
+        s = outbox.stats()
+        yield _gauge("outbox_depth", "Events on disk waiting for bus delivery.", s["depth"])
+        yield _counter("outbox_delivered", "Events delivered to the bus.", s["delivered"])
+        yield _counter("outbox_delivery_failures", "Failed bus delivery attempts.",
+                       s["failures"])
+        yield _counter("outbox_dead", "Events given up on and moved to outbox/dead/.", s["dead"])
+        yield _counter("outbox_corrupt", "Unreadable outbox files set aside.", s["corrupt"])
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)

@@ -1,0 +1,212 @@
+"""Structured logs of the running service: one JSON object per line, a request id and the
+session pseudonym on every line of a request, levels that mean something, no personal data.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from telemetry import logs
+from telemetry.config import Settings
+from telemetry.privacy import Pseudonymiser
+from telemetry.wire import CONTENT_TYPE
+from tests.conftest import admin_token, batch_body, session_token
+from tests.service import running_service
+
+ORG, SESSION, PATIENT = "org-private", "sess-private", "patient-private"
+
+
+class Captured:
+    def __init__(self) -> None:
+        self.stream = io.StringIO()
+
+    def lines(self) -> list[dict[str, Any]]:
+        raw = self.stream.getvalue().splitlines()
+        return [json.loads(line) for line in raw]  # every line is one JSON object
+
+    def text(self) -> str:
+        return self.stream.getvalue()
+
+
+@pytest.fixture
+def captured() -> Iterator[Captured]:
+    """The service's own JSON logging (``logs.configure``) into a buffer, at DEBUG;
+    the root logger and hypercorn's access log are put back afterwards."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    access = logging.getLogger("hypercorn.access")
+    access_disabled = access.disabled
+    cap = Captured()
+    logs.configure("DEBUG", cap.stream)
+    # the HTTP client's own debug lines are not the service's
+    quiet = [logging.getLogger(n) for n in ("httpx", "httpcore", "hpack")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.WARNING)
+    try:
+        yield cap
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+        access.disabled = access_disabled
+        for q, lvl in zip(quiet, levels, strict=True):
+            q.setLevel(lvl)
+
+
+def hdr(token: str, request_id: str | None = None, ctype: str = CONTENT_TYPE) -> dict[str, str]:
+    h = {"Authorization": f"Bearer {token}", "Content-Type": ctype}
+    if request_id is not None:
+        h["X-Request-Id"] = request_id
+    return h
+
+
+def request_lines(lines: list[dict[str, Any]], rid: str) -> list[dict[str, Any]]:
+    return [x for x in lines if x.get("request_id") == rid]
+
+
+async def test_request_id_and_session_pseudonym_on_every_line(
+    settings: Settings, captured: Captured
+) -> None:
+    pseudonym = Pseudonymiser(settings.pseudonym_key).session(ORG, SESSION)
+    async with running_service(settings) as svc:
+        tok = session_token(settings, org_id=ORG, session_id=SESSION, patient_id=PATIENT)
+        r = await svc.client.post("/v1/pose/frames", content=batch_body(0),
+                                  headers=hdr(tok, "req-first"))
+        assert r.status_code == 202 and r.headers["X-Request-Id"] == "req-first"
+        r = await svc.client.post("/v1/pose/frames", content=b"XXXX",
+                                  headers=hdr(tok, "req-bad.1"))
+        assert r.status_code == 400 and r.headers["X-Request-Id"] == "req-bad.1"
+        r = await svc.client.post(f"/v1/sessions/{SESSION}/end", headers=hdr(tok, "req-end"))
+        assert r.status_code == 200
+    lines = captured.lines()
+
+    first = request_lines(lines, "req-first")
+    # the session's start (logged by the supervisor inside the request) and the request
+    assert [x["msg"] for x in first] == ["session started", "request"]
+    assert all(x["session"] == pseudonym for x in first)
+    (req,) = [x for x in first if x["msg"] == "request"]
+    assert req == {**req, "level": "debug", "logger": "telemetry.http", "method": "POST",
+                   "endpoint": "/v1/pose/frames", "status": 202}
+    assert isinstance(req["duration_ms"], float)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", req["ts"])
+
+    (bad,) = request_lines(lines, "req-bad.1")
+    assert bad["level"] == "info" and bad["status"] == 400 and bad["code"] == "truncated"
+    assert bad["client"] == "127.0.0.0"  # truncated, never the full address
+
+    end = [x for x in request_lines(lines, "req-end") if x["msg"] == "request"]
+    assert end[0]["level"] == "info" and end[0]["endpoint"] == "/v1/sessions/<session_id>/end"
+    # The actor was started inside the first request; its own later lines carry its
+    # session but not that request's id.
+    (ended,) = [x for x in lines if x["msg"] == "session ended"]
+    assert ended["session"] == pseudonym and "request_id" not in ended
+
+
+async def test_no_personal_data_in_any_line(settings: Settings, captured: Captured) -> None:
+    async with running_service(settings) as svc:
+        tok = session_token(settings, org_id=ORG, session_id=SESSION, patient_id=PATIENT)
+        await svc.client.post("/v1/pose/frames", content=batch_body(0), headers=hdr(tok))
+        await svc.client.post("/v1/pose/frames", content=batch_body(0),
+                              headers=hdr(tok[:-4] + "AAAA"))
+        adm = {"Authorization": f"Bearer {admin_token(settings)}"}
+        r = await svc.client.get(f"/v1/admin/sessions/{SESSION}", headers=adm)
+        assert r.status_code == 200
+        await svc.client.post(f"/v1/sessions/{SESSION}/end", headers=hdr(tok))
+        await svc.client.get(f"/v1/no-such/{SESSION}")
+    text = captured.text()
+    for private in (ORG, SESSION, PATIENT, tok):
+        assert private not in text
+    lines = captured.lines()
+    admin_line = [x for x in lines if x.get("endpoint") == "/v1/admin/sessions/<session_id>"]
+    assert admin_line[0]["session"].startswith("s_")
+    assert {x["endpoint"] for x in lines if x["msg"] == "request"} >= {"unmatched"}
+
+
+async def test_unsafe_request_ids_are_replaced(settings: Settings, captured: Captured) -> None:
+    async with running_service(settings) as svc:
+        seen = []
+        for sent in ("has space", "x" * 65, "-leading-dash", "ok:trace-1.2_3"):
+            r = await svc.client.get("/v1/healthz", headers={"X-Request-Id": sent})
+            seen.append(r.headers["X-Request-Id"])
+        r = await svc.client.get("/v1/healthz")
+        seen.append(r.headers["X-Request-Id"])
+    assert seen[3] == "ok:trace-1.2_3"
+    for fresh in seen[:3] + seen[4:]:
+        assert re.fullmatch(r"[0-9a-f]{16}", fresh)
+    assert len(set(seen)) == 5
+    logged = [x["request_id"] for x in captured.lines() if x["msg"] == "request"]
+    assert logged == seen
+    assert "has space" not in captured.text()
+
+
+async def test_levels_follow_what_happened(
+    settings: Settings, captured: Captured, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running_service(settings) as svc:
+        tok = session_token(settings)
+        await svc.client.post("/v1/pose/frames", content=batch_body(0), headers=hdr(tok, "ok"))
+        await svc.client.post("/v1/pose/frames", content=batch_body(50),
+                              headers=hdr(tok, "ahead"))
+        await svc.client.post("/v1/pose/frames", content=batch_body(1), headers=hdr("x", "auth"))
+
+        async def broken(*args: Any, **kw: Any) -> None:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(svc.supervisor, "end", broken)
+        r = await svc.client.post("/v1/sessions/sess-1/end", headers=hdr(tok, "boom"))
+        assert r.status_code == 500 and r.json()["error"]["code"] == "http_error"
+        monkeypatch.undo()
+    lines = captured.lines()
+
+    def request_level(rid: str) -> str:
+        (line,) = [x for x in request_lines(lines, rid) if x["msg"] == "request"]
+        return line["level"]
+
+    assert request_level("ok") == "debug"
+    assert request_level("ahead") == "warning"  # 503: refused for now, retry
+    assert request_level("auth") == "info"
+    (auth,) = [x for x in request_lines(lines, "auth") if x["msg"] == "auth failed"]
+    assert auth["level"] == "info" and auth["reason"] == "malformed_token"
+    boom = request_lines(lines, "boom")
+    assert request_level("boom") == "error"
+    (exc,) = [x for x in boom if x["msg"] == "unhandled exception"]
+    assert exc["level"] == "error" and exc["exc_type"] == "RuntimeError"
+    assert exc["endpoint"] == "/v1/sessions/<session_id>/end"
+    assert "sess-1" not in json.dumps(boom)  # the path is never logged, the template is
+    assert all(x["session"].startswith("s_") for x in boom)
+
+
+def test_filter_outside_a_request_adds_nothing() -> None:
+    record = logging.makeLogRecord({"msg": "hello"})
+    assert logs.RequestContextFilter().filter(record)
+    assert not hasattr(record, "request_id") and not hasattr(record, "session")
+
+
+def test_explicit_fields_win_and_ended_requests_tag_nothing() -> None:
+    ctx = logs.begin_request("abc")
+    try:
+        logs.set_session("s_1")
+        record = logging.makeLogRecord({"msg": "x", "session": "s_2"})
+        logs.RequestContextFilter().filter(record)
+        assert record.request_id == "abc" and record.session == "s_2"
+    finally:
+        logs.end_request()
+    assert not ctx.active and logs.current_request() is None
+    record = logging.makeLogRecord({"msg": "y"})
+    logs.RequestContextFilter().filter(record)
+    assert not hasattr(record, "request_id")
+
+
+def test_safe_request_ids() -> None:
+    assert logs.safe_request_id("0f8e-11:aa.b_c") == "0f8e-11:aa.b_c"
+    assert logs.safe_request_id("a" * 64) == "a" * 64
+    for bad in (None, "", "a" * 65, "a b", "a\nb", "ü", "-x", "a/b", "a;b"):
+        assert logs.safe_request_id(bad) is None
+    assert re.fullmatch(r"[0-9a-f]{16}", logs.new_request_id())

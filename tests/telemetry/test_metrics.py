@@ -1,0 +1,296 @@
+"""``GET /metrics`` on the running service: what each request adds, what a scrape reads.
+
+Scrapes go over real HTTP and are parsed with prometheus-client's own parser, so the
+exposition is checked as Prometheus would read it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from telemetry import metrics
+from telemetry.config import Settings
+from telemetry.wire import CONTENT_TYPE
+from tests.conftest import admin_token, batch_body, session_token
+from tests.service import Running, running_service
+
+Labels = dict[str, str]
+
+
+class Scrape:
+    """One parsed scrape: sample values by name and labels."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.samples: list[tuple[str, Labels, float]] = []
+        self.types: dict[str, str] = {}
+        for family in text_string_to_metric_families(text):
+            self.types[family.name] = family.type
+            for s in family.samples:
+                self.samples.append((s.name, dict(s.labels), s.value))
+
+    def value(self, name: str, **labels: str) -> float:
+        """The sample's value; 0 if absent (a labelled counter not yet incremented)."""
+        found = [v for n, lab, v in self.samples if n == name and lab == labels]
+        assert len(found) <= 1, (name, labels, found)
+        return found[0] if found else 0.0
+
+    def names(self) -> set[str]:
+        return {n for n, _, _ in self.samples}
+
+    def label_values(self) -> set[str]:
+        return {v for _, lab, _ in self.samples for v in lab.values()}
+
+
+async def scrape(svc: Running, accept: str | None = None) -> Scrape:
+    r = await svc.client.get("/metrics", headers={"Accept": accept} if accept else {})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    return Scrape(r.text)
+
+
+def pose_hdr(token: str, ctype: str = CONTENT_TYPE) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}", "Content-Type": ctype}
+
+
+async def test_requests_batches_and_auth_failures_are_counted(settings: Settings) -> None:
+    async with running_service(settings) as svc:
+        tok = session_token(settings)
+        post = svc.client.post
+        for seq in (0, 1):
+            assert (await post("/v1/pose/frames", content=batch_body(seq),
+                               headers=pose_hdr(tok))).status_code == 202
+        assert (await post("/v1/pose/frames", content=batch_body(1),
+                           headers=pose_hdr(tok))).json()["duplicate"] is True
+        assert (await post("/v1/pose/frames", content=b"XXXX" + batch_body(2)[4:],
+                           headers=pose_hdr(tok))).status_code == 400
+        assert (await post("/v1/pose/frames", content=batch_body(50),
+                           headers=pose_hdr(tok))).status_code == 503
+        assert (await post("/v1/pose/frames", content=batch_body(2),
+                           headers={"Content-Type": CONTENT_TYPE})).status_code == 401
+        no_consent = session_token(settings, biometric=False)
+        assert (await post("/v1/pose/frames", content=batch_body(2),
+                           headers=pose_hdr(no_consent))).status_code == 403
+        media = {"media_id": "m-1", "view_id": "v-1", "events": [
+            {"id": "a", "type": "session_start", "t_ms": 0},
+            {"id": "b", "type": "play", "t_ms": 5, "position_seconds": 0}]}
+        jhdr = pose_hdr(tok, "application/json")
+        assert (await post("/v1/media/events", content=json.dumps(media),
+                           headers=jhdr)).json()["applied"] == 2
+        assert (await post("/v1/media/events", content=json.dumps(media),
+                           headers=jhdr)).json()["duplicates"] == 2
+        assert (await post("/v1/media/events", content=b"{",
+                           headers=jhdr)).status_code == 400
+        r = await svc.client.get("/v1/admin/sessions",
+                                 headers={"Authorization": f"Bearer {tok}"})
+        assert r.status_code == 403
+        assert (await svc.client.get("/v1/healthz")).status_code == 200
+        m = await scrape(svc)
+
+    pose_ep = "/v1/pose/frames"
+    assert m.value("telemetry_http_requests_total", method="POST", endpoint=pose_ep,
+                   status="202") == 3
+    assert m.value("telemetry_http_requests_total", method="POST", endpoint=pose_ep,
+                   status="400") == 1
+    assert m.value("telemetry_http_requests_total", method="POST", endpoint=pose_ep,
+                   status="503") == 1
+    assert m.value("telemetry_http_requests_total", method="GET", endpoint="/v1/healthz",
+                   status="200") == 1
+    assert m.value("telemetry_http_request_duration_seconds_count", endpoint=pose_ep) == 7
+    assert m.value("telemetry_batches_total", endpoint="pose", outcome="accepted") == 2
+    assert m.value("telemetry_batches_total", endpoint="pose", outcome="duplicate") == 1
+    # 400 + 503 + 403 (the 401 never authenticated: it is an auth failure, not a batch)
+    assert m.value("telemetry_batches_total", endpoint="pose", outcome="rejected") == 3
+    for reason in ("bad_magic", "sequence_ahead_of_window", "consent_required"):
+        assert m.value("telemetry_batches_rejected_total", endpoint="pose", reason=reason) == 1
+    assert m.value("telemetry_batches_total", endpoint="media", outcome="accepted") == 2
+    assert m.value("telemetry_batches_rejected_total", endpoint="media", reason="bad_json") == 1
+    assert m.value("telemetry_media_events_total", outcome="applied") == 2
+    assert m.value("telemetry_media_events_total", outcome="not_applied") == 2
+    assert m.value("telemetry_auth_failures_total", kind="session", reason="missing_token") == 1
+    assert m.value("telemetry_auth_failures_total", kind="service", reason="wrong_audience") == 1
+    assert m.types["telemetry_http_requests"] == "counter"
+    assert m.types["telemetry_finalise_duration_seconds"] == "histogram"
+
+
+async def test_state_is_read_at_scrape_time(settings: Settings) -> None:
+    async with running_service(settings) as svc:
+        tok = session_token(settings)
+        empty = await scrape(svc)
+        assert empty.value("telemetry_live_sessions") == 0
+        assert empty.value("telemetry_ready") == 1
+        assert empty.value("telemetry_spool_max_bytes") == settings.spool_max_bytes
+        for seq in (0, 2):  # 2 is held until 1 arrives
+            r = await svc.client.post("/v1/pose/frames", content=batch_body(seq),
+                                      headers=pose_hdr(tok))
+            assert r.status_code == 202
+        live = await scrape(svc)
+        assert live.value("telemetry_live_sessions") == 1
+        assert live.value("telemetry_held_batches") == 1
+        assert live.value("telemetry_mailbox_depth") >= 0
+        assert live.value("telemetry_mailbox_depth_max") <= settings.mailbox_size
+        assert live.value("telemetry_spool_bytes") > 0
+        assert live.value("telemetry_spool_sessions") == 1
+        # the START record and two batches
+        assert live.value("telemetry_spool_records_total") == 3
+        assert live.value("telemetry_spool_torn_tails_total") == 0
+        assert live.value("telemetry_outbox_depth") == 0
+
+        r = await svc.client.post("/v1/sessions/sess-1/end", headers=pose_hdr(tok))
+        assert r.status_code == 200
+        blob_size = r.json()["blob"]["size"]
+        for _ in range(500):  # the outbox delivers the summary event in the background
+            ended = await scrape(svc)
+            if ended.value("telemetry_outbox_delivered_total") == 1:
+                break
+            await trio.sleep(0.02)
+    assert ended.value("telemetry_outbox_delivered_total") == 1
+    assert ended.value("telemetry_live_sessions") == 0
+    assert ended.value("telemetry_held_batches") == 0
+    assert ended.value("telemetry_outbox_depth") == 0
+    assert ended.value("telemetry_outbox_delivery_failures_total") == 0
+    assert ended.value("telemetry_outbox_dead_total") == 0
+    assert ended.value("telemetry_finalise_duration_seconds_count", reason="client_end") == 1
+    assert ended.value("telemetry_blob_size_bytes_count") == 1
+    assert ended.value("telemetry_blob_size_bytes_sum") == blob_size
+
+
+async def test_finalisation_is_timed_once_per_session(settings: Settings) -> None:
+    async with running_service(settings) as svc:
+        tok = session_token(settings)
+        await svc.client.post("/v1/pose/frames", content=batch_body(0), headers=pose_hdr(tok))
+        first, again = await svc.client.post("/v1/sessions/sess-1/end", headers=pose_hdr(tok)), \
+            await svc.client.post("/v1/sessions/sess-1/end", headers=pose_hdr(tok))
+        assert first.json() == again.json()
+        # a session ended by an operator, and one that never sent a batch
+        other = session_token(settings, session_id="sess-2")
+        await svc.client.post("/v1/pose/frames", content=batch_body(0), headers=pose_hdr(other))
+        adm = {"Authorization": f"Bearer {admin_token(settings)}"}
+        assert (await svc.client.post("/v1/admin/sessions/sess-2/end",
+                                      headers=adm)).status_code == 200
+        never = session_token(settings, session_id="sess-3")
+        r = await svc.client.post("/v1/sessions/sess-3/end", headers=pose_hdr(never))
+        assert r.status_code == 200 and r.json()["blob"] is None
+        m = await scrape(svc)
+    assert m.value("telemetry_finalise_duration_seconds_count", reason="client_end") == 2
+    assert m.value("telemetry_finalise_duration_seconds_count", reason="admin") == 1
+    assert m.value("telemetry_blob_size_bytes_count") == 2  # the empty session has no blob
+
+
+async def test_storage_failures_and_spool_full_are_counted(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running_service(settings) as svc:
+        tok = session_token(settings)
+        assert svc.storage.spool is not None
+
+        async def broken_disk(*args: Any, **kw: Any) -> None:
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(svc.storage.spool, "append", broken_disk)
+        r = await svc.client.post("/v1/pose/frames", content=batch_body(0),
+                                  headers=pose_hdr(tok))
+        assert r.status_code == 503 and r.json()["error"]["code"] == "storage_unavailable"
+        monkeypatch.undo()
+        m = await scrape(svc)
+    assert m.value("telemetry_storage_unavailable_total", endpoint="pose") == 1
+    assert m.value("telemetry_batches_rejected_total", endpoint="pose",
+                   reason="storage_unavailable") == 1
+
+    small = dataclasses.replace(settings, spool_max_bytes=20_000,
+                                data_dir=Path(settings.data_dir) / "small")
+    async with running_service(small) as svc:
+        tok = session_token(small)
+        codes = []
+        for seq in range(3):
+            r = await svc.client.post("/v1/pose/frames", content=batch_body(seq),
+                                      headers=pose_hdr(tok))
+            codes.append(r.status_code)
+        assert codes[0] == 202 and 503 in codes
+        m = await scrape(svc)
+    assert m.value("telemetry_spool_max_bytes") == 20_000
+    assert m.value("telemetry_batches_rejected_total", endpoint="pose", reason="spool_full") >= 1
+
+
+async def test_without_a_spool_the_spool_metrics_are_absent(settings: Settings) -> None:
+    async with running_service(dataclasses.replace(settings, spool_enabled=False)) as svc:
+        tok = session_token(settings)
+        r = await svc.client.post("/v1/pose/frames", content=batch_body(0), headers=pose_hdr(tok))
+        assert r.status_code == 202
+        m = await scrape(svc)
+    assert m.value("telemetry_live_sessions") == 1
+    assert not {n for n in m.names() if n.startswith("telemetry_spool_")}
+
+
+async def test_no_ids_or_raw_paths_in_labels(settings: Settings) -> None:
+    async with running_service(settings) as svc:
+        tok = session_token(settings, org_id="org-secret", session_id="sess-secret",
+                            patient_id="patient-secret")
+        await svc.client.post("/v1/pose/frames", content=batch_body(0), headers=pose_hdr(tok))
+        await svc.client.get("/v1/admin/sessions/sess-secret",
+                             headers={"Authorization": f"Bearer {admin_token(settings)}"})
+        await svc.client.post("/v1/sessions/sess-secret/end", headers=pose_hdr(tok))
+        r = await svc.client.get("/v1/nothing/sess-secret")
+        assert r.status_code == 404
+        r = await svc.client.request("FROB", "/v1/healthz")
+        assert r.status_code == 405
+        m = await scrape(svc)
+    assert "secret" not in m.text
+    assert m.value("telemetry_http_requests_total", method="GET", endpoint="unmatched",
+                   status="404") == 1
+    # a method no route has fails routing, like an unknown path
+    assert m.value("telemetry_http_requests_total", method="other", endpoint="unmatched",
+                   status="405") == 1
+    endpoints = {lab["endpoint"] for n, lab, _ in m.samples
+                 if n == "telemetry_http_requests_total"}
+    assert endpoints == {"/v1/pose/frames", "/v1/admin/sessions/<session_id>",
+                         "/v1/sessions/<session_id>/end", "unmatched"}
+
+
+async def test_metrics_need_no_auth_and_speak_openmetrics(settings: Settings) -> None:
+    async with running_service(settings) as svc:
+        r = await svc.client.get("/metrics", headers={
+            "Accept": "application/openmetrics-text; version=1.0.0"})
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("application/openmetrics-text")
+        assert r.text.rstrip().endswith("# EOF")
+        assert r.headers["x-request-id"]
+
+
+async def test_two_services_in_one_process_have_their_own_registries(
+    settings: Settings, tmp_path: Path
+) -> None:
+    other = dataclasses.replace(settings, data_dir=tmp_path / "b")
+    async with running_service(settings) as a, running_service(other) as b:
+        tok = session_token(settings)
+        r = await a.client.post("/v1/pose/frames", content=batch_body(0), headers=pose_hdr(tok))
+        assert r.status_code == 202
+        ma, mb = await scrape(a), await scrape(b)
+    assert ma.value("telemetry_batches_total", endpoint="pose", outcome="accepted") == 1
+    assert mb.value("telemetry_batches_total", endpoint="pose", outcome="accepted") == 0
+    assert ma.value("telemetry_live_sessions") == 1 and mb.value("telemetry_live_sessions") == 0
+
+
+async def test_sessions_are_summed_in_chunks_or_in_one_go(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metrics, "SESSIONS_PER_CHECKPOINT", 2)
+    async with running_service(settings) as svc:
+        for i in range(5):
+            tok = session_token(settings, session_id=f"sess-{i}")
+            r = await svc.client.post("/v1/pose/frames", content=batch_body(0),
+                                      headers=pose_hdr(tok))
+            assert r.status_code == 202
+        m = await scrape(svc)  # the handler's chunked sum
+        assert svc.state is not None
+        direct = Scrape(generate_latest(svc.state.metrics.registry).decode())  # in one go
+    assert m.value("telemetry_live_sessions") == direct.value("telemetry_live_sessions") == 5
+
