@@ -186,7 +186,7 @@ async def write_plots(store: Any, events: dict[tuple[str, str], dict[str, Any]],
     """One PNG per session with a blob (matplotlib in a worker thread: ~0.5 s each)."""
     from telemetry.plot import plot_session
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    await trio.Path(out_dir).mkdir(parents=True, exist_ok=True)
     written = []
     for (org, sid), event in sorted(events.items()):
         if not event.get("blob"):
@@ -252,7 +252,8 @@ async def run_demo(settings: Settings, n: int = 5, seconds: int = 20, seed: int 
                   "bitrate); the last session was abandoned and ended by idle timeout.")
             if plots is not None:
                 written = await write_plots(storage.store, events, plots)
-                print(f"plots: {len(written)} PNGs in {plots.resolve()} "
+                where = await trio.Path(plots).resolve()
+                print(f"plots: {len(written)} PNGs in {where} "
                       f"(e.g. {written[0].name})" if written else "plots: none")
             print(f"blobs written under {settings.data_dir / 'blobs'} (removed on exit); "
                   f"took {time.monotonic() - started:.1f} s")
