@@ -1,8 +1,8 @@
 """Load benchmark: the real service against the bare framework, over loopback.
 
-Run from the repository root (a default run takes about five minutes)::
+Run from the repository root (a default run takes five to ten minutes)::
 
-    .venv/bin/python -m bench.load                       # max + paced + long + sweep
+    .venv/bin/python -m bench.load --nice -10            # max + paced + long + sweep
     .venv/bin/python -m bench.load --only max,paced      # a subset
     .venv/bin/python -m bench.load --only paced --sessions 1500 --seconds 1800  # soak
     .venv/bin/python -m bench.load --only long --s3      # finalisation to moto S3
@@ -48,6 +48,15 @@ threads, % of one core over the window) and RSS (``VmRSS``, ``/proc/PID/status``
 RSS per live session = (RSS at the end of the window - RSS idle, after a priming
 session) / N; the RSS slope over the window (per session per minute: it should be
 0 for memory flat over a session); each generator's CPU the same way.
+
+The machine is measured too, because other people's work may share it: the CPU
+that every other process used over the window (``/proc/stat`` busy time less the
+server's and the generators') and the CPU pressure (``/proc/pressure/cpu``, the
+share of the window in which some runnable task waited for a CPU). Before each run
+the benchmark waits up to ``--wait-quiet`` s for the machine to settle. ``--nice
+-10`` (root) gives the targets and generators a higher priority, together with
+their scheduler autogroup (each child runs in its own session); without it, on a
+busy shared machine, the figures measure the other work as much as the service.
 """
 
 from __future__ import annotations

@@ -184,7 +184,10 @@ def create_app(state: AppState) -> QuartTrio:
             finalising.add(key)
         t0 = time.perf_counter()
         try:
-            summary = await state.supervisor.end(claims, reason=reason)
+            # The blob store is asked whether an unknown session ended before a
+            # restart; if it cannot answer, the client retries (503), not a 500.
+            with admission_errors():
+                summary = await state.supervisor.end(claims, reason=reason)
         finally:
             if first:
                 finalising.discard(key)

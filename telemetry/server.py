@@ -61,11 +61,11 @@ async def serve(
     """Run the service until ``stop`` is set, then shut down in order.
 
     ``task_status.started`` gets the :class:`AppState` (its ``port`` is the bound
-    port; its supervisor and counters are live) once the server listens."""
+    port; its supervisor and metrics are live) once the server listens."""
     pseudonyms = Pseudonymiser(settings.pseudonym_key)
     supervisor = Supervisor(settings, store=storage.store, bus=storage.bus, pseudonyms=pseudonyms,
                             spool=storage.spool)
-    state = AppState(settings, supervisor, TokenVerifier(settings), pseudonyms)
+    state = AppState(settings, supervisor, TokenVerifier(settings), pseudonyms, storage=storage)
     app = close_on_connection_close(create_app(state))
     config = hypercorn_config(settings)
     if apply_tls(config, settings):

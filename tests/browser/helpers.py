@@ -46,7 +46,7 @@ WEB_CLIENT = ROOT / "clients" / "web"
 RECORDINGS = ROOT.parent / "shared" / "data" / "pose" / "pushup"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-APT_LINE = ("apt-get update && apt-get install -y --no-install-recommends "
+APT_LINE = ("apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y "
             "chromium chromium-driver ffmpeg")
 CHROMIUM_ARGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
