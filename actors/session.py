@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,9 @@ log = logging.getLogger("telemetry.actor")
 class SessionEnded(Exception):
     """The session is ending or has ended; it takes nothing more."""
 
+
+# How long an ending session waits for batches already being made durable.
+ADMISSION_GRACE_S = 2.0
 
 END_REASONS = ("client_end", "admin", "idle_timeout", "max_duration", "shutdown", "actor_error")
 
@@ -88,6 +93,9 @@ class SessionActor:
         self.start_written = False
         self._start_lock = trio.Lock()
         self._handover = False
+        self._admitting = 0
+        self._admissions_done = trio.Event()
+        self._draining = False
         self.org_id = claims.org_id
         self.session_id = claims.session_id
         self.log_id = log_id
@@ -190,12 +198,25 @@ class SessionActor:
         self._tokens -= 1.0
         return Offer(Verdict.ACCEPT)
 
+    @contextmanager
+    def admitting(self) -> Iterator[None]:
+        """Wrap check → persist → accept: a session ended meanwhile still takes the
+        batch (it came before the end call), because the actor waits for admissions
+        in flight before it drains and finalises."""
+        self._admitting += 1
+        try:
+            yield
+        finally:
+            self._admitting -= 1
+            if not self._admitting:
+                self._admissions_done.set()
+
     def accept(self, batch: PoseBatch) -> Offer:
         """Queue a batch that :meth:`check` accepted (and the caller made durable).
 
         Judges again, because the session may have changed while the caller awaited
         the spool: a concurrent retry of the same batch now reads as a duplicate."""
-        if self.ending:
+        if self._draining:
             return Offer("ended", "session has ended")
         verdict, message = self._seq.check(batch.seq, batch.first_t, batch.last_t)
         if verdict is Verdict.DUPLICATE:
@@ -219,8 +240,8 @@ class SessionActor:
         applied on the caller's task (no checkpoint: the actor cannot interleave),
         and the client learns exactly what was taken. Raises
         :class:`MediaTrackerError` for a batch the session refuses as a whole, and
-        :class:`SessionEnded` once the session is ending."""
-        if self.ending:
+        :class:`SessionEnded` once the session is draining."""
+        if self._draining:
             raise SessionEnded("session has ended")
         result = self.media.apply(batch)
         self._touch(batch.events[0].t_ms)
@@ -310,6 +331,13 @@ class SessionActor:
             # next start carries the session on. Nothing to apply or finalise here.
             self.finished.set()
             return
+        # A batch that passed its check before the end was asked for may still be
+        # waiting on the spool's fsync; it was sent first, so it belongs in the session.
+        with trio.move_on_after(ADMISSION_GRACE_S):
+            while self._admitting:
+                self._admissions_done = trio.Event()
+                await self._admissions_done.wait()
+        self._draining = True
         self._drain()
         self.summary = await finalise(self)
         self.finished.set()

@@ -191,8 +191,9 @@ class Supervisor:
                 # idle timeout would publish an empty summary under the session's id.
                 actor.discard()
             return offer
-        await actor.persist(POSE, body)
-        return actor.accept(batch)
+        with actor.admitting():
+            await actor.persist(POSE, body)
+            return actor.accept(batch)
 
     async def submit_media(self, claims: SessionClaims, batch: MediaBatch,
                            body: bytes) -> tuple[int, int]:
@@ -201,8 +202,9 @@ class Supervisor:
         if actor is None or actor.ending:
             raise SessionEnded("session has ended")
         actor.media.check(batch)
-        await actor.persist(MEDIA, body)
-        return actor.offer_media(batch)
+        with actor.admitting():
+            await actor.persist(MEDIA, body)
+            return actor.offer_media(batch)
 
     async def _live_or_new(self, claims: SessionClaims) -> SessionActor | None:
         key = (claims.org_id, claims.session_id)
