@@ -75,6 +75,8 @@ VARIABLES: dict[str, tuple[str, str]] = {
                                  "round is committed together in the next)."),
     "TELEMETRY_SHUTDOWN_MODE": ("flush", "On SIGTERM: `flush` (leave live sessions in the "
                                 "spool for the next start) or `finalise` (end them)."),
+    "TELEMETRY_CORS_ORIGINS": ("(none)", "Comma-separated browser origins (the Patient "
+                               "Portal's) allowed to call the API cross-origin."),
     "TELEMETRY_TLS_CERT": ("(none)", "PEM certificate chain; with TELEMETRY_TLS_KEY the "
                            "service terminates TLS itself (1.2+) and sends HSTS."),
     "TELEMETRY_TLS_KEY": ("(none)", "PEM private key for TELEMETRY_TLS_CERT."),
@@ -167,6 +169,15 @@ def _keys(env: Mapping[str, str]) -> dict[str, str]:
     return keys
 
 
+def _cors(env: Mapping[str, str]) -> tuple[str, ...]:
+    from telemetry.cors import CorsConfigError, parse_origins
+
+    try:
+        return parse_origins(env.get("TELEMETRY_CORS_ORIGINS", ""))
+    except CorsConfigError as exc:
+        raise ConfigError(f"TELEMETRY_CORS_ORIGINS: {exc}") from None
+
+
 def _public_keys(env: Mapping[str, str]) -> dict[str, str]:
     raw = env.get("TELEMETRY_JWT_PUBLIC_KEYS")
     if not raw:
@@ -209,6 +220,7 @@ class Settings:
     spool_fsync_ms: float = 0.0
     spool_enabled: bool = True
     shutdown_mode: str = "flush"
+    cors_origins: tuple[str, ...] = ()
     tls_cert: Path | None = None
     tls_key: Path | None = None
     jwt_keys_file: Path | None = None
@@ -294,6 +306,7 @@ class Settings:
             spool_fsync_ms=_float(env, "TELEMETRY_SPOOL_FSYNC_MS", 0.0, 0.0),
             spool_enabled=env.get("TELEMETRY_SPOOL", "on") == "on",
             shutdown_mode=env.get("TELEMETRY_SHUTDOWN_MODE", "flush"),
+            cors_origins=_cors(env),
             tls_cert=Path(env["TELEMETRY_TLS_CERT"]) if env.get("TELEMETRY_TLS_CERT") else None,
             tls_key=Path(env["TELEMETRY_TLS_KEY"]) if env.get("TELEMETRY_TLS_KEY") else None,
             jwt_keys_file=(Path(env["TELEMETRY_JWT_KEYS_FILE"])

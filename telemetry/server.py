@@ -26,6 +26,7 @@ from telemetry.app import AppState, create_app
 from telemetry.auth import TokenVerifier
 from telemetry.config import Settings
 from telemetry.connection_close import close_on_connection_close
+from telemetry.cors import cors
 from telemetry.privacy import Pseudonymiser
 from telemetry.tls import apply_tls, hsts
 
@@ -66,7 +67,7 @@ async def serve(
     supervisor = Supervisor(settings, store=storage.store, bus=storage.bus, pseudonyms=pseudonyms,
                             spool=storage.spool)
     state = AppState(settings, supervisor, TokenVerifier(settings), pseudonyms, storage=storage)
-    app = close_on_connection_close(create_app(state))
+    app = close_on_connection_close(cors(create_app(state), settings.cors_origins))
     config = hypercorn_config(settings)
     if apply_tls(config, settings):
         app = hsts(app)
