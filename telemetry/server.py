@@ -35,7 +35,9 @@ log = logging.getLogger("telemetry.server")
 # Behind an ALB with a 60 s idle timeout the server must keep connections open
 # longer than the balancer does, or the balancer reuses a socket we just closed (502s).
 KEEP_ALIVE_TIMEOUT_S = 75.0
-GRACEFUL_TIMEOUT_S = 10.0
+# Requests finish in milliseconds; a longer grace only prolongs hypercorn 0.18's
+# shutdown race (a reused keep-alive connection waits out the whole grace period).
+GRACEFUL_TIMEOUT_S = 5.0
 BACKLOG = 2048
 # What the outbox may still deliver at shutdown; the rest waits on disk.
 OUTBOX_FLUSH_S = 3.0
