@@ -25,11 +25,13 @@ from typing import TYPE_CHECKING
 import trio
 
 from actors.durable import MEDIA, POSE, START, decode_claims
+from actors.media_correlate import MediaTrackerError
 from storage.spool import Spool
 from telemetry.media_wire import decode_media_batch
 from telemetry.wire import decode_batch
 
 if TYPE_CHECKING:
+    from actors.session import SessionActor
     from actors.supervisor import Supervisor
 
 log = logging.getLogger("telemetry.recovery")
@@ -74,23 +76,15 @@ async def recover(sup: Supervisor, spool: Spool) -> RecoveryReport:
             sup.resume_publish(key, state["summary"])
             report.finalising += 1
             continue
-        records = await spool.aread(key)
-        if not records:
-            await spool.remove(key)  # nothing was ever acknowledged
-            continue
-        if records[0].kind != START:
-            log.error("spool log does not start with the session's claims; left alone")
+        try:
+            actor, resumed = await _rebuild(sup, spool, key)
+        except Exception:  # one bad log must not keep the service from starting
+            log.exception("spool log could not be replayed; left alone")
             report.unrecoverable += 1
             continue
-        claims, started_wall = decode_claims(records[0].payload)
-        actor = sup.adopt(claims, started_wall)
-        for rec in records[1:]:
-            if rec.kind == POSE:
-                actor.restore_pose(decode_batch(rec.payload, max_frames=_MAX_FRAMES))
-            elif rec.kind == MEDIA:
-                actor.media.apply(decode_media_batch(
-                    rec.payload, max_events=_MAX_EVENTS, max_bytes=_MAX_MEDIA_BYTES))
-        report.records += len(records)
+        if actor is None:
+            continue
+        report.records += resumed
         if state.get("step") == "upload":
             actor.request_end(state.get("end_reason") or "client_end")
             report.finalising += 1
@@ -98,3 +92,30 @@ async def recover(sup: Supervisor, spool: Spool) -> RecoveryReport:
             report.resumed += 1
         sup.launch(actor)
     return report
+
+
+async def _rebuild(sup: Supervisor, spool: Spool,
+                   key: str) -> tuple[SessionActor | None, int]:
+    records = await spool.aread(key)
+    if not records:
+        await spool.remove(key)  # nothing was ever acknowledged
+        return None, 0
+    if records[0].kind != START:
+        raise ValueError("log does not start with the session's claims")
+    claims, started_wall = decode_claims(records[0].payload)
+    actor = sup.adopt(claims, started_wall)
+    try:
+        for rec in records[1:]:
+            if rec.kind == POSE:
+                actor.restore_pose(decode_batch(rec.payload, max_frames=_MAX_FRAMES))
+            elif rec.kind == MEDIA:
+                batch = decode_media_batch(rec.payload, max_events=_MAX_EVENTS,
+                                           max_bytes=_MAX_MEDIA_BYTES)
+                try:
+                    actor.media.apply(batch)
+                except MediaTrackerError:
+                    pass  # refused live too (a concurrent batch won the view): skip it
+    except Exception:
+        sup.abandon(actor)
+        raise
+    return actor, len(records)

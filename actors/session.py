@@ -37,6 +37,7 @@ from actors.media_correlate import pose_during_stalls, sink_view
 from actors.pose_stats import PoseStats
 from actors.reps import RepEngine
 from actors.sequencer import Sequencer, Verdict
+from actors.summary import build_summary
 from actors.summary import iso_time as _iso
 from storage.blobs import BlobStore
 from storage.bus import Bus
@@ -216,7 +217,7 @@ class SessionActor:
 
         Judges again, because the session may have changed while the caller awaited
         the spool: a concurrent retry of the same batch now reads as a duplicate."""
-        if self._draining:
+        if self._draining or self._handover:
             return Offer("ended", "session has ended")
         verdict, message = self._seq.check(batch.seq, batch.first_t, batch.last_t)
         if verdict is Verdict.DUPLICATE:
@@ -246,6 +247,13 @@ class SessionActor:
         result = self.media.apply(batch)
         self._touch(batch.events[0].t_ms)
         return result
+
+    @property
+    def holds_nothing(self) -> bool:
+        """Nothing accepted, queued, being made durable or applied: safe to discard."""
+        return (not self.start_written and not self._admitting and self.stats.frames == 0
+                and self._tx.statistics().current_buffer_used == 0 and not self._held
+                and not self.media.summaries())
 
     def discard(self) -> None:
         """Stop at once without finalising: the session never held any data here."""
@@ -338,9 +346,29 @@ class SessionActor:
                 self._admissions_done = trio.Event()
                 await self._admissions_done.wait()
         self._draining = True
-        self._drain()
-        self.summary = await finalise(self)
-        self.finished.set()
+        try:
+            self._drain()
+            self.summary = await finalise(self)
+        except Exception as exc:
+            # A bug or a disk failure here must cost this session at most: the others
+            # run on. With a spool the session stays on disk at its finalisation step
+            # and the next start resumes it.
+            log.exception("finalisation failed", extra={"session": self.log_id})
+            self.error = f"finalisation failed: {type(exc).__name__}"
+            self.summary = self.failure_summary()
+        finally:
+            self.finished.set()
+
+    def failure_summary(self) -> dict[str, Any]:
+        """What the end call answers when finalisation failed (nothing published)."""
+        summary = build_summary(
+            claims=self.claims, space=self.space, started_wall=self.started_wall,
+            ended_wall=time.time(), end_reason=self.end_reason or "actor_error", blob=None,
+            stats=self.stats, skipped=self.skipped, duplicates=self.duplicates, reps=None,
+            error=self.error,
+        )
+        summary["published"] = False
+        return summary
 
     def _deadline(self) -> float:
         s = self.settings

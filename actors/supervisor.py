@@ -107,6 +107,18 @@ class Supervisor:
         actor.start_written = True
         return actor
 
+    def abandon(self, actor: SessionActor) -> None:
+        """Unregister an adopted actor that will not be launched."""
+        self._unregister(actor)
+
+    def _unregister(self, actor: SessionActor) -> None:
+        """Drop ``actor`` from the registry (idempotent; never a newer actor of the
+        same session that took its place)."""
+        key = (actor.org_id, actor.session_id)
+        if self._live.get(key) is actor:
+            del self._live[key]
+            self._release_org(actor.org_id)
+
     def launch(self, actor: SessionActor) -> None:
         assert self._nursery is not None
         self._nursery.start_soon(self._host, actor)
@@ -185,10 +197,11 @@ class Supervisor:
             return Offer("ended", "session has ended")
         offer = actor.check(batch)
         if offer.verdict is not Verdict.ACCEPT:
-            if fresh and not actor.start_written and actor.stats.frames == 0:
+            if fresh and actor.holds_nothing:
                 # Refused before it held anything (e.g. a session continuing from
                 # another instance, far past seq 0): no actor must linger here, or its
                 # idle timeout would publish an empty summary under the session's id.
+                self._unregister(actor)  # at once: the next request starts afresh
                 actor.discard()
             return offer
         with actor.admitting():
@@ -242,10 +255,17 @@ class Supervisor:
         if actor is None:
             if await self._store.exists(blob_key(*key)):
                 raise SessionEnded("session ended earlier; its summary is no longer held here")
-            return await self._end_empty(claims, reason)
+            # The first batch may have started the session while we asked the store.
+            summary = self.ended_summary(*key)
+            if summary is not None:
+                return summary
+            actor = self._live.get(key)
+            if actor is None:
+                return await self._end_empty(claims, reason)
         actor.request_end(reason)
         await actor.finished.wait()
-        assert actor.summary is not None
+        if actor.summary is None:  # handed over or discarded meanwhile (shutdown)
+            raise SupervisorClosed("the session was handed over; end it again later")
         return actor.summary
 
     def live(self) -> list[SessionActor]:
@@ -294,12 +314,7 @@ class Supervisor:
             await actor.run()
         finally:
             # Runs on cancellation too, so the registry never keeps a dead actor.
-            del self._live[key]
-            left = self._per_org[actor.org_id] - 1
-            if left:
-                self._per_org[actor.org_id] = left
-            else:
-                del self._per_org[actor.org_id]
+            self._unregister(actor)
             if actor.summary is not None:
                 self._remember(key, actor.summary)
                 if actor.end_reason == "actor_error":
@@ -308,6 +323,13 @@ class Supervisor:
                     "session": actor.log_id, "end_reason": actor.summary["end_reason"],
                     "frames": actor.stats.frames, "published": actor.summary.get("published"),
                 })
+
+    def _release_org(self, org_id: str) -> None:
+        left = self._per_org[org_id] - 1
+        if left:
+            self._per_org[org_id] = left
+        else:
+            del self._per_org[org_id]
 
     async def _end_empty(self, claims: SessionClaims, reason: str) -> dict[str, Any]:
         wall = time.time()

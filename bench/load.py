@@ -85,6 +85,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SAMPLE_S = 0.25
+PAUSE_BEFORE_END_S = 2.0
 READY_TIMEOUT_S = 60.0
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
@@ -196,6 +197,48 @@ def read_line(proc: subprocess.Popen[str], timeout_s: float) -> str:
         if not sel.select(timeout_s):
             raise RuntimeError(f"no answer from pid {proc.pid} within {timeout_s:.0f} s")
     return proc.stdout.readline()
+
+
+def line_ready(proc: subprocess.Popen[str]) -> str | None:
+    """A line from the child's stdout if one is waiting, without blocking."""
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(0):
+            return None
+    return proc.stdout.readline().strip()
+
+
+def admin_sessions(port: int, keys: str) -> list[dict[str, Any]]:
+    """The service's own view of its live sessions (``GET /v1/admin/sessions``)."""
+    from telemetry.auth import mint_service_token
+    from telemetry.config import Settings
+
+    token = mint_service_token(Settings.from_env({"TELEMETRY_JWT_KEYS": keys}), ttl_s=300)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(f"GET /v1/admin/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  f"Authorization: Bearer {token}\r\nConnection: close\r\n\r\n".encode())
+        chunks = []
+        for _ in range(100_000):  # bounded: the answer is well under 100 MB
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"admin sessions: {head[:80]!r}")
+    return list(json.loads(body)["sessions"])
+
+
+def snapshot(target: Target, keys: str) -> dict[str, Any]:
+    """RSS, and the replay bytes the live sessions hold by the service's own count."""
+    rss = sample(target.pid)
+    live = admin_sessions(target.port, keys)
+    held = [int(x.get("bytes_held") or 0) for x in live]
+    return {"rss_kb": rss.rss_kb if rss else 0, "live": len(live),
+            "bytes_held_mean": float(np.mean(held)) if held else 0.0,
+            "batches_mean": float(np.mean([x.get("batches") or 0 for x in live])) if live
+            else 0.0}
 
 
 def http_get_ok(port: int, path: str) -> bool:
@@ -335,6 +378,7 @@ class RunSpec:
     warmup: float = 0.0
     batches: int = 10**9
     end: bool = False
+    pause_before_end: float = 0.0
 
     @property
     def window(self) -> tuple[float, float]:
@@ -372,8 +416,11 @@ class Result:
         return self.spec.window
 
     def batches_in_window(self) -> np.ndarray:
+        """Batch requests sent in the window (paced: *due* in it, so a late generator
+        does not move batches into it)."""
         a, b = self._win()
-        return (self.kind == 0) & (self.t >= a) & (self.t < b)
+        t = self.t - self.lag if self.spec.mode == "paced" else self.t
+        return (self.kind == 0) & (t >= a) & (t < b)
 
     @property
     def acked_per_s(self) -> float:
@@ -496,7 +543,7 @@ def run(target_name: str, spec: RunSpec, a: argparse.Namespace, *, log_dir: Path
     prof: subprocess.Popen[bytes] | None = None
     prof_path: Path | None = None
     run_id = secrets.token_hex(4)
-    quiet = wait_quiet(a.wait_quiet, a.quiet_pct) if a.wait_quiet > 0 else float("nan")
+    settled = wait_quiet(a.wait_quiet, a.quiet_pct) if a.wait_quiet > 0 else float("nan")
     try:
         target.start()
         n_gen = max(1, min(a.generators, spec.sessions))
@@ -515,6 +562,8 @@ def run(target_name: str, spec: RunSpec, a: argparse.Namespace, *, log_dir: Path
                    "--timeout", str(a.timeout), "--out", str(out)]
             if spec.end:
                 cmd.append("--end")
+            if spec.pause_before_end:
+                cmd += ["--pause-before-end", str(spec.pause_before_end)]
             if target_name == "service":
                 cmd.append("--check-summary")
             if j == 0:
@@ -545,10 +594,18 @@ def run(target_name: str, spec: RunSpec, a: argparse.Namespace, *, log_dir: Path
             expected = spec.ramp + spec.seconds + spec.end_spread
         else:
             expected = spec.duration
-        deadline = go + expected + a.timeout * 5 + 60
+        deadline = go + expected + spec.pause_before_end + a.timeout * 5 + 60
         win_a, win_b = spec.window
+        held: dict[str, Any] | None = None
+        streamed = 0
         while any(g.poll() is None for g in gens):
             now = time.time()
+            if target_name == "service" and held is None and (
+                    (spec.mode == "paced" and now >= go + win_b)
+                    or (spec.pause_before_end and streamed == len(gens))):
+                held = snapshot(target, keys)
+            if spec.pause_before_end:
+                streamed += sum(1 for g in gens if line_ready(g) == "streamed")
             if now > deadline:
                 raise RuntimeError("load generators overran their time limit")
             if profile_dir is not None and prof is None and now >= go + win_a:
@@ -598,9 +655,10 @@ def run(target_name: str, spec: RunSpec, a: argparse.Namespace, *, log_dir: Path
             codes=dict(codes), end_checks=dict(checks), server=server, gens=gen_samples,
             go=go, idle_rss_kb=idle.rss_kb,
             gen_self_cpu_s=sum(m["cpu_s"] for m in metas),
-            log_lines=target.log_lines(), machine=machine, psi=psi, quiet_before_pct=quiet,
+            log_lines=target.log_lines(), machine=machine, psi=psi, quiet_before_pct=settled,
             profile=profile,
-            extra={"blob_bytes": sum(sum(m.get("blob_sizes", [])) for m in metas)},
+            extra={"blob_bytes": sum(sum(m.get("blob_sizes", [])) for m in metas),
+                   "held": held},
         )
         if not quiet:
             print(f"  {TARGET_LABEL[target_name]:<16} {one_line(res)}", flush=True)
@@ -648,6 +706,11 @@ def table(rows: Sequence[tuple[str, Sequence[str]]], heads: Sequence[str]) -> st
     return "\n".join(out)
 
 
+def _held(r: Result, key: str) -> float:
+    held = r.extra.get("held")
+    return float(held[key]) if held else float("nan")
+
+
 def ratio(a: float, b: float) -> str:
     if b == 0 or np.isnan(a) or np.isnan(b):
         return "-"
@@ -688,6 +751,10 @@ def compare(results: list[Result], *, paced: bool) -> str:
         rows[9:9] = [
             row("RSS per live session KB", lambda r: r.rss_per_session_kb),
             row("RSS slope KB/session/min", lambda r: r.rss_slope_kb_per_session_min),
+            row("live sessions at window end (admin)", lambda r: _held(r, "live"), ".0f",
+                False),
+            row("replay KB held per session (admin)",
+                lambda r: _held(r, "bytes_held_mean") / 1024, ".1f", False),
         ]
     if any(r.spec.end for r in results) or paced:
         rows += [
@@ -852,7 +919,7 @@ def section_long(a: argparse.Namespace, log_dir: Path, env: dict[str, str]) -> N
     # A time bound only: streaming stops at the batch count, long before it.
     bound = max(60.0, a.long_sessions * a.long_batches / 100)
     spec = RunSpec("closed", a.long_sessions, duration=bound, warmup=0.0,
-                   batches=a.long_batches, end=True)
+                   batches=a.long_batches, end=True, pause_before_end=PAUSE_BEFORE_END_S)
     with contextlib.ExitStack() as stack:
         extra = dict(env)
         if a.s3:
@@ -860,17 +927,19 @@ def section_long(a: argparse.Namespace, log_dir: Path, env: dict[str, str]) -> N
         r = run("service", spec, a, log_dir=log_dir, extra_env=extra, quiet=True)
     acked = int(((r.kind == 0) & (r.status == 202)).sum())
     stream_s = float((r.t + r.lat)[r.kind == 0].max()) if acked else float("nan")
-    # RSS just before the first end call, against idle: what a long session holds.
-    first_end = float(r.t[r.kind == 1].min()) if (r.kind == 1).any() else stream_s
-    before = r._at(r.server, first_end - SAMPLE_S)
-    held = ((before.rss_kb if before else 0) - r.idle_rss_kb) / a.long_sessions
+    # Taken once every session had streamed, before any end call (see loadgen's
+    # --pause-before-end): what a long session holds.
+    held = r.extra.get("held") or {}
+    rss_per = (held.get("rss_kb", 0) - r.idle_rss_kb) / a.long_sessions if held else np.nan
     print(table([
         ("batches acknowledged", [f"{acked}"]),
         ("streaming took s", [fmt(stream_s)]),
         ("errors", [f"{r.batch_errors + r.end_errors} ({errors_text(r)})"]),
         ("RSS idle MB", [fmt(r.idle_rss_kb / 1024)]),
-        ("RSS per session before end KB", [fmt(held)]),
-        ("RSS peak MB", [fmt(r.rss_peak_kb / 1024)]),
+        ("RSS per session, all streamed KB", [fmt(rss_per)]),
+        ("replay KB held per session (admin)",
+         [fmt(held.get("bytes_held_mean", np.nan) / 1024)]),
+        ("RSS peak MB (finalisation included)", [fmt(r.rss_peak_kb / 1024)]),
         ("replay blob per session KB", [fmt(r.extra["blob_bytes"] / 1024 / a.long_sessions)]),
         ("finalisation p50 ms", [fmt(r.end_ms(50))]),
         ("finalisation p99 ms", [fmt(r.end_ms(99))]),

@@ -306,7 +306,8 @@ class Runner:
         finally:
             await conn.close()
 
-    async def closed(self, s: Session, stop: float, batches: int, end: bool) -> None:
+    async def closed(self, s: Session, stop: float, batches: int, end: bool,
+                     barrier: Barrier | None) -> None:
         conn = Conn(self.port)
         try:
             await trio.sleep_until(self.t0)
@@ -315,10 +316,30 @@ class Runner:
                 now = trio.current_time()
                 await self.send(conn, s.batch(self.port, seq), now, KIND_BATCH)
                 seq += 1
+            if barrier is not None:
+                await barrier.wait()
             if end:
                 await self.end(conn, s, trio.current_time())
         finally:
             await conn.close()
+
+
+class Barrier:
+    """Every session's streaming done: say ``streamed`` to the parent (which looks at
+    the server now), wait ``pause_s``, then let all of them end together."""
+
+    def __init__(self, parties: int, pause_s: float) -> None:
+        self.left = parties
+        self.pause_s = pause_s
+        self.open = trio.Event()
+
+    async def wait(self) -> None:
+        self.left -= 1
+        if self.left == 0:
+            print("streamed", flush=True)
+            await trio.sleep(self.pause_s)
+            self.open.set()
+        await self.open.wait()
 
 
 def _error_code(body: bytes) -> str:
@@ -359,7 +380,8 @@ async def main(a: argparse.Namespace) -> None:
     if a.mode == "paced":
         limit = a.ramp + a.seconds + a.end_spread + a.timeout * (RETRIES + 2) + 30
     else:
-        limit = a.duration + a.timeout * (RETRIES + 2) + 30
+        limit = a.duration + a.pause_before_end + a.timeout * (RETRIES + 2) + 30
+    barrier = Barrier(len(sessions), a.pause_before_end) if a.pause_before_end > 0 else None
     with trio.move_on_after(max(0.0, go_epoch - time.time()) + limit) as overall:
         async with trio.open_nursery() as nursery:
             for s in sessions:
@@ -368,7 +390,8 @@ async def main(a: argparse.Namespace) -> None:
                     nursery.start_soon(runner.paced, s, a.ramp * u,
                                        a.ramp + a.seconds + a.end_spread * u)
                 else:
-                    nursery.start_soon(runner.closed, s, a.duration, a.batches, a.end)
+                    nursery.start_soon(runner.closed, s, a.duration, a.batches, a.end,
+                                       barrier)
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     r = runner.rec
     if overall.cancelled_caught:
@@ -399,6 +422,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--batches", type=int, default=10**9)
     p.add_argument("--end", action="store_true", help="closed mode: end every session")
+    p.add_argument("--pause-before-end", type=float, default=0.0,
+                   help="closed mode: once all sessions streamed, print 'streamed', wait "
+                        "this long, then end them all")
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--check-summary", action="store_true")
     p.add_argument("--prime", action="store_true")

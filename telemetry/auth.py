@@ -357,9 +357,16 @@ class KeyStore:
 # -- request helpers ---------------------------------------------------------------
 
 
+# The spool stores a session as "{org}/{session}.log" and ".state.json", and keeps
+# temp files as ".tmp": an id ending so could collide with those names.
+_RESERVED_ID_SUFFIXES = (".log", ".json", ".tmp")
+
+
 def is_safe_id(value: object) -> bool:
-    """Ids become object-store path segments, so only a conservative charset is allowed."""
-    return isinstance(value, str) and bool(_ID_RE.match(value)) and ".." not in value
+    """Ids become object-store and spool path segments, so only a conservative charset
+    is allowed, without the spool's reserved file suffixes."""
+    return (isinstance(value, str) and bool(_ID_RE.match(value)) and ".." not in value
+            and not value.endswith(_RESERVED_ID_SUFFIXES))
 
 
 def bearer_token(headers: Mapping[str, str]) -> str:
