@@ -771,26 +771,43 @@ def compare(results: list[Result], *, paced: bool) -> str:
     return "\n".join(out)
 
 
-# Each main-thread sample goes to the first category with a marker in its stack
-# (markers are substrings of py-spy's "function (file)" frames), most specific first.
+# Each event-loop sample goes to the category of the frame nearest the top of its
+# stack that matches a marker (markers are substrings of py-spy's "function (file)"
+# frames; the first category listed wins for a frame matching several): numpy under
+# the replay codec counts as replay, quart's body reading under the handler as quart.
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("actor: replay encode (q16delta + zlib)", ("ReplayWriter.append",)),
-    ("actor: rep engine", ("RepEngine.feed",)),
-    ("actor: pose stats", ("PoseStats.add",)),
-    ("actor: rest (mailbox, sequencer)", ("SessionActor.", "Supervisor._host")),
-    ("handler: JWT verification", ("verify_session",)),
-    ("handler: decode + validate batch", ("decode_batch",)),
-    ("handler: supervisor.submit, spool append", ("Supervisor.submit", "Spool.append")),
+    ("actor: replay encode (q16delta + zlib)", ("ReplayWriter.", "ChunkCodec.",
+                                                "(storage/replay_codec.py)")),
+    ("actor: rep engine", ("RepEngine.", "(actors/reps/")),
+    ("actor: pose stats", ("PoseStats.", "(actors/pose_stats.py)")),
+    ("handler: JWT verification", ("verify_session", "(jwt/", "(telemetry/auth.py)")),
+    ("handler: decode + validate batch", ("(telemetry/wire.py)",)),
+    ("handler: spool append (await)", ("Supervisor.submit", "Spool.append",
+                                        "SessionActor.persist")),
+    ("handler: metrics, request id, access log", (
+        "begin_request", "finish_request", "end_request", "observe (telemetry/app.py)",
+        "(prometheus_client/", "(telemetry/logs.py)", "(telemetry/metrics.py)", "(logging/")),
     ("handler: jsonify (response body)", ("jsonify",)),
-    ("handler: rest of pose_frames", ("pose_frames",)),
-    ("finalisation", ("finalise", "ReplayWriter.finish")),
+    ("actor: bookkeeping (check/accept, mailbox, sequencer)", (
+        "SessionActor.", "Supervisor.", "(actors/sequencer.py)")),
+    ("finalisation", ("(actors/finalise.py)", "(actors/summary.py)")),
+    ("handler: rest of the endpoint code", ("(telemetry/app.py)", "pose_frames",
+                                             "(telemetry/errors.py)")),
+    ("ASGI wrappers (CORS, connection close)", ("(telemetry/cors.py)",
+                                                "(telemetry/connection_close.py)")),
     ("quart-trio request/response machinery", ("(quart/", "(quart_trio/", "(werkzeug/")),
     ("hypercorn + h11 (HTTP/1.1)", ("(hypercorn/", "(h11/")),
-    ("spool committer (loop side)", ("Spool.",)),
-    ("logging", ("(logging/",)),
-    ("trio scheduler, sockets, epoll", ("(trio/",)),
-    ("other", ("",)),
+    ("spool committer (loop side)", ("Spool.", "(storage/spool.py)")),
+    ("trio scheduler, sockets, epoll", ("(trio/", "(outcome/")),
 )
+
+
+def categorise(frames: Sequence[str]) -> str:
+    for f in reversed(frames):
+        for name, markers in CATEGORIES:
+            if any(m in f for m in markers):
+                return name
+    return "other"
 
 
 ROOT_FRAMES = frozenset({"_run_module_as_main", "_run_code", "<module>", "main", "run",
@@ -824,21 +841,16 @@ def summarise_profile(path: Path, seconds: int, rate: int, top: int) -> str:
             incl[f] += count
         if frames:
             self_[frames[-1]] += count
-        joined = ";".join(frames)
-        for name, markers in CATEGORIES:
-            if any(m in joined for m in markers):
-                cats[name] += count
-                break
+        cats[categorise(frames)] += count
     possible = seconds * rate
     if not main:
         return "  (no samples)"
     out = [f"  event-loop thread busy in {main} of {possible} samples "
            f"({100 * main / possible:.0f}% of the window); shares below are of its busy "
            "samples"]
-    out.append("  by category:")
-    for name, _ in CATEGORIES:
-        if cats[name]:
-            out.append(f"    {100 * cats[name] / main:5.1f}%  {name}")
+    out.append("  by category (the frame nearest the top of the stack decides):")
+    for name, v in cats.most_common():
+        out.append(f"    {100 * v / main:5.1f}%  {name}")
     out.append("  inclusive (function in the stack; the entry-point frames omitted):")
     shown = 0
     for f, v in incl.most_common():
