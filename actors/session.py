@@ -319,7 +319,9 @@ class SessionActor:
             "reps": self.reps.rep_count if self.reps is not None else None,
             "mailbox_depth": self._rx.statistics().current_buffer_used,
             "held_out_of_order": len(self._held),
-            "bytes_held": self.replay.nbytes if self.replay is not None else 0,
+            # what this session holds in memory now (the rest of its replay is on disk)
+            "bytes_held": self.replay.memory_nbytes if self.replay is not None else 0,
+            "replay_bytes": self.replay.nbytes if self.replay is not None else 0,
             "media_views": len(self.media.summaries()),
             "ending": self.end_reason,
         }

@@ -771,10 +771,11 @@ def compare(results: list[Result], *, paced: bool) -> str:
     return "\n".join(out)
 
 
-# Each event-loop sample goes to the category of the frame nearest the top of its
-# stack that matches a marker (markers are substrings of py-spy's "function (file)"
-# frames; the first category listed wins for a frame matching several): numpy under
-# the replay codec counts as replay, quart's body reading under the handler as quart.
+# Each event-loop sample counts for the first component of this list that has a
+# frame anywhere on its stack (markers are substrings of py-spy's "function (file)"
+# frames). So a component's share includes the numpy, trio and socket work it
+# causes: the rep engine's numpy calls count as rep engine, the trio checkpoints of
+# quart's body reading as quart, hypercorn's own task spawning as hypercorn.
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("actor: replay encode (q16delta + zlib)", ("ReplayWriter.", "ChunkCodec.",
                                                 "(storage/replay_codec.py)")),
@@ -793,9 +794,9 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("finalisation", ("(actors/finalise.py)", "(actors/summary.py)")),
     ("handler: rest of the endpoint code", ("(telemetry/app.py)", "pose_frames",
                                              "(telemetry/errors.py)")),
+    ("quart-trio request/response machinery", ("(quart/", "(quart_trio/", "(werkzeug/")),
     ("ASGI wrappers (CORS, connection close)", ("(telemetry/cors.py)",
                                                 "(telemetry/connection_close.py)")),
-    ("quart-trio request/response machinery", ("(quart/", "(quart_trio/", "(werkzeug/")),
     ("hypercorn + h11 (HTTP/1.1)", ("(hypercorn/", "(h11/")),
     ("spool committer (loop side)", ("Spool.", "(storage/spool.py)")),
     ("trio scheduler, sockets, epoll", ("(trio/", "(outcome/")),
@@ -803,10 +804,9 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 
 def categorise(frames: Sequence[str]) -> str:
-    for f in reversed(frames):
-        for name, markers in CATEGORIES:
-            if any(m in f for m in markers):
-                return name
+    for name, markers in CATEGORIES:
+        if any(m in f for f in frames for m in markers):
+            return name
     return "other"
 
 
@@ -848,7 +848,8 @@ def summarise_profile(path: Path, seconds: int, rate: int, top: int) -> str:
     out = [f"  event-loop thread busy in {main} of {possible} samples "
            f"({100 * main / possible:.0f}% of the window); shares below are of its busy "
            "samples"]
-    out.append("  by category (the frame nearest the top of the stack decides):")
+    out.append("  by component (each sample counts once, for the first component of "
+               "bench.load.CATEGORIES on its stack):")
     for name, v in cats.most_common():
         out.append(f"    {100 * v / main:5.1f}%  {name}")
     out.append("  inclusive (function in the stack; the entry-point frames omitted):")
@@ -1024,7 +1025,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--end-spread", type=float, default=5.0)
     g.add_argument("--profile", type=Path, default=None, metavar="DIR",
                    help="py-spy record the service over the max and paced windows into DIR")
-    g.add_argument("--profile-top", type=int, default=30)
+    g.add_argument("--profile-top", type=int, default=15)
     g = p.add_argument_group("long")
     g.add_argument("--long-sessions", type=int, default=4)
     g.add_argument("--long-batches", type=int, default=1800)
