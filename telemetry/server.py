@@ -43,9 +43,11 @@ BACKLOG = 2048
 OUTBOX_FLUSH_S = 3.0
 
 
-def hypercorn_config(settings: Settings) -> Config:
+def hypercorn_config(settings: Settings, *, bind: str | None = None) -> Config:
+    """Hypercorn settings for a service behind a load balancer (see the constants);
+    ``bind`` overrides ``host:port`` from ``settings`` (the sink has its own port)."""
     config = Config()
-    config.bind = [f"{settings.host}:{settings.port}"]
+    config.bind = [bind or f"{settings.host}:{settings.port}"]
     config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT_S
     config.graceful_timeout = GRACEFUL_TIMEOUT_S
     config.backlog = BACKLOG

@@ -31,7 +31,6 @@ from typing import Any
 
 import psycopg
 import trio
-from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
@@ -43,6 +42,7 @@ from telemetry import errors
 from telemetry.auth import AuthError, TokenVerifier, bearer_token
 from telemetry.config import Settings
 from telemetry.errors import ApiError
+from telemetry.server import hypercorn_config
 from telemetry.signals import set_on_signal
 
 log = logging.getLogger("telemetry.sink")
@@ -51,7 +51,6 @@ SINK_SCOPE = "telemetry:sink"
 EVENTS_PATH = "/internal/v1/events"
 MAX_EVENT_BYTES = 4 * 1024 * 1024
 DEFAULT_SINK_PORT = 8081
-GRACEFUL_TIMEOUT_S = 10.0
 
 
 def create_sink_app(settings: Settings, sink: AggregateSink) -> QuartTrio:
@@ -110,15 +109,6 @@ def create_sink_app(settings: Settings, sink: AggregateSink) -> QuartTrio:
     return app
 
 
-def _config(host: str, port: int) -> Config:
-    config = Config()
-    config.bind = [f"{host}:{port}"]
-    config.graceful_timeout = GRACEFUL_TIMEOUT_S
-    config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")
-    return config
-
-
 async def serve_sink(
     settings: Settings,
     *,
@@ -147,7 +137,8 @@ async def serve_sink(
 
             async def run_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
                 trigger = stop.wait if stop is not None else None
-                await hypercorn_serve(app, _config(host, port), shutdown_trigger=trigger,
+                config = hypercorn_config(settings, bind=f"{host}:{port}")
+                await hypercorn_serve(app, config, shutdown_trigger=trigger,
                                       task_status=task_status)
                 nursery.cancel_scope.cancel()  # HTTP done: stop maintenance too
 
