@@ -25,7 +25,6 @@ underlying exception chained); invalid keys raise ``ValueError``.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import re
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import Final, Protocol, TypeVar
 
 import trio
+
+from storage.fsutil import fsync_dir
 
 __all__ = [
     "BlobInfo",
@@ -179,7 +180,7 @@ class FilesystemBlobStore(BlobStore):
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 raise
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent, tolerate_open_errors=True)
             stored = self._read_back(path)
         except OSError as e:
             raise BlobStoreError(f"writing {key!r} under {self.root}: {e}") from e
@@ -214,22 +215,6 @@ class FilesystemBlobStore(BlobStore):
 
     async def aclose(self) -> None:
         self._closed = True
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError as e:  # e.g. platforms that cannot open directories
-        if e.errno in (errno.EACCES, errno.EISDIR, errno.EINVAL):
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno != errno.EINVAL:  # some filesystems do not fsync directories
-            raise
-    finally:
-        os.close(fd)
 
 
 class MemoryBlobStore(BlobStore):

@@ -59,7 +59,7 @@ from typing import Any, TypeVar
 import trio
 
 from storage.bus import Bus, BusError
-from storage.spool import fsync_dir
+from storage.fsutil import fsync_dir
 
 __all__ = ["Outbox"]
 

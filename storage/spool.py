@@ -72,7 +72,6 @@ not fsynced.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
@@ -86,6 +85,8 @@ from pathlib import Path
 from typing import Any, Final
 
 import trio
+
+from storage.fsutil import fsync_dir
 
 __all__ = ["Record", "Spool", "SpoolClosed", "SpoolError", "SpoolFull"]
 
@@ -703,18 +704,6 @@ def _rollback(path: Path, size: int | None, *, strict: bool = False) -> bool:
             raise
         log.exception("spool: could not truncate a log back to %s bytes", size)
         return False
-
-
-def fsync_dir(d: Path) -> None:
-    """fsync a directory (its entries); EINVAL from filesystems that cannot is ignored."""
-    fd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno != errno.EINVAL:  # filesystems that cannot fsync a directory
-            raise
-    finally:
-        os.close(fd)
 
 
 def _fsync_dirs(dirs: list[Path]) -> dict[Path, BaseException]:
