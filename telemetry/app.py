@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,24 +24,23 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from actors.media_correlate import MediaTrackerError
-from actors.sequencer import Verdict
 from actors.session import SessionEnded
-from actors.supervisor import Supervisor, SupervisorClosed, TooManySessions
-from storage.blobs import BlobStoreError
+from actors.supervisor import Supervisor
 from storage.outbox import Outbox
-from storage.spool import SpoolError, SpoolFull
 from telemetry import errors, logs
 from telemetry.auth import AuthError, SessionClaims, TokenVerifier, bearer_token, is_safe_id
 from telemetry.config import Settings
 from telemetry.errors import ApiError
+from telemetry.ingest import admission_errors
+from telemetry.lean import LeanApp
 from telemetry.media_wire import MediaBatchError, decode_media_batch
 from telemetry.metrics import UNMATCHED, Metrics, StateCollector, StateSources, method_label
 from telemetry.privacy import Pseudonymiser, truncate_ip
-from telemetry.wire import CONTENT_TYPE, BatchError, decode_batch
 
 if TYPE_CHECKING:
     from storage.spool import Spool
     from storage.wiring import Storage
+    from telemetry.stream import PoseStream
 
 log = logging.getLogger("telemetry.http")
 
@@ -68,6 +65,8 @@ class AppState:
     # The storage the supervisor uses, for scrape-time spool and outbox figures; when
     # None they are taken from the supervisor's own spool and bus.
     storage: Storage | None = None
+    # The pose streams (WebSocket), so that shutdown can close them; set by create_app.
+    streams: PoseStream | None = None
 
 
 class TelemetryApp(QuartTrio):
@@ -87,10 +86,13 @@ class TelemetryApp(QuartTrio):
                   extra={"method": method_label(request.method), "endpoint": _endpoint()})
 
 
-def create_app(state: AppState) -> QuartTrio:
-    """The API for ``state``; call once per state (it registers ``state.metrics``'s
-    scrape-time collector)."""
+def create_app(state: AppState) -> LeanApp:
+    """The API for ``state`` as one ASGI app: the pose transports served lean
+    (:mod:`telemetry.lean`), the rest by Quart (``.quart``). Call once per state (it
+    registers ``state.metrics``'s scrape-time collector)."""
     app = TelemetryApp(__name__)
+    lean = LeanApp(app, state)
+    ingest = lean.ingest
     app.config["MAX_CONTENT_LENGTH"] = state.settings.max_body_bytes
     errors.register(app)
     s = state.settings
@@ -151,15 +153,8 @@ def create_app(state: AppState) -> QuartTrio:
         log.log(_level(endpoint, status), "request", extra=fields)
 
     def session_claims() -> SessionClaims:
-        try:
-            claims = state.verifier.verify_session(bearer_token(request.headers))
-        except AuthError as exc:
-            m.auth_failures.labels("session", exc.reason).inc()
-            log.info("auth failed", extra={"reason": exc.reason, "kind": "session",
-                                           "client": truncate_ip(request.remote_addr)})
-            raise ApiError(exc.status, exc.reason, exc.detail) from None
+        claims = ingest.claims(lambda: bearer_token(request.headers), request.remote_addr)
         g.authenticated = True
-        logs.set_session(state.pseudonyms.session(claims.org_id, claims.session_id))
         return claims
 
     def admin() -> None:
@@ -211,42 +206,6 @@ def create_app(state: AppState) -> QuartTrio:
         body = await request.get_data(cache=False)
         errors.mark_body_read()
         return body
-
-    @app.post("/v1/pose/frames")
-    async def pose_frames() -> Response | tuple[Response, int]:
-        claims = session_claims()
-        if not claims.biometric_consent:
-            raise ApiError(403, "consent_required",
-                           "pose ingest needs the patient's biometric consent")
-        ctype = (request.mimetype or "").lower()
-        if ctype != CONTENT_TYPE:
-            raise ApiError(415, "unsupported_media_type",
-                           f"Content-Type must be {CONTENT_TYPE}, got {ctype or 'none'!r}")
-        body = await read_body()
-        try:
-            batch = decode_batch(body, max_frames=s.max_frames_per_batch)
-        except BatchError as exc:
-            raise ApiError(400, exc.code, str(exc)) from None
-        with admission_errors():
-            offer = await state.supervisor.submit(claims, batch, body)
-        v = offer.verdict
-        if offer.accepted:
-            g.batch_outcome = "duplicate" if v is Verdict.DUPLICATE else "accepted"
-            return jsonify({"seq": batch.seq, "duplicate": v is Verdict.DUPLICATE}), 202
-        if v == "ended":
-            raise ApiError(409, "session_ended", "session has ended; no more frames accepted")
-        if v is Verdict.SKIPPED:
-            raise ApiError(409, "sequence_skipped", offer.message)
-        if v is Verdict.AHEAD_OF_WINDOW:
-            raise ApiError(503, "sequence_ahead_of_window", offer.message,
-                           retry_after=offer.retry_after)
-        if v == "rate_limited":
-            raise ApiError(429, "rate_limited", offer.message, retry_after=offer.retry_after)
-        if v == "mailbox_full":
-            raise ApiError(503, "mailbox_full", offer.message, retry_after=offer.retry_after)
-        if v is Verdict.OVERLAP:
-            raise ApiError(400, "timestamps_overlap", offer.message)
-        raise ApiError(400, str(getattr(v, "value", v)), offer.message)
 
     @app.post("/v1/media/events")
     async def media_events() -> tuple[Response, int]:
@@ -338,27 +297,7 @@ def create_app(state: AppState) -> QuartTrio:
         summary = await timed_end(actor.claims, "admin")
         return jsonify(summary)
 
-    return app
-
-
-@contextmanager
-def admission_errors() -> Iterator[None]:
-    """Map the ways a session can refuse new data to their answers."""
-    try:
-        yield
-    except SpoolFull as exc:
-        raise ApiError(503, "spool_full", str(exc), retry_after=30) from None
-    except (SpoolError, OSError, BlobStoreError):
-        # The spool could not make it durable, or the blob store could not say whether
-        # the session ended before: nothing was acknowledged, the client retries.
-        log.exception("storage failed while admitting data")
-        raise ApiError(503, "storage_unavailable", "could not store the data durably",
-                       retry_after=5) from None
-    except SupervisorClosed as exc:
-        raise ApiError(503, "shutting_down", str(exc), retry_after=5) from None
-    except TooManySessions as exc:
-        raise ApiError(429, "too_many_sessions", str(exc), retry_after=exc.retry_after) \
-            from None
+    return lean
 
 
 def _endpoint() -> str:
@@ -369,16 +308,7 @@ def _endpoint() -> str:
 
 
 def _level(endpoint: str, status: int) -> int:
-    """The level of a request's log line: error when the service failed, warning when
-    it refused for lack of capacity (429, 503), info for other refusals and for state
-    changes, debug for routine successes (batches, probes, scrapes)."""
-    if status >= 500 and status != 503:
-        return logging.ERROR
-    if status in (429, 503):
-        return logging.WARNING
-    if status >= 400 or endpoint not in _QUIET_ENDPOINTS:
-        return logging.INFO
-    return logging.DEBUG
+    return logs.request_level(status, quiet=endpoint in _QUIET_ENDPOINTS)
 
 
 def _spool(state: AppState) -> Spool | None:

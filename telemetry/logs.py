@@ -87,6 +87,20 @@ def set_session(pseudonym: str) -> None:
         ctx.session = pseudonym
 
 
+def request_level(status: int, *, quiet: bool) -> int:
+    """The level of a request's log line: error when the service failed, warning when
+    it refused for lack of capacity (429, 503), info for other refusals and for state
+    changes, debug for routine successes of ``quiet`` endpoints (batches, probes,
+    scrapes)."""
+    if status >= 500 and status != 503:
+        return logging.ERROR
+    if status in (429, 503):
+        return logging.WARNING
+    if status >= 400 or not quiet:
+        return logging.INFO
+    return logging.DEBUG
+
+
 class RequestContextFilter(logging.Filter):
     """Adds ``request_id`` and ``session`` of the active request to each record.
     Fields the caller set explicitly (``extra={"session": ...}``) win."""

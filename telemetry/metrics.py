@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
@@ -95,6 +95,20 @@ class Metrics:
             "503 storage_unavailable answers: the spool or the blob store (S3) failed "
             "while admitting data, by endpoint (pose|media).",
             ["endpoint"], registry=r)
+
+        self.streams_open = Gauge(
+            f"{PREFIX}_pose_streams_open", "Pose WebSocket streams open now.", registry=r)
+        self.streams_closed = Counter(
+            f"{PREFIX}_pose_streams_closed",
+            "Pose WebSocket streams closed, by reason (closed: by the client or the "
+            "network; else session_ended|token_expired|idle_timeout|shutting_down|"
+            "too_many_sessions|text_message).",
+            ["reason"], registry=r)
+        self.stream_ack_seconds = Histogram(
+            f"{PREFIX}_stream_ack_duration_seconds",
+            "Time from a stream batch being read to its acknowledgement (durable), "
+            "flow-control waits included.",
+            buckets=REQUEST_BUCKETS, registry=r)
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """The exposition for a scrape and its content type, negotiated from

@@ -39,6 +39,7 @@ KEEP_ALIVE_TIMEOUT_S = 75.0
 # shutdown race (a reused keep-alive connection waits out the whole grace period).
 GRACEFUL_TIMEOUT_S = 5.0
 BACKLOG = 2048
+WEBSOCKET_PING_S = 20.0
 # What the outbox may still deliver at shutdown; the rest waits on disk.
 OUTBOX_FLUSH_S = 3.0
 
@@ -53,6 +54,10 @@ def hypercorn_config(settings: Settings, *, bind: str | None = None) -> Config:
     config.backlog = BACKLOG
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
+    # A pose stream message is one batch: the POST body cap applies. Pings keep idle
+    # streams open through load balancers (the ALB's idle timeout is 60 s).
+    config.websocket_max_message_size = settings.max_body_bytes
+    config.websocket_ping_interval = WEBSOCKET_PING_S
     return config
 
 
@@ -108,6 +113,10 @@ async def serve(
 
         log.info("shutting down: readiness false, draining requests")
         state.ready = False
+        if state.streams is not None:
+            # Streams end after the batch in hand (close 1012): hypercorn's drain
+            # does not close WebSockets, it would wait out its graceful timeout.
+            state.streams.close_all()
         http_stopped.set()
         # hypercorn returns once in-flight requests are done (or its graceful timeout
         # passed); only then may sessions be ended, or a batch could be acknowledged

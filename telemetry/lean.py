@@ -1,0 +1,303 @@
+"""The hot endpoints as raw ASGI, in front of the Quart app.
+
+Every pose batch costs a request; through Quart that request costs more CPU than
+the rest of the ingest path together (routing, request and response objects, the
+before/after hooks, a receive task per request: measured in ``docs/performance.md``).
+So the two pose transports are served here directly on the ASGI interface, and
+everything else goes on to Quart:
+
+* ``POST /v1/pose/frames`` (:func:`LeanApp._pose_post`): the same answers as every
+  other endpoint — JSON errors with stable codes, Retry-After, the body cap checked
+  before reading, the request id, metrics and the request log line — written by
+  hand against the ASGI messages;
+* ``/v1/pose/stream`` (WebSocket, :mod:`telemetry.stream`).
+
+The CORS and connection-close wrappers (:mod:`telemetry.cors`,
+:mod:`telemetry.connection_close`) sit outside this one, so they apply to both.
+
+Cancellation: a handler cancelled while the supervisor makes a batch durable sends
+no answer; the client retries, and the sequencer makes the retry a duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import trio
+
+from actors.sequencer import Verdict
+from telemetry import logs
+from telemetry.auth import bearer_token
+from telemetry.errors import ApiError
+from telemetry.ingest import PoseIngest, refusal
+from telemetry.metrics import method_label
+from telemetry.privacy import truncate_ip
+from telemetry.wire import CONTENT_TYPE
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+POSE_PATH = "/v1/pose/frames"
+STREAM_PATH = "/v1/pose/stream"
+# The operations served here, as the OpenAPI document names them.
+ROUTES = frozenset({f"POST {POSE_PATH}", f"GET {STREAM_PATH}"})
+# A refused body within the cap is read and dropped so the connection stays usable
+# (see telemetry.errors._settle_body); reading it may take this long at most.
+DRAIN_TIMEOUT_S = 5.0
+
+log = logging.getLogger("telemetry.http")
+
+
+def headers_of(scope: Scope) -> dict[str, str]:
+    """The request headers by lower-case name; the first of repeated names wins (as
+    Quart's ``headers.get``)."""
+    out: dict[str, str] = {}
+    for name, value in scope.get("headers") or ():
+        key = name.decode("latin-1").lower()
+        if key not in out:
+            out[key] = value.decode("latin-1")
+    return out
+
+
+def client_of(scope: Scope) -> str | None:
+    client = scope.get("client")
+    return client[0] if client else None
+
+
+class HeaderMap:
+    """What :func:`bearer_token` reads: ``get`` by the canonical name."""
+
+    def __init__(self, headers: dict[str, str]) -> None:
+        self._h = headers
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        return self._h.get(name.lower(), default)
+
+
+class LeanApp:
+    """The app the server runs: pose ingest here, everything else to ``quart``.
+
+    ``quart`` is the Quart app (its ``url_map`` lists the other routes);
+    :data:`ROUTES` lists these."""
+
+    def __init__(self, quart: Any, state: Any) -> None:
+        from telemetry.stream import PoseStream  # the stream module imports this one
+
+        self.quart = quart
+        self.state = state
+        self.ingest = PoseIngest(state)
+        self.stream = state.streams = PoseStream(state, self.ingest)
+        m = state.metrics
+        self._accepted = m.batches.labels("pose", "accepted")
+        self._duplicate = m.batches.labels("pose", "duplicate")
+        self._seconds = m.request_seconds.labels(POSE_PATH)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        path = scope.get("path")
+        if path == POSE_PATH and kind == "http":
+            await self._pose_post(scope, receive, send)
+        elif path == STREAM_PATH and kind in ("http", "websocket"):
+            await self.stream(scope, receive, send)
+        else:
+            await self.quart(scope, receive, send)
+
+    async def _pose_post(self, scope: Scope, receive: Receive, raw_send: Send) -> None:
+        t0 = time.perf_counter()
+        started = False
+
+        async def send(message: Message) -> None:
+            nonlocal started
+            started = True
+            await raw_send(message)
+
+        headers = headers_of(scope)
+        ctx = logs.begin_request(headers.get(logs.REQUEST_ID_HEADER.lower()))
+        method = scope.get("method", "")
+        status, code, authenticated, duplicate = 500, "internal_error", False, False
+        body_read = False
+        try:
+            try:
+                if method == "OPTIONS":
+                    status, code = 200, None
+                    await send_json(send, 200, None, ctx.request_id,
+                                    extra=[(b"allow", b"OPTIONS, POST")])
+                    return
+                if method != "POST":
+                    raise ApiError(405, "method_not_allowed",
+                                   "The method is not allowed for the requested URL.")
+                claims = self.ingest.claims(lambda: bearer_token(HeaderMap(headers)),
+                                            client_of(scope))
+                authenticated = True
+                self.ingest.require_consent(claims)
+                ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+                if ctype != CONTENT_TYPE:
+                    raise ApiError(415, "unsupported_media_type",
+                                   f"Content-Type must be {CONTENT_TYPE}, "
+                                   f"got {ctype or 'none'!r}")
+                body = await self._read_body(headers, receive)
+                body_read = True
+                batch = self.ingest.decode(body)
+                offer = await self.ingest.submit(claims, batch, body)
+                if not offer.accepted:
+                    raise refusal(offer)
+                duplicate = offer.verdict is Verdict.DUPLICATE
+                status, code = 202, None
+                await send_json(send, 202, {"duplicate": duplicate, "seq": batch.seq},
+                                ctx.request_id)
+            except ApiError as exc:
+                status, code = exc.status, exc.code
+                close = False
+                if not body_read and method == "POST":
+                    close = not await _drain(headers, receive, self.state.settings.max_body_bytes)
+                await send_error(send, exc, ctx.request_id, close=close,
+                                 allow=b"OPTIONS, POST" if exc.status == 405 else None)
+            except _Disconnected:
+                status, code = 499, "client_disconnected"
+        except Exception:
+            status, code = 500, "internal_error"
+            log.exception("unhandled exception",
+                          extra={"method": method_label(method), "endpoint": POSE_PATH})
+            if not started:
+                await send_error(send, ApiError(500, "internal_error", "internal server error"),
+                                 ctx.request_id, close=True)
+        finally:
+            self._observe(scope, method, status, code, authenticated, duplicate, t0)
+            logs.end_request()
+
+    async def _read_body(self, headers: dict[str, str], receive: Receive) -> bytes:
+        encoding = (headers.get("content-encoding") or "identity").strip().lower()
+        if encoding != "identity":
+            # Compressed bodies are not accepted: nothing to decompress, nothing to bomb.
+            raise ApiError(415, "unsupported_content_encoding",
+                           f"Content-Encoding {encoding!r} is not accepted; send identity")
+        cap = self.state.settings.max_body_bytes
+        length = _content_length(headers)
+        if length is not None and length > cap:
+            raise ApiError(413, "body_too_large",
+                           f"body of {length} bytes exceeds the cap of {cap}")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Disconnected
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > cap:
+                # A body with no (or a false) length that runs past the cap: what is
+                # left of it stays in the connection, so the answer closes it.
+                raise _TooLarge(413, "body_too_large",
+                                f"body exceeds the cap of {cap} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _observe(self, scope: Scope, method: str, status: int, code: str | None,
+                 authenticated: bool, duplicate: bool, t0: float) -> None:
+        """Count and log one answer, as the Quart app does for its routes."""
+        m = self.state.metrics
+        elapsed = time.perf_counter() - t0
+        m.requests.labels(method_label(method), POSE_PATH, str(status)).inc()
+        self._seconds.observe(elapsed)
+        if authenticated:
+            if status < 400:
+                (self._duplicate if duplicate else self._accepted).inc()
+            else:
+                reason = code or "http_error"
+                m.batches.labels("pose", "rejected").inc()
+                m.batches_rejected.labels("pose", reason).inc()
+                if reason == "storage_unavailable":
+                    m.storage_unavailable.labels("pose").inc()
+        level = logs.request_level(status, quiet=True)
+        if not log.isEnabledFor(level):
+            return
+        fields: dict[str, Any] = {"method": method_label(method), "endpoint": POSE_PATH,
+                                  "status": status, "duration_ms": round(elapsed * 1000, 2)}
+        if code:
+            fields["code"] = code
+        if status >= 400:
+            fields["client"] = truncate_ip(client_of(scope))
+        log.log(level, "request", extra=fields)
+
+
+class _Disconnected(Exception):
+    """The client went away before its body was read: nothing to answer."""
+
+
+class _TooLarge(ApiError):
+    """413 for a body that ran past the cap while being read (the rest is unread)."""
+
+
+def _content_length(headers: dict[str, str]) -> int | None:
+    raw = headers.get("content-length")
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        return None
+
+
+async def _drain(headers: dict[str, str], receive: Receive, cap: int) -> bool:
+    """Read and drop what is left of a refused request's body; False if the answer
+    must close the connection instead (no length, over the cap, too slow, gone)."""
+    length = _content_length(headers)
+    if length == 0:
+        return True
+    if length is None or length > cap:
+        return False
+    read = 0
+    with trio.move_on_after(DRAIN_TIMEOUT_S):
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return False
+            read += len(message.get("body", b""))
+            if read > cap:
+                return False
+            if not message.get("more_body", False):
+                return True
+    return False
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+async def send_json(send: Send, status: int, obj: Any, request_id: str, *,
+                    extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    """One complete JSON response (``obj`` None: an empty body)."""
+    body = b"" if obj is None else _json(obj) + b"\n"
+    headers = [(b"content-length", str(len(body)).encode()),
+               (logs.REQUEST_ID_HEADER.lower().encode(), request_id.encode())]
+    if obj is not None:
+        headers.insert(0, (b"content-type", b"application/json"))
+    headers += extra or []
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def error_body(exc: ApiError) -> dict[str, Any]:
+    """The JSON error shape of :mod:`telemetry.errors`."""
+    return {"error": {"code": exc.code, "message": exc.message, **exc.extra}}
+
+
+async def send_error(send: Send, exc: ApiError, request_id: str, *, close: bool = False,
+                     allow: bytes | None = None) -> None:
+    extra: list[tuple[bytes, bytes]] = []
+    if exc.retry_after is not None:
+        extra.append((b"retry-after", str(max(1, int(round(exc.retry_after)))).encode()))
+    if allow is not None:
+        extra.append((b"allow", allow))
+    if close or isinstance(exc, _TooLarge):
+        extra.append((b"connection", b"close"))
+    await send_json(send, exc.status, error_body(exc), request_id, extra=extra)

@@ -1,0 +1,325 @@
+"""The streaming transport: one WebSocket per session carrying pose batches.
+
+``GET /v1/pose/stream`` upgrades to a WebSocket (protocol in
+``docs/pose-stream.md``). Each binary message is one pose batch, byte for byte the
+body ``POST /v1/pose/frames`` takes; each is decoded, validated and made durable
+on the same path (:class:`telemetry.ingest.PoseIngest`), and answered in order by
+one text message: ``{"seq":N,"status":202,"duplicate":false}`` once the batch is
+on disk, or ``{"seq":N,"status":S,"error":{...}}`` with the status and code the POST
+path would have answered.
+
+Flow control instead of 503: a batch the session cannot take *yet* (its rate limit,
+a full mailbox, a full spool) is held and retried, for up to
+:data:`FLOW_WAIT_MAX_S`, while the socket is not read; the client sees its acks
+slow down and TCP pushes back. Only past that wait is it refused like a POST.
+
+The socket closes (codes in :data:`CLOSE_CODES`) when the client closes it, when
+the session ends (4409), when the token expires (4401: reconnect with a fresh one),
+after :attr:`Settings.idle_timeout_s` without a message (4408), and at shutdown
+(1012, after the batch in hand is answered: reconnect elsewhere and resend what was
+not acknowledged). Nothing acknowledged is lost in any of these.
+
+Cancellation: a connection cancelled while a batch is being made durable sends no
+ack for it; the client resends it on its next connection and the sequencer makes
+that a duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from actors.sequencer import Verdict
+from telemetry import logs
+from telemetry.auth import AuthError, SessionClaims, bearer_token
+from telemetry.errors import ApiError
+from telemetry.ingest import TRANSIENT, PoseIngest, refusal
+from telemetry.lean import (
+    STREAM_PATH,
+    HeaderMap,
+    Receive,
+    Scope,
+    Send,
+    client_of,
+    error_body,
+    headers_of,
+    send_error,
+)
+from telemetry.privacy import truncate_ip
+from telemetry.wire import HEADER
+
+if TYPE_CHECKING:
+    from telemetry.app import AppState
+
+log = logging.getLogger("telemetry.stream")
+
+SUBPROTOCOL = "restartix.pose.v1"
+# Browsers cannot set headers on a WebSocket: they offer the token as a second
+# subprotocol, "bearer.<token>" (JWT characters are all valid in a subprotocol).
+BEARER_PREFIX = "bearer."
+# How long a batch may wait for capacity (rate limit, mailbox, spool) before it is
+# refused with the POST path's 429/503; the client sees slow acks meanwhile.
+FLOW_WAIT_MAX_S = 30.0
+# Retry pauses while waiting: short for a mailbox the actor is emptying, longer
+# for a spool that is full.
+MAILBOX_PAUSE_S = 0.02
+SPOOL_PAUSE_S = 1.0
+
+CLOSE_NORMAL = 1000
+CLOSE_UNSUPPORTED = 1003
+CLOSE_POLICY = 1008
+CLOSE_RESTART = 1012
+CLOSE_TRY_LATER = 1013
+CLOSE_TOKEN = 4401
+CLOSE_IDLE = 4408
+CLOSE_ENDED = 4409
+CLOSE_CODES = {
+    CLOSE_UNSUPPORTED: "text_message", CLOSE_RESTART: "shutting_down",
+    CLOSE_TRY_LATER: "too_many_sessions", CLOSE_TOKEN: "token_expired",
+    CLOSE_IDLE: "idle_timeout", CLOSE_ENDED: "session_ended",
+}
+
+
+@dataclass(eq=False)
+class _Conn:
+    """One open stream: what shutdown needs to stop it between batches."""
+
+    claims: SessionClaims
+    stop: bool = False
+    waiting: trio.CancelScope | None = None
+    acked: int = 0
+    refused: int = 0
+    opened: float = field(default_factory=time.monotonic)
+
+
+class PoseStream:
+    """The ``/v1/pose/stream`` endpoint of one app (an ASGI callable)."""
+
+    def __init__(self, state: AppState, ingest: PoseIngest) -> None:
+        self._state = state
+        self._ingest = ingest
+        self._open: set[_Conn] = set()
+        self._stopping = False
+        m = state.metrics
+        self._acked = m.batches.labels("pose", "accepted")
+        self._duplicate = m.batches.labels("pose", "duplicate")
+        self._ack_seconds = m.stream_ack_seconds
+
+    @property
+    def open_count(self) -> int:
+        return len(self._open)
+
+    def close_all(self) -> None:
+        """Shutdown: refuse new streams, and close every open one once the batch it
+        is handling (if any) has been answered. Returns at once."""
+        self._stopping = True
+        for conn in self._open:
+            conn.stop = True
+            if conn.waiting is not None:
+                conn.waiting.cancel()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._not_upgraded(scope, send)
+            return
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        headers = headers_of(scope)
+        ctx = logs.begin_request(headers.get(logs.REQUEST_ID_HEADER.lower()))
+        try:
+            subprotocols = list(scope.get("subprotocols") or ())
+            try:
+                claims = self._handshake(scope, headers, subprotocols)
+            except ApiError as exc:
+                self._count_handshake(exc.status)
+                await _deny(scope, send, exc, ctx.request_id)
+                return
+            self._count_handshake(101)
+            await send({"type": "websocket.accept",
+                        "subprotocol": SUBPROTOCOL if SUBPROTOCOL in subprotocols else None,
+                        "headers": [(b"x-request-id", ctx.request_id.encode())]})
+            await self._serve(claims, receive, send)
+        finally:
+            logs.end_request()
+
+    def _handshake(self, scope: Scope, headers: dict[str, str],
+                   subprotocols: list[str]) -> SessionClaims:
+        state = self._state
+        if self._stopping or not state.ready or not state.supervisor.accepting:
+            raise ApiError(503, "shutting_down", "the service is shutting down; reconnect",
+                           retry_after=1)
+
+        def token() -> str:
+            offered = [p for p in subprotocols if p.startswith(BEARER_PREFIX)]
+            if "authorization" in headers or not offered:
+                return bearer_token(HeaderMap(headers))
+            if len(offered) > 1:
+                raise AuthError("malformed_token", "more than one bearer subprotocol")
+            return bearer_token({"Authorization": "Bearer " + offered[0][len(BEARER_PREFIX):]})
+
+        claims = self._ingest.claims(token, client_of(scope))
+        self._ingest.require_consent(claims)
+        return claims
+
+    async def _serve(self, claims: SessionClaims, receive: Receive, send: Send) -> None:
+        conn = _Conn(claims)
+        self._open.add(conn)
+        self._state.metrics.streams_open.inc()
+        code = CLOSE_NORMAL
+        try:
+            code = await self._loop(conn, receive, send)
+        finally:
+            self._open.discard(conn)
+            m = self._state.metrics
+            m.streams_open.dec()
+            reason = CLOSE_CODES.get(code, "closed")
+            m.streams_closed.labels(reason).inc()
+            log.info("stream closed", extra={
+                "close": reason, "batches": conn.acked, "refused": conn.refused,
+                "duration_s": round(time.monotonic() - conn.opened, 1)})
+
+    async def _loop(self, conn: _Conn, receive: Receive, send: Send) -> int:
+        """Serve batches until the stream ends; the close code it ended with."""
+        idle_s = self._state.settings.idle_timeout_s
+        token_deadline = trio.current_time() + conn.claims.expires_at - time.time()
+        while True:
+            if conn.stop:
+                return await _close(send, CLOSE_RESTART, "service restarting; reconnect")
+            with trio.CancelScope(deadline=min(token_deadline,
+                                               trio.current_time() + idle_s)) as waiting:
+                conn.waiting = waiting
+                message = await receive()
+            conn.waiting = None
+            if waiting.cancelled_caught:
+                if conn.stop:
+                    continue
+                if trio.current_time() >= token_deadline:
+                    return await _close(send, CLOSE_TOKEN, "token expired; reconnect with "
+                                        "a fresh token")
+                return await _close(send, CLOSE_IDLE, "no message within the idle timeout")
+            kind = message["type"]
+            if kind == "websocket.disconnect":
+                return int(message.get("code", CLOSE_NORMAL))
+            data = message.get("bytes")
+            if data is None:
+                return await _close(send, CLOSE_UNSUPPORTED,
+                                    "send pose batches as binary messages")
+            code = await self._batch(conn, data, send)
+            if code is not None:
+                return code
+
+    async def _batch(self, conn: _Conn, body: bytes, send: Send) -> int | None:
+        """Answer one batch; a close code if the stream must end after it."""
+        t0 = trio.current_time()
+        seq = _peek_seq(body)
+        try:
+            batch = self._ingest.decode(body)
+            waited = 0.0
+            while True:
+                try:
+                    offer = await self._ingest.submit(conn.claims, batch, body)
+                except ApiError as exc:
+                    if exc.code != "spool_full" or waited >= FLOW_WAIT_MAX_S or conn.stop:
+                        raise
+                    await trio.sleep(SPOOL_PAUSE_S)
+                    waited += SPOOL_PAUSE_S
+                    continue
+                if offer.accepted:
+                    break
+                if offer.verdict not in TRANSIENT or waited >= FLOW_WAIT_MAX_S or conn.stop:
+                    raise refusal(offer)
+                pause = MAILBOX_PAUSE_S if offer.verdict == "mailbox_full" else \
+                    min(max(offer.retry_after or MAILBOX_PAUSE_S, 0.005), 1.0)
+                await trio.sleep(pause)
+                waited += pause
+        except ApiError as exc:
+            conn.refused += 1
+            m = self._state.metrics
+            m.batches.labels("pose", "rejected").inc()
+            m.batches_rejected.labels("pose", exc.code).inc()
+            if exc.code == "storage_unavailable":
+                m.storage_unavailable.labels("pose").inc()
+            level = logs.request_level(exc.status, quiet=True)
+            log.log(level, "stream batch refused", extra={"status": exc.status,
+                                                          "code": exc.code})
+            await send({"type": "websocket.send", "text": _nack(seq, exc)})
+            return _close_after(exc.code)
+        duplicate = offer.verdict is Verdict.DUPLICATE
+        conn.acked += 1
+        (self._duplicate if duplicate else self._acked).inc()
+        await send({"type": "websocket.send", "text": _ack(batch.seq, duplicate)})
+        self._ack_seconds.observe(trio.current_time() - t0)
+        return None
+
+    def _count_handshake(self, status: int) -> None:
+        self._state.metrics.requests.labels("GET", STREAM_PATH, str(status)).inc()
+
+    async def _not_upgraded(self, scope: Scope, send: Send) -> None:
+        """A plain HTTP request on the stream's path: 426, saying how to upgrade."""
+        ctx = logs.begin_request(headers_of(scope).get(logs.REQUEST_ID_HEADER.lower()))
+        try:
+            exc = ApiError(426, "upgrade_required",
+                           f"{STREAM_PATH} is a WebSocket endpoint; connect with "
+                           "Upgrade: websocket")
+            await send_error(send, exc, ctx.request_id, close=True)
+            self._state.metrics.requests.labels(
+                "GET" if scope.get("method") == "GET" else "other", STREAM_PATH, "426").inc()
+            log.info("request", extra={"endpoint": STREAM_PATH, "status": 426,
+                                       "code": exc.code,
+                                       "client": truncate_ip(client_of(scope))})
+        finally:
+            logs.end_request()
+
+
+def _close_after(code: str) -> int | None:
+    """The close code that follows a refusal with ``code``, if the stream cannot go
+    on (the session is over, or this instance will not serve it)."""
+    return {"session_ended": CLOSE_ENDED, "shutting_down": CLOSE_RESTART,
+            "too_many_sessions": CLOSE_TRY_LATER, "consent_required": CLOSE_POLICY}.get(code)
+
+
+def _peek_seq(body: bytes) -> int | None:
+    """The sequence number in a batch's header, if it has one (for refusals of
+    batches that do not decode)."""
+    if len(body) < HEADER.size:
+        return None
+    return int.from_bytes(body[8:12], "little")
+
+
+def _ack(seq: int, duplicate: bool) -> str:
+    return f'{{"seq":{seq},"status":202,"duplicate":{"true" if duplicate else "false"}}}'
+
+
+def _nack(seq: int | None, exc: ApiError) -> str:
+    out: dict[str, Any] = {"seq": seq, "status": exc.status, **error_body(exc)}
+    if exc.retry_after is not None:
+        out["retry_after"] = max(1, int(round(exc.retry_after)))
+    return json.dumps(out, separators=(",", ":"))
+
+
+async def _close(send: Send, code: int, reason: str) -> int:
+    await send({"type": "websocket.close", "code": code, "reason": reason})
+    return code
+
+
+async def _deny(scope: Scope, send: Send, exc: ApiError, request_id: str) -> None:
+    """Refuse the handshake with the JSON error an HTTP request would get, where the
+    server supports it (hypercorn does); a bare 403 otherwise."""
+    if "websocket.http.response" not in (scope.get("extensions") or {}):
+        await send({"type": "websocket.close", "code": CLOSE_POLICY})
+        return
+    body = json.dumps(error_body(exc), separators=(",", ":")).encode() + b"\n"
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode()),
+               (b"x-request-id", request_id.encode())]
+    if exc.retry_after is not None:
+        headers.append((b"retry-after", str(max(1, int(round(exc.retry_after)))).encode()))
+    await send({"type": "websocket.http.response.start", "status": exc.status,
+                "headers": headers})
+    await send({"type": "websocket.http.response.body", "body": body})
