@@ -141,10 +141,10 @@ class PoseStream:
                 await _deny(scope, send, exc, ctx.request_id)
                 return
             self._count_handshake(101)
-            await send({"type": "websocket.accept",
-                        "subprotocol": SUBPROTOCOL if SUBPROTOCOL in subprotocols else None,
-                        "headers": [(b"x-request-id", ctx.request_id.encode())]})
-            await self._serve(claims, receive, send)
+            await self._serve(claims, receive, send, {
+                "type": "websocket.accept",
+                "subprotocol": SUBPROTOCOL if SUBPROTOCOL in subprotocols else None,
+                "headers": [(b"x-request-id", ctx.request_id.encode())]})
         finally:
             logs.end_request()
 
@@ -167,12 +167,14 @@ class PoseStream:
         self._ingest.require_consent(claims)
         return claims
 
-    async def _serve(self, claims: SessionClaims, receive: Receive, send: Send) -> None:
+    async def _serve(self, claims: SessionClaims, receive: Receive, send: Send,
+                     accept: dict[str, Any]) -> None:
         conn = _Conn(claims)
         self._open.add(conn)
         self._state.metrics.streams_open.inc()
         code = CLOSE_NORMAL
         try:
+            await send(accept)
             code = await self._loop(conn, receive, send)
         finally:
             self._open.discard(conn)
@@ -212,7 +214,7 @@ class PoseStream:
                                     "send pose batches as binary messages")
             code = await self._batch(conn, data, send)
             if code is not None:
-                return code
+                return await _close(send, code, CLOSE_CODES.get(code, "closed"))
 
     async def _batch(self, conn: _Conn, body: bytes, send: Send) -> int | None:
         """Answer one batch; a close code if the stream must end after it."""

@@ -1,0 +1,137 @@
+"""A small WebSocket client for tests: wsproto over a real Trio TCP socket.
+
+Messages come back in order from :meth:`WsClient.recv`; a close from the server
+raises :class:`WsClosed` with its code; a refused handshake raises
+:class:`WsRefused` with the HTTP status, headers and body.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Event,
+    Message,
+    Ping,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+
+
+class WsRefused(Exception):
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        super().__init__(f"handshake refused: {status}")
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class WsClosed(Exception):
+    def __init__(self, code: int, reason: str | None) -> None:
+        super().__init__(f"closed {code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class WsClient:
+    def __init__(self, stream: trio.SocketStream, ws: WSConnection) -> None:
+        self._stream = stream
+        self._ws = ws
+        self._events: deque[Event] = deque()
+        self._parts: list[Any] = []
+        self.subprotocol: str | None = None
+        self.headers: dict[str, str] = {}
+
+    @classmethod
+    async def connect(cls, port: int, path: str = "/v1/pose/stream", *,
+                      headers: Sequence[tuple[str, str]] = (),
+                      subprotocols: Sequence[str] = ()) -> WsClient:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        ws = WSConnection(ConnectionType.CLIENT)
+        client = cls(stream, ws)
+        await client._send(Request(host=f"127.0.0.1:{port}", target=path,
+                                   extra_headers=[(k.encode(), v.encode()) for k, v in headers],
+                                   subprotocols=list(subprotocols)))
+        event = await client._next()
+        if isinstance(event, AcceptConnection):
+            client.subprotocol = event.subprotocol
+            client.headers = {k.decode().lower(): v.decode() for k, v in event.extra_headers}
+            return client
+        assert isinstance(event, RejectConnection), event
+        refused_headers = {k.decode().lower(): v.decode() for k, v in event.headers}
+        body = b""
+        if event.has_body:
+            while True:
+                part = await client._next()
+                assert isinstance(part, RejectData), part
+                body += part.data
+                if part.body_finished:
+                    break
+        await stream.aclose()
+        raise WsRefused(event.status_code, refused_headers, body)
+
+    async def _send(self, event: Event) -> None:
+        await self._stream.send_all(self._ws.send(event))
+
+    async def _next(self) -> Event:
+        while not self._events:
+            data = await self._stream.receive_some(65536)
+            self._ws.receive_data(data or None)
+            for event in self._ws.events():
+                if isinstance(event, Ping):
+                    if self._ws.state is ConnectionState.OPEN:
+                        await self._send(event.response())
+                else:
+                    self._events.append(event)
+        return self._events.popleft()
+
+    async def send_bytes(self, data: bytes) -> None:
+        await self._send(BytesMessage(data=data))
+
+    async def send_text(self, text: str) -> None:
+        await self._send(TextMessage(data=text))
+
+    async def recv(self) -> str | bytes:
+        """The next whole message; :class:`WsClosed` if the server closed."""
+        while True:
+            event = await self._next()
+            if isinstance(event, CloseConnection):
+                try:
+                    await self._send(event.response())
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                await self._stream.aclose()
+                raise WsClosed(event.code, event.reason)
+            assert isinstance(event, Message), event
+            self._parts.append(event.data)
+            if event.message_finished:
+                parts, self._parts = self._parts, []
+                return "".join(parts) if isinstance(event, TextMessage) else b"".join(parts)
+
+    async def recv_json(self) -> dict[str, Any]:
+        message = await self.recv()
+        assert isinstance(message, str), message
+        return json.loads(message)
+
+    async def close(self, code: int = 1000) -> None:
+        await self._send(CloseConnection(code=code))
+        with trio.move_on_after(5):
+            while True:
+                event = await self._next()
+                if isinstance(event, CloseConnection):
+                    break
+        await self._stream.aclose()
