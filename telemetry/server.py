@@ -29,6 +29,7 @@ from telemetry.connection_close import close_on_connection_close
 from telemetry.cors import cors
 from telemetry.privacy import Pseudonymiser
 from telemetry.tls import apply_tls, hsts
+from telemetry.wsdeflate import refuse_permessage_deflate
 
 log = logging.getLogger("telemetry.server")
 
@@ -58,6 +59,7 @@ def hypercorn_config(settings: Settings, *, bind: str | None = None) -> Config:
     # streams open through load balancers (the ALB's idle timeout is 60 s).
     config.websocket_max_message_size = settings.max_body_bytes
     config.websocket_ping_interval = WEBSOCKET_PING_S
+    refuse_permessage_deflate()
     return config
 
 

@@ -27,6 +27,7 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
+from wsproto.extensions import Extension
 
 
 class WsRefused(Exception):
@@ -54,21 +55,25 @@ class WsClient:
         self._events: deque[Event] = deque()
         self._parts: list[Any] = []
         self.subprotocol: str | None = None
+        self.extensions: list[Extension] = []
         self.headers: dict[str, str] = {}
 
     @classmethod
     async def connect(cls, port: int, path: str = "/v1/pose/stream", *,
                       headers: Sequence[tuple[str, str]] = (),
-                      subprotocols: Sequence[str] = ()) -> WsClient:
+                      subprotocols: Sequence[str] = (),
+                      extensions: Sequence[Extension] = ()) -> WsClient:
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         ws = WSConnection(ConnectionType.CLIENT)
         client = cls(stream, ws)
         await client._send(Request(host=f"127.0.0.1:{port}", target=path,
                                    extra_headers=[(k.encode(), v.encode()) for k, v in headers],
-                                   subprotocols=list(subprotocols)))
+                                   subprotocols=list(subprotocols),
+                                   extensions=list(extensions)))
         event = await client._next()
         if isinstance(event, AcceptConnection):
             client.subprotocol = event.subprotocol
+            client.extensions = list(event.extensions)
             client.headers = {k.decode().lower(): v.decode() for k, v in event.extra_headers}
             return client
         assert isinstance(event, RejectConnection), event

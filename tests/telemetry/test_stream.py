@@ -7,6 +7,7 @@ import time
 
 import pytest
 import trio
+from wsproto.extensions import PerMessageDeflate
 
 from telemetry.config import Settings
 from telemetry.stream import (
@@ -111,6 +112,18 @@ async def test_refused_handshakes_get_the_json_error(settings: Settings, kind: s
         assert refused.value.json()["error"]["code"] == code
         assert refused.value.headers.get("x-request-id")
         assert svc.supervisor.live() == []
+
+
+async def test_permessage_deflate_is_not_negotiated(settings: Settings) -> None:
+    """A browser always offers compression; the server must decline it (inflation
+    is unbounded in wsproto: a small message could become a huge one)."""
+    async with running_service(settings) as svc:
+        ws = await WsClient.connect(svc.port, headers=bearer(session_token(settings)),
+                                    extensions=[PerMessageDeflate()])
+        assert ws.extensions == []
+        await ws.send_bytes(batch_body(0))
+        assert (await ws.recv_json())["status"] == 202
+        await ws.close()
 
 
 async def test_plain_http_on_the_stream_path_is_426(settings: Settings) -> None:
