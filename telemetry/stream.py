@@ -283,7 +283,7 @@ def _close_after(code: str) -> int | None:
     """The close code that follows a refusal with ``code``, if the stream cannot go
     on (the session is over, or this instance will not serve it)."""
     return {"session_ended": CLOSE_ENDED, "shutting_down": CLOSE_RESTART,
-            "too_many_sessions": CLOSE_TRY_LATER, "consent_required": CLOSE_POLICY}.get(code)
+            "too_many_sessions": CLOSE_TRY_LATER}.get(code)
 
 
 def _peek_seq(body: bytes) -> int | None:
