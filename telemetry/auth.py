@@ -24,6 +24,12 @@ lookup storm), and every failure raises :class:`AuthError` with a machine-readab
 ``reason``. Reloading the keyset (:meth:`KeyStore.reload`, :meth:`KeyStore.watch`)
 swaps one immutable mapping, so a verification in flight sees the old or the new
 keyset, never a mixture.
+
+A session sends the same token with every batch (once a second), so
+:meth:`TokenVerifier.verify_session` remembers the tokens it has accepted (see
+:data:`SESSION_CACHE_SIZE`): a repeat costs a dict lookup and a clock check instead of
+a signature check. An entry is served only while the full check would still accept
+the token at the current time, and a keyset reload empties the cache.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import signal
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -66,6 +73,12 @@ _KID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 HMAC_ALGORITHMS: Mapping[str, int] = MappingProxyType({"HS256": 32, "HS384": 48, "HS512": 64})
 ASYMMETRIC_ALGORITHMS = frozenset({"ES256", "EdDSA"})
 KEYS_FILE_POLL_S = 2.0
+# Verified session tokens remembered per TokenVerifier (least recently used
+# evicted). About 1.3 KB each for a typical 500-byte token (the string plus its
+# claims), so about 85 MB if ever full. Entries of expired tokens are also dropped
+# from the least recently used end, so the cache holds about the tokens used within
+# the last jwt_max_lifetime_s; a live session needs one entry.
+SESSION_CACHE_SIZE = 65_536
 
 
 class AuthError(Exception):
@@ -396,14 +409,26 @@ class TokenVerifier:
     one is configured; :class:`KeyStoreError` if the keyset is bad);
     ``TokenVerifier(keystore)`` shares one, e.g. the one whose :meth:`KeyStore.watch`
     runs in the server's root nursery. Verification itself never blocks.
+    ``cache_size`` bounds the verified-session-token cache (see :meth:`verify_session`;
+    0 turns it off).
     """
 
-    def __init__(self, source: Settings | KeyStore) -> None:
+    def __init__(self, source: Settings | KeyStore, *,
+                 cache_size: int = SESSION_CACHE_SIZE) -> None:
         if isinstance(source, KeyStore):
             self.keystore = source
         else:
             self.keystore = KeyStore(source)
         self._settings = self.keystore.settings
+        # Verified session tokens: raw token -> (claims, exp, not_before), see
+        # verify_session. Holds only entries verified under keyset generation
+        # _cache_generation; emptied when the keystore's generation moves on.
+        self._cache: OrderedDict[str, tuple[SessionClaims, int, float]] = OrderedDict()
+        self._cache_size = cache_size
+        self._cache_generation = self.keystore.generation
+        # verify_session runs on the event loop, but nothing stops a caller from
+        # using one verifier from several threads; the lock keeps the LRU consistent.
+        self._cache_lock = threading.Lock()
 
     def _decode(self, token: str, audience: str, required: list[str]) -> dict[str, Any]:
         s = self._settings
@@ -459,7 +484,62 @@ class TokenVerifier:
         return claims
 
     def verify_session(self, token: str) -> SessionClaims:
-        """Verify a session token; raise :class:`AuthError` (401) for any defect."""
+        """Verify a session token; raise :class:`AuthError` (401) for any defect.
+
+        A token this verifier has accepted before is answered from its cache, but only
+        while the full check would accept it now: the entry is used while ``exp`` has
+        not passed and ``nbf``/``iat`` have, each with the leeway and the integer
+        rounding that check uses, at the current wall-clock time. Otherwise the entry is
+        dropped and the full check runs, so it names the reason (``expired``...). A
+        keyset reload (any change of :attr:`KeyStore.generation`) empties the cache,
+        so a removed kid stops working at once. Rejections are never cached.
+        """
+        cacheable = len(token) <= MAX_TOKEN_BYTES
+        generation = self.keystore.generation
+        if cacheable:
+            with self._cache_lock:
+                if self._cache_generation != generation:
+                    self._cache.clear()
+                    self._cache_generation = generation
+                hit = self._cache.get(token)
+                if hit is not None:
+                    claims, exp, not_before = hit
+                    now, leeway = time.time(), self._settings.jwt_leeway_s
+                    # The same comparisons PyJWT and _decode make (exp <= now - leeway
+                    # is expired; nbf or iat > now + leeway is not yet valid).
+                    if exp > now - leeway and not_before <= now + leeway:
+                        self._cache.move_to_end(token)
+                        return claims
+                    del self._cache[token]
+        claims, exp, not_before = self._verify_session(token)
+        if cacheable:
+            with self._cache_lock:
+                # Only if no reload began since `generation` was read: the token was
+                # then checked against the keyset of that generation.
+                if self._cache_generation == generation == self.keystore.generation:
+                    self._insert(token, (claims, exp, not_before))
+        return claims
+
+    def _insert(self, token: str, entry: tuple[SessionClaims, int, float]) -> None:
+        """Cache ``entry`` as the most recently used (the lock held). Evicts the least
+        recently used entry beyond the size bound, and up to two from that end whose
+        token has expired: a session that ended leaves its token behind, and nothing
+        else would remove it before the bound is reached."""
+        cache = self._cache
+        cache[token] = entry
+        cache.move_to_end(token)
+        if len(cache) > self._cache_size:
+            cache.popitem(last=False)
+        expired_by = time.time() - self._settings.jwt_leeway_s
+        for _ in range(2):
+            if not cache or next(iter(cache.values()))[1] > expired_by:
+                break
+            cache.popitem(last=False)
+
+    def _verify_session(self, token: str) -> tuple[SessionClaims, int, float]:
+        """The full check: the claims, and the validity window to cache them for:
+        ``exp`` as PyJWT compares it, and the latest of ``iat`` and ``nbf`` as PyJWT and
+        :meth:`_decode` compare them."""
         c = self._decode(token, self._settings.jwt_audience, ["exp", "iat", "aud", "iss", "sub"])
         # Type first, then the session claims: a service token here is reported as the
         # wrong kind of token (its audience already failed), not as an incomplete one.
@@ -474,7 +554,7 @@ class TokenVerifier:
         consent = c.get("consent", {})
         if not isinstance(consent, dict):
             raise AuthError("invalid_claim", "claim 'consent' must be an object")
-        return SessionClaims(
+        claims = SessionClaims(
             org_id=c["org_id"],
             session_id=c["sid"],
             patient_id=c["sub"],
@@ -483,6 +563,12 @@ class TokenVerifier:
             exercise=_exercise(c.get("ex")),
             expires_at=float(c["exp"]),
         )
+        # PyJWT compares int(exp), int(iat), int(nbf); _decode compares iat itself.
+        # All three converted when the token was accepted, so they convert here.
+        not_before: float = max(c["iat"], int(c["iat"]))
+        if "nbf" in c:
+            not_before = max(not_before, int(c["nbf"]))
+        return claims, int(c["exp"]), not_before
 
     def verify_service(self, token: str, scope: str = ADMIN_SCOPE) -> ServiceClaims:
         """Verify a service-account token: 401 if invalid, 403 if it lacks ``scope``."""

@@ -1,14 +1,22 @@
 import base64
 import dataclasses
+import datetime
 import json
 import time
+import types
+from pathlib import Path
 
 import jwt
+import jwt.api_jwt
 import pytest
 
+from telemetry import auth
 from telemetry.auth import (
     ADMIN_SCOPE,
+    SESSION_CACHE_SIZE,
     AuthError,
+    KeyStore,
+    SessionClaims,
     TokenVerifier,
     bearer_token,
     mint_service_token,
@@ -123,3 +131,208 @@ def test_bearer_header() -> None:
                 {"Authorization": "Bearer " + "a" * 5000}):
         with pytest.raises(AuthError):
             bearer_token(bad)
+
+
+# -- the verified-session-token cache ------------------------------------------------
+
+
+class Clock:
+    """Wall-clock time as both checks see it: ``telemetry.auth`` (``time.time``) and
+    PyJWT (``datetime.now``)."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    c = Clock(float(int(time.time())))
+
+    class FrozenDatetime(datetime.datetime):
+        @classmethod
+        def now(cls, tz: datetime.tzinfo | None = None) -> datetime.datetime:  # type: ignore[override]
+            return datetime.datetime.fromtimestamp(c.now, tz)
+
+    monkeypatch.setattr(auth, "time", types.SimpleNamespace(time=lambda: c.now))
+    monkeypatch.setattr(jwt.api_jwt, "datetime", FrozenDatetime)
+    return c
+
+
+def _outcome(verifier: TokenVerifier, token: str) -> SessionClaims | str:
+    try:
+        return verifier.verify_session(token)
+    except AuthError as exc:
+        return exc.reason
+
+
+def test_cache_hit_returns_equal_claims(settings: Settings,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    v = TokenVerifier(settings)
+    assert v._cache_size == SESSION_CACHE_SIZE
+    token = _sign(settings, _claims(settings))
+    first = v.verify_session(token)
+    assert len(v._cache) == 1
+
+    def no_full_check(*_: object) -> None:
+        raise AssertionError("a cached token was checked again")
+
+    monkeypatch.setattr(v, "_decode", no_full_check)
+    assert v.verify_session(token) == first
+    assert v.verify_session(token) == TokenVerifier(settings).verify_session(token)
+
+
+@pytest.mark.parametrize("exp_offset", [600, 600.7])
+def test_cached_token_expires_when_the_full_check_says_so(
+    settings: Settings, clock: Clock, exp_offset: float
+) -> None:
+    # PyJWT: expired once int(exp) <= now - leeway. The cache must answer the same at
+    # every instant, including a fractional exp (PyJWT truncates it).
+    t0, leeway = clock.now, settings.jwt_leeway_s
+    token = _sign(settings, _claims(settings, iat=int(t0), exp=t0 + exp_offset))
+    cached = TokenVerifier(settings)
+    assert isinstance(cached.verify_session(token), SessionClaims)
+    edge = int(t0 + exp_offset) + leeway
+    for dt in (-1.0, -0.5, -0.001, 0.0, 0.001, 0.3, 1.0, 5.0):
+        clock.now = edge + dt
+        expected = _outcome(TokenVerifier(settings), token)  # no cache: the full check
+        assert _outcome(cached, token) == expected, dt
+        assert (expected == "expired") == (dt >= 0), dt
+    clock.now = edge + 10
+    assert _outcome(cached, token) == "expired"
+    assert token not in cached._cache
+
+
+def test_cached_token_follows_not_before_when_the_clock_steps_back(
+    settings: Settings, clock: Clock
+) -> None:
+    t0, leeway = clock.now, settings.jwt_leeway_s
+    for claims in (_claims(settings, iat=int(t0), nbf=int(t0) + 100, exp=int(t0) + 600),
+                   _claims(settings, iat=int(t0) + 100, exp=int(t0) + 600)):
+        token = _sign(settings, claims)
+        cached = TokenVerifier(settings)
+        clock.now = t0 + 100
+        assert isinstance(cached.verify_session(token), SessionClaims)
+        for back in (0, 10, leeway - 0.01, leeway, leeway + 0.01, 90):
+            clock.now = t0 + 100 - back
+            assert _outcome(cached, token) == _outcome(TokenVerifier(settings), token), back
+        assert _outcome(cached, token) == "not_yet_valid"
+
+
+def _write_keys(path: Path, keys: dict[str, str]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(keys))
+    tmp.replace(path)
+
+
+def test_key_reload_empties_the_cache(settings: Settings, tmp_path: Path) -> None:
+    keyfile = tmp_path / "keys.json"
+    a, b = "a-secret-" + "a" * 32, "b-secret-" + "b" * 32
+    _write_keys(keyfile, {"k-a": a, "k-b": b})
+    store = KeyStore(dataclasses.replace(settings, jwt_keys_file=keyfile))
+    v = TokenVerifier(store)
+    tok_a = _sign(settings, _claims(settings, sid="s-a"), key=a, kid="k-a")
+    tok_b = _sign(settings, _claims(settings, sid="s-b"), key=b, kid="k-b")
+    assert v.verify_session(tok_a).session_id == "s-a"
+    assert v.verify_session(tok_b).session_id == "s-b"
+    assert len(v._cache) == 2
+
+    _write_keys(keyfile, {"k-b": b})  # revoke k-a
+    assert store.reload()
+    assert _outcome(v, tok_a) == "unknown_kid"
+    assert v.verify_session(tok_b).session_id == "s-b"  # checked again, cached again
+    assert list(v._cache) == [tok_b]
+
+    # the same kid with a new secret: the old signature no longer verifies
+    _write_keys(keyfile, {"k-b": "b2-secret-" + "c" * 32})
+    assert store.reload()
+    assert _outcome(v, tok_b) == "bad_signature"
+    # a failed reload keeps the keys, so it need not (and does not) empty the cache
+    tok_b2 = _sign(settings, _claims(settings, sid="s-b2"), key="b2-secret-" + "c" * 32,
+                   kid="k-b")
+    assert v.verify_session(tok_b2).session_id == "s-b2"
+    keyfile.write_text("{broken")
+    assert not store.reload()
+    assert list(v._cache) == [tok_b2]
+
+
+def test_reload_during_a_check_is_not_cached(settings: Settings) -> None:
+    v = TokenVerifier(settings)
+    full_check = v._verify_session
+
+    def racing_reload(token: str) -> object:
+        result = full_check(token)
+        assert v.keystore.reload()  # the keyset moves on while this token is checked
+        return result
+
+    v._verify_session = racing_reload  # type: ignore[method-assign]
+    token = _sign(settings, _claims(settings))
+    assert v.verify_session(token).session_id == "s1"
+    assert len(v._cache) == 0
+
+
+def test_cache_is_bounded_and_evicts_least_recently_used(settings: Settings) -> None:
+    v = TokenVerifier(settings, cache_size=3)
+    tokens = [_sign(settings, _claims(settings, sid=f"s{i}")) for i in range(6)]
+    for t in tokens[:3]:
+        v.verify_session(t)
+    v.verify_session(tokens[0])  # a hit makes it the most recently used
+    v.verify_session(tokens[3])
+    assert list(v._cache) == [tokens[2], tokens[0], tokens[3]]
+    for t in tokens:
+        assert v.verify_session(t).session_id == f"s{tokens.index(t)}"
+        assert len(v._cache) <= 3
+    assert list(v._cache) == tokens[3:]
+
+
+def test_a_token_one_character_off_is_not_served_from_cache(settings: Settings) -> None:
+    v = TokenVerifier(settings)
+    token = _sign(settings, _claims(settings))
+    v.verify_session(token)
+    head, payload, sig = token.split(".")
+
+    def flip(segment: str, i: int) -> str:
+        return segment[:i] + ("A" if segment[i] != "A" else "B") + segment[i + 1:]
+
+    # (The last character of a base64url segment can carry unused bits, so the flips
+    # are mid-segment, where every character is significant.)
+    forged = [f"{flip(head, len(head) // 2)}.{payload}.{sig}",
+              f"{head}.{flip(payload, len(payload) // 2)}.{sig}",
+              f"{head}.{payload}.{flip(sig, len(sig) // 2)}"]
+    for bad in forged:
+        assert _outcome(v, bad) in {"bad_signature", "malformed_token", "unknown_kid",
+                                    "bad_algorithm", "invalid_token"}, bad
+        assert _outcome(v, bad) == _outcome(TokenVerifier(settings), bad)
+    assert list(v._cache) == [token]
+    assert _outcome(v, f"{head}.{payload}.{flip(sig, len(sig) // 2)}") == "bad_signature"
+
+
+def test_rejections_and_service_tokens_are_not_cached(settings: Settings) -> None:
+    v = TokenVerifier(settings)
+    wrong_aud = _sign(settings, _claims(settings, aud="other"))
+    for _ in range(2):
+        assert _outcome(v, wrong_aud) == "wrong_audience"
+    assert _outcome(v, "x" * 5000) == "oversized_token"
+    assert v.verify_service(mint_service_token(settings)).subject == "ops"
+    assert len(v._cache) == 0
+
+
+def test_expired_tokens_leave_the_cache(settings: Settings, clock: Clock) -> None:
+    # Sessions that ended leave their tokens behind; each new entry sweeps up to two
+    # expired ones from the least recently used end, so they do not pile up to the bound.
+    t0 = clock.now
+    v = TokenVerifier(settings)
+    old = [_sign(settings, _claims(settings, sid=f"old{i}", iat=int(t0), exp=int(t0) + 60))
+           for i in range(5)]
+    for t in old:
+        v.verify_session(t)
+    clock.now = t0 + 60 + settings.jwt_leeway_s  # every old token has expired
+    new = [_sign(settings, _claims(settings, sid=f"new{i}", iat=int(clock.now),
+                                   exp=int(clock.now) + 600)) for i in range(3)]
+    v.verify_session(new[0])
+    assert list(v._cache) == [*old[2:], new[0]]
+    v.verify_session(new[1])
+    v.verify_session(new[2])
+    assert list(v._cache) == new
+    # a cache of size 0 caches nothing, and does not trip over its emptiness
+    v0 = TokenVerifier(settings, cache_size=0)
+    assert v0.verify_session(new[0]).session_id == "new0" and len(v0._cache) == 0
