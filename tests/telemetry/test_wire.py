@@ -2,7 +2,10 @@ import struct
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from telemetry import wire
 from telemetry.wire import HEADER, BatchError, decode_batch, encode_batch
 from tests.conftest import batch_body, pose_frames
 
@@ -60,3 +63,65 @@ def test_hostile_frame_count_does_not_allocate() -> None:
     with pytest.raises(BatchError) as info:
         decode_batch(body, max_frames=65535)
     assert info.value.code == "truncated"
+
+
+# -- the fast validation path agrees with the full check ----------------------------
+#
+# decode_batch confirms valid frames with a few vectorised comparisons and leaves
+# everything else to wire._find_fault, the fault-by-fault check. Whatever the frames,
+# the answer must be the one _find_fault alone gives: accepted, or the same code and
+# message.
+
+
+def _f32_around(x: float) -> list[float]:
+    v = np.float32(x)
+    return [float(np.nextafter(v, np.float32(-np.inf))), float(v),
+            float(np.nextafter(v, np.float32(np.inf)))]
+
+
+EDGE_VALUES = sorted({0.0, -0.0, 0.5, 1.0, -1.0, 3e38, -3e38, float("inf"), float("-inf"),
+                      *_f32_around(-1e-3), *_f32_around(1.0 + 1e-3), *_f32_around(1e4),
+                      *_f32_around(-1e4)}, key=repr)
+
+
+def _outcome(check, frames: np.ndarray) -> tuple[str, str] | None:
+    try:
+        check(frames)
+    except BatchError as exc:
+        return exc.code, str(exc)
+    return None
+
+
+@st.composite
+def awkward_frames(draw: st.DrawFn) -> np.ndarray:
+    n = draw(st.integers(1, 6))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    frames = rng.uniform(0.0, 1.0, size=(n, 33, 4)).astype(np.float32)
+    frames[:, :, :3] = rng.uniform(-2.0, 2.0, size=(n, 33, 3))
+    for i in draw(st.lists(st.integers(0, n - 1), max_size=n)):
+        frames[i] = np.nan  # a no-pose frame
+    for _ in range(draw(st.integers(0, 4))):
+        i, lm, ch = draw(st.integers(0, n - 1)), draw(st.integers(0, 32)), draw(st.integers(0, 3))
+        frames[i, lm, ch] = draw(st.sampled_from([float("nan"), *EDGE_VALUES]))
+    return frames
+
+
+@settings(max_examples=400, deadline=None)
+@given(awkward_frames())
+def test_fast_validation_agrees_with_the_full_check(frames: np.ndarray) -> None:
+    assert _outcome(wire._check_values, frames) == _outcome(wire._find_fault, frames)
+    t = np.arange(len(frames), dtype=np.uint32) * 33
+    assert _outcome(lambda f: decode_batch(encode_batch(0, t, f), max_frames=120),
+                    frames) == _outcome(wire._find_fault, frames)
+
+
+@pytest.mark.parametrize("channel", [0, 2, 3])
+@pytest.mark.parametrize("value", EDGE_VALUES)
+def test_values_at_the_bounds(channel: int, value: float) -> None:
+    t, f = pose_frames(3)
+    f[1] = np.nan
+    f[2, 5, channel] = value
+    assert _outcome(wire._check_values, f) == _outcome(wire._find_fault, f)
+    in_range = (abs(value) <= 1e4 if channel < 3
+                else np.float32(-1e-3) <= np.float32(value) <= np.float32(1.001))
+    assert (_outcome(wire._check_values, f) is None) == bool(in_range)
