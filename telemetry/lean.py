@@ -25,6 +25,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -109,68 +110,69 @@ class LeanApp:
         else:
             await self.quart(scope, receive, send)
 
-    async def _pose_post(self, scope: Scope, receive: Receive, raw_send: Send) -> None:
+    async def _pose_post(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer one POST. The answer is counted and logged before it is sent, as the
+        Quart routes do, so a client that has its answer sees it in ``/metrics``."""
         t0 = time.perf_counter()
-        started = False
-
-        async def send(message: Message) -> None:
-            nonlocal started
-            started = True
-            await raw_send(message)
-
         headers = headers_of(scope)
         ctx = logs.begin_request(headers.get(logs.REQUEST_ID_HEADER.lower()))
         method = scope.get("method", "")
-        status, code, authenticated, duplicate = 500, "internal_error", False, False
-        body_read = False
+        answer = _Answer()
         try:
             try:
-                if method == "OPTIONS":
-                    status, code = 200, None
-                    await send_json(send, 200, None, ctx.request_id,
-                                    extra=[(b"allow", b"OPTIONS, POST")])
-                    return
-                if method != "POST":
-                    raise ApiError(405, "method_not_allowed",
-                                   "The method is not allowed for the requested URL.")
-                claims = self.ingest.claims(lambda: bearer_token(HeaderMap(headers)),
-                                            client_of(scope))
-                authenticated = True
-                self.ingest.require_consent(claims)
-                ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
-                if ctype != CONTENT_TYPE:
-                    raise ApiError(415, "unsupported_media_type",
-                                   f"Content-Type must be {CONTENT_TYPE}, "
-                                   f"got {ctype or 'none'!r}")
-                body = await self._read_body(headers, receive)
-                body_read = True
-                batch = self.ingest.decode(body)
-                offer = await self.ingest.submit(claims, batch, body)
-                if not offer.accepted:
-                    raise refusal(offer)
-                duplicate = offer.verdict is Verdict.DUPLICATE
-                status, code = 202, None
-                await send_json(send, 202, {"duplicate": duplicate, "seq": batch.seq},
-                                ctx.request_id)
+                await self._decide(scope, headers, receive, method, answer)
             except ApiError as exc:
-                status, code = exc.status, exc.code
-                close = False
-                if not body_read and method == "POST":
-                    close = not await _drain(headers, receive, self.state.settings.max_body_bytes)
-                await send_error(send, exc, ctx.request_id, close=close,
-                                 allow=b"OPTIONS, POST" if exc.status == 405 else None)
+                answer.error = exc
+                if not answer.body_read and method == "POST":
+                    answer.close = not await _drain(headers, receive,
+                                                    self.state.settings.max_body_bytes)
             except _Disconnected:
-                status, code = 499, "client_disconnected"
+                answer.status, answer.code = 499, "client_disconnected"
         except Exception:
-            status, code = 500, "internal_error"
             log.exception("unhandled exception",
                           extra={"method": method_label(method), "endpoint": POSE_PATH})
-            if not started:
-                await send_error(send, ApiError(500, "internal_error", "internal server error"),
-                                 ctx.request_id, close=True)
+            answer.error = ApiError(500, "internal_error", "internal server error")
+            answer.close = True
+        try:
+            self._observe(scope, method, answer, t0)
+            if answer.status == 499:
+                return
+            if answer.error is not None:
+                exc = answer.error
+                await send_error(send, exc, ctx.request_id, close=answer.close,
+                                 allow=b"OPTIONS, POST" if exc.status == 405 else None)
+            else:
+                await send_json(send, answer.status, answer.body, ctx.request_id,
+                                extra=answer.headers)
         finally:
-            self._observe(scope, method, status, code, authenticated, duplicate, t0)
             logs.end_request()
+
+    async def _decide(self, scope: Scope, headers: dict[str, str], receive: Receive,
+                      method: str, answer: _Answer) -> None:
+        """Fill in ``answer``, or raise the :class:`ApiError` that is the answer."""
+        if method == "OPTIONS":
+            answer.status, answer.headers = 200, [(b"allow", b"OPTIONS, POST")]
+            return
+        if method != "POST":
+            raise ApiError(405, "method_not_allowed",
+                           "The method is not allowed for the requested URL.")
+        claims = self.ingest.claims(lambda: bearer_token(HeaderMap(headers)),
+                                    client_of(scope))
+        answer.authenticated = True
+        self.ingest.require_consent(claims)
+        ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if ctype != CONTENT_TYPE:
+            raise ApiError(415, "unsupported_media_type",
+                           f"Content-Type must be {CONTENT_TYPE}, got {ctype or 'none'!r}")
+        body = await self._read_body(headers, receive)
+        answer.body_read = True
+        batch = self.ingest.decode(body)
+        offer = await self.ingest.submit(claims, batch, body)
+        if not offer.accepted:
+            raise refusal(offer)
+        answer.duplicate = offer.verdict is Verdict.DUPLICATE
+        answer.status = 202
+        answer.body = {"duplicate": answer.duplicate, "seq": batch.seq}
 
     async def _read_body(self, headers: dict[str, str], receive: Receive) -> bytes:
         encoding = (headers.get("content-encoding") or "identity").strip().lower()
@@ -201,16 +203,17 @@ class LeanApp:
                 break
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def _observe(self, scope: Scope, method: str, status: int, code: str | None,
-                 authenticated: bool, duplicate: bool, t0: float) -> None:
+    def _observe(self, scope: Scope, method: str, answer: _Answer, t0: float) -> None:
         """Count and log one answer, as the Quart app does for its routes."""
         m = self.state.metrics
+        status = answer.error.status if answer.error is not None else answer.status
+        code = answer.error.code if answer.error is not None else answer.code
         elapsed = time.perf_counter() - t0
         m.requests.labels(method_label(method), POSE_PATH, str(status)).inc()
         self._seconds.observe(elapsed)
-        if authenticated:
+        if answer.authenticated:
             if status < 400:
-                (self._duplicate if duplicate else self._accepted).inc()
+                (self._duplicate if answer.duplicate else self._accepted).inc()
             else:
                 reason = code or "http_error"
                 m.batches.labels("pose", "rejected").inc()
@@ -227,6 +230,21 @@ class LeanApp:
         if status >= 400:
             fields["client"] = truncate_ip(client_of(scope))
         log.log(level, "request", extra=fields)
+
+
+@dataclass
+class _Answer:
+    """What one POST is answered, decided before anything is sent."""
+
+    status: int = 500
+    body: Any = None
+    headers: list[tuple[bytes, bytes]] | None = None
+    error: ApiError | None = None
+    code: str | None = None
+    close: bool = False
+    authenticated: bool = False
+    duplicate: bool = False
+    body_read: bool = False
 
 
 class _Disconnected(Exception):
