@@ -236,17 +236,20 @@ export function retryDelay(r, attempt, opts = {}, random = Math.random) {
 // -- transport -----------------------------------------------------------------------
 
 /**
- * The seam between the client and the network. Today: {@link FetchTransport}, one POST
- * per batch. A streaming transport (one long-lived upload stream or WebTransport
- * session per exercise session, when the service has one) implements the same three
- * methods and resolves each with the service's answer for that batch; the retry,
- * buffer and sequence logic above it stays the same.
+ * The seam between the client and the network: {@link FetchTransport} (one POST per
+ * batch) or {@link WebSocketTransport} (one socket per session). Each `sendPoseBatch`
+ * resolves with the service's answer for that batch, once it has one: for a stream
+ * that is when the batch is durable (or refused), however many reconnects it took. The
+ * retry, buffer and sequence logic above it is the same for both.
  *
  * @typedef {object} Transport
- * @property {string} kind e.g. `post`
+ * @property {string} kind e.g. `post`, `websocket`
+ * @property {number} [window] how many pose batches the client may have in flight at
+ *   once (read before each send; default 1: one request at a time)
  * @property {(body: ArrayBuffer, opts?: SendOptions) => Promise<TransportResult>} sendPoseBatch
  * @property {(json: string, opts?: SendOptions) => Promise<TransportResult>} sendMediaBatch
  * @property {(sessionId: string, opts?: SendOptions) => Promise<TransportResult>} endSession
+ * @property {() => void} [close] let go of connections (called on page hide)
  */
 
 /**
@@ -323,12 +326,476 @@ export class FetchTransport {
   }
 }
 
+// -- the streaming transport -----------------------------------------------------------
+
+/** The subprotocol of `/v1/pose/stream`. */
+export const STREAM_SUBPROTOCOL = 'restartix.pose.v1';
+
+/** Close codes of `/v1/pose/stream` (telemetry/stream.py) and the browser's own. */
+export const STREAM_CLOSE = Object.freeze({
+  NORMAL: 1000, UNSUPPORTED: 1003, ABNORMAL: 1006, POLICY: 1008, TOO_BIG: 1009,
+  INTERNAL: 1011, RESTART: 1012, TRY_LATER: 1013, TOKEN: 4401, IDLE: 4408, ENDED: 4409,
+  /** sent by this client when the service stops answering (see `ackTimeoutMs`) */
+  NO_ANSWER: 4000,
+});
+
+/**
+ * @typedef {object} WebSocketTransportOptions
+ * @property {string} baseUrl the service (`https://...`; the stream is `wss://.../v1/pose/stream`)
+ * @property {string} token the session token
+ * @property {() => string | Promise<string>} [getToken] a fresh token for the same session,
+ *   asked for when the stream closes with 4401 (token expired) or a POST answers 401;
+ *   without it, an expired token moves delivery to POST (which answers 401 once the
+ *   service's leeway is over: the batches are then reported `rejected`)
+ * @property {number} [window=4] unacknowledged batches on the socket at once
+ * @property {number} [maxOpenFailures=3] after this many sockets in a row that did not
+ *   open, one batch is sent by POST; if the POST is answered and the socket still will not
+ *   open, the transport falls back to POST for the rest of the session
+ * @property {number} [connectTimeoutMs=10000] a socket not open by then has failed
+ * @property {number} [ackTimeoutMs=45000] with batches outstanding and no answer for this
+ *   long, the socket is taken for dead: closed and replaced, the batches resent (the
+ *   service answers within 30 s even when it holds a batch back for flow control)
+ * @property {RetryOptions} [retry] reconnect backoff (the client's retry options)
+ * @property {(info: TelemetryErrorInfo) => void} [onError] `stream_fallback`,
+ *   `stream_failed`, `token_refresh_failed`
+ * @property {typeof WebSocket} [WebSocket] for tests
+ * @property {typeof fetch} [fetch] for the POST paths
+ * @property {() => number} [random] for tests
+ */
+
+/**
+ * {@link Transport} over a WebSocket per session (`/v1/pose/stream`), for pose batches;
+ * media events and the session end stay on POST (an inner {@link FetchTransport}), and so
+ * do `keepalive` sends (a socket does not outlive the page).
+ *
+ * Each `sendPoseBatch` resolves once the service has answered that batch: 202 when it is
+ * durable, or the status and error code a POST would have got. A batch is never dropped
+ * here: when the socket closes or fails, the transport reconnects (backoff with jitter)
+ * and resends every unanswered batch in sequence order; the service answers a resend of
+ * a durable batch `duplicate: true`. Only the client gives up on a batch (its signal).
+ */
+export class WebSocketTransport {
+  /** @param {WebSocketTransportOptions} opts */
+  constructor({
+    baseUrl, token, getToken, window = 4, maxOpenFailures = 3, connectTimeoutMs = 10000,
+    ackTimeoutMs = 45000, retry = {}, onError = () => {}, WebSocket: WS, fetch: fetchFn,
+    random = Math.random,
+  }) {
+    this.kind = 'websocket';
+    /** The POST side: media events, the session end, keepalive sends, the fallback. */
+    this.fetchTransport = new FetchTransport({ baseUrl, token, fetch: fetchFn });
+    /** @private */ this._base = String(baseUrl).replace(/\/+$/, '');
+    /** @private */ this._token = token;
+    /** @private */ this._getToken = getToken ?? null;
+    /** @private */ this._window = Math.max(1, Math.floor(window));
+    /** @private */ this._maxOpenFailures = Math.max(1, maxOpenFailures);
+    /** @private */ this._connectTimeoutMs = connectTimeoutMs;
+    /** @private */ this._ackTimeoutMs = ackTimeoutMs;
+    /** @private */ this._retry = { ...DEFAULT_RETRY, ...retry };
+    /** @private */ this._onError = onError;
+    /** @private */ this._WS = WS ?? globalThis.WebSocket;
+    /** @private */ this._random = random;
+
+    /** @private @type {'socket' | 'fetch' | 'ended' | 'closed'} */ this._mode = 'socket';
+    /** @private @type {Map<number, PendingBatch>} unanswered batches by seq */
+    this._pending = new Map();
+    /** @private @type {StreamSocket | null} */ this._sock = null;
+    /** @private */ this._timer = null; // a reconnect waiting out its backoff
+    /** @private */ this._busy = false; // a token refresh or a POST probe is under way
+    /** @private */ this._attempt = 0; // reconnects since the last answer
+    /** @private */ this._failedOpens = 0; // sockets in a row that did not open
+    /** @private */ this._confirming = false; // a POST worked: one more socket decides
+    /** @private @type {Promise<unknown>} */ this._chain = Promise.resolve(); // POST, in order
+    this.counters = {
+      opens: 0, failedOpens: 0, batchesSent: 0, batchesResent: 0, acks: 0, duplicates: 0,
+      refusals: 0, probes: 0, postBatches: 0, tokenRefreshes: 0, fallback: null,
+      /** @type {Record<string, number>} */ closes: {},
+    };
+    /** @private */ this._onOnline = () => {
+      if (this._timer !== null) { clearTimeout(this._timer); this._timer = null; this._pump(); }
+    };
+    if (typeof addEventListener === 'function') addEventListener('online', this._onOnline);
+  }
+
+  /** How many batches the client may have in flight: the window, or 1 once on POST. */
+  get window() { return this._mode === 'socket' ? this._window : 1; }
+
+  /** `socket`, `fetch` (fell back), `ended` (the service ended the session), `closed`. */
+  get mode() { return this._mode; }
+
+  /** The counters, the mode and how many batches are unanswered. */
+  stats() {
+    return { ...this.counters, closes: { ...this.counters.closes }, mode: this._mode,
+      pending: this._pending.size, open: this._sock?.opened ?? false };
+  }
+
+  /** Replace the session token (a refreshed one for the same session): the next socket
+   * and every POST use it. An open socket keeps going until the service closes it. */
+  setToken(token) {
+    this._token = token;
+    this.fetchTransport.setToken(token);
+  }
+
+  /** @param {string} json @param {SendOptions} [opts] */
+  sendMediaBatch(json, opts) { return this.fetchTransport.sendMediaBatch(json, opts); }
+
+  /** Close the socket (normal closure), then `POST /v1/sessions/{id}/end`.
+   * @param {string} sessionId @param {SendOptions} [opts] */
+  endSession(sessionId, opts) {
+    this.close();
+    return this.fetchTransport.endSession(sessionId, opts);
+  }
+
+  /** Let go of the socket: unanswered batches are answered `status: 0`. */
+  close() {
+    if (this._mode !== 'ended') this._mode = 'closed';
+    if (this._timer !== null) clearTimeout(this._timer);
+    this._timer = null;
+    this._dropSocket(STREAM_CLOSE.NORMAL, 'client done');
+    for (const rec of [...this._pending.values()]) {
+      this._settle(rec, noAnswer(new Error('transport closed')));
+    }
+    if (typeof removeEventListener === 'function') removeEventListener('online', this._onOnline);
+  }
+
+  /**
+   * Send one pose batch. `keepalive` sends go by POST at once (page hide); otherwise the
+   * answer comes when the service has made the batch durable or refused it.
+   * @param {ArrayBuffer} body @param {SendOptions} [opts]
+   * @returns {Promise<TransportResult>}
+   */
+  sendPoseBatch(body, opts = {}) {
+    const { keepalive = false, signal } = opts;
+    if (keepalive || this._mode === 'closed') {
+      this.counters.postBatches++;
+      return this.fetchTransport.sendPoseBatch(body, opts);
+    }
+    if (this._mode === 'fetch') return this._post(body, signal);
+    if (this._mode === 'ended') return Promise.resolve(ended('the stream closed: session ended'));
+    if (signal?.aborted) return Promise.resolve(noAnswer(new Error('aborted')));
+    const seq = new DataView(body).getUint32(8, true);
+    const old = this._pending.get(seq);
+    if (old) this._settle(old, noAnswer(new Error('sent again')));
+    return new Promise((resolve) => {
+      /** @type {PendingBatch} */
+      const rec = { seq, body, resolve, signal, onAbort: null, sock: null, sent: 0 };
+      if (signal) {
+        rec.onAbort = () => this._settle(rec, noAnswer(new Error('aborted')));
+        signal.addEventListener('abort', rec.onAbort, { once: true });
+      }
+      this._pending.set(seq, rec);
+      this._pump();
+    });
+  }
+
+  // -- internals -----------------------------------------------------------------------
+
+  /** @private */
+  _report(info) {
+    try { this._onError(info); } catch { /* a callback's bug must not stop delivery */ }
+  }
+
+  /** @private Answer `rec` (once) and forget it. */
+  _settle(rec, result) {
+    if (this._pending.get(rec.seq) !== rec) return;
+    this._pending.delete(rec.seq);
+    rec.signal?.removeEventListener('abort', rec.onAbort);
+    rec.resolve(result);
+  }
+
+  /** @private One POST at a time, in the order asked. */
+  _post(body, signal) {
+    const run = () => {
+      this.counters.postBatches++;
+      return this.fetchTransport.sendPoseBatch(body, { signal })
+        .then((r) => this._afterPost(r, () => this.fetchTransport.sendPoseBatch(body, { signal })));
+    };
+    const p = this._chain.then(run, run);
+    this._chain = p.catch(() => {});
+    return p;
+  }
+
+  /** @private A 401 on POST with a `getToken`: refresh once and resend. */
+  async _afterPost(r, again) {
+    if (r.status !== 401 || !this._getToken) return r;
+    return (await this._refreshToken()) ? again() : r;
+  }
+
+  /** @private Ask `getToken` for a fresh token; true if it gave a different one. */
+  async _refreshToken() {
+    if (!this._getToken) return false;
+    const before = this._token;
+    try {
+      const token = await this._getToken();
+      this.counters.tokenRefreshes++;
+      if (typeof token === 'string' && token && token !== before) {
+        this.setToken(token);
+        return true;
+      }
+    } catch (error) {
+      this._report({ type: 'token_refresh_failed', message: String(error) });
+    }
+    return false;
+  }
+
+  /** @private Send what is unsent on an open socket, or get a socket. */
+  _pump() {
+    if (this._mode !== 'socket' || !this._pending.size) return;
+    const sock = this._sock;
+    if (sock?.opened) {
+      const unsent = [...this._pending.values()].filter((r) => r.sock !== sock)
+        .sort((a, b) => a.seq - b.seq);
+      for (const rec of unsent) {
+        if (!sock.queue.length) sock.progressAt = performance.now();
+        try {
+          sock.ws.send(rec.body);
+        } catch {
+          return; // closing: its close event resends
+        }
+        rec.sock = sock;
+        sock.queue.push(rec.seq);
+        this.counters.batchesSent++;
+        if (rec.sent++) this.counters.batchesResent++;
+      }
+      return;
+    }
+    if (!sock && this._timer === null && !this._busy) this._connect();
+  }
+
+  /** @private */
+  _url() {
+    const path = '/v1/pose/stream';
+    const href = globalThis.location?.href;
+    const url = href ? new URL(this._base + path, href) : new URL(this._base + path);
+    url.protocol = url.protocol === 'https:' ? 'wss:' : url.protocol === 'http:' ? 'ws:' : url.protocol;
+    return url.href;
+  }
+
+  /** @private */
+  _connect() {
+    let ws;
+    try {
+      ws = new this._WS(this._url(), [STREAM_SUBPROTOCOL, `bearer.${this._token}`]);
+    } catch (error) {
+      // A token that is not a valid subprotocol, a blocked URL: POST it is.
+      this._fallBack('websocket_unavailable', String(error));
+      return;
+    }
+    ws.binaryType = 'arraybuffer';
+    /** @type {StreamSocket} */
+    const sock = { ws, opened: false, queue: [], progressAt: 0, token: this._token, timer: null };
+    this._sock = sock;
+    sock.timer = setTimeout(() => this._closed(sock, STREAM_CLOSE.ABNORMAL, 'connect timeout'),
+      this._connectTimeoutMs);
+    ws.onopen = () => {
+      if (this._sock !== sock) return;
+      sock.opened = true;
+      this.counters.opens++;
+      this._failedOpens = 0;
+      this._confirming = false;
+      clearTimeout(sock.timer);
+      // Watch for a socket that stopped answering (no close ever came).
+      sock.timer = setInterval(() => {
+        if (sock.queue.length && performance.now() - sock.progressAt > this._ackTimeoutMs) {
+          this._closed(sock, STREAM_CLOSE.NO_ANSWER, 'no answer');
+        }
+      }, Math.min(1000, this._ackTimeoutMs / 4));
+      this._pump();
+    };
+    ws.onmessage = (ev) => this._answer(sock, ev.data);
+    ws.onclose = (ev) => this._closed(sock, ev.code, ev.reason);
+    ws.onerror = () => {}; // a close event follows
+  }
+
+  /** @private One answer: for the oldest batch sent on this socket. */
+  _answer(sock, data) {
+    if (this._sock !== sock || typeof data !== 'string') return;
+    let msg;
+    try { msg = JSON.parse(data); } catch { return; }
+    let seq = sock.queue.shift();
+    if (msg.seq != null && msg.seq !== seq) {
+      // Answers come in order; if not, trust the seq the service names.
+      const at = sock.queue.indexOf(msg.seq);
+      if (at >= 0) sock.queue.splice(at, 1);
+      if (seq !== undefined) sock.queue.unshift(seq);
+      seq = msg.seq;
+    }
+    sock.progressAt = performance.now();
+    this._attempt = 0;
+    const rec = this._pending.get(seq);
+    const status = Number(msg.status) || 0;
+    if (status === 202) {
+      this.counters.acks++;
+      if (msg.duplicate) this.counters.duplicates++;
+    } else {
+      this.counters.refusals++;
+    }
+    if (rec && rec.sock === sock) {
+      this._settle(rec, {
+        status,
+        code: msg.error?.code ?? null,
+        message: msg.error?.message ?? null,
+        retryAfterMs: msg.retry_after != null ? Number(msg.retry_after) * 1000 : null,
+        body: status === 202 ? { seq, status, duplicate: !!msg.duplicate } : msg,
+      });
+    }
+  }
+
+  /** @private Close and forget the current socket. */
+  _dropSocket(code, reason) {
+    const sock = this._sock;
+    if (!sock) return;
+    this._sock = null;
+    clearTimeout(sock.timer);
+    clearInterval(sock.timer);
+    sock.ws.onopen = sock.ws.onmessage = sock.ws.onclose = null;
+    try { sock.ws.close(code, reason); } catch { /* already closed */ }
+  }
+
+  /** @private The socket closed (or is taken for closed): what next depends on the code. */
+  _closed(sock, code, reason) {
+    if (this._sock !== sock) return;
+    const opened = sock.opened;
+    const silent = code === STREAM_CLOSE.NO_ANSWER;
+    this._dropSocket(silent ? code : STREAM_CLOSE.NORMAL, silent ? 'no answer' : 'closing');
+    this.counters.closes[code] = (this.counters.closes[code] ?? 0) + 1;
+    for (const rec of this._pending.values()) rec.sock = null; // all to be sent again
+    if (this._mode !== 'socket') return;
+    const C = STREAM_CLOSE;
+    if (code === C.ENDED) {
+      this._mode = 'ended';
+      for (const rec of [...this._pending.values()]) this._settle(rec, ended(reason));
+      return;
+    }
+    if (code === C.UNSUPPORTED || code === C.POLICY || code === C.TOO_BIG) {
+      this._report({ type: 'stream_failed', closeCode: code, message: reason || null });
+      this._fallBack('stream_failed', reason);
+      return;
+    }
+    if (code === C.TOKEN) {
+      this._busy = true;
+      this._refreshToken().then((fresh) => {
+        this._busy = false;
+        if (this._mode !== 'socket') return;
+        // The same token again would be closed at once: only POST can still use it.
+        if (!fresh && this._token === sock.token) this._fallBack('token_expired', reason);
+        else this._pump();
+      });
+      return;
+    }
+    if (!opened) {
+      this._failedOpens++;
+      this.counters.failedOpens++;
+      if (this._confirming) {
+        this._confirming = false;
+        this._fallBack('websocket_unavailable', 'POST works, the socket does not open');
+        return;
+      }
+      if (this._failedOpens >= this._maxOpenFailures && this._pending.size) {
+        this._probe();
+        return;
+      }
+    }
+    if (code === C.IDLE || code === C.NORMAL) { // nothing lost: reconnect when needed
+      this._pump();
+      return;
+    }
+    // 1006 (no answer, refused handshake, network), 1011, 1012 (restart), 1013 (later),
+    // 4000 (no answer): back off, then reconnect and resend.
+    this._later(backoffDelay(this._attempt++, this._retry, this._random));
+  }
+
+  /** @private Reconnect after `ms` (or at the browser's `online` event). */
+  _later(ms) {
+    if (this._timer !== null) clearTimeout(this._timer);
+    this._timer = setTimeout(() => { this._timer = null; this._pump(); }, ms);
+  }
+
+  /**
+   * @private The socket will not open. Send the oldest batch by POST: no answer (the
+   * service is down or overloaded) means keep trying the socket; an answer means the
+   * service is there, and one more socket decides whether streaming works at all.
+   */
+  async _probe() {
+    this._busy = true;
+    this._failedOpens = 0;
+    this.counters.probes++;
+    const rec = [...this._pending.values()].sort((a, b) => a.seq - b.seq)[0];
+    this.counters.postBatches++;
+    const r = await this.fetchTransport.sendPoseBatch(rec.body, { signal: rec.signal });
+    this._busy = false;
+    if (this._mode !== 'socket') return;
+    const what = classify(r);
+    if (what === 'retry') {
+      this._later(retryDelay(r, this._attempt++, this._retry, this._random));
+      return;
+    }
+    if (r.status === 401 && (await this._refreshToken())) {
+      this._pump();
+      return;
+    }
+    if (rec.sock === null) this._settle(rec, r);
+    this._confirming = true; // the next socket decides (now, or with the next batch)
+    this._pump();
+  }
+
+  /** @private From now on, pose batches go by POST; the unanswered ones first, in order. */
+  _fallBack(reason, message) {
+    if (this._mode !== 'socket') return;
+    this._mode = 'fetch';
+    this.counters.fallback = reason;
+    if (this._timer !== null) clearTimeout(this._timer);
+    this._timer = null;
+    this._dropSocket(STREAM_CLOSE.NORMAL, 'falling back');
+    this._report({ type: 'stream_fallback', reason, message: message ?? null });
+    const recs = [...this._pending.values()].sort((a, b) => a.seq - b.seq);
+    for (const rec of recs) {
+      rec.sock = null;
+      this._post(rec.body, rec.signal).then((r) => this._settle(rec, r));
+    }
+  }
+}
+
+/**
+ * @typedef {object} PendingBatch
+ * @property {number} seq
+ * @property {ArrayBuffer} body
+ * @property {(r: TransportResult) => void} resolve
+ * @property {AbortSignal | undefined} signal
+ * @property {(() => void) | null} onAbort
+ * @property {StreamSocket | null} sock the socket it was last sent on, while that is open
+ * @property {number} sent times sent on a socket
+ */
+
+/**
+ * @typedef {object} StreamSocket
+ * @property {WebSocket} ws
+ * @property {boolean} opened
+ * @property {number[]} queue seqs sent and not answered yet, in order
+ * @property {number} progressAt when the last answer came (or the first send into an empty queue)
+ * @property {string} token the token it was opened with
+ * @property {any} timer the connect timeout, then the answer watchdog
+ */
+
+/** @returns {TransportResult} */
+function noAnswer(error) {
+  return { status: 0, code: null, message: null, retryAfterMs: null, body: null, error };
+}
+
+/** @returns {TransportResult} */
+function ended(message) {
+  return { status: 409, code: 'session_ended', message: message || 'the session has ended',
+    retryAfterMs: null, body: null };
+}
+
 // -- the client ----------------------------------------------------------------------
 
 /**
  * @typedef {object} TelemetryErrorInfo
  * @property {'rejected' | 'dropped' | 'buffer_overflow' | 'session_ended' | 'lost_on_page_hide'
- *   | 'end_failed'} type
+ *   | 'end_failed' | 'stream_fallback' | 'stream_failed' | 'token_refresh_failed'} type
+ *   the last three come from a {@link WebSocketTransport}: it now sends over POST (with
+ *   `reason`), the service closed the stream for good (with `closeCode`), `getToken` threw
  * @property {number} [seq] the pose batch concerned
  * @property {number} [frames] frames lost with it
  * @property {number} [status]
@@ -342,7 +809,13 @@ export class FetchTransport {
  * @property {string} [baseUrl] the service, e.g. `https://telemetry.example` (with `token`,
  *   unless `transport` is given)
  * @property {string} [token] the session token from the Core API
- * @property {Transport} [transport] defaults to a {@link FetchTransport}
+ * @property {'fetch' | 'websocket' | Transport} [transport='fetch'] `fetch`: a
+ *   {@link FetchTransport} (one POST per batch); `websocket`: a {@link WebSocketTransport}
+ *   (one socket per session, falling back to POST when it cannot be opened); or your own
+ * @property {() => string | Promise<string>} [getToken] a fresh session token for the same
+ *   session, asked for when the stream says the token expired (`websocket` only)
+ * @property {Partial<WebSocketTransportOptions>} [websocket] more options for the
+ *   `websocket` transport (`window`, `maxOpenFailures`, `ackTimeoutMs`, ...)
  * @property {SessionClock} [clock] defaults to a clock started now
  * @property {'image' | 'world'} [space='image'] which landmarks to send
  * @property {any} [imageSource] video/canvas/`{width, height}` giving the camera image size
@@ -358,23 +831,33 @@ export class FetchTransport {
 
 /**
  * Packs MediaPipe Pose results into 1-second batches and delivers them in sequence
- * order, one request at a time, retrying each until the service acknowledges it.
+ * order (one request at a time over POST, up to the transport's `window` over the
+ * WebSocket), retrying each until the service acknowledges it.
  * Every method returns at once; the network work runs in the background.
  */
 export class TelemetryClient {
   /** @param {TelemetryClientOptions} opts */
   constructor(opts) {
     const {
-      sessionId, baseUrl, token, transport, clock, space = 'image', imageSource = null,
-      batchMs = 1000, maxFramesPerBatch = 120, maxBufferedBatches = 60, retry = {},
-      endOnPageHide = true, onError = () => {}, random = Math.random,
+      sessionId, baseUrl, token, getToken, transport = 'fetch', websocket = {}, clock,
+      space = 'image',
+      imageSource = null, batchMs = 1000, maxFramesPerBatch = 120, maxBufferedBatches = 60,
+      retry = {}, endOnPageHide = true, onError = () => {}, random = Math.random,
     } = opts;
     if (!sessionId) throw new TypeError('sessionId is required');
     if (!(space in SPACES)) throw new RangeError(`space must be 'image' or 'world'`);
-    if (!transport && !(baseUrl && token)) throw new TypeError('give baseUrl and token, or a transport');
+    const named = typeof transport === 'string';
+    if (named && transport !== 'fetch' && transport !== 'websocket') {
+      throw new RangeError(`transport must be 'fetch', 'websocket' or a Transport`);
+    }
+    if (named && !(baseUrl && token)) throw new TypeError('give baseUrl and token, or a transport');
     this.sessionId = sessionId;
     /** @type {Transport} */
-    this.transport = transport ?? new FetchTransport({ baseUrl, token });
+    this.transport = !named ? transport
+      : transport === 'websocket'
+        ? new WebSocketTransport({ retry, random, ...websocket, baseUrl, token, getToken,
+          onError: (info) => this._report(info) })
+        : new FetchTransport({ baseUrl, token });
     /** @type {SessionClock} */
     this.clock = clock ?? new SessionClock();
     this.space = space;
@@ -390,10 +873,11 @@ export class TelemetryClient {
     /** @private */ this._openSize = { width: 0, height: 0 };
     /** @private */ this._lastT = -1;
     /** @private */ this._nextSeq = 0;
-    /** @private @type {Array<{seq: number, body: ArrayBuffer, frames: number, attempts: number, gone: boolean, ctrl: AbortController | null}>} */
+    /** @private @type {Array<{seq: number, body: ArrayBuffer, frames: number, attempts: number, gone: boolean, busy: boolean, ctrl: AbortController | null}>} */
     this._queue = [];
     /** @private */ this._pumping = false;
-    /** @private @type {(() => void) | null} */ this._wake = null;
+    /** @private @type {Set<() => void>} */ this._wakers = new Set();
+    /** @private @type {(() => void) | null} */ this._kick = null;
     /** @private @type {((v?: unknown) => void)[]} */ this._drainWaiters = [];
     /** @private */ this._sealTimer = null;
     /** @private */ this._closed = false; // no more frames (end() or page hide)
@@ -414,7 +898,7 @@ export class TelemetryClient {
     /** @private */ this._onHidden = () => {
       if (globalThis.document?.visibilityState === 'hidden') this.flush();
     };
-    /** @private */ this._onOnline = () => this._wake?.();
+    /** @private */ this._onOnline = () => this._wakeAll();
     if (endOnPageHide && typeof addEventListener === 'function') {
       addEventListener('pagehide', this._onPageHide);
       addEventListener('online', this._onOnline);
@@ -525,7 +1009,10 @@ export class TelemetryClient {
       .catch(() => {})));
     await this.drain(Math.max(0, deadline - performance.now()));
     const left = this._queue.splice(0);
-    for (const entry of left) this._lose(entry, 'dropped', { message: 'not acknowledged before the end' });
+    for (const entry of left) {
+      entry.ctrl?.abort();
+      this._lose(entry, 'dropped', { message: 'not acknowledged before the end' });
+    }
     this._detach();
     const until = performance.now() + endMs;
     this._endSent = true;
@@ -578,7 +1065,8 @@ export class TelemetryClient {
     this.counters.requests++;
     this._detach();
     this._drained(); // an end() waiting for the buffer goes on (its end call is a repeat)
-    this._wake?.();
+    this.transport.close?.();
+    this._wakeAll();
   }
 
   // -- internals ---------------------------------------------------------------------
@@ -601,7 +1089,8 @@ export class TelemetryClient {
       this.counters.batchesOverflowed++;
       this._lose(old, 'buffer_overflow', {});
     }
-    this._queue.push({ seq, body, frames: frames.length, attempts: 0, gone: false, ctrl: null });
+    this._queue.push({ seq, body, frames: frames.length, attempts: 0, gone: false, busy: false,
+      ctrl: null });
     if (send) this._pump();
   }
 
@@ -641,18 +1130,27 @@ export class TelemetryClient {
     }
   }
 
-  /** @private */
+  /** @private A wait that the `online` event and page hide cut short. */
   _sleep(ms) {
+    let done;
     return new Promise((resolve) => {
-      const timer = setTimeout(done, ms);
-      function done() { clearTimeout(timer); resolve(); }
-      this._wake = done;
-    }).finally(() => { this._wake = null; });
+      const timer = setTimeout(() => done(), ms);
+      done = () => { clearTimeout(timer); resolve(); };
+      this._wakers.add(done);
+    }).finally(() => { this._wakers.delete(done); });
   }
 
-  /** @private Start the delivery loop if it is not running. */
+  /** @private */
+  _wakeAll() {
+    for (const wake of [...this._wakers]) wake();
+  }
+
+  /** @private Start the delivery loop if it is not running (else let it see new work). */
   _pump() {
-    if (this._pumping) return;
+    if (this._pumping) {
+      this._kick?.();
+      return;
+    }
     this._pumping = true;
     this._deliver().catch((error) => {
       this.counters.lastError = String(error);
@@ -669,16 +1167,44 @@ export class TelemetryClient {
     for (const resolve of this._drainWaiters.splice(0)) resolve();
   }
 
-  /** @private One request at a time, lowest sequence number first. */
+  /**
+   * @private Lowest sequence numbers first, at most `transport.window` batches in flight
+   * (1 for {@link FetchTransport}: one request at a time). A batch waiting to be retried
+   * keeps its place in the window.
+   */
   async _deliver() {
-    while (this._queue.length && !this._serverEnded) {
-      const entry = this._queue[0];
+    /** @type {Set<Promise<void>>} */
+    const inflight = new Set();
+    for (;;) {
+      const window = Math.max(1, Math.floor(Number(this.transport.window) || 1));
+      if (!this._serverEnded) {
+        for (const entry of this._queue) {
+          if (inflight.size >= window) break;
+          if (entry.busy || entry.gone) continue;
+          entry.busy = true;
+          /** @type {Promise<void>} */
+          const p = this._deliverOne(entry).finally(() => {
+            entry.busy = false;
+            inflight.delete(p);
+          });
+          inflight.add(p);
+        }
+      }
+      if (!inflight.size) return;
+      await Promise.race([...inflight, new Promise((resolve) => { this._kick = resolve; })]);
+      this._kick = null;
+    }
+  }
+
+  /** @private Send `entry` until it is answered for good (or given up elsewhere). */
+  async _deliverOne(entry) {
+    while (!entry.gone && !this._serverEnded) {
       entry.ctrl = new AbortController();
       this.counters.requests++;
       const r = await this.transport.sendPoseBatch(entry.body, { signal: entry.ctrl.signal });
       entry.ctrl = null;
       this.counters.lastStatus = r.status;
-      if (entry.gone) continue; // dropped while in flight (overflow, page hide)
+      if (entry.gone) return; // dropped while in flight (overflow, page hide, end)
       const what = classify(r);
       if (what === 'retry') {
         const wait = retryDelay(r, entry.attempts, this._retry, this._random);
@@ -687,19 +1213,24 @@ export class TelemetryClient {
         await this._sleep(wait);
         continue;
       }
-      this._queue.splice(this._queue.indexOf(entry), 1);
+      const at = this._queue.indexOf(entry);
+      if (at >= 0) this._queue.splice(at, 1);
       if (what === 'ack') {
         this.counters.batchesAcked++;
         this.counters.framesAcked += entry.frames;
         if (r.body?.duplicate) this.counters.batchesDuplicate++;
       } else if (what === 'ended') {
-        this._serverEnded = true;
-        this._closed = true;
-        this._clearSealTimer();
-        const left = [entry, ...this._queue.splice(0)];
-        for (const e of left) { e.gone = true; this.counters.framesLost += e.frames; }
-        this._report({ type: 'session_ended', status: r.status, code: r.code, message: r.message,
-          frames: left.reduce((n, e) => n + e.frames, 0) });
+        if (!this._serverEnded) {
+          this._serverEnded = true;
+          this._closed = true;
+          this._clearSealTimer();
+          const left = [entry, ...this._queue.splice(0)];
+          for (const e of left) { e.gone = true; e.ctrl?.abort(); this.counters.framesLost += e.frames; }
+          this._report({ type: 'session_ended', status: r.status, code: r.code, message: r.message,
+            frames: left.reduce((n, e) => n + e.frames, 0) });
+        } else {
+          entry.gone = true;
+        }
       } else {
         if (what === 'drop') this.counters.batchesDropped++;
         else this.counters.batchesRejected++;
@@ -707,6 +1238,7 @@ export class TelemetryClient {
           { status: r.status, code: r.code, message: r.message });
       }
       this._drained();
+      return;
     }
   }
 }

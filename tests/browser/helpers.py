@@ -455,7 +455,9 @@ class Browser:
             if (!p) return null;
             return {state: p.state, fed: p.fed, errors: p.errors, failure: p.failure,
                     result: p.result, client: p.client && p.client.stats(),
-                    tracker: p.tracker && p.tracker.stats()};""")
+                    tracker: p.tracker && p.tracker.stats(),
+                    transport: p.client && p.client.transport.stats
+                        ? p.client.transport.stats() : null};""")
 
     async def wait_page(
         self, ok: Callable[[dict[str, Any]], bool], what: str,

@@ -163,6 +163,72 @@ async def test_delivery_policy_in_chromium(assets: Assets, browser: Browser) -> 
     assert v["clamped"][3] == 1.0
     assert v["tasks"][:2] == pytest.approx([0.3, 0.401]) and v["world"][1] == pytest.approx(0.402)
 
+    check_stream_policy(out["stream"])
+
+
+def check_stream_policy(out: dict[str, Any]) -> None:
+    """The WebSocket transport against a scripted fake stream (clients/web/test/policy.js)."""
+    def delivered(r: dict[str, Any], batches: int) -> None:
+        assert r["drained"] and r["errors"] == []
+        st = r["stats"]
+        assert st["batchesSealed"] == st["batchesAcked"] == batches and st["framesLost"] == 0
+
+    res = out["resend"]
+    delivered(res, 10)
+    assert res["url"] == "ws://svc.test/v1/pose/stream"
+    assert res["protocols"] == ["restartix.pose.v1", "bearer.tok-1"]
+    # 1012 with 2-5 unanswered (2 already durable): all resent, in order, first; the
+    # resent durable one is a duplicate; never more than the window of 4 unanswered
+    assert res["first"] == [0, 1, 2, 3, 4, 5] and res["second"] == list(range(2, 10))
+    assert res["maxUnanswered"] == 4 and res["stats"]["batchesDuplicate"] == 1
+    assert res["transport"]["closes"] == {"1012": 1} and res["transport"]["opens"] == 2
+    assert res["transport"]["batchesResent"] == 4 and res["posts"] == 0 and res["reports"] == []
+
+    tok = out["token"]
+    delivered(tok, 5)
+    assert tok["asks"] == 1 and tok["protocols"] == ["bearer.tok-1", "bearer.tok-2"]
+    assert tok["second"] == [2, 3, 4] and tok["endAuth"] == ["Bearer tok-2"]
+    assert tok["transport"]["closes"] == {"4401": 1} and tok["summary"] == {"session_id": "s-1"}
+
+    ref = out["refusals"]
+    assert ref["errors"] == [["rejected", 0, "nan_values"], ["dropped", 2, "sequence_skipped"],
+                             ["session_ended", None, "session_ended"]]
+    assert ref["received"] == [0, 1, 2, 3, 4, 1, 5]  # nothing after the end; 0, 2 not resent
+    assert 1000 <= ref["retryGap"] <= 1300  # retry_after 1 s, plus up to 10 %
+    assert ref["stats"]["batchesAcked"] == 3 and ref["stats"]["retries"] == 1
+    assert ref["transport"]["mode"] == "ended" and ref["posts"] == 0
+
+    fb = out["fallback"]
+    delivered(fb, 10)
+    # three sockets fail, batch 0 goes by POST (answered), a fourth socket fails: POST
+    assert fb["sockets"] == 4 and fb["posts"] == list(range(10))
+    assert fb["transport"]["mode"] == "fetch" and fb["transport"]["probes"] == 1
+    assert [r["type"] for r in fb["reports"]] == ["stream_fallback"]
+    assert fb["reports"][0]["reason"] == "websocket_unavailable"
+
+    down = out["down"]
+    delivered(down, 10)
+    # neither the socket nor POST gets through for 600 ms: no fallback, and the socket
+    # carries every batch once the service is back
+    assert down["transport"]["mode"] == "socket" and down["transport"]["fallback"] is None
+    assert down["transport"]["probes"] >= 1 and down["reports"] == []
+    assert down["transport"]["acks"] + down["postedOk"] == 10
+
+    silent = out["silent"]
+    delivered(silent, 5)
+    assert silent["closedBy"] == {"code": 4000, "reason": "no answer"}
+    assert silent["second"] == [0, 1, 2, 3, 4] and silent["ms"] < 2000
+
+    hide = out["hide"]
+    assert hide["before"]["pending"] == 4 and hide["onSocket"] == [0, 1, 2, 3]
+    assert hide["closedBy"] == {"code": 1000, "reason": "client done"}
+    # unanswered batches by keepalive POST within the 64 KiB budget, then the end call
+    assert hide["keepalive"] == [["/v1/pose/frames", 0], ["/v1/pose/frames", 1],
+                                 ["/v1/pose/frames", 2], ["/v1/pose/frames", 4],
+                                 ["/v1/sessions/s-1/end", None]]
+    assert hide["errors"] == [["lost_on_page_hide", 3]] and hide["summary"] == {"session_id": "s-1"}
+    assert hide["transport"]["mode"] == "closed" and hide["transport"]["pending"] == 0
+
 
 async def test_pose_and_media_from_chromium(settings: Settings, assets: Assets,
                                             browser: Browser) -> None:
@@ -222,6 +288,85 @@ async def test_pose_and_media_from_chromium(settings: Settings, assets: Assets,
     assert 5500 <= view["playing_time_ms"] <= 7000
     span = view["ended_t_ms"] - view["started_t_ms"]
     assert 900 <= span - view["watch_time_ms"] <= 1500
+
+
+async def test_pose_over_websocket_from_chromium(settings: Settings, assets: Assets,
+                                                browser: Browser) -> None:
+    """A whole session with `transport: 'websocket'`: every pose batch goes over one
+    /v1/pose/stream socket (no pose POST at all), each acknowledged once durable; every
+    frame the page fed is in the summary and the blob. Media events and the end call
+    stay on POST."""
+    log = RequestLog()
+    with trio.fail_after(55):
+        async with running_cors_service(settings, [assets.origin], log) as svc:
+            token = session_token(settings, org_id="org-a", session_id="web-ws",
+                                  exercise={"kind": "push_up"})
+            await browser.get(page_url(assets, api=svc.url, token=token, session="web-ws",
+                                       mode="auto", transport="websocket", heartbeatMs=2000,
+                                       flushMs=2000))
+            state = await browser.wait_page(lambda p: p["state"] == "done", "the session end",
+                                            timeout=40)
+            blob = await svc.storage.store.get("org-a/web-ws.bin.gz")
+            events = [e for e in svc.events if e.get("session_id") == "web-ws"]
+    res = state["result"]
+    summary, client, tracker, transport = (res["summary"], res["client"], res["tracker"],
+                                           res["transport"])
+    rec = assets.recording
+    print("client", client, "\ntransport", transport, "\npose", summary["pose"])
+    assert state["errors"] == []
+    assert summary is not None and summary["end_reason"] == "client_end"
+    assert len(events) == 1 and events[0]["pose"] == summary["pose"]
+
+    pose = summary["pose"]
+    assert res["fed"] == len(rec.frames) == 300
+    assert pose["frames"] == 300 and pose["frames_no_pose"] == rec.no_pose
+    assert pose["batches"] == client["batchesSealed"] == client["batchesAcked"]
+    assert pose["batches_skipped"] == 0 and pose["batches_duplicate"] == 0
+    assert client["framesLost"] == 0 and client["buffered"] == 0
+    check_blob(blob, rec.frames)
+    assert summary["reps"]["rep_count"] == rec.reps
+
+    # over the socket: one socket, one ack per batch, nothing resent, nothing POSTed
+    assert transport["fallback"] is None and transport["mode"] == "closed"
+    assert transport["opens"] == 1 and transport["failedOpens"] == 0
+    assert transport["acks"] == transport["batchesSent"] == client["batchesSealed"]
+    assert transport["batchesResent"] == 0 and transport["postBatches"] == 0
+    assert log.posts("/v1/pose/frames") == []
+    # the media tracker and the end call went by POST, as before
+    assert [r.status for r in log.posts("/v1/sessions/web-ws/end")] == [200]
+    (view,) = summary["media"]
+    assert view["events_applied"] == tracker["eventsEmitted"] == tracker["eventsAcked"]
+    assert view["completed"]
+
+
+async def test_websocket_token_refresh_in_chromium(settings: Settings, assets: Assets,
+                                                   browser: Browser) -> None:
+    """The session token expires a few seconds in: the service closes the stream with
+    4401, the client asks `getToken` for a fresh one and reconnects with it, resending
+    what was unanswered; every frame arrives and the end call uses the fresh token."""
+    log = RequestLog()
+    with trio.fail_after(55):
+        async with running_cors_service(settings, [assets.origin], log) as svc:
+            short = session_token(settings, org_id="org-a", session_id="web-ws-token",
+                                  exercise={"kind": "push_up"}, ttl_s=4)
+            fresh = session_token(settings, org_id="org-a", session_id="web-ws-token",
+                                  exercise={"kind": "push_up"})
+            await browser.get(page_url(assets, api=svc.url, token=short, session="web-ws-token",
+                                       mode="auto", transport="websocket", token2=fresh))
+            state = await browser.wait_page(lambda p: p["state"] == "done", "the session end",
+                                            timeout=40)
+            blob = await svc.storage.store.get("org-a/web-ws-token.bin.gz")
+    res = state["result"]
+    summary, client, transport = res["summary"], res["client"], res["transport"]
+    print("client", client, "\ntransport", transport, "\npose", summary["pose"])
+    assert state["errors"] == []
+    assert transport["closes"].get("4401") == 1 and res["tokenAsks"] == 1
+    assert transport["tokenRefreshes"] == 1 and transport["opens"] == 2
+    assert transport["fallback"] is None and log.posts("/v1/pose/frames") == []
+    assert summary["pose"]["frames"] == res["fed"] == 300
+    assert summary["pose"]["batches"] == client["batchesSealed"] == client["batchesAcked"]
+    assert summary["pose"]["batches_skipped"] == 0 and client["framesLost"] == 0
+    check_blob(blob, assets.recording.frames)
 
 
 async def test_video_stall_is_rebuffering(settings: Settings, assets: Assets,
@@ -327,31 +472,42 @@ async def test_page_hide_ends_the_session(settings: Settings, assets: Assets,
         check_blob(blob, assets.recording.cycled(fed - lost))
 
 
+def _retrying(p: dict[str, Any]) -> bool:
+    """The page's client is trying to deliver: POSTs retried, or sockets that fail."""
+    if p["transport"] is not None:
+        return int(p["transport"]["failedOpens"]) >= 3
+    return int(p["client"]["retries"]) >= 3
+
+
+@pytest.mark.parametrize("transport", ["fetch", "websocket"])
 @pytest.mark.parametrize("how", ["sigkill", "sigterm"])
 async def test_server_restart_mid_session_loses_nothing(
-    how: str, assets: Assets, browser: Browser, tmp_path: Path,
+    how: str, transport: str, assets: Assets, browser: Browser, tmp_path: Path,
 ) -> None:
     """`telemetry serve` (with CORS) as a child process is killed mid-session and started
     again on the same port and data directory while the page keeps streaming: the client
     buffers and retries the same batches; after the restart every frame is in the summary
-    and the blob, and every media event was applied once."""
+    and the blob, and every media event was applied once. Over POST (one request per
+    batch, retried) and over the WebSocket stream (reconnect, resend what was not
+    acknowledged; SIGTERM closes it with 1012, SIGKILL just drops it)."""
     with trio.fail_after(58):
         page_origin = assets.origin
         svc = ServiceProcess(tmp_path / "data", free_port(), [page_origin], tmp_path / "svc.log")
         settings = svc.settings()
-        token = session_token(settings, org_id="org-a", session_id=f"web-{how}",
+        session = f"web-{how}-{transport}"
+        token = session_token(settings, org_id="org-a", session_id=session,
                               exercise={"kind": "push_up"})
         await svc.start()
         try:
-            await browser.get(page_url(assets, api=svc.url, token=token, session=f"web-{how}",
+            await browser.get(page_url(assets, api=svc.url, token=token, session=session,
                                        mode="manual", heartbeatMs=1000, flushMs=1000,
-                                       retryBaseMs=200, retryCapMs=1000))
+                                       retryBaseMs=200, retryCapMs=1000, transport=transport))
             await browser.wait_page(lambda p: p["client"]["batchesAcked"] >= 3,
                                     "three acknowledged batches", timeout=20)
             code = await svc.stop(signal.SIGKILL if how == "sigkill" else signal.SIGTERM)
             assert code == (-signal.SIGKILL if how == "sigkill" else 0), svc.log_tail()
             down = await browser.wait_page(
-                lambda p: p["client"]["buffered"] >= 3 and p["client"]["retries"] >= 3,
+                lambda p: p["client"]["buffered"] >= 3 and _retrying(p),
                 "batches buffered while the service is down", timeout=10)
             await svc.start()
             await browser.wait_page(
@@ -364,13 +520,14 @@ async def test_server_restart_mid_session_loses_nothing(
             await svc.stop()
     store = open_blob_store(settings)
     try:
-        blob = await store.get(f"org-a/web-{how}.bin.gz")
+        blob = await store.get(f"org-a/{session}.bin.gz")
     finally:
         await store.aclose()
     res = state["result"]
     summary, client, tracker = res["summary"], res["client"], res["tracker"]
-    print("while down", down["client"], "\nclient", client, "\ntracker", tracker,
-          "\npose", summary["pose"], "\nmedia", summary["media"])
+    print("while down", down["client"], down["transport"], "\nclient", client, "\ntracker",
+          tracker, "\ntransport", res["transport"], "\npose", summary["pose"],
+          "\nmedia", summary["media"])
     assert svc.starts == 2
     assert state["errors"] == []
     assert client["framesLost"] == 0 and client["batchesOverflowed"] == 0
@@ -381,3 +538,10 @@ async def test_server_restart_mid_session_loses_nothing(
     (view,) = summary["media"]
     assert view["events_applied"] == tracker["eventsEmitted"] == tracker["eventsAcked"]
     assert tracker["retries"] >= 1 and tracker["eventsLost"] == 0
+    if transport == "websocket":
+        ws = res["transport"]
+        # still streaming after the restart: no fallback to POST, a second socket opened
+        # and carried batches; the stream's end was seen as the kill or the restart code
+        assert ws["fallback"] is None and ws["opens"] >= 2
+        assert ws["acks"] > down["transport"]["acks"]
+        assert ws["closes"].get("1012" if how == "sigterm" else "1006", 0) >= 1

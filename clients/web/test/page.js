@@ -8,10 +8,14 @@
 //   frames      URL of {"fps": 30, "frames": [[132 numbers] | null, ...]} (recorded landmarks)
 //   video       URL of the exercise video
 //   mediaId, flushMs, heartbeatMs, retryBaseMs, retryCapMs, maxBuffered
+//   transport   `fetch` (default) or `websocket`; with `websocket`: `token2` (what
+//               `getToken` gives when the stream's token expires), `wsWindow`,
+//               `wsOpenFailures`
 //   pauseAt, pauseMs, seekFrom, seekTo   a scripted patient: pause at `pauseAt` s for
 //               `pauseMs`, later jump from `seekFrom` s to `seekTo` s
 //
-// State for the test: `window.__page` (state, fed, errors, result, client, tracker).
+// State for the test: `window.__page` (state, fed, errors, result, client, tracker,
+// tokenAsks: how often `getToken` was called).
 
 import * as clientModule from '../telemetry-client.js';
 import * as trackerModule from '../media-tracker.js';
@@ -23,7 +27,7 @@ const q = new URLSearchParams(location.search);
 const page = {
   state: 'loading', fed: 0, errors: [], result: null, failure: null, stopFeeding: false,
   modules: { client: clientModule, tracker: trackerModule }, client: null, tracker: null,
-  finish: null,
+  finish: null, tokenAsks: 0,
 };
 window.__page = page;
 
@@ -73,6 +77,12 @@ async function main() {
   const clock = new SessionClock();
   const client = new TelemetryClient({
     baseUrl: q.get('api'), token: q.get('token'), sessionId: q.get('session'), clock,
+    transport: q.get('transport') ?? 'fetch',
+    getToken: q.get('token2') === null ? undefined
+      : async () => { page.tokenAsks++; return q.get('token2'); },
+    websocket: {
+      window: num('wsWindow') ?? 4, maxOpenFailures: num('wsOpenFailures') ?? 3,
+    },
     imageSource: camera, maxBufferedBatches: num('maxBuffered') ?? 60,
     retry: { baseMs: num('retryBaseMs') ?? 500, capMs: num('retryCapMs') ?? 15000 },
     onError: (e) => page.errors.push({ source: 'pose', ...e }),
@@ -118,6 +128,7 @@ async function main() {
     const summary = await client.end();
     page.result = {
       summary, fed: page.fed, client: client.stats(), tracker: tracker.stats(),
+      transport: client.transport.stats?.() ?? null, tokenAsks: page.tokenAsks,
       video: { duration: video.duration, width: video.videoWidth, height: video.videoHeight },
     };
     page.state = 'done';

@@ -5,7 +5,9 @@
 // transport whose answers are scripted, and reports what happened; the Python test
 // holds the expectations.
 
-import { TelemetryClient, landmarksToValues, poseOf } from '../telemetry-client.js';
+import {
+  TelemetryClient, WebSocketTransport, landmarksToValues, poseOf,
+} from '../telemetry-client.js';
 
 /** A transport answer. */
 const R = (status, extra = {}) => ({
@@ -132,6 +134,256 @@ async function pageHide() {
   };
 }
 
+// -- the WebSocket transport against a scripted stream ------------------------------------
+
+/**
+ * A fake `/v1/pose/stream`: `onConnect(ws)` opens (`ws.open()`) or fails (`ws.drop(1006)`)
+ * each socket; `onBatch(ws, seq)` answers (`ws.ack(seq)`, `ws.answer({...})`) or not.
+ * `durable` is what the fake service holds; a batch acked again is a duplicate.
+ */
+function streamServer({ onConnect = (ws) => ws.open(), onBatch = (ws, seq) => ws.ack(seq) } = {}) {
+  const srv = { sockets: [], received: [], durable: new Set(), maxUnanswered: 0 };
+  class FakeWebSocket {
+    constructor(url, protocols) {
+      Object.assign(this, { url, protocols, readyState: 0, protocol: '', unanswered: 0,
+        id: srv.sockets.length, closedBy: null });
+      srv.sockets.push(this);
+      setTimeout(() => onConnect(this), 0);
+    }
+
+    send(data) {
+      if (this.readyState === 0) throw new DOMException('still connecting', 'InvalidStateError');
+      if (this.readyState !== 1) return; // what browsers do on a closing socket
+      const seq = new DataView(data).getUint32(8, true);
+      srv.received.push([this.id, seq, performance.now()]);
+      this.unanswered++;
+      srv.maxUnanswered = Math.max(srv.maxUnanswered, this.unanswered);
+      setTimeout(() => { if (this.readyState === 1) onBatch(this, seq); }, 0);
+    }
+
+    close(code = 1005, reason = '') {
+      if (this.readyState >= 2) return;
+      this.readyState = 2;
+      this.closedBy = { code, reason };
+      setTimeout(() => { this.readyState = 3; this.onclose?.({ code, reason }); }, 0);
+    }
+
+    open() {
+      if (this.readyState !== 0) return;
+      this.readyState = 1;
+      this.protocol = 'restartix.pose.v1';
+      this.onopen?.({});
+    }
+
+    answer(msg) {
+      this.unanswered--;
+      this.onmessage?.({ data: JSON.stringify(msg) });
+    }
+
+    ack(seq) {
+      const duplicate = srv.durable.has(seq);
+      srv.durable.add(seq);
+      this.answer({ seq, status: 202, duplicate });
+    }
+
+    /** The service closes the socket (or it fails: 1006). */
+    drop(code, reason = '') {
+      if (this.readyState >= 2) return;
+      this.readyState = 3;
+      this.onclose?.({ code, reason });
+    }
+  }
+  srv.WebSocket = FakeWebSocket;
+  srv.onSocket = (id) => srv.received.filter(([s]) => s === id).map(([, seq]) => seq);
+  return srv;
+}
+
+/** A fake `fetch` for the transport's POST side; `answer(path, call)` gives
+ * `{status, body?}`, status 0 for a network error. */
+function fakeFetch(answer = () => ({ status: 202, body: { duplicate: false } })) {
+  const calls = [];
+  const f = async (url, init) => {
+    const path = new URL(url).pathname;
+    const seq = init.body instanceof ArrayBuffer ? new DataView(init.body).getUint32(8, true) : null;
+    const call = { path, seq, keepalive: !!init.keepalive, auth: init.headers.Authorization,
+      at: performance.now() };
+    calls.push(call);
+    const a = await answer(path, call);
+    if (!a.status) throw new TypeError('Failed to fetch');
+    return {
+      status: a.status,
+      headers: { get: (h) => (a.headers ?? {})[h.toLowerCase()] ?? null },
+      json: async () => { if (a.body === undefined) throw new SyntaxError('empty'); return a.body; },
+    };
+  };
+  f.calls = calls;
+  f.posts = () => calls.filter((c) => c.path === '/v1/pose/frames');
+  return f;
+}
+
+const ENDED = (path) => (path.endsWith('/end') ? { status: 200, body: { session_id: 's-1' } }
+  : { status: 202, body: { duplicate: false } });
+
+function streamClient(srv, fetchFn, opts = {}) {
+  const reports = [];
+  const t = new WebSocketTransport({
+    baseUrl: 'http://svc.test', token: 'tok-1', WebSocket: srv.WebSocket, fetch: fetchFn,
+    retry: { baseMs: 50, capMs: 100 }, onError: (e) => reports.push(e), ...opts,
+  });
+  const [c, errors] = client(t);
+  return [c, t, errors, reports];
+}
+
+/** The service restarts (1012) with four batches unanswered, one of them already durable:
+ * all four are resent in order on a new socket; never more than the window in flight. */
+async function streamResend() {
+  const srv = streamServer({
+    onBatch: (ws, seq) => {
+      if (ws.id > 0 || seq < 2) ws.ack(seq);
+      else if (seq === 2) srv.durable.add(seq); // durable, but its ack is lost
+      else if (seq === 5) ws.drop(1012, 'service restarting; reconnect');
+    },
+  });
+  const f = fakeFetch(ENDED);
+  const [c, t, errors, reports] = streamClient(srv, f);
+  feed(c, 300);
+  c.flush();
+  const drained = await c.drain(5000);
+  return {
+    drained, errors, reports, stats: c.stats(), transport: t.stats(),
+    first: srv.onSocket(0), second: srv.onSocket(1), maxUnanswered: srv.maxUnanswered,
+    url: srv.sockets[0].url, protocols: srv.sockets[0].protocols, posts: f.posts().length,
+  };
+}
+
+/** 4401: `getToken` gives a fresh token; the next socket and the POSTs use it. */
+async function streamToken() {
+  const srv = streamServer({
+    onBatch: (ws, seq) => {
+      if (ws.id === 0 && seq === 2) ws.drop(4401, 'token expired; reconnect with a fresh token');
+      else ws.ack(seq);
+    },
+  });
+  const f = fakeFetch(ENDED);
+  let asks = 0;
+  const [c, t, errors, reports] = streamClient(srv, f, {
+    getToken: async () => { asks++; return 'tok-2'; },
+  });
+  feed(c, 150);
+  c.flush();
+  const drained = await c.drain(5000);
+  const summary = await c.end();
+  return {
+    drained, errors, reports, asks, stats: c.stats(), transport: t.stats(), summary,
+    protocols: srv.sockets.map((s) => s.protocols[1]), second: srv.onSocket(1),
+    endAuth: f.calls.filter((x) => x.path.endsWith('/end')).map((x) => x.auth),
+  };
+}
+
+/** Refusals over the stream are classified like POST answers: 400 rejected, 503 with
+ * retry_after resent after it, 409 sequence_skipped dropped; then 409 session_ended and
+ * close 4409 end everything. */
+async function streamRefusals() {
+  let retried = false;
+  const srv = streamServer({
+    onBatch: (ws, seq) => {
+      if (seq === 0) ws.answer({ seq, status: 400, error: { code: 'nan_values', message: 'no' } });
+      else if (seq === 1 && !retried) {
+        retried = true;
+        ws.answer({ seq, status: 503, retry_after: 1,
+          error: { code: 'storage_unavailable', message: 'later' } });
+      } else if (seq === 2) {
+        ws.answer({ seq, status: 409, error: { code: 'sequence_skipped', message: 'late' } });
+      } else if (seq === 5) {
+        ws.answer({ seq, status: 409, error: { code: 'session_ended', message: 'over' } });
+        ws.drop(4409, 'session_ended');
+      } else ws.ack(seq);
+    },
+  });
+  const f = fakeFetch(ENDED);
+  const [c, t, errors] = streamClient(srv, f);
+  feed(c, 150); // batches 0-4
+  c.flush();
+  const drained = await c.drain(5000);
+  for (let k = 0; k < 30; k++) c.addFrame(new Float32Array(132).fill(0.5)); // batch 5
+  c.flush();
+  await c.drain(2000);
+  for (let k = 0; k < 3; k++) c.addFrame(new Float32Array(132).fill(0.5)); // after the end
+  c.flush();
+  await sleep(50);
+  const ones = srv.received.filter(([, seq]) => seq === 1).map(([, , at]) => at);
+  return {
+    drained, errors: errors.map((e) => [e.type, e.seq ?? null, e.code ?? null]),
+    stats: c.stats(), transport: t.stats(), received: srv.received.map(([, seq]) => seq),
+    retryGap: ones[1] - ones[0], posts: f.posts().length,
+  };
+}
+
+/** The socket never opens but POST works: after `maxOpenFailures` sockets one batch goes
+ * by POST, one more socket fails, and from then on everything goes by POST, in order. */
+async function streamFallback() {
+  const srv = streamServer({ onConnect: (ws) => ws.drop(1006) });
+  const f = fakeFetch(ENDED);
+  const [c, t, errors, reports] = streamClient(srv, f);
+  feed(c, 300);
+  c.flush();
+  const drained = await c.drain(5000);
+  return {
+    drained, errors, reports, stats: c.stats(), transport: t.stats(),
+    sockets: srv.sockets.length, posts: f.posts().map((x) => x.seq),
+  };
+}
+
+/** The service is down (neither the socket nor POST gets through) for 600 ms: no
+ * fallback; once it is back, the socket carries everything. */
+async function streamDown() {
+  const t0 = performance.now();
+  const up = () => performance.now() - t0 > 600;
+  const srv = streamServer({ onConnect: (ws) => (up() ? ws.open() : ws.drop(1006)) });
+  const f = fakeFetch((path) => (up() ? ENDED(path) : { status: 0 }));
+  const [c, t, errors, reports] = streamClient(srv, f);
+  feed(c, 300);
+  c.flush();
+  const drained = await c.drain(5000);
+  return {
+    drained, errors, reports, stats: c.stats(), transport: t.stats(),
+    postedOk: f.posts().filter((x) => x.at - t0 > 600).length,
+  };
+}
+
+/** A socket that stops answering is replaced after `ackTimeoutMs`; nothing is lost. */
+async function streamSilent() {
+  const srv = streamServer({ onBatch: (ws, seq) => { if (ws.id > 0) ws.ack(seq); } });
+  const f = fakeFetch(ENDED);
+  const [c, t, errors] = streamClient(srv, f, { ackTimeoutMs: 300 });
+  const t0 = performance.now();
+  feed(c, 150);
+  c.flush();
+  const drained = await c.drain(5000);
+  return {
+    drained, errors, stats: c.stats(), transport: t.stats(), ms: performance.now() - t0,
+    closedBy: srv.sockets[0].closedBy, second: srv.onSocket(1),
+  };
+}
+
+/** Page hide with batches unanswered on the socket: they go by keepalive POST, the
+ * socket is closed normally, the end call goes by keepalive POST. */
+async function streamHide() {
+  const srv = streamServer({ onBatch: () => {} }); // never answers
+  const f = fakeFetch(ENDED);
+  const [c, t, errors] = streamClient(srv, f);
+  feed(c, 150);
+  await sleep(50);
+  const before = t.stats();
+  c.pageHide();
+  const summary = await c.end();
+  return {
+    errors: errors.map((e) => [e.type, e.seq]), before, transport: t.stats(),
+    onSocket: srv.onSocket(0), closedBy: srv.sockets[0].closedBy, summary,
+    keepalive: f.calls.filter((x) => x.keepalive).map((x) => [x.path, x.seq]),
+  };
+}
+
 /** What MediaPipe gives -> frames the service accepts. */
 function values() {
   const partial = lm(0);
@@ -153,5 +405,10 @@ export async function run() {
   return {
     retry: await retries(), final: await finalAnswers(), overflow: await overflow(),
     hide: await pageHide(), values: values(),
+    stream: {
+      resend: await streamResend(), token: await streamToken(), refusals: await streamRefusals(),
+      fallback: await streamFallback(), down: await streamDown(), silent: await streamSilent(),
+      hide: await streamHide(),
+    },
   };
 }
