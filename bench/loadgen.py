@@ -1,11 +1,19 @@
-"""Load generator process for ``bench/load.py``: simulated patients over raw HTTP/1.1.
+"""Load generator process for ``bench/load.py``: simulated patients, HTTP/1.1 or WebSocket.
 
-One process drives a slice of the sessions over keep-alive TCP connections to
-127.0.0.1 (one connection per session, as a browser tab would), with a minimal
-hand-written HTTP/1.1 client on Trio sockets: a request is one ``send_all`` of
-bytes prepared ahead, a response is read up to its ``Content-Length``. That costs
-a fraction of what httpx does per request, so the generator is not what limits
-the figures (``bench/load.py`` measures its CPU to show it).
+One process drives a slice of the sessions over TCP connections to 127.0.0.1 (one
+connection per session, as a browser tab would). ``--transport http``: a minimal
+hand-written HTTP/1.1 keep-alive client on Trio sockets: a request is one
+``send_all`` of bytes prepared ahead, a response is read up to its
+``Content-Length``. ``--transport ws``: one WebSocket per session
+(``bench/loadws.py``: ``wsproto`` on Trio sockets, token in ``Authorization``, no
+compression), one binary message per batch (the same bytes as the POST body), one
+text ack per batch, read cheaply (the ``"status"`` and ``"seq"`` integers are
+picked out of the text; only a refusal is parsed as JSON); at most ``--window``
+batches in flight, acks matched to batches in order; ack latency is from the
+message's send to its ack. When done, a normal close (1000), then the session is
+ended over HTTP as with the other transport. Either way that costs a fraction of
+what httpx or a full client library would per batch, so the generator is not what
+limits the figures (``bench/load.py`` measures its CPU to show it).
 
 Batches are realistic: a pool of synthetic sessions (:func:`actors.synthetic.generate`,
 split into 1-second batches by :func:`telemetry.demo.batches_of`, so about 2% of the
@@ -26,10 +34,17 @@ Modes:
   optionally ends its session.
 
 A 429 or 503 is counted as an error and the same batch is sent again (as a client
-would) up to ``RETRIES`` times, ``RETRY_PAUSE_S`` apart; a transport error
-reconnects once. Protocol with the parent: print ``ready``, read ``go EPOCH``
-(wall-clock start, shared by all generators) on stdin, run, write the records to
-``--out`` (npz), print ``done``. Every loop is bounded by count and by time.
+would) up to ``RETRIES`` times, ``RETRY_PAUSE_S`` apart; so is a transport error,
+after a reconnect. Over ws the same holds for a refused batch, a refused
+handshake (counted as ``handshake STATUS CODE``) and the batches in flight on a
+broken connection; a server close ``1012`` (service restart) reconnects and resends
+the unacknowledged batches without counting an error; any other close from the
+server (``4401``, ``4409``, ``1003``, ``1008``...) fails the batches in flight and
+stops the session's streaming (the rest counted as ``not sent``); every
+handshake's latency is recorded too (kind 2). Protocol with the parent: print
+``ready``, read ``go EPOCH`` (wall-clock start, shared by all generators) on
+stdin, run, write the records to ``--out`` (npz), print ``done``. Every loop is
+bounded by count and by time.
 """
 
 from __future__ import annotations
@@ -42,6 +57,8 @@ import struct
 import sys
 import time
 from array import array
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +69,7 @@ if __package__ in (None, ""):  # allow `python bench/loadgen.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.synthetic import generate  # noqa: E402
+from bench.loadws import TRANSPORT_ERRORS, Event, WsConn, WsRefused, int_after  # noqa: E402
 from telemetry.auth import mint_session_token  # noqa: E402
 from telemetry.config import Settings  # noqa: E402
 from telemetry.demo import EXERCISES, batches_of  # noqa: E402
@@ -60,7 +78,7 @@ from telemetry.wire import CONTENT_TYPE, FRAME_BYTES, HEADER  # noqa: E402
 HOST = "127.0.0.1"
 RETRIES = 3
 RETRY_PAUSE_S = 0.1
-KIND_BATCH, KIND_END = 0, 1
+KIND_BATCH, KIND_END, KIND_CONNECT = 0, 1, 2
 _SEQ = struct.Struct("<I")
 _TS_DTYPE = np.dtype("<u4")
 
@@ -212,9 +230,11 @@ class Session:
         return (f"POST /v1/sessions/{self.session_id}/end HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
                 f"Authorization: Bearer {self.token}\r\nContent-Length: 0\r\n\r\n").encode()
 
+    def body(self, seq: int) -> bytearray:
+        return batch_body(self.pool.batches[(self.offset + seq) % len(self.pool.batches)], seq)
+
     def batch(self, port: int, seq: int) -> bytes:
-        pb = self.pool.batches[(self.offset + seq) % len(self.pool.batches)]
-        body = batch_body(pb, seq)
+        body = self.body(seq)
         return self.head(port, len(body)) + body
 
 
@@ -234,11 +254,14 @@ def make_sessions(settings: Settings, run_id: str, indices: range,
 
 
 class Runner:
-    def __init__(self, port: int, t0: float, timeout_s: float, check_summary: bool) -> None:
+    def __init__(self, port: int, t0: float, timeout_s: float, check_summary: bool,
+                 transport: str = "http", window: int = 1) -> None:
         self.port = port
         self.t0 = t0  # trio clock of the common start
         self.timeout_s = timeout_s
         self.check_summary = check_summary
+        self.transport = transport
+        self.window = window
         self.rec = Records()
 
     async def send(self, conn: Conn, data: bytes, due: float, kind: int) -> tuple[int, bytes]:
@@ -286,6 +309,18 @@ class Runner:
 
     async def paced(self, s: Session, start: float, end: float) -> None:
         """One batch a second from ``start`` until ``end`` (s since t0), then end."""
+        if self.transport == "ws":
+            last = 0  # the batches are those with start + seq < end, as over HTTP
+            while start + last < end:
+                last += 1
+
+            def due_of(seq: int, now: float) -> float | None:
+                return self.t0 + start + seq if seq < last else None
+
+            await self.ws_session(s, start=start, due_of=due_of,
+                                  left=lambda seq: max(0, last - seq),
+                                  behind_at=self.t0 + end, end_at=end, barrier=None)
+            return
         conn = Conn(self.port)
         try:
             await trio.sleep_until(self.t0 + start)
@@ -308,6 +343,14 @@ class Runner:
 
     async def closed(self, s: Session, stop: float, batches: int, end: bool,
                      barrier: Barrier | None) -> None:
+        if self.transport == "ws":
+            def due_of(seq: int, now: float) -> float | None:
+                return now if seq < batches and now < self.t0 + stop else None
+
+            await self.ws_session(s, start=0.0, due_of=due_of,
+                                  left=lambda seq: int(seq < batches), behind_at=None,
+                                  end_at=None if end else -1.0, barrier=barrier)
+            return
         conn = Conn(self.port)
         try:
             await trio.sleep_until(self.t0)
@@ -322,6 +365,200 @@ class Runner:
                 await self.end(conn, s, trio.current_time())
         finally:
             await conn.close()
+
+
+    async def ws_session(self, s: Session, *, start: float,
+                         due_of: Callable[[int, float], float | None],
+                         left: Callable[[int], int], behind_at: float | None,
+                         end_at: float | None, barrier: Barrier | None) -> None:
+        """Stream over a WebSocket, then close it and end the session over HTTP:
+        at ``end_at`` (s since t0), now (None), or not at all (negative)."""
+        http = Conn(self.port)
+        ws = WsStream(self, s)
+        try:
+            await trio.sleep_until(self.t0 + start)
+            await ws.stream(due_of, left, behind_at)
+            if barrier is not None:
+                await barrier.wait()
+            if end_at is not None and end_at >= 0:
+                await trio.sleep_until(self.t0 + end_at)
+            due = trio.current_time() if end_at is None else self.t0 + end_at
+            await ws.conn.close()
+            if end_at is None or end_at >= 0:
+                await self.end(http, s, due)
+        finally:
+            await ws.conn.abort()
+            await http.close()
+
+
+@dataclass
+class Flight:
+    """A batch on its way: sent at ``sent`` (trio clock), not acknowledged yet."""
+
+    seq: int
+    data: bytearray
+    due: float
+    attempt: int = 0
+    sent: float = 0.0
+    not_before: float = 0.0
+
+
+class WsStream:
+    """One session's batches over its WebSocket, at most ``runner.window`` in flight.
+
+    One loop (the session's task) sends when a batch is due and the window has room,
+    and otherwise reads: acks come in order, each matched to the oldest batch in
+    flight. With nothing in flight it just sleeps until the next batch is due (a
+    close from the server is then read after the next send)."""
+
+    def __init__(self, runner: Runner, s: Session) -> None:
+        self.r = runner
+        self.rec = runner.rec
+        self.s = s
+        self.conn = WsConn(runner.port, s.token)
+        self.inflight: deque[Flight] = deque()
+        self.retry: deque[Flight] = deque()
+        self.stopped = ""  # the server closed the session's WebSocket for good
+
+    def record(self, f: Flight, sent: float, done: float, status: int) -> None:
+        self.rec.add(sent - self.r.t0, done - sent, sent - f.due, status, KIND_BATCH)
+
+    def again(self, f: Flight, status: int) -> None:
+        """Retry a refused or lost batch as the HTTP client would, or give it up."""
+        if status in (0, 429, 503) and f.attempt < RETRIES:
+            f.attempt += 1
+            f.not_before = trio.current_time() + RETRY_PAUSE_S
+            self.retry.append(f)
+
+    async def stream(self, due_of: Callable[[int, float], float | None],
+                     left: Callable[[int], int], behind_at: float | None) -> None:
+        timeout = self.r.timeout_s
+        seq = 0
+        while True:
+            if self.stopped:
+                n = left(seq) + len(self.retry)
+                if n:
+                    key = f"not sent: {self.stopped}"
+                    self.rec.codes[key] = self.rec.codes.get(key, 0) + n
+                return
+            now = trio.current_time()
+            due = None if self.retry else due_of(seq, now)
+            when = self.retry[0].not_before if self.retry else due
+            if when is None and not self.inflight:
+                return
+            room = when is not None and len(self.inflight) < self.r.window
+            if room and now >= when:
+                if self.retry:
+                    f = self.retry.popleft()
+                elif behind_at is not None and now >= behind_at:
+                    # A whole session behind (see paced over HTTP): not sent.
+                    self.rec.count(self.rec.codes, "not sent: session behind schedule")
+                    seq += 1
+                    continue
+                else:
+                    assert due is not None
+                    f = Flight(seq, self.s.body(seq), due)
+                    seq += 1
+                await self.send(f)
+                continue
+            if not self.inflight:
+                assert when is not None
+                await trio.sleep_until(when)
+                continue
+            deadline = self.inflight[0].sent + timeout
+            events = None
+            with trio.move_on_at(min(deadline, when) if room and when is not None
+                                 else deadline):
+                events = await self.conn.receive()
+            if events is None:
+                if trio.current_time() >= deadline:
+                    await self.lost("transport: TooSlowError (no ack)")
+                continue
+            t = trio.current_time()
+            for ev in events:
+                await self.handle(ev, t)
+                if not self.conn.is_open:
+                    break
+
+    async def send(self, f: Flight) -> None:
+        if not self.conn.is_open and not await self.connect(f):
+            return
+        f.sent = trio.current_time()
+        self.inflight.append(f)
+        try:
+            with trio.fail_after(self.r.timeout_s):
+                await self.conn.send(f.data)
+        except TRANSPORT_ERRORS as exc:
+            await self.lost(f"transport: {type(exc).__name__} (send)")
+
+    async def connect(self, f: Flight) -> bool:
+        t = trio.current_time()
+        try:
+            with trio.fail_after(self.r.timeout_s):
+                await self.conn.connect()
+        except WsRefused as exc:
+            self.rec.count(self.rec.codes, f"handshake {exc.status} {_error_code(exc.body)}")
+            self.record(f, t, trio.current_time(), exc.status)
+            self.again(f, exc.status)
+            return False
+        except TRANSPORT_ERRORS as exc:
+            self.rec.count(self.rec.codes, f"transport: {type(exc).__name__} (handshake)")
+            self.record(f, t, trio.current_time(), 0)
+            self.again(f, 0)
+            await self.conn.abort()
+            return False
+        self.rec.add(t - self.r.t0, trio.current_time() - t, 0.0, 101, KIND_CONNECT)
+        return True
+
+    async def lost(self, why: str) -> None:
+        """The connection broke: the batches in flight failed (retried on a new one)."""
+        self.rec.count(self.rec.codes, why)
+        now = trio.current_time()
+        for f in self.inflight:
+            self.record(f, f.sent, now, 0)
+            self.again(f, 0)
+        self.inflight.clear()
+        await self.conn.abort()
+
+    async def handle(self, ev: Event, t: float) -> None:
+        kind, payload = ev
+        if kind == "text":
+            if not self.inflight:
+                self.rec.count(self.rec.codes, "ws: ack with no batch in flight")
+                return
+            f = self.inflight.popleft()
+            status = int_after(payload, '"status"') or -1
+            self.record(f, f.sent, t, status)
+            if status == 202:
+                if int_after(payload, '"seq"') != f.seq:
+                    self.rec.count(self.rec.codes, "ws: ack for another seq (202)")
+                return
+            self.rec.count(self.rec.codes, f"{status} {_error_code(payload.encode())}")
+            self.again(f, status)
+        elif kind == "close":
+            code, reason = int(payload[0]), payload[1]  # wsproto: an IntEnum if known
+            if code == 1012:  # service restart: reconnect, resend what is unacknowledged
+                self.rec.count(self.rec.codes, "ws close 1012 (reconnected; not an error)")
+                for f in self.inflight:
+                    f.not_before = t
+                    if f.attempt < RETRIES:
+                        f.attempt += 1
+                        self.retry.append(f)
+                    else:
+                        self.record(f, f.sent, t, 0)
+                self.inflight.clear()
+                await self.conn.abort()
+                return
+            self.rec.count(self.rec.codes, f"ws close {code} {reason[:60]}".rstrip())
+            for f in self.inflight:
+                self.record(f, f.sent, t, 0)
+            self.inflight.clear()
+            await self.conn.abort()
+            self.stopped = f"ws closed {code}"
+        elif kind == "eof":
+            await self.lost(f"transport: {payload}")
+        else:
+            self.rec.count(self.rec.codes, f"ws: {payload}")
 
 
 class Barrier:
@@ -349,18 +586,19 @@ def _error_code(body: bytes) -> str:
         return "-"
 
 
-async def prime(port: int, settings: Settings, pool: list[PoolSession]) -> None:
-    """A few batches and an end on a throw-away session, so lazy imports and first-use
-    allocations happen before the idle RSS is taken."""
+async def prime(port: int, settings: Settings, pool: list[PoolSession], transport: str
+                ) -> None:
+    """A few batches and an end on a throw-away session over the run's transport, so
+    lazy imports and first-use allocations happen before the idle RSS is taken. A
+    target that acknowledges none of them stops the run here, with what it said."""
     (s,) = make_sessions(settings, f"prime{random.randrange(1 << 30)}", range(1), pool, 1)
-    conn = Conn(port)
-    try:
-        with trio.fail_after(30):
-            for seq in range(3):
-                await conn.request(s.batch(port, seq))
-            await conn.request(s.end_request(port))
-    finally:
-        await conn.close()
+    runner = Runner(port, trio.current_time(), 10.0, False, transport)
+    with trio.fail_after(60):
+        await runner.closed(s, 30.0, 3, True, None)
+    r = runner.rec
+    if not any(st == 202 for st in r.status) or r.end_checks.get("ended") != 1:
+        raise SystemExit(f"priming over {transport} failed: statuses {sorted(set(r.status))}, "
+                         f"errors {r.codes}, end {r.end_checks}")
 
 
 async def main(a: argparse.Namespace) -> None:
@@ -368,14 +606,14 @@ async def main(a: argparse.Namespace) -> None:
     pool = make_pool()
     sessions = make_sessions(settings, a.run_id, range(a.index_from, a.index_to), pool, a.orgs)
     if a.prime:
-        await prime(a.port, settings, pool)
+        await prime(a.port, settings, pool, a.transport)
     print("ready", flush=True)
     line = await trio.to_thread.run_sync(sys.stdin.readline)
     if not line.startswith("go "):
         raise SystemExit(f"expected 'go EPOCH', got {line!r}")
     go_epoch = float(line.split()[1])
     t0 = trio.current_time() + (go_epoch - time.time())
-    runner = Runner(a.port, t0, a.timeout, a.check_summary)
+    runner = Runner(a.port, t0, a.timeout, a.check_summary, a.transport, a.window)
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     if a.mode == "paced":
         limit = a.ramp + a.seconds + a.end_spread + a.timeout * (RETRIES + 2) + 30
@@ -411,6 +649,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--mode", choices=("paced", "closed"), required=True)
+    p.add_argument("--transport", choices=("http", "ws"), default="http")
+    p.add_argument("--window", type=int, default=1,
+                   help="ws: batches in flight per session (acks pending)")
     p.add_argument("--run-id", required=True)
     p.add_argument("--index-from", type=int, required=True)
     p.add_argument("--index-to", type=int, required=True)
