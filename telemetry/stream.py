@@ -37,6 +37,7 @@ import trio
 from actors.sequencer import Verdict
 from telemetry import logs
 from telemetry.auth import AuthError, SessionClaims, bearer_token
+from telemetry.cors import CorsConfigError, normalise_origin
 from telemetry.errors import ApiError
 from telemetry.ingest import TRANSIENT, PoseIngest, refusal
 from telemetry.lean import (
@@ -105,6 +106,9 @@ class PoseStream:
         self._ingest = ingest
         self._open: set[_Conn] = set()
         self._stopping = False
+        # Browsers send Origin on a WebSocket handshake but no CORS applies to it: the
+        # origins the POST path allows (if any are configured) are checked here.
+        self._origins = frozenset(normalise_origin(o) for o in state.settings.cors_origins)
         m = state.metrics
         self._acked = m.batches.labels("pose", "accepted")
         self._duplicate = m.batches.labels("pose", "duplicate")
@@ -154,6 +158,10 @@ class PoseStream:
         if self._stopping or not state.ready or not state.supervisor.accepting:
             raise ApiError(503, "shutting_down", "the service is shutting down; reconnect",
                            retry_after=1)
+        origin = headers.get("origin")
+        if self._origins and origin is not None and not self._origin_allowed(origin):
+            raise ApiError(403, "cors_origin_not_allowed",
+                           "this origin may not open a pose stream")
 
         def token() -> str:
             offered = [p for p in subprotocols if p.startswith(BEARER_PREFIX)]
@@ -166,6 +174,12 @@ class PoseStream:
         claims = self._ingest.claims(token, client_of(scope))
         self._ingest.require_consent(claims)
         return claims
+
+    def _origin_allowed(self, origin: str) -> bool:
+        try:
+            return normalise_origin(origin) in self._origins
+        except CorsConfigError:
+            return False
 
     async def _serve(self, claims: SessionClaims, receive: Receive, send: Send,
                      accept: dict[str, Any]) -> None:
@@ -189,7 +203,9 @@ class PoseStream:
     async def _loop(self, conn: _Conn, receive: Receive, send: Send) -> int:
         """Serve batches until the stream ends; the close code it ended with."""
         idle_s = self._state.settings.idle_timeout_s
-        token_deadline = trio.current_time() + conn.claims.expires_at - time.time()
+        # The handshake accepted the token within the clock leeway; so does the stream.
+        token_deadline = (trio.current_time() + conn.claims.expires_at - time.time()
+                          + self._state.settings.jwt_leeway_s)
         while True:
             if conn.stop:
                 return await _close(send, CLOSE_RESTART, "service restarting; reconnect")

@@ -126,6 +126,22 @@ async def test_permessage_deflate_is_not_negotiated(settings: Settings) -> None:
         await ws.close()
 
 
+async def test_streams_from_origins_outside_the_allowed_list_are_refused(
+        settings: Settings) -> None:
+    settings = dataclasses.replace(settings, cors_origins=("https://portal.example",))
+    async with running_service(settings) as svc:
+        headers = bearer(session_token(settings))
+        with pytest.raises(WsRefused) as refused:
+            await WsClient.connect(svc.port, headers=[*headers, ("Origin", "https://evil.example")])
+        assert refused.value.status == 403
+        assert refused.value.json()["error"]["code"] == "cors_origin_not_allowed"
+        ws = await WsClient.connect(svc.port,
+                                    headers=[*headers, ("Origin", "https://Portal.example:443")])
+        await ws.close()
+        ws = await WsClient.connect(svc.port, headers=headers)  # not a browser: no Origin
+        await ws.close()
+
+
 async def test_plain_http_on_the_stream_path_is_426(settings: Settings) -> None:
     async with running_service(settings) as svc:
         r = await svc.client.get("/v1/pose/stream")
@@ -212,7 +228,7 @@ async def test_session_end_closes_the_stream_on_its_next_batch(settings: Setting
 
 
 async def test_the_stream_closes_when_its_token_expires(settings: Settings) -> None:
-    settings = dataclasses.replace(settings, jwt_leeway_s=0.0)
+    settings = dataclasses.replace(settings, jwt_leeway_s=1.0)
     async with running_service(settings) as svc:
         ws = await WsClient.connect(svc.port, headers=bearer(session_token(settings, ttl_s=2)))
         await ws.send_bytes(batch_body(0))
