@@ -195,6 +195,10 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("finalisation", ("(actors/finalise.py)", "(actors/summary.py)")),
     ("handler: rest of the endpoint code", ("(telemetry/app.py)", "pose_frames",
                                              "(telemetry/errors.py)")),
+    # The lean POST path and the stream, with the hypercorn sends and receives they
+    # make (those would otherwise count under the wrappers around them).
+    ("handler: lean ASGI path / stream (incl. its sends)", (
+        "(telemetry/lean.py)", "(telemetry/stream.py)", "(telemetry/ingest.py)")),
     ("quart-trio request/response machinery", ("(quart/", "(quart_trio/", "(werkzeug/")),
     ("ASGI wrappers (CORS, connection close)", ("(telemetry/cors.py)",
                                                 "(telemetry/connection_close.py)")),
