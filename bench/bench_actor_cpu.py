@@ -2,8 +2,12 @@
 
 Run from the repository root::
 
-    .venv/bin/python -m bench.bench_actor_cpu                   # level 6 (default), all stages
-    .venv/bin/python -m bench.bench_actor_cpu --level 1 --level 6 --repeat 7
+    .venv/bin/python -m bench.bench_actor_cpu            # the writer's defaults, all stages
+    .venv/bin/python -m bench.bench_actor_cpu --zlib rle --zlib 6 --zlib 1 --repeat 9
+
+``--zlib`` (repeatable) is the body's zlib setting: a strategy name from
+``storage.replay.STRATEGIES`` (at the writer's default level) or a level 0-9
+(with the default strategy, i.e. zlib's usual level-driven matching).
 
 What the actor does per acknowledged batch (``actors/session.py`` ``_apply``)::
 
@@ -24,9 +28,10 @@ spent descheduled on a busy machine does not count; stages run interleaved,
 by other processes, is summed over sessions; in brackets the median of the
 whole-pool totals):
 
-* ``replay.append``: the whole call at the given zlib level;
+* ``replay.append``: the whole call with the given zlib setting;
 * ``  codec (no zlib)``: the same with zlib replaced by a no-op, i.e. validation,
-  quantisation, payload building and the decoded frames;
+  quantisation, payload building and the decoded frames (the same for every
+  ``--zlib``; run with the first);
 * ``  zlib alone``: the same record bytes through a compressor with the writer's
   settings, alone;
 * ``stats.add``, ``reps.feed``: the rest of ``_apply`` (reps with the session's
@@ -95,12 +100,31 @@ def make_sessions(per_kind: int, reps: int, seed: int) -> list[tuple[str, list[P
     return out
 
 
-def _writer(level: int, sid: str) -> ReplayWriter:
-    return ReplayWriter(org_id="bench", session_id=sid, space="image", level=level,
-                        meta={"image_width": 1280, "image_height": 720})
+ZlibSetting = tuple[int, int]  # (level, strategy)
 
 
-def run_replay(level: int, null_z: bool = False) -> Callable[[int, Any], None]:
+def zlib_setting(arg: str) -> ZlibSetting:
+    """``--zlib`` value -> (level, strategy)."""
+    defaults = ReplayWriter.__init__.__kwdefaults__
+    if arg.isdigit():
+        return int(arg), zlib.Z_DEFAULT_STRATEGY
+    return defaults["level"], replay_mod.STRATEGIES[arg]
+
+
+def zlib_label(zs: ZlibSetting) -> str:
+    level, strategy = zs
+    if strategy == zlib.Z_DEFAULT_STRATEGY:
+        return f"level {level}"
+    name = next(k for k, v in replay_mod.STRATEGIES.items() if v == strategy)
+    return name
+
+
+def _writer(zs: ZlibSetting, sid: str) -> ReplayWriter:
+    return ReplayWriter(org_id="bench", session_id=sid, space="image", level=zs[0],
+                        strategy=zs[1], meta={"image_width": 1280, "image_height": 720})
+
+
+def run_replay(level: ZlibSetting, null_z: bool = False) -> Callable[[int, Any], None]:
     def run(i: int, sess: Any) -> None:
         w = _writer(level, f"s{i}")
         if null_z:
@@ -126,7 +150,7 @@ def run_reps(decoded: list) -> Callable[[int, Any], None]:
     return run
 
 
-def run_apply(level: int) -> Callable[[int, Any], None]:
+def run_apply(level: ZlibSetting) -> Callable[[int, Any], None]:
     def run(i: int, sess: Any) -> None:
         w = _writer(level, f"s{i}")
         st = PoseStats()
@@ -138,10 +162,10 @@ def run_apply(level: int) -> Callable[[int, Any], None]:
     return run
 
 
-def run_zlib(streams: list[list[bytes]], level: int) -> Callable[[int, Any], None]:
+def run_zlib(streams: list[list[bytes]], level: ZlibSetting) -> Callable[[int, Any], None]:
     def run(i: int, sess: Any) -> None:
-        z = zlib.compressobj(level, zlib.DEFLATED, 16 + replay_mod.ZLIB_WBITS,
-                             replay_mod.ZLIB_MEMLEVEL)
+        z = zlib.compressobj(level[0], zlib.DEFLATED, 16 + replay_mod.ZLIB_WBITS,
+                             replay_mod.ZLIB_MEMLEVEL, level[1])
         for r in streams[i]:
             z.compress(r)
     return run
@@ -173,7 +197,8 @@ def timed_all(stages: list[tuple[str, Callable[[int, Any], None]]], sessions: li
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--level", type=int, action="append", help="zlib level; repeatable")
+    ap.add_argument("--zlib", type=zlib_setting, action="append",
+                    help="strategy name or zlib level; repeatable (default: the writer's)")
     ap.add_argument("--sessions", type=int, default=1, help="sessions per exercise kind")
     ap.add_argument("--reps", type=int, default=12, help="repetitions per session")
     ap.add_argument("--repeat", type=int, default=5)
@@ -181,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated stage names to run "
                     "(replay,codec,zlib,stats,reps,apply); default all")
     args = ap.parse_args(argv)
-    levels = args.level or [replay_mod.ReplayWriter.__init__.__kwdefaults__["level"]]
+    defaults = ReplayWriter.__init__.__kwdefaults__
+    levels = args.zlib or [(defaults["level"], defaults["strategy"])]
     only = set(filter(None, args.only.split(",")))
     sessions = make_sessions(args.sessions, args.reps, args.seed)
     n = sum(len(b) for _, b in sessions)
@@ -205,9 +231,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for level in levels:
         if want("replay"):
-            stages.append((f"replay.append (level {level})", run_replay(level)))
+            stages.append((f"replay.append ({zlib_label(level)})", run_replay(level)))
         if want("zlib"):
-            stages.append((f"  zlib alone (level {level})", run_zlib(streams, level)))
+            stages.append((f"  zlib alone ({zlib_label(level)})", run_zlib(streams, level)))
     if want("codec"):
         stages.append(("  codec (no zlib)", run_replay(levels[0], null_z=True)))
     if want("stats"):
@@ -216,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         stages.append(("reps.feed", run_reps(decoded)))
     if want("apply"):
         for level in levels:
-            stages.append((f"actor _apply total (level {level})", run_apply(level)))
+            stages.append((f"actor _apply total ({zlib_label(level)})", run_apply(level)))
     for name, best, med in timed_all(stages, sessions, args.repeat, n):
         print(f"{name:<34}{best:9.1f} ({med:7.1f})")
     return 0

@@ -1,6 +1,7 @@
 """Replay blob size, error and speed per encoding on real MediaPipe output.
 
-    .venv/bin/python -m bench.blob_sizes [--minutes 30] [--level 6] [--json]
+    .venv/bin/python -m bench.blob_sizes [--minutes 30] [--strategy rle] [--level 6] [--json]
+    .venv/bin/python -m bench.blob_sizes --zlib-grid     # default encoding, zlib settings
 
 Builds a session of ``minutes * 60 * 30`` frames (54,000 for 30 minutes) from
 the real push-up recordings in ../shared/data/pose/pushup (MediaPipe Pose
@@ -22,7 +23,17 @@ the real push-up recordings in ../shared/data/pose/pushup (MediaPipe Pose
 * timestamps are synthetic, shaped like the wire format's (docs/pose-batch-format.md):
   u32 ms since the session started, 30 fps with +-2 ms jitter (the clips' own
   timestamps restart per clip);
-* frames are appended in 1-second batches of 30, as the session actor does.
+* frames are appended in 1-second batches of 30, as the session actor does;
+* zlib runs with the writer's settings: its default strategy (``rle``) unless
+  ``--strategy`` says otherwise (``default`` is zlib's usual level-driven
+  matching, where ``--level`` matters).
+
+``--zlib-grid`` measures the zlib settings instead, on the default encoding: the
+session's record stream (what ``append`` hands to zlib) is captured once, then
+compressed with each strategy/level and the writer's window and memLevel; it
+prints the blob body size and zlib's CPU per 1-second batch (process CPU time,
+best of 5 per slice of 60 batches, settings interleaved slice by slice, so other
+processes on the machine mostly drop out).
 
 Sizes are 10^6 bytes.  ``max err`` is the largest absolute difference from
 the input over finite values, for coordinates (x, y, z) and visibility.
@@ -34,12 +45,14 @@ import argparse
 import json
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from storage.replay import ReplayWriter, read_replay
+from storage import replay as replay_mod
+from storage.replay import DEFAULT_STRATEGY, STRATEGIES, ReplayWriter, read_replay
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pose" / "pushup"
 FPS = 30
@@ -101,11 +114,12 @@ def session_timestamps(n: int, seed: int = 0) -> np.ndarray:
 
 
 def encode(
-    space: str, encoding: str, max_error: Any, t: np.ndarray, frames: np.ndarray, level: int
+    space: str, encoding: str, max_error: Any, t: np.ndarray, frames: np.ndarray, level: int,
+    strategy: int = DEFAULT_STRATEGY,
 ) -> tuple[bytes, float]:
     w = ReplayWriter(
         org_id="bench-org", session_id="bench-session", space=space, encoding=encoding,
-        max_error=max_error, level=level,
+        max_error=max_error, level=level, strategy=strategy,
     )  # fmt: skip
     start = time.perf_counter()
     for s in range(0, len(t), BATCH):
@@ -114,13 +128,15 @@ def encode(
     return blob, time.perf_counter() - start
 
 
-def measure(space: str, frames: np.ndarray, unique: int, level: int) -> list[dict[str, Any]]:
+def measure(
+    space: str, frames: np.ndarray, unique: int, level: int, strategy: int = DEFAULT_STRATEGY
+) -> list[dict[str, Any]]:
     n = len(frames)
     t = session_timestamps(n)
     fin = np.isfinite(frames)
     rows = []
     for label, encoding, max_error in CONFIGS:
-        blob, enc_s = encode(space, encoding, max_error, t, frames, level)
+        blob, enc_s = encode(space, encoding, max_error, t, frames, level, strategy)
         start = time.perf_counter()
         r = read_replay(blob)
         dec_s = time.perf_counter() - start
@@ -134,7 +150,9 @@ def measure(space: str, frames: np.ndarray, unique: int, level: int) -> list[dic
         bound = r.header.max_error
         if bound is not None and (err.max(axis=(0, 1)) > np.asarray(bound)).any():
             raise AssertionError(f"{label}: error bound violated")
-        ublob, _ = encode(space, encoding, max_error, t[:unique], frames[:unique], level)
+        ublob, _ = encode(
+            space, encoding, max_error, t[:unique], frames[:unique], level, strategy
+        )
         rows.append(
             {
                 "space": space,
@@ -155,13 +173,94 @@ def measure(space: str, frames: np.ndarray, unique: int, level: int) -> list[dic
     return rows
 
 
+# (label, level, strategy) for --zlib-grid
+ZLIB_GRID: list[tuple[str, int, int]] = [
+    ("level 1", 1, zlib.Z_DEFAULT_STRATEGY),
+    ("level 2", 2, zlib.Z_DEFAULT_STRATEGY),
+    ("level 3", 3, zlib.Z_DEFAULT_STRATEGY),
+    ("level 4", 4, zlib.Z_DEFAULT_STRATEGY),
+    ("level 6", 6, zlib.Z_DEFAULT_STRATEGY),
+    ("level 9", 9, zlib.Z_DEFAULT_STRATEGY),
+    ("rle", 6, zlib.Z_RLE),
+    ("filtered, level 6", 6, zlib.Z_FILTERED),
+]
+
+
+class _Capture:
+    """Stands in for the writer's compressor and keeps what it is fed."""
+
+    def __init__(self) -> None:
+        self.records: list[bytes] = []
+
+    def compress(self, data: bytes) -> bytes:
+        self.records.append(bytes(data))
+        return b""
+
+    def flush(self) -> bytes:
+        return b""
+
+
+def zlib_grid(space: str, frames: np.ndarray, repeat: int = 5) -> list[dict[str, Any]]:
+    t = session_timestamps(len(frames))
+    w = ReplayWriter(org_id="bench-org", session_id="bench-session", space=space)
+    cap = _Capture()
+    w._z = cap  # noqa: SLF001 -- the record stream, exactly as append() emits it
+    for s in range(0, len(t), BATCH):
+        w.append(t[s : s + BATCH], frames[s : s + BATCH])
+    recs = cap.records
+    slices = [recs[i : i + 60] for i in range(0, len(recs), 60)]
+    best = {label: [float("inf")] * len(slices) for label, _, _ in ZLIB_GRID}
+    size = {}
+    for _ in range(repeat):
+        zs = {label: zlib.compressobj(level, zlib.DEFLATED, 16 + replay_mod.ZLIB_WBITS,
+                                      replay_mod.ZLIB_MEMLEVEL, strategy)
+              for label, level, strategy in ZLIB_GRID}
+        out = dict.fromkeys(zs, 0)
+        # settings interleaved slice by slice, so a slow spell of a shared machine
+        # hits them alike
+        for k, sl in enumerate(slices):
+            for label, z in zs.items():
+                t0 = time.process_time()
+                for r in sl:
+                    out[label] += len(z.compress(r))
+                best[label][k] = min(best[label][k], time.process_time() - t0)
+        for label, z in zs.items():
+            size[label] = out[label] + len(z.flush())
+    ref = size["level 6"]
+    return [
+        {"space": space, "zlib": label, "bytes": size[label], "mb": size[label] / 1e6,
+         "vs_level6": size[label] / ref - 1.0,
+         "zlib_us_per_batch": sum(best[label]) / len(recs) * 1e6}
+        for label, _, _ in ZLIB_GRID
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=30.0)
     ap.add_argument("--level", type=int, default=6, help="zlib level")
+    ap.add_argument("--strategy", choices=sorted(STRATEGIES), default=next(
+        k for k, v in STRATEGIES.items() if v == DEFAULT_STRATEGY), help="zlib strategy")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument("--zlib-grid", action="store_true",
+                    help="compare zlib settings on the default encoding instead")
     args = ap.parse_args(argv)
     n = int(args.minutes * 60 * FPS)
+    if args.zlib_grid:
+        grid = [r for space, key in (("image", "landmarks"), ("world", "world"))
+                for r in zlib_grid(space, build_session(key, n)[0])]
+        if args.json:
+            json.dump({"minutes": args.minutes, "rows": grid}, sys.stdout, indent=2)
+            print()
+            return 0
+        print(f"{args.minutes:g} min, default encoding, zlib window 2**{replay_mod.ZLIB_WBITS}"
+              f" memLevel {replay_mod.ZLIB_MEMLEVEL}; body bytes; zlib CPU per 1-s batch")
+        print("| space | zlib | size/MB | vs level 6 | zlib us/batch |")
+        print("|---|---|---:|---:|---:|")
+        for r in grid:
+            print(f"| {r['space']} | {r['zlib']} | {r['mb']:.3f} | {r['vs_level6']:+.1%} "
+                  f"| {r['zlib_us_per_batch']:.0f} |")
+        return 0
     rows: list[dict[str, Any]] = []
     info = {}
     for space, key in (("image", "landmarks"), ("world", "world")):
@@ -174,9 +273,10 @@ def main(argv: list[str] | None = None) -> int:
             "nan_rows": nan_rows,
             "jitter_median": jitter(key),
         }
-        rows += measure(space, frames, min(one_pass, n), args.level)
+        rows += measure(space, frames, min(one_pass, n), args.level, STRATEGIES[args.strategy])
     if args.json:
-        json.dump({"session": info, "level": args.level, "rows": rows}, sys.stdout, indent=2)
+        json.dump({"session": info, "level": args.level, "strategy": args.strategy,
+                   "rows": rows}, sys.stdout, indent=2)
         print()
         return 0
     i = info["image"]
@@ -184,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.minutes:g} min @ {FPS} fps = {n} frames; one pass = {i['pass']} frames; "
         f"{i['seams']} clip seams, "
         f"{i['nan_rows']} no-pose frames; raw float32 landmarks {n * 528 / 1e6:.1f} MB; "
-        f"zlib level {args.level}; 1-s batches"
+        f"zlib strategy {args.strategy}"
+        f"{f' level {args.level}' if args.strategy == 'default' else ''}; 1-s batches"
     )
     for space in ("image", "world"):
         j = ", ".join(f"{v:.2g}" for v in info[space]["jitter_median"])

@@ -29,7 +29,7 @@ Encodings (the name is stored in the header as ``encoding``):
     chunk where any difference does not fit).  The encoder reconstructs every
     value exactly as the decoder will and any value whose reconstruction is
     off by more than ``max_error[c]`` -- non-finite values, values beyond
-    ``|q| <= 2**30`` -- is stored verbatim as an *exception* (index + raw
+    ``|q| < 2**30`` -- is stored verbatim as an *exception* (index + raw
     float32 bits).  All-NaN frames (no pose) are a per-chunk bitmap.
     Guarantee: every finite value decodes within ``max_error[c]``; NaN/inf
     values and all-NaN rows decode bit-exactly.
@@ -50,7 +50,7 @@ import numpy as np
 ENCODINGS: Final = ("f32", "shuffle", "f32delta", "q16delta")
 LOSSLESS: Final = frozenset({"f32", "shuffle", "f32delta"})
 
-QUANT_LIMIT: Final = 2**30  # |q| bound: any two q differ by < 2**31, fits a zig-zag uint32
+QUANT_LIMIT: Final = 2**30  # |q| < this: any two q differ by < 2**31, zig-zag fits a uint32
 STEP_MARGIN: Final = 1.0 - 2.0**-10  # keeps q*step within max_error despite float32 rounding
 CANONICAL_NAN_BITS: Final = 0x7FC00000  # float32 quiet NaN as produced by numpy / JS
 
@@ -163,74 +163,120 @@ class ChunkCodec:
 
         Lossless encodings return ``frames`` itself. For q16delta each value becomes
         ``dequantise(rint(x / step))`` where that is within the bound, and stays as it
-        is otherwise (exceptions are stored verbatim) -- the same rule as ``_enc_q``.
-        The session actor computes its live metrics on these values, so a replay
-        reproduces them exactly."""
+        is otherwise (exceptions are stored verbatim) -- the same rule as the encoder.
+        Does not touch the codec's state (``encode_decoded`` does both at once)."""
         if self.encoding in LOSSLESS:
             return frames
-        x = frames.astype(np.float64)
-        with np.errstate(invalid="ignore", over="ignore"):
-            qf = np.rint(x / self._step_s)
-            ok = np.isfinite(qf) & (np.abs(qf) <= QUANT_LIMIT)
-            r = dequantise(np.where(ok, qf, 0.0).astype(np.int64), self._step_s)
-            ok &= np.abs(r.astype(np.float64) - x) <= self._err_s
-        return np.where(ok, r, frames)
+        return self._quantise(frames)[2]
 
     # ----- encode
     def encode(self, t: np.ndarray, frames: np.ndarray) -> bytes:
         """t float64 (n,), frames float32 (n, S); n >= 1. Returns the payload."""
-        n = t.shape[0]
+        return self.encode_decoded(t, frames)[0]
+
+    def encode_decoded(self, t: np.ndarray, frames: np.ndarray) -> tuple[bytes, np.ndarray]:
+        """Like ``encode``, and also returns the frames exactly as the decoder will
+        return them (``frames`` itself for lossless encodings; for q16delta computed
+        from the same quantisation as the payload, not a second pass). The session
+        actor computes its live metrics on these values, so a replay reproduces
+        them exactly."""
         if self.encoding == "f32":
-            return t.astype("<f8").tobytes() + frames.astype("<f4").tobytes()
+            return t.astype("<f8").tobytes() + frames.astype("<f4").tobytes(), frames
         head = self._enc_t(t)
         bits = frames.view(np.uint32)
         if self.encoding == "shuffle":
-            return head + _planes(_to_series(bits, self.landmarks, self.channels))
+            return head + _planes(_to_series(bits, self.landmarks, self.channels)), frames
         if self.encoding == "f32delta":
             d = np.empty_like(bits)
             d[0] = bits[0] - self._prev_bits
             np.subtract(bits[1:], bits[:-1], out=d[1:])
             self._prev_bits = bits[-1].copy()
-            return head + _planes(_to_series(_zigzag(d, 32), self.landmarks, self.channels))
-        return head + self._enc_q(bits, frames, n)
+            body = _planes(_to_series(_zigzag(d, 32), self.landmarks, self.channels))
+            return head + body, frames
+        payload, decoded = self._enc_q(bits, frames)
+        return head + payload, decoded
 
-    def _enc_q(self, bits: np.ndarray, frames: np.ndarray, n: int) -> bytes:
-        S = self.series
-        nanrow = np.all(bits == CANONICAL_NAN_BITS, axis=1)
-        rows = np.flatnonzero(~nanrow)
-        x = frames[rows].astype(np.float64)
-        with np.errstate(invalid="ignore", over="ignore"):
-            qf = np.rint(x / self._step_s)
-            ok = np.isfinite(qf) & (np.abs(qf) <= QUANT_LIMIT)
-            q = np.where(ok, qf, 0.0).astype(np.int64)
-            ok &= np.abs(dequantise(q, self._step_s).astype(np.float64) - x) <= self._err_s
-        m = rows.size
+    def _quantise(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """For (n, S) float32 frames: ``qf`` (n, S) float64, the quantised value where
+        ``ok`` and 0.0 elsewhere (integral, never -0.0); ``ok`` (n, S) bool, True where
+        ``dequantise(qf)`` is within the bound, or None when that is every value; and
+        the decoded frames (n, S) float32: ``dequantise(qf)`` where ok, the input value
+        verbatim elsewhere.
+
+        One pass in float64 with the same arithmetic as ``dequantise`` (``qf`` holds
+        integers below 2**30, exactly representable, so ``qf * step`` here equals
+        ``float64(int64(qf)) * step`` there)."""
+        x = frames.astype(np.float64)
+        qf = x / self._step_s
+        with np.errstate(invalid="ignore"):
+            np.rint(qf, out=qf)
+            # NaN and inf fail the comparison. Strictly below 2**30 keeps every delta
+            # between two quantised values below 2**31 in magnitude, so that its
+            # zig-zag code fits the 32-bit delta width.
+            ok = np.abs(qf) < QUANT_LIMIT
         if not ok.all():
-            # exceptions keep the series' previous q so they cost no extra deltas
-            idx = np.where(ok, np.arange(m)[:, None], -1)
-            np.maximum.accumulate(idx, axis=0, out=idx)
-            held = q[np.maximum(idx, 0), np.arange(S)[None, :]]
-            q = np.where(idx >= 0, held, self._prev_q[None, :])
-        er, es = np.nonzero(~ok)
-        exc_idx = (rows[er].astype(np.uint64) * S + es).astype("<u4")
-        exc_bits = bits[rows[er], es].astype("<u4")
+            qf[~ok] = 0.0
+        qf += 0.0  # -0.0 -> +0.0: the decoder's integers have no sign of zero
+        r = np.multiply(qf, self._step_s).astype(np.float32)
+        with np.errstate(invalid="ignore"):
+            err = np.subtract(r, x, out=x)  # float32 - float64 is exact in float64
+            ok &= np.abs(err, out=err) <= self._err_s
+        if ok.all():
+            return qf, None, r
+        return qf, ok, np.where(ok, r, frames)
+
+    def _enc_q(self, bits: np.ndarray, frames: np.ndarray) -> tuple[bytes, np.ndarray]:
+        n, S = bits.shape
+        qf, ok, decoded = self._quantise(frames)
+        if ok is None:  # every value quantised: no NaN, so no no-pose row, no exception
+            nan_bitmap = bytes((n + 7) // 8)
+            exc_idx = exc_bits = np.zeros(0, "<u4")
+            q = qf.astype(np.int64)
+        else:
+            nanrow = (bits == CANONICAL_NAN_BITS).all(axis=1)
+            nan_bitmap = np.packbits(nanrow, bitorder="little").tobytes()
+            rows = None
+            if nanrow.any():  # deltas and exceptions skip the no-pose rows
+                rows = np.flatnonzero(~nanrow)
+                qf, ok = qf[rows], ok[rows]
+            q = qf.astype(np.int64)
+            if ok.all():
+                exc_idx = exc_bits = np.zeros(0, "<u4")
+            else:
+                # exceptions keep the series' previous q so they cost no extra deltas
+                m = q.shape[0]
+                idx = np.where(ok, np.arange(m)[:, None], -1)
+                np.maximum.accumulate(idx, axis=0, out=idx)
+                held = q[np.maximum(idx, 0), np.arange(S)[None, :]]
+                q = np.where(idx >= 0, held, self._prev_q[None, :])
+                er, es = np.nonzero(~ok)
+                fr = er if rows is None else rows[er]
+                exc_idx = (fr.astype(np.uint64) * S + es).astype("<u4")
+                exc_bits = bits[fr, es].astype("<u4")
+        m = q.shape[0]
         if m:
-            d = np.diff(q, axis=0, prepend=self._prev_q[None, :])
+            d = np.empty_like(q)
+            np.subtract(q[0], self._prev_q, out=d[0])
+            np.subtract(q[1:], q[:-1], out=d[1:])
             self._prev_q = q[-1].copy()
-            z = _zigzag(d, 64)
+            z = (d << 1) ^ (d >> 63)  # zig-zag (k = 64); every value is < 2**32
             width = 2 if int(z.max()) < 65536 else 4
-            body = _planes(_to_series(z.astype(f"uint{8 * width}"), self.landmarks, self.channels))
+            # series order and byte planes in one transposing copy: (m, L, C, W) bytes
+            # -> (W, C, L, m)
+            zw = z.astype(f"<u{width}").view(np.uint8)
+            body = zw.reshape(m, self.landmarks, self.channels, width).transpose(3, 2, 1, 0)
+            body = body.tobytes()
         else:
             width, body = 2, b""
         return b"".join(
             (
-                np.packbits(nanrow, bitorder="little").tobytes(),
+                nan_bitmap,
                 struct.pack("<BI", width, exc_idx.size),
                 exc_idx.tobytes(),
                 exc_bits.tobytes(),
                 body,
             )
-        )
+        ), decoded
 
     # ----- decode
     def decode(self, n: int, payload: memoryview) -> tuple[np.ndarray, np.ndarray]:
