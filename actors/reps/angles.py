@@ -45,13 +45,24 @@ SPACES = ("image", "world")
 
 
 _DEG = 180.0 / np.pi
-_TRUNK = np.array([L_SHOULDER, R_SHOULDER, L_HIP, R_HIP], dtype=np.intp)
+# shoulders and hips, laid out so that one addition of the first pair to the second
+# gives both midpoints (times two): (L_SHOULDER + R_SHOULDER, L_HIP + R_HIP)
+_TRUNK = np.array([L_SHOULDER, L_HIP, R_SHOULDER, R_HIP], dtype=np.intp)
+# Channels read per landmark slot, in this order: visibility, x, y, then z, x, y for
+# world space only (image space reads the first three rows). The cyclic x, y, z, x, y
+# lets one product of shifted rows give all three cross-product terms.
+_CHANNELS = np.array([3, 0, 1, 2, 0, 1], dtype=np.intp)
+_IMAGE_ROWS = 3
 
 
 def gather_index(triplets: np.ndarray) -> np.ndarray:
-    """Landmark indices read per frame: all a's, all b's, all c's, then the trunk."""
+    """What ``batch_features`` reads per frame, as flat indices into a frame's 33 x 4
+    values, channel-major: for each channel of ``_CHANNELS``, the landmark slots
+    all a's, all c's, all b's twice (b->a and b->c come out of one subtraction),
+    then the trunk."""
     tri = np.asarray(triplets, dtype=np.intp).reshape(-1, 3)
-    return np.concatenate([tri[:, 0], tri[:, 1], tri[:, 2], _TRUNK])
+    slots = np.concatenate([tri[:, 0], tri[:, 2], tri[:, 1], tri[:, 1], _TRUNK])
+    return (_CHANNELS[:, None] + 4 * slots[None, :]).ravel()
 
 
 def batch_features(
@@ -69,6 +80,8 @@ def batch_features(
     90 = lying, 180 = upside down in the image, as a push-up filmed head-on
     looks), and in image space the hip midpoint's x and the trunk length
     (shoulder to hip midpoints), both in frame heights (None in world space).
+    The (n, k) arrays are transposed views of (k, n) arrays, so that their ``.T``
+    (one series per row) is contiguous.
 
     NaN input gives NaN output: callers treat NaN as "not tracked" rather than
     raising, because MediaPipe emits NaN rows routinely. Two landmarks at
@@ -77,33 +90,43 @@ def batch_features(
     Everything is element-wise per frame (no reductions across frames, no
     BLAS), so a frame's values never depend on the batch it came in.
     """
-    m = 3 * k
-    g = np.take(frames, index, axis=1).astype(np.float64)  # one gather for everything
-    a, b, c = g[:, :k], g[:, k:2 * k], g[:, 2 * k:m]
-    vis = np.minimum(np.minimum(a[..., 3], b[..., 3]), c[..., 3])
-    u = a - b
-    v = c - b
-    s0, s1 = g[:, m] + g[:, m + 1], g[:, m + 2] + g[:, m + 3]  # shoulders, hips (x2)
-    if space == "world":
-        ux, uy, uz = u[..., 0], u[..., 1], u[..., 2]
-        vx, vy, vz = v[..., 0], v[..., 1], v[..., 2]
-        dot = ux * vx + uy * vy + uz * vz
-        cx, cy, cz = uy * vz - uz * vy, uz * vx - ux * vz, ux * vy - uy * vx
-        cross = np.sqrt(cx * cx + cy * cy + cz * cz)
-        dx, dz = s1[:, 0] - s0[:, 0], s1[:, 2] - s0[:, 2]
-        horiz = np.sqrt(dx * dx + dz * dz)
+    n = frames.shape[0]
+    m = 4 * k
+    world = space == "world"
+    if not world:
+        index = index[: _IMAGE_ROWS * (m + 4)]
+    # one gather for everything: g[row, landmark slot, frame], each row a contiguous
+    # series, so a few numpy operations cover all angles at once
+    g = frames.reshape(n, -1).T[index].astype(np.float64).reshape(-1, m + 4, n)
+    co = g[1:]  # coordinates: x, y (, z, x, y)
+    uv = co[:, :2 * k] - co[:, 2 * k:m]  # u = a - b in slots :k, v = c - b in k:2k
+    vis = np.minimum(np.minimum(g[0, :k], g[0, 2 * k:3 * k]), g[0, k:2 * k])
+    nt = 3 if world else 2
+    s = co[:nt, m:m + 2] + co[:nt, m + 2:m + 4]  # [:, 0] shoulders, [:, 1] hips (x2)
+    d = s[:, 1] - s[:, 0]  # hips - shoulders, per coordinate
+    u, v = uv[:, :k], uv[:, k:]
+    dy = d[1]
+    if world:
+        p = u[:3] * v[:3]
+        dot = p[0] + p[1] + p[2]  # ux*vx + uy*vy + uz*vz
+        c = u[1:4] * v[2:5] - u[2:5] * v[1:4]  # (uy*vz - uz*vy, uz*vx - ux*vz, ux*vy - uy*vx)
+        c *= c
+        cross = np.sqrt(c[0] + c[1] + c[2])
+        dd = d * d
+        horiz = np.sqrt(dd[0] + dd[2])  # sqrt(dx*dx + dz*dz)
         hip_x = trunk_len = None
     else:
-        ux, uy, vx, vy = u[..., 0] * aspect, u[..., 1], v[..., 0] * aspect, v[..., 1]
+        ux, vx = u[0] * aspect, v[0] * aspect
+        uy, vy = u[1], v[1]
         dot = ux * vx + uy * vy
         cross = np.abs(ux * vy - uy * vx)
-        dx = (s1[:, 0] - s0[:, 0]) * aspect
+        dx = d[0] * aspect
         horiz = np.abs(dx)
-        hip_x = s1[:, 0] * (0.5 * aspect)
-        trunk_len = np.hypot(dx, s1[:, 1] - s0[:, 1]) * 0.5
+        hip_x = s[0, 1] * (0.5 * aspect)
+        trunk_len = np.hypot(dx, dy) * 0.5
     ang = np.arctan2(cross, dot) * _DEG
-    trunk = np.arctan2(horiz, s1[:, 1] - s0[:, 1]) * _DEG
-    return ang, vis, trunk, hip_x, trunk_len
+    trunk = np.arctan2(horiz, dy) * _DEG
+    return ang.T, vis.T, trunk, hip_x, trunk_len
 
 
 def triplet_angles(

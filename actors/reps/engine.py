@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from itertools import compress
 
 import numpy as np
 
@@ -118,7 +119,7 @@ class RepEngine:
         t_end = float(t[-1])
         # increasing with finite ends implies finite throughout; NaN fails the comparisons
         if not (t[0] > self._t_last and math.isfinite(t_end) and math.isfinite(t[0])
-                and (n == 1 or bool((t[1:] > t[:-1]).all()))):
+                and (n == 1 or np.count_nonzero(t[1:] > t[:-1]) == n - 1)):
             raise ValueError("t_ms must be finite and strictly increasing across batches")
         if self._t0 is None:
             self._t0 = float(t[0])
@@ -154,7 +155,7 @@ class RepEngine:
                     per_side.append((tl, xs_all[k], viss[k], trl))
                 else:
                     ok = oks[k]
-                    per_side.append(tuple([x for x, o in zip(seq, ok, strict=True) if o]
+                    per_side.append(tuple(list(compress(seq, ok))
                                           for seq in (tl, xs_all[k], viss[k], trl)))
             produced.append(tr.feed(per_side, t_end))
         return self._route(produced, t_end, final=False)

@@ -34,7 +34,7 @@ class WalkGate:
         returned by ``angles.batch_features`` in image space.
         """
         ok = trunk_len > 0  # False for NaN
-        all_ok = bool(ok.all())
+        all_ok = np.count_nonzero(ok) == ok.size
         hx, tt, tl = (hip_x, t, trunk_len) if all_ok else (hip_x[ok], t[ok], trunk_len[ok])
         xs = np.concatenate([self._x, hx])
         ts = np.concatenate([self._t, tt])
