@@ -440,7 +440,7 @@ class SessionActor:
         if self.reps is None:
             return
         try:
-            self.reps.feed(batch.t_ms.astype("float64"), frames)
+            self.reps.feed(batch.t_ms, frames)  # feed converts to float64 once
         except Exception as exc:
             log.exception("rep engine failed; session ends", extra={"session": self.log_id})
             self.error = f"{type(exc).__name__}: {exc}"
