@@ -12,7 +12,7 @@ from .angles import JOINT_LABELS, JOINTS, N_LANDMARKS, SPACES, batch_features, g
 from .detector import VIS_MIN
 from .motion import WalkGate
 from .profiles import Profile, fallback_profiles, profile_for
-from .rep import Rep, build_rep
+from .rep import Rep, RepLog, build_rep
 from .summary import SessionStats
 from .tracker import JointTracker
 
@@ -84,7 +84,7 @@ class RepEngine:
         self._t_last = -math.inf
         self._frames = 0
         self._stats = SessionStats()
-        self._reps: list[Rep] = []
+        self._reps = RepLog()
         self._finished = False
 
     # -- public API -----------------------------------------------------------------------
@@ -193,7 +193,7 @@ class RepEngine:
         }
         span = self._t_last - self._t0 if self._t0 is not None else 0.0
         out.update(self._stats.as_dict(span))
-        out["reps"] = [r.to_dict() for r in self._reps]
+        out["reps"] = self._reps.dicts()
         return out
 
     # -- internals ------------------------------------------------------------------------

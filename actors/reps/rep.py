@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import struct
 from dataclasses import asdict, dataclass
 
 from .detector import SideRep
@@ -105,3 +107,62 @@ def build_rep(index: int, profile: Profile, sides: list[SideRep]) -> Rep:
         mean_visibility=merged["mean_visibility"], coverage=merged["coverage"],
         confidence=merged["confidence"],
     )
+
+
+class RepLog:
+    """The repetitions of a session, kept for its summary in 74 bytes each.
+
+    A :class:`Rep` costs about 600 bytes of Python objects; a 30-minute session
+    may count 600 of them, which alone would break the 100 KB-per-session memory
+    budget. The summary only needs each rep's :meth:`Rep.to_dict`, whose values
+    are rounded to 1-3 decimals, so those are packed: start and end times as
+    float64 (they reach 10^7 ms), everything else as float32, which holds a value
+    already rounded to 0.1 ms / 0.01 deg / 0.001 exactly enough that rounding it
+    again gives the same number. ``None`` is stored as NaN (no rep value is NaN).
+    """
+
+    _FLOATS = ("duration_ms", "rom_deg", "peak_deg", "trough_deg", "concentric_ms",
+               "eccentric_ms", "hold_ms", "rom_left_deg", "rom_right_deg", "symmetry",
+               "mean_visibility", "coverage", "confidence")
+    _PACK = struct.Struct(f"<IBBdd{len(_FLOATS)}f")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._names: list[str] = []  # joint and side names, by code
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def append(self, rep: Rep) -> None:
+        d = rep.to_dict()
+        nan = math.nan
+        self._buf += self._PACK.pack(
+            d["index"], self._code(d["joint"]), self._code(d["side"]),
+            d["start_ms"], d["end_ms"],
+            *(nan if d[k] is None else d[k] for k in self._FLOATS))
+        self._count += 1
+
+    def dicts(self) -> list[dict]:
+        """Each rep's :meth:`Rep.to_dict`, equal value for value."""
+        out = []
+        names = self._names
+        for v in self._PACK.iter_unpack(self._buf):
+            d = {"index": v[0], "joint": names[v[1]], "side": names[v[2]],
+                 "start_ms": v[3], "end_ms": v[4]}
+            for k, x in zip(self._FLOATS, v[5:], strict=True):
+                d[k] = None if x != x else round(x, _decimals(k))
+            out.append(d)
+        return out
+
+    def _code(self, name: str) -> int:
+        try:
+            return self._names.index(name)
+        except ValueError:
+            self._names.append(name)
+            return len(self._names) - 1
+
+
+def _decimals(key: str) -> int:
+    """The rounding of :meth:`Rep.to_dict` for a field."""
+    return 1 if key.endswith("_ms") else 2 if key.endswith("_deg") else 3
