@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
+from trio.lowlevel import RunVar
 
 from actors.durable import ended_key, session_key
 from actors.faults import maybe_die
@@ -35,6 +36,25 @@ if TYPE_CHECKING:
 log = logging.getLogger("telemetry.finalise")
 
 MAX_BACKOFF_S = 30.0
+# Blobs built and stored at once, per process. A finalisation holds its whole blob
+# in memory (about 2 MB per 30 minutes of frames) while it is built, stored and
+# verified; a mass end (shutdown with TELEMETRY_SHUTDOWN_MODE=finalise, or hundreds
+# of sessions ending together) built them all at once: a 100-session soak peaked at
+# 515 MB. The work is CPU-bound on one event loop anyway, so a few at a time finish
+# the batch as soon, in bounded memory.
+FINALISE_CONCURRENCY = 4
+_BLOB_SLOTS: RunVar[trio.CapacityLimiter] = RunVar("telemetry_blob_slots")
+
+
+def blob_slots() -> trio.CapacityLimiter:
+    """The run's limiter on blobs being built and stored (one per Trio run, like
+    trio's own default thread limiter)."""
+    try:
+        return _BLOB_SLOTS.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(FINALISE_CONCURRENCY)
+        _BLOB_SLOTS.set(limiter)
+        return limiter
 
 
 async def retry(fn: Callable[[], Awaitable[Any]], what: str, log_id: str,
@@ -72,10 +92,15 @@ async def _summary(actor: SessionActor, attempts: int | None) -> dict[str, Any]:
     rep_summary = _metrics(actor)
     blob: dict[str, Any] | None = None
     if actor.replay is not None and actor.replay.frame_count:
-        data = actor.replay.finish()
-        key = blob_key(actor.org_id, actor.session_id)
-        ok, info = await retry(lambda: actor.store.put(key, data), "blob put", actor.log_id,
-                               attempts)
+        async with blob_slots():
+            data = actor.replay.finish()
+            key = blob_key(actor.org_id, actor.session_id)
+            ok, info = await retry(lambda: actor.store.put(key, data), "blob put",
+                                   actor.log_id, attempts)
+            # Not held while the session waits for the bus: the blob is stored (or,
+            # with attempts exhausted, given up and said so in the summary).
+            del data
+            actor.replay.release()
         if ok:
             blob = {"key": info.key, "size": info.size, "sha256": info.sha256,
                     "encoding": actor.replay.encoding}

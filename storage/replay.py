@@ -225,6 +225,7 @@ class ReplayWriter:
         self._frames = 0
         self._raw_nbytes = 0
         self._blob: bytes | None = None
+        self._released = False
 
     @property
     def encoding(self) -> str:
@@ -253,7 +254,7 @@ class ReplayWriter:
 
     @property
     def finished(self) -> bool:
-        return self._blob is not None
+        return self._blob is not None or self._released
 
     def append(self, t_ms: np.ndarray, frames: np.ndarray) -> np.ndarray:
         """Encode and compress a batch: ``t_ms`` (n,) numbers, ``frames`` (n, L, C)
@@ -262,7 +263,7 @@ class ReplayWriter:
 
         Returns the frames exactly as :func:`read_replay` will decode them (the input
         itself for lossless encodings), so callers can compute on what is stored."""
-        if self._blob is not None:
+        if self.finished:
             raise RuntimeError("ReplayWriter.append() after finish()")
         t = np.asarray(t_ms)
         f = np.asarray(frames)
@@ -313,6 +314,8 @@ class ReplayWriter:
     def finish(self) -> bytes:
         """Close the stream and return the complete blob (idempotent: a second
         call returns the same bytes).  The writer then refuses appends."""
+        if self._released:
+            raise RuntimeError("ReplayWriter.finish() after release()")
         if self._blob is None:
             self._emit(_END.pack(b"E", self._frames))
             tail = self._z.flush()
@@ -335,6 +338,15 @@ class ReplayWriter:
             self._z = None
             self._nbytes = len(self._blob)
         return self._blob
+
+    def release(self) -> None:
+        """Forget the finished blob (the caller has stored it), so that a finished
+        session does not hold megabytes while it waits to publish. The writer then
+        refuses ``append`` and ``finish``; its counters stay readable."""
+        if self._blob is None:
+            raise RuntimeError("ReplayWriter.release() before finish()")
+        self._blob = None
+        self._released = True
 
 
 def _max_error_list(

@@ -167,3 +167,47 @@ async def test_blob_store_failure_is_reported_not_hidden(
     s = await h.sup.end(c)
     assert s["blob"] is None and s["error"] == "blob store unavailable"
     assert h.event("sess-1")["end_reason"] == "client_end"
+
+
+class CountingStore(MemoryBlobStore):
+    """Records how many blobs are being stored at once (each put takes a while)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0
+        self.most = 0
+
+    async def put(self, key: str, data: bytes) -> Any:
+        self.now += 1
+        self.most = max(self.most, self.now)
+        try:
+            await trio.sleep(0.05)
+            return await super().put(key, data)
+        finally:
+            self.now -= 1
+
+
+async def test_a_mass_end_builds_a_few_blobs_at_a_time(settings: Settings,
+                                                        nursery: trio.Nursery) -> None:
+    """Twelve sessions ending at once: every blob is stored, never more than
+    FINALISE_CONCURRENCY at a time (a blob is held in memory while it is built and
+    stored), and no finished session keeps its blob."""
+    from actors.finalise import FINALISE_CONCURRENCY
+
+    store = CountingStore()
+    h = Harness(settings, store)
+    await nursery.start(h.sup.run)
+    sessions = [h.claims(f"m{i}") for i in range(12)]
+    for c in sessions:
+        assert h.offer(c, 0).accepted
+    actors = list(h.sup.live())
+    left = await h.sup.drain(30)
+    assert left == 0
+    assert store.most == FINALISE_CONCURRENCY
+    for c in sessions:
+        assert await store.exists(blob_key(c.org_id, c.session_id))
+        assert h.event(c.session_id)["blob"] is not None
+    for a in actors:
+        assert a.replay is not None and a.replay.finished
+        with pytest.raises(RuntimeError):
+            a.replay.finish()  # released after it was stored
