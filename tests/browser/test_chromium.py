@@ -350,7 +350,7 @@ async def test_websocket_token_refresh_in_chromium(settings: Settings, assets: A
     with trio.fail_after(55):
         async with running_cors_service(settings, [assets.origin], log) as svc:
             short = session_token(settings, org_id="org-a", session_id="web-ws-token",
-                                  exercise={"kind": "push_up"}, ttl_s=4)
+                                  exercise={"kind": "push_up"}, ttl_s=6)
             fresh = session_token(settings, org_id="org-a", session_id="web-ws-token",
                                   exercise={"kind": "push_up"})
             await browser.get(page_url(assets, api=svc.url, token=short, session="web-ws-token",
