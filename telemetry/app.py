@@ -130,27 +130,17 @@ def create_app(state: AppState) -> LeanApp:
         status = response.status_code
         code = g.get("error_code")
         elapsed = time.perf_counter() - g.get("t0", time.perf_counter())
-        m.requests.labels(method_label(request.method), endpoint, str(status)).inc()
-        m.request_seconds.labels(endpoint).observe(elapsed)
+        method = method_label(request.method)
+        m.count_request(method, endpoint, status, elapsed)
         kind = BATCH_ENDPOINTS.get(endpoint)
         if kind is not None and g.get("authenticated"):
             if status < 400:
-                m.batches.labels(kind, g.get("batch_outcome", "accepted")).inc()
+                m.count_batch(kind, g.get("batch_outcome", "accepted"))
             else:
-                reason = code or _HTTP_CODES.get(status, "http_error")
-                m.batches.labels(kind, "rejected").inc()
-                m.batches_rejected.labels(kind, reason).inc()
-                if reason == "storage_unavailable":
-                    m.storage_unavailable.labels(kind).inc()
-        fields: dict[str, Any] = {
-            "method": method_label(request.method), "endpoint": endpoint, "status": status,
-            "duration_ms": round(elapsed * 1000, 2),
-        }
-        if code:
-            fields["code"] = code
-        if status >= 400:
-            fields["client"] = truncate_ip(request.remote_addr)
-        log.log(_level(endpoint, status), "request", extra=fields)
+                m.count_batch(kind, "rejected", code or _HTTP_CODES.get(status, "http_error"))
+        logs.log_request(log, _level(endpoint, status), method=method, endpoint=endpoint,
+                         status=status, seconds=elapsed, code=code,
+                         client=request.remote_addr)
 
     def session_claims() -> SessionClaims:
         claims = ingest.claims(lambda: bearer_token(request.headers), request.remote_addr)

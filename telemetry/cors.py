@@ -35,15 +35,10 @@ settings.cors_origins))``, with ``TELEMETRY_CORS_ORIGINS`` a comma-separated lis
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import Any
+from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+from telemetry.asgi import ASGIApp, Message, Receive, Scope, Send
 
 #: Methods a browser may use on this API.
 ALLOWED_METHODS: tuple[str, ...] = ("GET", "POST")

@@ -82,8 +82,14 @@ class PoseIngest:
         """Submit on the durable path. An accepted offer means the batch is on disk;
         storage and capacity failures raise :class:`ApiError` (see
         :func:`admission_errors`); other refusals come back as the offer."""
-        with admission_errors():
+        # try/except rather than admission_errors(): this runs for every batch.
+        try:
             return await self._state.supervisor.submit(claims, batch, body)
+        except Exception as exc:
+            answer = admission_error(exc)
+            if answer is None:
+                raise
+            raise answer from None
 
 
 def refusal(offer: Offer) -> ApiError:
@@ -105,21 +111,32 @@ def refusal(offer: Offer) -> ApiError:
     return ApiError(400, str(getattr(v, "value", v)), offer.message)
 
 
-@contextmanager
-def admission_errors() -> Iterator[None]:
-    """Map the ways a session can refuse new data to their answers."""
-    try:
-        yield
-    except SpoolFull as exc:
-        raise ApiError(503, "spool_full", str(exc), retry_after=30) from None
-    except (SpoolError, OSError, BlobStoreError):
+def admission_error(exc: Exception) -> ApiError | None:
+    """The answer to a way a session can refuse new data, or None if ``exc`` is not
+    one. Call it inside the ``except`` block (a storage failure is logged with its
+    traceback)."""
+    if isinstance(exc, SpoolFull):
+        return ApiError(503, "spool_full", str(exc), retry_after=30)
+    if isinstance(exc, SpoolError | OSError | BlobStoreError):
         # The spool could not make it durable, or the blob store could not say whether
         # the session ended before: nothing was acknowledged, the client retries.
         log.exception("storage failed while admitting data")
-        raise ApiError(503, "storage_unavailable", "could not store the data durably",
-                       retry_after=5) from None
-    except SupervisorClosed as exc:
-        raise ApiError(503, "shutting_down", str(exc), retry_after=5) from None
-    except TooManySessions as exc:
-        raise ApiError(429, "too_many_sessions", str(exc), retry_after=exc.retry_after) \
-            from None
+        return ApiError(503, "storage_unavailable", "could not store the data durably",
+                        retry_after=5)
+    if isinstance(exc, SupervisorClosed):
+        return ApiError(503, "shutting_down", str(exc), retry_after=5)
+    if isinstance(exc, TooManySessions):
+        return ApiError(429, "too_many_sessions", str(exc), retry_after=exc.retry_after)
+    return None
+
+
+@contextmanager
+def admission_errors() -> Iterator[None]:
+    """Raise :func:`admission_error`'s answer for what the block raises."""
+    try:
+        yield
+    except Exception as exc:
+        answer = admission_error(exc)
+        if answer is None:
+            raise
+        raise answer from None

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,18 +31,12 @@ import trio
 
 from actors.sequencer import Verdict
 from telemetry import logs
+from telemetry.asgi import HeaderMap, Receive, Scope, Send, client_of, headers_of
 from telemetry.auth import bearer_token
 from telemetry.errors import ApiError
 from telemetry.ingest import PoseIngest, refusal
 from telemetry.metrics import method_label
-from telemetry.privacy import truncate_ip
 from telemetry.wire import CONTENT_TYPE
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 POSE_PATH = "/v1/pose/frames"
 STREAM_PATH = "/v1/pose/stream"
@@ -54,32 +47,6 @@ ROUTES = frozenset({f"POST {POSE_PATH}", f"GET {STREAM_PATH}"})
 DRAIN_TIMEOUT_S = 5.0
 
 log = logging.getLogger("telemetry.http")
-
-
-def headers_of(scope: Scope) -> dict[str, str]:
-    """The request headers by lower-case name; the first of repeated names wins (as
-    Quart's ``headers.get``)."""
-    out: dict[str, str] = {}
-    for name, value in scope.get("headers") or ():
-        key = name.decode("latin-1").lower()
-        if key not in out:
-            out[key] = value.decode("latin-1")
-    return out
-
-
-def client_of(scope: Scope) -> str | None:
-    client = scope.get("client")
-    return client[0] if client else None
-
-
-class HeaderMap:
-    """What :func:`bearer_token` reads: ``get`` by the canonical name."""
-
-    def __init__(self, headers: dict[str, str]) -> None:
-        self._h = headers
-
-    def get(self, name: str, default: str | None = None) -> str | None:
-        return self._h.get(name.lower(), default)
 
 
 class LeanApp:
@@ -95,10 +62,6 @@ class LeanApp:
         self.state = state
         self.ingest = PoseIngest(state)
         self.stream = state.streams = PoseStream(state, self.ingest)
-        m = state.metrics
-        self._accepted = m.batches.labels("pose", "accepted")
-        self._duplicate = m.batches.labels("pose", "duplicate")
-        self._seconds = m.request_seconds.labels(POSE_PATH)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -209,27 +172,15 @@ class LeanApp:
         status = answer.error.status if answer.error is not None else answer.status
         code = answer.error.code if answer.error is not None else answer.code
         elapsed = time.perf_counter() - t0
-        m.requests.labels(method_label(method), POSE_PATH, str(status)).inc()
-        self._seconds.observe(elapsed)
+        m.count_request(method_label(method), POSE_PATH, status, elapsed)
         if answer.authenticated:
             if status < 400:
-                (self._duplicate if answer.duplicate else self._accepted).inc()
+                m.count_batch("pose", "duplicate" if answer.duplicate else "accepted")
             else:
-                reason = code or "http_error"
-                m.batches.labels("pose", "rejected").inc()
-                m.batches_rejected.labels("pose", reason).inc()
-                if reason == "storage_unavailable":
-                    m.storage_unavailable.labels("pose").inc()
-        level = logs.request_level(status, quiet=True)
-        if not log.isEnabledFor(level):
-            return
-        fields: dict[str, Any] = {"method": method_label(method), "endpoint": POSE_PATH,
-                                  "status": status, "duration_ms": round(elapsed * 1000, 2)}
-        if code:
-            fields["code"] = code
-        if status >= 400:
-            fields["client"] = truncate_ip(client_of(scope))
-        log.log(level, "request", extra=fields)
+                m.count_batch("pose", "rejected", code)
+        logs.log_request(log, logs.request_level(status, quiet=True),
+                         method=method_label(method), endpoint=POSE_PATH, status=status,
+                         seconds=elapsed, code=code, client=client_of(scope))
 
 
 @dataclass

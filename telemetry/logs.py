@@ -21,7 +21,9 @@ import sys
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Any, TextIO
+
+from telemetry.privacy import truncate_ip
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -99,6 +101,21 @@ def request_level(status: int, *, quiet: bool) -> int:
     if status >= 400 or not quiet:
         return logging.INFO
     return logging.DEBUG
+
+
+def log_request(logger: logging.Logger, level: int, *, method: str, endpoint: str,
+                status: int, seconds: float, code: str | None, client: str | None) -> None:
+    """The one ``request`` line of an answered request; a refusal's line carries the
+    client's truncated address, never the raw one."""
+    if not logger.isEnabledFor(level):
+        return
+    fields: dict[str, Any] = {"method": method, "endpoint": endpoint, "status": status,
+                              "duration_ms": round(seconds * 1000, 2)}
+    if code:
+        fields["code"] = code
+    if status >= 400:
+        fields["client"] = truncate_ip(client)
+    logger.log(level, "request", extra=fields)
 
 
 class RequestContextFilter(logging.Filter):

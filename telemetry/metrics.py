@@ -96,6 +96,7 @@ class Metrics:
             "while admitting data, by endpoint (pose|media).",
             ["endpoint"], registry=r)
 
+        self._batch_children: dict[tuple[str, str], Any] = {}
         self.streams_open = Gauge(
             f"{PREFIX}_pose_streams_open", "Pose WebSocket streams open now.", registry=r)
         self.streams_closed = Counter(
@@ -109,6 +110,24 @@ class Metrics:
             "Time from a stream batch being read to its acknowledgement (durable), "
             "flow-control waits included.",
             buckets=REQUEST_BUCKETS, registry=r)
+
+    def count_request(self, method: str, endpoint: str, status: int, seconds: float) -> None:
+        """One answered request (``method`` already through :func:`method_label`)."""
+        self.requests.labels(method, endpoint, str(status)).inc()
+        self.request_seconds.labels(endpoint).observe(seconds)
+
+    def count_batch(self, kind: str, outcome: str, reason: str | None = None) -> None:
+        """One authenticated ingest batch (``pose``/``media``): ``accepted``,
+        ``duplicate``, or ``rejected`` with the answer's error code as ``reason``.
+        The hot two children are kept, so a batch costs one dict lookup here."""
+        child = self._batch_children.get((kind, outcome))
+        if child is None:
+            child = self._batch_children[(kind, outcome)] = self.batches.labels(kind, outcome)
+        child.inc()
+        if outcome == "rejected":
+            self.batches_rejected.labels(kind, reason or "http_error").inc()
+            if reason == "storage_unavailable":
+                self.storage_unavailable.labels(kind).inc()
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """The exposition for a scrape and its content type, negotiated from

@@ -36,22 +36,12 @@ import trio
 
 from actors.sequencer import Verdict
 from telemetry import logs
+from telemetry.asgi import HeaderMap, Receive, Scope, Send, client_of, headers_of
 from telemetry.auth import AuthError, SessionClaims, bearer_token
 from telemetry.cors import CorsConfigError, normalise_origin
 from telemetry.errors import ApiError
 from telemetry.ingest import TRANSIENT, PoseIngest, refusal
-from telemetry.lean import (
-    STREAM_PATH,
-    HeaderMap,
-    Receive,
-    Scope,
-    Send,
-    client_of,
-    error_body,
-    headers_of,
-    send_error,
-)
-from telemetry.privacy import truncate_ip
+from telemetry.lean import STREAM_PATH, error_body, send_error
 from telemetry.wire import HEADER
 
 if TYPE_CHECKING:
@@ -79,6 +69,10 @@ CLOSE_TRY_LATER = 1013
 CLOSE_TOKEN = 4401
 CLOSE_IDLE = 4408
 CLOSE_ENDED = 4409
+# Refusals after which the stream cannot go on: the session is over, or this
+# instance will not serve it.
+CLOSE_AFTER = {"session_ended": CLOSE_ENDED, "shutting_down": CLOSE_RESTART,
+               "too_many_sessions": CLOSE_TRY_LATER}
 CLOSE_CODES = {
     CLOSE_UNSUPPORTED: "text_message", CLOSE_RESTART: "shutting_down",
     CLOSE_TRY_LATER: "too_many_sessions", CLOSE_TOKEN: "token_expired",
@@ -109,14 +103,7 @@ class PoseStream:
         # Browsers send Origin on a WebSocket handshake but no CORS applies to it: the
         # origins the POST path allows (if any are configured) are checked here.
         self._origins = frozenset(normalise_origin(o) for o in state.settings.cors_origins)
-        m = state.metrics
-        self._acked = m.batches.labels("pose", "accepted")
-        self._duplicate = m.batches.labels("pose", "duplicate")
-        self._ack_seconds = m.stream_ack_seconds
-
-    @property
-    def open_count(self) -> int:
-        return len(self._open)
+        self._ack_seconds = state.metrics.stream_ack_seconds
 
     def close_all(self) -> None:
         """Shutdown: refuse new streams, and close every open one once the batch it
@@ -235,7 +222,7 @@ class PoseStream:
     async def _batch(self, conn: _Conn, body: bytes, send: Send) -> int | None:
         """Answer one batch; a close code if the stream must end after it."""
         t0 = trio.current_time()
-        seq = _peek_seq(body)
+        batch = None
         try:
             batch = self._ingest.decode(body)
             waited = 0.0
@@ -258,19 +245,16 @@ class PoseStream:
                 waited += pause
         except ApiError as exc:
             conn.refused += 1
-            m = self._state.metrics
-            m.batches.labels("pose", "rejected").inc()
-            m.batches_rejected.labels("pose", exc.code).inc()
-            if exc.code == "storage_unavailable":
-                m.storage_unavailable.labels("pose").inc()
+            self._state.metrics.count_batch("pose", "rejected", exc.code)
             level = logs.request_level(exc.status, quiet=True)
             log.log(level, "stream batch refused", extra={"status": exc.status,
                                                           "code": exc.code})
+            seq = batch.seq if batch is not None else _peek_seq(body)
             await send({"type": "websocket.send", "text": _nack(seq, exc)})
-            return _close_after(exc.code)
+            return CLOSE_AFTER.get(exc.code)
         duplicate = offer.verdict is Verdict.DUPLICATE
         conn.acked += 1
-        (self._duplicate if duplicate else self._acked).inc()
+        self._state.metrics.count_batch("pose", "duplicate" if duplicate else "accepted")
         await send({"type": "websocket.send", "text": _ack(batch.seq, duplicate)})
         self._ack_seconds.observe(trio.current_time() - t0)
         return None
@@ -286,20 +270,13 @@ class PoseStream:
                            f"{STREAM_PATH} is a WebSocket endpoint; connect with "
                            "Upgrade: websocket")
             await send_error(send, exc, ctx.request_id, close=True)
-            self._state.metrics.requests.labels(
-                "GET" if scope.get("method") == "GET" else "other", STREAM_PATH, "426").inc()
-            log.info("request", extra={"endpoint": STREAM_PATH, "status": 426,
-                                       "code": exc.code,
-                                       "client": truncate_ip(client_of(scope))})
+            method = "GET" if scope.get("method") == "GET" else "other"
+            self._state.metrics.requests.labels(method, STREAM_PATH, "426").inc()
+            logs.log_request(log, logs.request_level(426, quiet=False), method=method,
+                             endpoint=STREAM_PATH, status=426, seconds=0.0, code=exc.code,
+                             client=client_of(scope))
         finally:
             logs.end_request()
-
-
-def _close_after(code: str) -> int | None:
-    """The close code that follows a refusal with ``code``, if the stream cannot go
-    on (the session is over, or this instance will not serve it)."""
-    return {"session_ended": CLOSE_ENDED, "shutting_down": CLOSE_RESTART,
-            "too_many_sessions": CLOSE_TRY_LATER}.get(code)
 
 
 def _peek_seq(body: bytes) -> int | None:

@@ -11,11 +11,10 @@ ciphers only, and :func:`hsts` wraps the ASGI app so every HTTP response carries
 from __future__ import annotations
 
 import ssl
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
 
 from hypercorn.config import Config
 
+from telemetry.asgi import ASGIApp, Message, Receive, Scope, Send
 from telemetry.config import Settings
 
 HSTS_VALUE = "max-age=31536000; includeSubDomains"
@@ -25,11 +24,6 @@ HSTS_VALUE = "max-age=31536000; includeSubDomains"
 CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS"
 SSL_HANDSHAKE_TIMEOUT_S = 10.0
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class TLSConfigError(ValueError):
