@@ -3,8 +3,10 @@
 The Core API signs a short-lived *session token* when an exercise session starts;
 this service verifies it by signature alone (no call back). Operators and the bus
 use *service-account tokens* with their own audience, ``typ`` and scopes. The two
-kinds differ in audience (checked strictly: ``aud`` must be exactly one string) and
-in the ``typ`` claim, so neither can stand in for the other.
+kinds differ in audience and in the ``typ`` claim, so neither can stand in for the
+other. ``aud`` may be one string or an array (RFC 7519 4.1.3; Go's golang-jwt writes
+even a single audience as an array), but every member must be the expected audience:
+a token that also names any other audience is refused (see :func:`check_audience`).
 
 Keys (:class:`KeyStore`) are looked up by the token's ``kid``. Every kid is bound,
 when the keyset is loaded, to one key *family* and the algorithms that family allows:
@@ -453,7 +455,9 @@ class TokenVerifier:
                 audience=audience,
                 issuer=s.jwt_issuer,
                 leeway=s.jwt_leeway_s,
-                options={"require": required, "strict_aud": True,
+                # Non-strict: PyJWT then accepts an array that contains `audience`;
+                # check_audience below refuses one that names anything else too.
+                options={"require": required, "strict_aud": False,
                          "enforce_minimum_key_length": True},
             )
         except jwt.ExpiredSignatureError:
@@ -472,6 +476,7 @@ class TokenVerifier:
             raise AuthError("bad_signature", "token signature does not verify") from None
         except jwt.PyJWTError:
             raise AuthError("invalid_token", "token is invalid") from None
+        check_audience(claims.get("aud"), audience)
         iat = claims.get("iat")
         exp = claims.get("exp")
         if (isinstance(iat, bool) or isinstance(exp, bool)
@@ -580,6 +585,25 @@ class TokenVerifier:
         if scope not in scopes:
             raise AuthError("insufficient_scope", f"token lacks scope {scope!r}", status=403)
         return ServiceClaims(subject=str(c["sub"]), scopes=scopes)
+
+
+def check_audience(aud: object, expected: str) -> None:
+    """Accept ``aud`` if it is ``expected`` or a non-empty array whose members are all
+    ``expected`` (duplicates are harmless); raise :class:`AuthError` ``wrong_audience``
+    (401) otherwise: another string, an array that also names any other audience
+    (e.g. the session and the admin audience together), an array with a non-string
+    member, or any other JSON type. An absent, empty string or empty array ``aud`` is
+    ``missing_claim``, as PyJWT reports it before this runs.
+
+    Only our own audience may appear: a token for several audiences is accepted by
+    each of them, so any of those recipients could replay it here, and one naming
+    both our session and admin audiences would hold both kinds of credential in one.
+    """
+    if aud is None or aud == "" or aud == []:
+        raise AuthError("missing_claim", "token lacks required claim 'aud'")
+    members = [aud] if isinstance(aud, str) else aud
+    if not isinstance(members, list) or any(m != expected for m in members):
+        raise AuthError("wrong_audience", "token audience is not this service")
 
 
 def _exercise(raw: object) -> Exercise:

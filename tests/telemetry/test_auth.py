@@ -9,6 +9,8 @@ from pathlib import Path
 import jwt
 import jwt.api_jwt
 import pytest
+from joserfc import jwk
+from joserfc import jwt as jose_jwt
 
 from telemetry import auth
 from telemetry.auth import (
@@ -123,6 +125,112 @@ def test_session_and_service_tokens_do_not_stand_in(settings: Settings) -> None:
     with pytest.raises(AuthError) as info:
         v.verify_service(mint_service_token(settings, scope="telemetry:read"), ADMIN_SCOPE)
     assert (info.value.status, info.value.reason) == (403, "insufficient_scope")
+
+
+# -- aud as an array, minted by another library -----------------------------------
+# joserfc stands in for the Core API's JWT library (Go's golang-jwt writes even a
+# single audience as an array), so the tokens are not shaped by PyJWT's own habits.
+
+
+def _jose_hs256(settings: Settings, claims: dict, kid: str = "dev-1") -> str:
+    key = jwk.OctKey.import_key(settings.jwt_keys[kid])
+    return jose_jwt.encode({"alg": "HS256", "kid": kid}, claims, key)
+
+
+def _audience(settings: Settings, aud: object) -> object:
+    """``aud`` with the placeholders SESSION and ADMIN replaced by the configured
+    audiences, at any depth (the parameters are written before settings exist)."""
+    if isinstance(aud, list):
+        return [_audience(settings, m) for m in aud]
+    if isinstance(aud, dict):
+        return {_audience(settings, k): m for k, m in aud.items()}
+    names = {"SESSION": settings.jwt_audience, "ADMIN": settings.admin_audience}
+    return names.get(aud, aud) if isinstance(aud, str) else aud
+
+
+def _service_claims(settings: Settings, **over: object) -> dict:
+    now = int(time.time())
+    c = {"iss": settings.jwt_issuer, "aud": settings.admin_audience,
+         "typ": "telemetry-service", "sub": "ops", "scope": ADMIN_SCOPE,
+         "iat": now, "exp": now + 600}
+    c.update(over)
+    return c
+
+
+def test_session_token_with_array_audience_is_accepted(settings: Settings) -> None:
+    v = TokenVerifier(settings)
+    ours = settings.jwt_audience
+    for aud in ([ours], [ours, ours]):  # a repeated member names no one else
+        c = v.verify_session(_jose_hs256(settings, _claims(settings, aud=aud)))
+        assert (c.org_id, c.session_id, c.patient_id) == ("org-a", "s1", "p1")
+
+
+def test_es256_session_token_with_array_audience_is_accepted(settings: Settings) -> None:
+    key = jwk.ECKey.generate_key("P-256")
+    pem = key.as_pem(private=False).decode()
+    es = dataclasses.replace(settings, jwt_public_keys={"ec-1": pem})
+    token = jose_jwt.encode({"alg": "ES256", "kid": "ec-1"},
+                            _claims(settings, aud=[settings.jwt_audience]), key)
+    assert TokenVerifier(es).verify_session(token).session_id == "s1"
+
+
+def test_service_token_with_array_audience_is_accepted(settings: Settings) -> None:
+    token = _jose_hs256(settings, _service_claims(settings, aud=[settings.admin_audience]))
+    c = TokenVerifier(settings).verify_service(token)
+    assert (c.subject, c.scopes) == ("ops", frozenset({ADMIN_SCOPE}))
+
+
+def test_array_audience_token_is_cached_like_any_other(settings: Settings,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    v = TokenVerifier(settings)
+    token = _jose_hs256(settings, _claims(settings, aud=[settings.jwt_audience]))
+    first = v.verify_session(token)
+    assert list(v._cache) == [token]
+
+    def no_full_check(*_: object) -> None:
+        raise AssertionError("a cached token was checked again")
+
+    monkeypatch.setattr(v, "_decode", no_full_check)
+    assert v.verify_session(token) == first
+
+
+@pytest.mark.parametrize(("aud", "reason"), [
+    (["SESSION", "ADMIN"], "wrong_audience"),
+    (["ADMIN", "SESSION"], "wrong_audience"),
+    (["SESSION", "restartix-core-api"], "wrong_audience"),
+    (["SESSION", "SESSION", "ADMIN"], "wrong_audience"),
+    (["ADMIN"], "wrong_audience"),
+    (["restartix-core-api"], "wrong_audience"),
+    (["SESSION", 1], "wrong_audience"),
+    (["SESSION", None], "wrong_audience"),
+    ([["SESSION"]], "wrong_audience"),
+    ({"SESSION": True}, "wrong_audience"),
+    ("SESSION ADMIN", "wrong_audience"),
+    ([], "missing_claim"),
+    ("", "missing_claim"),
+])
+def test_session_token_with_a_foreign_audience_is_refused(
+    settings: Settings, aud: object, reason: str
+) -> None:
+    token = _jose_hs256(settings, _claims(settings, aud=_audience(settings, aud)))
+    v = TokenVerifier(settings)
+    assert _outcome(v, token) == reason
+    assert len(v._cache) == 0  # refusals are never cached
+
+
+@pytest.mark.parametrize("aud", [
+    ["ADMIN", "SESSION"],
+    ["SESSION", "ADMIN"],
+    ["ADMIN", "restartix-core-api"],
+    ["SESSION"],
+    ["ADMIN", 1],
+])
+def test_service_token_with_a_foreign_audience_is_refused(settings: Settings,
+                                                          aud: list) -> None:
+    token = _jose_hs256(settings, _service_claims(settings, aud=_audience(settings, aud)))
+    with pytest.raises(AuthError) as info:
+        TokenVerifier(settings).verify_service(token)
+    assert (info.value.status, info.value.reason) == (401, "wrong_audience")
 
 
 def test_bearer_header() -> None:
