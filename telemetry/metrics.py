@@ -105,6 +105,17 @@ class Metrics:
             "network; else session_ended|token_expired|idle_timeout|shutting_down|"
             "too_many_sessions|text_message).",
             ["reason"], registry=r)
+        self.connection_errors = Counter(
+            f"{PREFIX}_connection_errors",
+            "Connections ended by an unexpected exception in the HTTP/WebSocket server "
+            "(contained: the server goes on), by exception type.",
+            ["error"], registry=r)
+        self.connections_dropped = Counter(
+            f"{PREFIX}_connections_dropped",
+            "Connections closed because the client did not read what was sent to it, by "
+            "reason (send_timeout: no progress in time; shutdown: not drained by the "
+            "graceful deadline).",
+            ["reason"], registry=r)
         self.stream_ack_seconds = Histogram(
             f"{PREFIX}_stream_ack_duration_seconds",
             "Time from a stream batch being read to its acknowledgement (durable), "

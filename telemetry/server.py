@@ -26,6 +26,7 @@ from telemetry.app import AppState, create_app
 from telemetry.auth import TokenVerifier
 from telemetry.config import Settings
 from telemetry.connection_close import close_on_connection_close
+from telemetry.connections import ConnectionGuard
 from telemetry.cors import cors
 from telemetry.privacy import Pseudonymiser
 from telemetry.tls import apply_tls, hsts
@@ -40,6 +41,9 @@ KEEP_ALIVE_TIMEOUT_S = 75.0
 # shutdown race (a reused keep-alive connection waits out the whole grace period).
 GRACEFUL_TIMEOUT_S = 5.0
 BACKLOG = 2048
+# A connection whose client takes nothing we send for this long is closed
+# (telemetry.connections); at shutdown the graceful timeout bounds it instead.
+SEND_TIMEOUT_S = 20.0
 WEBSOCKET_PING_S = 20.0
 # What the outbox may still deliver at shutdown; the rest waits on disk.
 OUTBOX_FLUSH_S = 3.0
@@ -82,6 +86,10 @@ async def serve(
     config = hypercorn_config(settings)
     if apply_tls(config, settings):
         app = hsts(app)
+    guard = ConnectionGuard(
+        send_timeout_s=SEND_TIMEOUT_S, frame_cap=settings.max_body_bytes,
+        on_error=lambda kind: state.metrics.connection_errors.labels(kind).inc(),
+        on_drop=lambda reason: state.metrics.connections_dropped.labels(reason).inc())
     http_stopped = trio.Event()
     http_done = trio.Event()
 
@@ -99,10 +107,13 @@ async def serve(
 
         async def run_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
             try:
-                await hypercorn_serve(
-                    app, config, shutdown_trigger=http_stopped.wait,
-                    task_status=task_status,
-                )
+                # One client's exception, or a client that never reads, must not
+                # end the server or hold its shutdown (telemetry.connections).
+                with guard.serving():
+                    await hypercorn_serve(
+                        app, config, shutdown_trigger=http_stopped.wait,
+                        task_status=task_status,
+                    )
             finally:
                 http_done.set()
 
@@ -119,6 +130,8 @@ async def serve(
             # Streams end after the batch in hand (close 1012): hypercorn's drain
             # does not close WebSockets, it would wait out its graceful timeout.
             state.streams.close_all()
+        # Sends blocked on clients that do not read end with hypercorn's grace.
+        guard.begin_shutdown(config.graceful_timeout)
         http_stopped.set()
         # hypercorn returns once in-flight requests are done (or its graceful timeout
         # passed); only then may sessions be ended, or a batch could be acknowledged

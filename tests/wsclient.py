@@ -107,6 +107,19 @@ class WsClient:
     async def send_bytes(self, data: bytes) -> None:
         await self._send(BytesMessage(data=data))
 
+    async def send_raw(self, data: bytes) -> None:
+        """Bytes on the socket as they are, for frames wsproto would not write."""
+        await self._stream.send_all(data)
+
+    async def send_pings_unread(self, count: int, payload: bytes = b"") -> None:
+        """``count`` pings in one write, reading nothing back (the pongs stay unread)."""
+        await self._stream.send_all(b"".join(self._ws.send(Ping(payload=payload))
+                                             for _ in range(count)))
+
+    async def aclose(self) -> None:
+        """Close the socket without a closing handshake."""
+        await self._stream.aclose()
+
     async def send_text(self, text: str) -> None:
         await self._send(TextMessage(data=text))
 

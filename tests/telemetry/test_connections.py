@@ -1,0 +1,240 @@
+"""Connection guards (telemetry/connections.py): what one client may not do to the
+server, over real sockets; the send deadlines also on in-memory streams."""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+import pytest
+import trio
+import trio.testing
+
+from telemetry.config import Settings
+from telemetry.connections import ConnectionGuard
+from telemetry.server import GRACEFUL_TIMEOUT_S
+from tests.conftest import batch_body, session_token
+from tests.service import Running, running_service
+from tests.wsclient import WsClient, WsClosed
+
+UNAUTHENTICATED_HANDSHAKE = (
+    b"GET /v1/pose/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n\r\n")
+# A masked client close frame (code 1000), as a browser sends when it gives up.
+CLOSE_FRAME = b"\x88\x82" + b"abcd" + bytes(a ^ b for a, b in zip(b"\x03\xe8", b"ab", strict=True))
+
+
+def metric(svc: Running, name: str, **labels: str) -> float:
+    assert svc.state is not None
+    return svc.state.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def post_batch(svc: Running, seq: int) -> int:
+    r = await svc.client.post("/v1/pose/frames", content=batch_body(seq), headers={
+        "Authorization": f"Bearer {session_token(svc.settings)}",
+        "Content-Type": "application/x-restartix-pose"})
+    return r.status_code
+
+
+async def refused_then(port: int, after: bytes, *, read_first: bool) -> bytes:
+    """An unauthenticated stream handshake, then ``after`` on the same connection;
+    what the server sent back until it closed (or 0.3 s passed)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    received = b""
+    try:
+        await stream.send_all(UNAUTHENTICATED_HANDSHAKE)
+        if read_first:
+            received += await stream.receive_some(65536)
+        await stream.send_all(after)
+        with trio.move_on_after(0.3):
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+    except trio.BrokenResourceError:
+        pass  # the server closed first: that is allowed
+    finally:
+        await stream.aclose()
+    return received
+
+
+async def test_bytes_after_a_refused_handshake_get_one_answer_and_the_server_goes_on(
+        settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    # Red-team finding 1: hypercorn answered a second time, h11 raised, and the
+    # exception ended the whole server (the process exited).
+    rng = random.Random(18)
+    async with running_service(settings) as svc:
+        assert await post_batch(svc, 0) == 202
+        sequences = [(CLOSE_FRAME, True), (CLOSE_FRAME, False),
+                     (b"junk\r\n\r\n", True), (b"junk\r\n\r\n", False)]
+        sequences += [(rng.randbytes(rng.randint(1, 300)), rng.random() < 0.5)
+                      for _ in range(30)]
+        for after, read_first in sequences:
+            answer = await refused_then(svc.port, after, read_first=read_first)
+            # The app's 401, or hypercorn's 400 when the bytes came first: one answer.
+            assert answer == b"" or answer.startswith((b"HTTP/1.1 401", b"HTTP/1.1 400"))
+            assert answer.count(b"HTTP/1.1 ") <= 1, answer
+        # The server, and the session it held, go on.
+        assert (await svc.client.get("/v1/healthz")).status_code == 200
+        assert await post_batch(svc, 1) == 202
+        assert svc.supervisor.live()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
+
+
+async def test_an_exception_in_one_connection_ends_only_that_connection(
+        settings: Settings, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Failure injection: whatever else hypercorn's protocol code may raise.
+    from hypercorn.protocol.h11 import H11Protocol
+
+    handle = H11Protocol.handle
+
+    async def failing(self: H11Protocol, event: object) -> None:
+        if b"X-Inject: boom" in getattr(event, "data", b""):
+            raise RuntimeError("injected: org-a/sess-1 must not reach the log")
+        await handle(self, event)
+
+    monkeypatch.setattr(H11Protocol, "handle", failing)
+    async with running_service(settings) as svc:
+        assert await post_batch(svc, 0) == 202
+        for _ in range(3):
+            stream = await trio.open_tcp_stream("127.0.0.1", svc.port)
+            await stream.send_all(b"GET /v1/healthz HTTP/1.1\r\nHost: x\r\nX-Inject: boom\r\n\r\n")
+            with trio.fail_after(5):
+                assert await stream.receive_some(65536) == b""  # closed, no answer
+            await stream.aclose()
+        assert (await svc.client.get("/v1/healthz")).status_code == 200
+        assert await post_batch(svc, 1) == 202
+        assert metric(svc, "telemetry_connection_errors_total", error="RuntimeError") == 3
+    lines = [r for r in caplog.records if r.getMessage().startswith("connection failed")]
+    assert len(lines) == 3
+    assert all(r.levelno == logging.ERROR and r.exc_info is None
+               and getattr(r, "error", None) == "RuntimeError" for r in lines)
+    assert not any("sess-1" in r.getMessage() or "org-a" in r.getMessage()
+                   for r in caplog.records)
+
+
+async def _unread_socket(port: int) -> trio.SocketStream:
+    """A connection with a tiny receive window, so unread answers back up fast."""
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", port))
+    return trio.SocketStream(sock)
+
+
+async def _until_broken(send: Callable[[], Awaitable[None]], *, repeat: bool) -> None:
+    """Run ``send`` (once, or until the server breaks the connection)."""
+    try:
+        while True:
+            await send()
+            if not repeat:
+                return
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+@pytest.mark.parametrize("kind", ["pipelined_requests", "ping_flood"])
+async def test_clients_that_never_read_do_not_hold_shutdown(settings: Settings,
+                                                            kind: str) -> None:
+    # Red-team finding 5: the server stayed "draining" past 90 s and needed SIGKILL.
+    # Without the guard this hung for good; fail instead.
+    with trio.fail_after(GRACEFUL_TIMEOUT_S + 30):
+        async with trio.open_nursery() as clients:
+            async with running_service(settings) as svc:
+                if kind == "pipelined_requests":
+                    stream = await _unread_socket(svc.port)
+                    flood = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 20_000
+                    clients.start_soon(partial(_until_broken, partial(stream.send_all, flood),
+                                               repeat=False))
+                    close: Callable[[], Awaitable[None]] = stream.aclose
+                else:
+                    token = session_token(settings)
+                    ws = await WsClient.connect(svc.port,
+                                                headers=[("Authorization", f"Bearer {token}")])
+                    clients.start_soon(partial(_until_broken,
+                                               partial(ws.send_pings_unread, 10_000, b"p" * 125),
+                                               repeat=True))
+                    close = ws.aclose
+                await trio.sleep(2)  # long enough for the server's sends to block
+                stopping = trio.current_time()
+            took = trio.current_time() - stopping
+            clients.cancel_scope.cancel()
+        await close()
+    assert took < GRACEFUL_TIMEOUT_S + 3, f"shutdown took {took:.1f} s"
+    assert metric(svc, "telemetry_connections_dropped_total", reason="shutdown") == 1
+
+
+@pytest.mark.parametrize(("length", "code"), [
+    (2**63 - 1, 1009),   # within the wire format, far over the message cap
+    ("cap+1", 1009),
+    (2**63, 1002),       # MSB set: a malformed frame (RFC 6455 5.2), a protocol error
+])
+async def test_a_frame_over_the_cap_is_refused_from_its_header(
+        settings: Settings, length: int | str, code: int) -> None:
+    # Red-team finding 7: a header claiming 2**63 bytes got no answer for 10 s.
+    n = settings.max_body_bytes + 1 if length == "cap+1" else int(length)
+    async with running_service(settings) as svc:
+        token = session_token(settings)
+        ws = await WsClient.connect(svc.port, headers=[("Authorization", f"Bearer {token}")])
+        header = b"\x82\xff" + struct.pack("!Q", n) + b"mask"
+        with trio.fail_after(2):
+            await ws.send_raw(header + b"\x00" * 16)
+            with pytest.raises(WsClosed) as closed:
+                await ws.recv()
+        assert closed.value.code == code
+        assert (await svc.client.get("/v1/healthz")).status_code == 200
+
+
+async def test_a_send_that_makes_no_progress_breaks_the_connection(
+        autojump_clock: trio.testing.MockClock) -> None:
+    dropped: list[str] = []
+    guard = ConnectionGuard(send_timeout_s=20, frame_cap=1024, on_drop=dropped.append)
+    sender, receiver = trio.testing.lockstep_stream_pair()
+    start = trio.current_time()
+    with pytest.raises(trio.BrokenResourceError):
+        await guard.send_all(sender, b"x" * 10)
+    assert trio.current_time() - start == pytest.approx(20)
+    assert dropped == ["send_timeout"]
+
+
+async def test_a_slow_reader_that_keeps_up_is_not_cut_off(
+        autojump_clock: trio.testing.MockClock) -> None:
+    # The deadline is per 64 KiB of progress, not for the whole body.
+    guard = ConnectionGuard(send_timeout_s=20, frame_cap=1024)
+    sender, receiver = trio.testing.lockstep_stream_pair()
+    body = b"x" * (5 * 64 * 1024)
+    got = bytearray()
+
+    async def slow_reader() -> None:
+        while len(got) < len(body):
+            await trio.sleep(15)
+            got.extend(await receiver.receive_some(64 * 1024))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(slow_reader)
+        await guard.send_all(sender, body)
+    assert bytes(got) == body
+
+
+async def test_shutdown_bounds_sends_already_in_flight(
+        autojump_clock: trio.testing.MockClock) -> None:
+    dropped: list[str] = []
+    guard = ConnectionGuard(send_timeout_s=1000, frame_cap=1024, on_drop=dropped.append)
+    sender, receiver = trio.testing.lockstep_stream_pair()
+    failed_at: list[float] = []
+
+    async def send() -> None:
+        with pytest.raises(trio.BrokenResourceError):
+            await guard.send_all(sender, b"x")
+        failed_at.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send)
+        await trio.sleep(3)
+        guard.begin_shutdown(5)
+    assert failed_at == [pytest.approx(8)]
+    assert dropped == ["shutdown"]
