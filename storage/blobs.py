@@ -36,7 +36,7 @@ from typing import Final, Protocol, TypeVar
 
 import trio
 
-from storage.fsutil import fsync_dir
+from storage.fsutil import fsync_dir, os_error_text
 
 __all__ = [
     "BlobInfo",
@@ -58,11 +58,23 @@ MAX_KEY_BYTES: Final = 1024
 
 
 class BlobStoreError(Exception):
-    """A blob store operation failed; the cause is chained."""
+    """A blob store operation failed; the cause is chained.
+
+    ``key`` is the blob's key (None if the failure concerns no one blob). Keys are
+    ``{org_id}/{session_id}.bin.gz`` and join to a patient, and these errors are
+    logged with their tracebacks, so the message never names the key (nor a path
+    or URL built from it): read ``key``."""
+
+    def __init__(self, *args: object, key: str | None = None) -> None:
+        super().__init__(*args)
+        self.key = key
 
 
 class BlobNotFound(BlobStoreError):
-    """No object under the key."""
+    """No object under the key (``key``)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__("no such blob", key=key)
 
 
 class BlobVerifyError(BlobStoreError):
@@ -100,7 +112,7 @@ def sha256_hex(data: bytes) -> str:
 def _check_segment(name: str, v: str) -> None:
     if not isinstance(v, str) or not _SEGMENT.fullmatch(v) or v in (".", ".."):
         raise ValueError(
-            f"{name} {v!r} is not a safe path segment "
+            f"{name} is not a safe path segment "
             "(1-128 chars of A-Z a-z 0-9 . _ -, not starting with . _ -)"
         )
 
@@ -120,10 +132,10 @@ def check_key(key: str) -> list[str]:
     if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
         raise ValueError(f"blob key longer than {MAX_KEY_BYTES} bytes")
     if key.startswith("/") or "\\" in key or any(ord(c) < 32 or ord(c) == 127 for c in key):
-        raise ValueError(f"blob key {key!r} is absolute or has forbidden characters")
+        raise ValueError("blob key is absolute or has forbidden characters")
     parts = key.split("/")
     if any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"blob key {key!r} has an empty, '.' or '..' segment")
+        raise ValueError("blob key has an empty, '.' or '..' segment")
     return parts
 
 
@@ -152,7 +164,7 @@ class FilesystemBlobStore(BlobStore):
     def _path(self, key: str) -> Path:
         p = self.root.joinpath(*check_key(key))
         if os.path.commonpath([self.root, p]) != str(self.root):  # belt and braces
-            raise ValueError(f"blob key {key!r} escapes the store root")
+            raise ValueError("blob key escapes the store root")
         return p
 
     async def _run(self, fn: Callable[[], T]) -> T:
@@ -183,12 +195,12 @@ class FilesystemBlobStore(BlobStore):
             fsync_dir(path.parent, tolerate_open_errors=True)
             stored = self._read_back(path)
         except OSError as e:
-            raise BlobStoreError(f"writing {key!r} under {self.root}: {e}") from e
+            raise BlobStoreError(f"writing a blob failed: {os_error_text(e)}", key=key) from e
         got = BlobInfo(key, len(stored), sha256_hex(stored))
         if got.size != len(data) or got.sha256 != want:
             raise BlobVerifyError(
-                f"{key!r} read back as {got.size} bytes sha256 {got.sha256}, "
-                f"wrote {len(data)} bytes sha256 {want}"
+                f"blob read back as {got.size} bytes sha256 {got.sha256}, "
+                f"wrote {len(data)} bytes sha256 {want}", key=key
             )
         return got
 
@@ -205,7 +217,8 @@ class FilesystemBlobStore(BlobStore):
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
                 raise BlobNotFound(key) from e
             except OSError as e:
-                raise BlobStoreError(f"reading {key!r}: {e}") from e
+                raise BlobStoreError(f"reading a blob failed: {os_error_text(e)}",
+                                     key=key) from e
 
         return await self._run(read)
 
@@ -251,7 +264,7 @@ class MemoryBlobStore(BlobStore):
         await trio.sleep(self.put_delay)  # a checkpoint even when 0: cancellable before storing
         if self.fail_puts > 0:
             self.fail_puts -= 1
-            raise self.put_error or BlobStoreError(f"injected put failure for {key!r}")
+            raise self.put_error or BlobStoreError("injected put failure", key=key)
         stored = data
         if self.corrupt_puts > 0 and data:
             self.corrupt_puts -= 1
@@ -260,7 +273,8 @@ class MemoryBlobStore(BlobStore):
         got = BlobInfo(key, len(stored), sha256_hex(stored))
         want = sha256_hex(data)
         if got.size != len(data) or got.sha256 != want:
-            raise BlobVerifyError(f"{key!r} read back sha256 {got.sha256}, wrote {want}")
+            raise BlobVerifyError(f"blob read back sha256 {got.sha256}, wrote {want}",
+                                  key=key)
         return got
 
     async def get(self, key: str) -> bytes:

@@ -27,3 +27,12 @@ def fsync_dir(d: Path, *, tolerate_open_errors: bool = False) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def os_error_text(e: BaseException) -> str:
+    """``e`` for an exception message that may be logged: an OSError's errno and
+    strerror without its file names (storage paths are built from org and session
+    ids), anything else by its type alone (its text is not known to be free of them)."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"[Errno {e.errno}] {e.strerror}" if e.errno is not None else e.strerror
+    return type(e).__name__

@@ -330,8 +330,9 @@ class ReplayWriter:
                 with open(self._spill_path, "rb") as fh:
                     body.append(fh.read())
                 if len(body[0]) != self._spilled:
-                    raise OSError(f"replay spill file {self._spill_path} holds "
-                                  f"{len(body[0])} bytes, expected {self._spilled}")
+                    # not the path: it is built from the org and session ids
+                    raise OSError(f"the replay spill file holds {len(body[0])} bytes, "
+                                  f"expected {self._spilled}")
             self._blob = b"".join([head, *body, *self._parts, tail])
             self._parts.clear()
             self._held = 0

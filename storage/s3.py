@@ -103,6 +103,15 @@ def _code(e: BaseException) -> str:
     return ""
 
 
+def _reason(e: BaseException) -> str:
+    """``e`` for a message or log line: the error code of an S3 reply, the type of
+    anything else. Never ``str(e)``: botocore puts the request URL, object key
+    included, into some of its messages (EndpointConnectionError), and keys are
+    ``{org_id}/{session_id}.bin.gz``."""
+    code = _code(e)
+    return f"{type(e).__name__} {code}" if code else type(e).__name__
+
+
 def is_transient(e: BaseException) -> bool:
     """Worth retrying: network trouble, timeouts, 5xx and throttling replies."""
     if isinstance(e, _TRANSIENT_EXC):
@@ -200,7 +209,7 @@ class S3BlobStore(BlobStore):
                             self._make_client, limiter=self.limiter
                         )
                     except bexc.BotoCoreError as e:
-                        raise BlobStoreError(f"creating the S3 client: {e}") from e
+                        raise BlobStoreError(f"creating the S3 client: {_reason(e)}") from e
         return self._client
 
     def backoff(self, attempt: int) -> float:
@@ -209,7 +218,8 @@ class S3BlobStore(BlobStore):
         return min(self.backoff_max, self.backoff_base * 2**attempt) * self._rng.uniform(0.5, 1.0)
 
     async def _call(self, what: str, fn: Callable[[], T], *, attempts: int | None = None) -> T:
-        """Run ``fn`` (which makes boto3 calls) in a thread, retrying transient errors."""
+        """Run ``fn`` (which makes boto3 calls) in a thread, retrying transient errors.
+        ``what`` names the operation for the log, never the object (keys hold ids)."""
         attempts = attempts or self.max_attempts
         for attempt in range(attempts):
             try:
@@ -219,9 +229,9 @@ class S3BlobStore(BlobStore):
                     raise
                 delay = self.backoff(attempt)
                 log.warning(
-                    "s3 %s failed (%r); retry %d/%d in %.2fs",
+                    "s3 %s failed (%s); retry %d/%d in %.2fs",
                     what,
-                    e,
+                    _reason(e),
                     attempt + 1,
                     attempts - 1,
                     delay,
@@ -260,7 +270,7 @@ class S3BlobStore(BlobStore):
             else:
                 expect_checksum = _b64(digest)
                 await self._call(
-                    f"PutObject {full}",
+                    "PutObject",
                     lambda: client.put_object(
                         Body=data,
                         ChecksumAlgorithm="SHA256",
@@ -269,8 +279,9 @@ class S3BlobStore(BlobStore):
                     ),
                 )
         except (bexc.BotoCoreError, bexc.ClientError) as e:
-            raise BlobStoreError(f"uploading s3://{self.bucket}/{full}: {e}") from e
-        await self._verify(client, full, info, expect_checksum)
+            raise BlobStoreError(f"uploading to s3://{self.bucket}: {_reason(e)}",
+                                 key=key) from e
+        await self._verify(client, key, full, info, expect_checksum)
         return info
 
     async def _put_multipart(self, client: Any, common: dict[str, Any], data: bytes) -> str:
@@ -279,7 +290,7 @@ class S3BlobStore(BlobStore):
         full = common["Key"]
         part_size = max(self.part_size, math.ceil(len(data) / MAX_PARTS))
         created = await self._call(
-            f"CreateMultipartUpload {full}",
+            "CreateMultipartUpload",
             lambda: client.create_multipart_upload(ChecksumAlgorithm="SHA256", **common),
         )
         upload_id = created["UploadId"]
@@ -292,7 +303,7 @@ class S3BlobStore(BlobStore):
                 d = await trio.to_thread.run_sync(lambda c=chunk: hashlib.sha256(c).digest())
                 digests.append(d)
                 resp = await self._call(
-                    f"UploadPart {full} #{number}",
+                    f"UploadPart #{number}",
                     lambda c=chunk, n=number, s=_b64(d): client.upload_part(
                         Body=c, PartNumber=n, ChecksumAlgorithm="SHA256", ChecksumSHA256=s, **ids
                     ),
@@ -313,26 +324,26 @@ class S3BlobStore(BlobStore):
                     if not (tries > 1 and _code(e) == "NoSuchUpload"):
                         raise
 
-            await self._call(f"CompleteMultipartUpload {full}", complete)
+            await self._call("CompleteMultipartUpload", complete)
         except BaseException:
             with trio.move_on_after(CLEANUP_TIMEOUT) as cs:
                 cs.shield = True
                 try:
                     await self._call(
-                        f"AbortMultipartUpload {full}",
+                        "AbortMultipartUpload",
                         lambda: client.abort_multipart_upload(**ids),
                         attempts=3,
                     )
                 except Exception as e:
-                    log.warning(
-                        "s3 abort of multipart upload %s for %s failed: %r", upload_id, full, e
-                    )
+                    log.warning("s3 abort of multipart upload %s failed: %s", upload_id,
+                                _reason(e))
             if cs.cancelled_caught:
-                log.warning("s3 abort of multipart upload %s for %s timed out", upload_id, full)
+                log.warning("s3 abort of multipart upload %s timed out", upload_id)
             raise
         return f"{_b64(hashlib.sha256(b''.join(digests)).digest())}-{len(digests)}"
 
-    async def _verify(self, client: Any, full: str, info: BlobInfo, checksum: str) -> None:
+    async def _verify(self, client: Any, key: str, full: str, info: BlobInfo,
+                      checksum: str) -> None:
         def head() -> tuple[dict[str, Any], str | None]:
             if self.verify == "get":
                 r = client.get_object(Bucket=self.bucket, Key=full, ChecksumMode="ENABLED")
@@ -340,15 +351,15 @@ class S3BlobStore(BlobStore):
                     return r, hashlib.sha256(body.read()).hexdigest()
             return client.head_object(Bucket=self.bucket, Key=full, ChecksumMode="ENABLED"), None
 
-        where = f"s3://{self.bucket}/{full}"
+        where = f"object in s3://{self.bucket}"
         try:
-            h, body_sha = await self._call(f"verify {full}", head)
+            h, body_sha = await self._call("verify", head)
         except bexc.ClientError as e:
             if _code(e) in _NOT_FOUND:
-                raise BlobVerifyError(f"{where} is missing right after upload") from e
-            raise BlobStoreError(f"verifying {where}: {e}") from e
+                raise BlobVerifyError(f"{where} is missing right after upload", key=key) from e
+            raise BlobStoreError(f"verifying {where}: {_reason(e)}", key=key) from e
         except bexc.BotoCoreError as e:
-            raise BlobStoreError(f"verifying {where}: {e}") from e
+            raise BlobStoreError(f"verifying {where}: {_reason(e)}", key=key) from e
         problems = []
         if h.get("ContentLength") != info.size:
             problems.append(f"size {h.get('ContentLength')} != {info.size}")
@@ -363,7 +374,8 @@ class S3BlobStore(BlobStore):
         if self.kms_key_id and h.get("ServerSideEncryption") != "aws:kms":
             problems.append(f"encryption {h.get('ServerSideEncryption')!r} is not aws:kms")
         if problems:
-            raise BlobVerifyError(f"{where} does not match what was written: {'; '.join(problems)}")
+            raise BlobVerifyError(f"{where} does not match what was written: {'; '.join(problems)}",
+                                  key=key)
 
     async def get(self, key: str) -> bytes:
         """Download; checks the bytes against the stored metadata SHA-256
@@ -377,18 +389,21 @@ class S3BlobStore(BlobStore):
                 return body.read(), r.get("Metadata") or {}
 
         try:
-            data, meta = await self._call(f"GetObject {full}", fetch)
+            data, meta = await self._call("GetObject", fetch)
         except bexc.ClientError as e:
             if _code(e) in _NOT_FOUND:
                 raise BlobNotFound(key) from e
-            raise BlobStoreError(f"downloading s3://{self.bucket}/{full}: {e}") from e
+            raise BlobStoreError(f"downloading from s3://{self.bucket}: {_reason(e)}",
+                                 key=key) from e
         except bexc.BotoCoreError as e:
-            raise BlobStoreError(f"downloading s3://{self.bucket}/{full}: {e}") from e
+            raise BlobStoreError(f"downloading from s3://{self.bucket}: {_reason(e)}",
+                                 key=key) from e
         want = meta.get("sha256")
         if want is not None:
             got = await trio.to_thread.run_sync(lambda: hashlib.sha256(data).hexdigest())
             if got != want:
-                raise BlobVerifyError(f"s3://{self.bucket}/{full}: sha256 {got} != stored {want}")
+                raise BlobVerifyError(f"object in s3://{self.bucket}: sha256 {got} != stored "
+                                      f"{want}", key=key)
         return data
 
     async def exists(self, key: str) -> bool:
@@ -396,14 +411,14 @@ class S3BlobStore(BlobStore):
         client = await self._get_client()
         try:
             await self._call(
-                f"HeadObject {full}", lambda: client.head_object(Bucket=self.bucket, Key=full)
+                "HeadObject", lambda: client.head_object(Bucket=self.bucket, Key=full)
             )
         except bexc.ClientError as e:
             if _code(e) in _NOT_FOUND:
                 return False
-            raise BlobStoreError(f"checking s3://{self.bucket}/{full}: {e}") from e
+            raise BlobStoreError(f"checking s3://{self.bucket}: {_reason(e)}", key=key) from e
         except bexc.BotoCoreError as e:
-            raise BlobStoreError(f"checking s3://{self.bucket}/{full}: {e}") from e
+            raise BlobStoreError(f"checking s3://{self.bucket}: {_reason(e)}", key=key) from e
         return True
 
     async def aclose(self) -> None:

@@ -58,7 +58,12 @@ Errors: an OSError while committing a key fails only that key's operations in th
 round (their waiters get :class:`SpoolError`); its log is truncated back to the
 last committed size and fsynced, so a record that was refused cannot hide a later
 one. If even that fails the key is marked broken and every later append to it
-raises SpoolError. Other keys in the round are unaffected.
+raises SpoolError. Other keys in the round are unaffected. Keys are ``org/session``
+and join to a patient in the Core API, so neither a key nor a path built from one
+is ever put in an exception message or a log line: a :class:`SpoolError` names
+its key by the same ``k_`` tag as the spool's log lines and carries the key itself
+as the attribute ``key``, and an OSError is described by errno and strerror only
+(:func:`storage.fsutil.os_error_text`).
 
 Cancellation: a cancelled ``append`` / ``set_state`` / ``remove`` raises
 ``Cancelled``; if its round had not started the operation is dropped, otherwise it
@@ -72,6 +77,7 @@ not fsynced.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -86,7 +92,7 @@ from typing import Any, Final
 
 import trio
 
-from storage.fsutil import fsync_dir
+from storage.fsutil import fsync_dir, os_error_text
 
 __all__ = ["Record", "Spool", "SpoolClosed", "SpoolError", "SpoolFull"]
 
@@ -102,7 +108,15 @@ _LOG, _STATE = ".log", ".state.json"
 
 
 class SpoolError(Exception):
-    """A spool operation failed; nothing it was asked to make durable is durable."""
+    """A spool operation failed; nothing it was asked to make durable is durable.
+
+    ``key`` is the key it concerns (None if it concerns no one key). It is kept out
+    of ``str()``: the message may be logged, with its traceback, and keys join to
+    a patient."""
+
+    def __init__(self, *args: object, key: str | None = None) -> None:
+        super().__init__(*args)
+        self.key = key
 
 
 class SpoolFull(SpoolError):
@@ -137,7 +151,7 @@ def _check_key(key: str) -> list[str]:
         not _SEGMENT.fullmatch(p) or p.endswith(_RESERVED_SUFFIXES) for p in parts
     ):
         raise ValueError(
-            f"spool key {key!r}: want 1-4 '/'-separated segments of A-Z a-z 0-9 . _ - "
+            "bad spool key: want 1-4 '/'-separated segments of A-Z a-z 0-9 . _ - "
             "(not starting with . _ -, not ending in .log/.json/.tmp)"
         )
     return parts
@@ -164,7 +178,8 @@ class _Round:
         """Raise the key's error, as a fresh exception per waiter (several may share it)."""
         err = self.errors.get(key)
         if err is not None:
-            raise type(err)(*err.args) from err.__cause__
+            # copy.copy, not type(err)(*err.args): attributes such as ``key`` come along
+            raise copy.copy(err) from err.__cause__
 
     def fail(self, exc: BaseException) -> None:
         for op in self.ops:
@@ -339,7 +354,7 @@ class Spool:
         for key in by_key:
             r = results.get(key)
             if r is None:  # its thread never ran (cancelled waiting for the limiter, or a bug)
-                rnd.errors[key] = SpoolClosed(f"commit of {key!r} did not run")
+                rnd.errors[key] = SpoolClosed(f"commit of {_tag(key)} did not run", key=key)
                 continue
             self._log_bytes += (r.size or 0) - self._sizes.pop(key, 0)
             if r.size is not None:
@@ -350,7 +365,8 @@ class Spool:
                 rnd.errors[key] = r.error
             elif self._log_path(key).parent in self._unsynced:
                 what = "was not" if not dirs_done else "could not be"
-                rnd.errors[key] = SpoolError(f"directory of {key!r} {what} fsynced")
+                rnd.errors[key] = SpoolError(f"directory of {_tag(key)} {what} fsynced",
+                                             key=key)
         c["failed"] += len(rnd.errors)
         rnd.done.set()
 
@@ -366,7 +382,8 @@ class Spool:
                 res.broken = not _rollback(path, res.size)
                 log.error("spool commit of %s failed: %s %s%s", _tag(key), type(e).__name__,
                           getattr(e, "strerror", ""), " (log broken)" if res.broken else "")
-                res.error = SpoolError(f"commit of {key!r} failed: {e}")
+                res.error = SpoolError(f"commit of {_tag(key)} failed: {os_error_text(e)}",
+                                       key=key)
                 res.error.__cause__ = e
         return chunk
 
@@ -478,9 +495,10 @@ class Spool:
         if not self._running:
             raise SpoolClosed("spool committer is not running")
         if op.key in self._reading:
-            raise RuntimeError(f"spool key {op.key!r} is being read")
+            raise RuntimeError(f"spool key {_tag(op.key)} is being read")
         if op.what == "append" and op.key in self._broken:
-            raise SpoolError(f"log of {op.key!r} is broken after a failed write")
+            raise SpoolError(f"log of {_tag(op.key)} is broken after a failed write",
+                             key=op.key)
         if op.what == "remove":
             self._broken.discard(op.key)
         rnd = self._round
@@ -547,7 +565,7 @@ class Spool:
     def _begin_read(self, key: str) -> None:
         _check_key(key)
         if key in self._reading or any(op.key == key for op in self._pending_ops()):
-            raise RuntimeError(f"spool key {key!r} is busy")
+            raise RuntimeError(f"spool key {_tag(key)} is busy")
         self._reading.add(key)
 
     def _account(self, key: str, reader: _LogReader) -> None:

@@ -9,6 +9,15 @@ session's pseudonym ``session`` (``s_...``, never the raw id). The request conte
 lives in a :class:`~contextvars.ContextVar` set by the app's request hooks
 (:func:`begin_request` / :func:`end_request`) and is added to records by
 :class:`RequestContextFilter`, which :func:`configure` installs on the handler.
+
+A record's exception is not rendered by :mod:`traceback`: exception messages are
+text nobody wrote for a log (an OSError names the spool file of ``org/session``, a
+library puts a repr of its argument in its message), so :func:`format_exception`
+keeps the shape of a traceback -- the chain, exception groups, each frame's file,
+line and function -- but writes each message through
+:func:`telemetry.privacy.exception_text` and no source lines. An uncaught exception
+that ends the process goes through the same formatter (:func:`configure` installs
+``sys.excepthook``), not Python's default printout.
 """
 
 from __future__ import annotations
@@ -19,11 +28,13 @@ import re
 import secrets
 import sys
 import time
+import traceback
 from contextvars import ContextVar
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, TextIO
 
-from telemetry.privacy import truncate_ip
+from telemetry.privacy import exception_text, redact, truncate_ip
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -132,7 +143,63 @@ class RequestContextFilter(logging.Filter):
         return True
 
 
+# Bounds like the traceback module's, so a runaway chain or group stays one sane line.
+_MAX_GROUP_WIDTH = 15
+_MAX_GROUP_DEPTH = 10
+
+
+def format_exception(exc: BaseException) -> str:
+    """A traceback of ``exc`` that no identifier can reach: the chain (causes and
+    contexts), exception groups, and each frame as file, line and function, but
+    every message through :func:`~telemetry.privacy.exception_text` and no source
+    lines."""
+    out: list[str] = []
+    _render(exc, out, "", set(), 0)
+    return "\n".join(out)
+
+
+def _render(exc: BaseException, out: list[str], margin: str, seen: set[int],
+            depth: int) -> None:
+    seen.add(id(exc))
+    cause, context = exc.__cause__, exc.__context__
+    if cause is not None and id(cause) not in seen:
+        _render(cause, out, margin, seen, depth)
+        out += [margin, margin + "The above exception was the direct cause of the "
+                "following exception:", margin]
+    elif context is not None and not exc.__suppress_context__ and id(context) not in seen:
+        _render(context, out, margin, seen, depth)
+        out += [margin, margin + "During handling of the above exception, another "
+                "exception occurred:", margin]
+    if exc.__traceback__ is not None:
+        out.append(margin + "Traceback (most recent call last):")
+        for frame, line in traceback.walk_tb(exc.__traceback__):
+            code = frame.f_code
+            out.append(f'{margin}  File "{code.co_filename}", line {line}, in {code.co_name}')
+    kind = type(exc)
+    name = kind.__qualname__ if kind.__module__ == "builtins" \
+        else f"{kind.__module__}.{kind.__qualname__}"
+    text = exception_text(exc)
+    out.append(f"{margin}{name}: {text}" if text else margin + name)
+    for note in getattr(exc, "__notes__", None) or ():
+        out.append(margin + redact(str(note)))
+    if isinstance(exc, BaseExceptionGroup):
+        if depth >= _MAX_GROUP_DEPTH:
+            out.append(f"{margin}... (exception groups nested too deep)")
+            return
+        subs = exc.exceptions
+        for i, sub in enumerate(subs[:_MAX_GROUP_WIDTH], 1):
+            out.append(f"{margin}+---------------- {i} ----------------")
+            _render(sub, out, margin + "| ", seen, depth + 1)
+        if len(subs) > _MAX_GROUP_WIDTH:
+            out.append(f"{margin}+---- and {len(subs) - _MAX_GROUP_WIDTH} more exceptions")
+
+
 class JsonFormatter(logging.Formatter):
+    """One JSON object per record; its exception by :func:`format_exception`."""
+
+    def formatException(self, ei: Any) -> str:
+        return format_exception(ei[1]) if ei and ei[1] is not None else ""
+
     def format(self, record: logging.LogRecord) -> str:
         out = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
@@ -150,9 +217,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+def log_uncaught(kind: type[BaseException], exc: BaseException,
+                 tb: TracebackType | None) -> None:
+    """``sys.excepthook``: the exception that ends the process, as a ``critical``
+    JSON line like any other (Python's own printout would show its raw messages)."""
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, exc, tb)
+        return
+    logging.getLogger("telemetry").critical("uncaught exception; exiting",
+                                            exc_info=(kind, exc, tb))
+
+
 def configure(level: str = "INFO", stream: TextIO | None = None) -> logging.Handler:
     """Send every log record to ``stream`` (stderr) as one JSON object per line,
-    with the request context added; returns the handler installed on the root."""
+    with the request context added, and an uncaught exception that ends the
+    process too (:func:`log_uncaught`); returns the handler installed on the root."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
     handler.addFilter(RequestContextFilter())
@@ -161,4 +240,5 @@ def configure(level: str = "INFO", stream: TextIO | None = None) -> logging.Hand
     root.setLevel(level)
     # hypercorn's access log would print full client IPs; ours logs truncated ones.
     logging.getLogger("hypercorn.access").disabled = True
+    sys.excepthook = log_uncaught
     return handler

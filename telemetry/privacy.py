@@ -1,4 +1,5 @@
-"""Personal data never reaches a log line: keyed pseudonyms and truncated IPs.
+"""Personal data never reaches a log line: keyed pseudonyms, truncated IPs, and
+exception text with its literals and paths redacted.
 
 A pseudonym is an HMAC-SHA256 of the identifier under a key from configuration
 (``TELEMETRY_PSEUDONYM_KEY``): stable within a deployment so one patient's lines
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import re
 
 
 class Pseudonymiser:
@@ -41,3 +43,36 @@ def truncate_ip(address: str | None) -> str:
         ip = ip.ipv4_mapped
     prefix = 24 if ip.version == 4 else 48
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False).network_address)
+
+
+REDACTED = "<redacted>"
+# What carries an id in the text of an exception nobody wrote for a log: a quoted
+# literal (a repr: KeyError('sx-1'), "key 'org/sx-1' ...") and anything path-like
+# (a spool or blob key "org/session", a file path, a URL). A quote only opens a
+# literal after a non-word character, so the apostrophe in "can't" does not.
+_QUOTED = re.compile(r"""(?<!\w)(?:'[^'\n]*'|"[^"\n]*")""")
+_PATHLIKE = re.compile(r"""[^\s'"]*[/\\][^\s'"]*""")
+MAX_REDACTED_CHARS = 500
+
+
+def redact(text: str) -> str:
+    """``text`` fit for a log line when it may hold identifiers: quoted literals and
+    path-like words become ``<redacted>``, and it is cut to 500 characters. Pattern
+    based, so it cannot see a bare id in plain words: it is the second line of
+    defence, behind messages that never name one (``docs/operations.md``)."""
+    text = _PATHLIKE.sub(REDACTED, _QUOTED.sub(REDACTED, text))
+    if len(text) > MAX_REDACTED_CHARS:
+        text = text[:MAX_REDACTED_CHARS] + "..."
+    return text
+
+
+def exception_text(exc: BaseException) -> str:
+    """An exception's message for a log line: an OSError by errno and strerror (its
+    file names are paths built from ids), anything else through :func:`redact`."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"[Errno {exc.errno}] {exc.strerror}" if exc.errno is not None else exc.strerror
+    try:
+        text = str(exc)
+    except Exception:  # a broken __str__ must not lose the log line
+        return "<unprintable>"
+    return redact(text)

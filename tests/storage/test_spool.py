@@ -233,6 +233,36 @@ async def test_unrecoverable_log_is_marked_broken_other_sessions_fine(
     assert [r.payload for r in Spool(tmp_path).read("o/bad")] == [b"fresh"]
 
 
+async def test_errors_name_no_key_and_no_path(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spool errors are logged with their tracebacks, and keys (``org/session``)
+    join to a patient: the key is an attribute, never in the message, and an OSError
+    is told by errno and strerror, without the file name it carries."""
+    real_open = os.open
+    key = "org-Q7TZ/sess-Q7TZ"
+
+    def full_disk(path: str | os.PathLike[str], flags: int, mode: int = 0o777) -> int:
+        if flags & os.O_CREAT and "Q7TZ" in os.fspath(path):  # a new file on a full disk
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(path))
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(os, "open", full_disk)
+    async with running(tmp_path) as spool:
+        attempts = (lambda: spool.append(key, 1, b"x"),
+                    lambda: spool.set_state(key, {"step": "upload"}))
+        for attempt in attempts:
+            with pytest.raises(SpoolError) as ei:
+                await attempt()
+            assert ei.value.key == key
+            assert "Q7TZ" not in str(ei.value) and str(tmp_path) not in str(ei.value)
+            assert str(ei.value).endswith(f"failed: [Errno {errno.ENOSPC}] "
+                                          f"{os.strerror(errno.ENOSPC)}")
+            assert isinstance(ei.value.__cause__, OSError)  # the full story, for code
+        with pytest.raises(ValueError) as bad:
+            await spool.append("org-Q7TZ/.sess", 1, b"x")
+        assert "Q7TZ" not in str(bad.value)
+
+
 async def test_failed_directory_fsync_fails_new_file_until_it_succeeds(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_fsync = os.fsync

@@ -14,14 +14,22 @@ cannot pass by capturing nothing.
 Lines from ``httpx``/``httpcore`` are the *test client's* own request log (it runs in
 the same process and logs the URLs it calls); the service never logs through them
 except in the HTTP bus, which posts to the Core API's fixed URL.
+
+The error paths get their own run: the disk fills up under live sessions, and every
+error line, its traceback included, is scanned the same way. Those lines are where
+ids hide: in exception messages (a key ``org/session``) and in an OSError's file
+name (a spool path built from the ids).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import json
 import logging
+import os
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -50,13 +58,13 @@ CLIENT_IP = "127.0.0.9"
 def log_buffer() -> Iterator[io.StringIO]:
     root = logging.getLogger()
     access = logging.getLogger("hypercorn.access")
-    saved = (root.handlers[:], root.level, access.disabled)
+    saved = (root.handlers[:], root.level, access.disabled, sys.excepthook)
     buf = io.StringIO()
     logs.configure("DEBUG", buf)
     try:
         yield buf
     finally:
-        root.handlers[:], root.level, access.disabled = saved[0], saved[1], saved[2]
+        root.handlers[:], root.level, access.disabled, sys.excepthook = saved
 
 
 def media(view: str, events: list[dict[str, Any]]) -> bytes:
@@ -148,3 +156,117 @@ def _admin(s: Settings) -> str:
     from telemetry.auth import mint_service_token
 
     return mint_service_token(s)
+
+
+# ------------------------------------------------------------------ error paths
+# Ids of their own, so a hit in this test's lines cannot come from the test above.
+ERR_ORG, ERR_PATIENT = "org-VB3N6T-east", "pt-VB3N6T-dee"
+ERR_SESSIONS = ["sx-VB3N6T-010", "sx-VB3N6T-011", "sx-VB3N6T-012"]
+
+
+class _FullDisk:
+    """``storage.spool``'s view of :mod:`os` with the disk filling up on demand: the
+    spool's real code runs, only its system calls fail, the way they do on a full
+    disk (failure injection only). Creating a file fails with ENOSPC naming the path
+    (``os.open`` does), a write fails without one; with ``no_truncate`` the rollback
+    fails too, so the log is marked broken."""
+
+    def __init__(self) -> None:
+        self.full = False
+        self.no_truncate = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    def open(self, path: Any, flags: int, mode: int = 0o777) -> int:
+        if self.full and flags & os.O_CREAT and not os.path.exists(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(path))
+        return os.open(path, flags, mode)
+
+    def write(self, fd: int, data: Any) -> int:
+        if self.full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return os.write(fd, data)
+
+    def ftruncate(self, fd: int, size: int) -> None:
+        if self.no_truncate:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        os.ftruncate(fd, size)
+
+
+async def test_no_ids_in_error_lines_or_tracebacks(
+    settings: Settings, log_buffer: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills up under live sessions: refused batches (``storage failed while
+    admitting data``), a log the spool cannot roll back (broken), and an end whose
+    finalisation cannot write its state (``finalisation failed``). Every one of those
+    lines carries a traceback whose exceptions were raised about these very ids (the
+    old spool put the key in its message, and an OSError names the file); none may
+    show them."""
+    import actors.session
+    import storage.spool
+    from actors.durable import session_key
+
+    disk = _FullDisk()
+    monkeypatch.setattr(storage.spool, "os", disk)
+    live, broken, fresh = ERR_SESSIONS
+    real_finalise = actors.session.finalise
+
+    async def finalise(actor: Any) -> dict[str, Any]:
+        # The disk fills up as the session finalises: its state write fails for real.
+        # Done here rather than left to finalise(), whose policy for storage failures
+        # (give up, or retry until the disk has room) is not what this test is about.
+        if actor.session_id == live and actor.spool is not None:
+            disk.full = True
+            try:
+                await actor.spool.set_state(session_key(actor.org_id, actor.session_id),
+                                            {"step": "upload", "end_reason": actor.end_reason})
+            finally:
+                disk.full = False
+        return await real_finalise(actor)
+
+    monkeypatch.setattr(actors.session, "finalise", finalise)
+    async with running_service(settings) as svc:
+        toks = {sid: session_token(settings, org_id=ERR_ORG, session_id=sid,
+                                   patient_id=ERR_PATIENT) for sid in ERR_SESSIONS}
+
+        async def send(sid: str, seq: int) -> int:
+            r = await svc.client.post("/v1/pose/frames", content=batch_body(seq), headers={
+                "Authorization": f"Bearer {toks[sid]}", "Content-Type": CONTENT_TYPE})
+            return r.status_code
+
+        for sid in (live, broken):
+            assert await send(sid, 0) == 202
+        disk.full = True
+        assert await send(live, 1) == 503  # a write fails: rolled back, refused
+        assert await send(fresh, 0) == 503  # a new log cannot be created
+        disk.no_truncate = True
+        assert await send(broken, 1) == 503  # the rollback fails too: log broken
+        disk.no_truncate = False
+        assert await send(broken, 2) == 503  # refused at once: the log is broken
+        disk.full = False
+        with trio.fail_after(10):
+            await svc.client.post(f"/v1/sessions/{live}/end",
+                                  headers={"Authorization": f"Bearer {toks[live]}"})
+
+    lines = [line for line in log_buffer.getvalue().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    service = [(line, rec) for line, rec in zip(lines, records, strict=True)
+               if not rec["logger"].startswith(CLIENT_LOGGERS)]
+    forbidden = [ERR_ORG, ERR_PATIENT, *ERR_SESSIONS, "VB3N6T"]
+    leaks = sorted({f"{rec['logger']}: {line}" for line, rec in service
+                    for word in forbidden if word in line})
+    assert not leaks, "ids in error lines or tracebacks:\n" + "\n".join(leaks)
+
+    # The scan saw the failures, with their pseudonyms, tracebacks and causes.
+    p = Pseudonymiser(settings.pseudonym_key)
+    admit = [rec for _, rec in service if rec["msg"] == "storage failed while admitting data"]
+    assert len(admit) == 4
+    assert {rec["session"] for rec in admit} == {p.session(ERR_ORG, sid) for sid in ERR_SESSIONS}
+    assert all(rec["exc_type"] == "SpoolError" for rec in admit)
+    excs = "\n".join(rec["exc"] for rec in admit)
+    assert "[Errno 28] No space left on device" in excs and "broken" in excs
+    assert 'spool.py", line' in excs  # the frames are still there
+    (final,) = [rec for _, rec in service if rec["msg"] == "finalisation failed"]
+    assert final["session"] == p.session(ERR_ORG, live)
+    assert "SpoolError" in final["exc"] and "No space left on device" in final["exc"]

@@ -4,10 +4,12 @@ session pseudonym on every line of a request, levels that mean something, no per
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
 import re
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,9 +40,11 @@ class Captured:
 @pytest.fixture
 def captured() -> Iterator[Captured]:
     """The service's own JSON logging (``logs.configure``) into a buffer, at DEBUG;
-    the root logger and hypercorn's access log are put back afterwards."""
+    the root logger, hypercorn's access log and ``sys.excepthook`` are put back
+    afterwards."""
     root = logging.getLogger()
     saved = root.handlers[:], root.level
+    hook = sys.excepthook
     access = logging.getLogger("hypercorn.access")
     access_disabled = access.disabled
     cap = Captured()
@@ -56,6 +60,7 @@ def captured() -> Iterator[Captured]:
         root.handlers[:], level = saved
         root.setLevel(level)
         access.disabled = access_disabled
+        sys.excepthook = hook
         for q, lvl in zip(quiet, levels, strict=True):
             q.setLevel(lvl)
 
@@ -210,3 +215,89 @@ def test_safe_request_ids() -> None:
     for bad in (None, "", "a" * 65, "a b", "a\nb", "ü", "-x", "a/b", "a;b"):
         assert logs.safe_request_id(bad) is None
     assert re.fullmatch(r"[0-9a-f]{16}", logs.new_request_id())
+
+
+def _failing_commit() -> None:
+    # What the spool's worker thread meets on a full disk: an OSError naming the file.
+    raise OSError(errno.ENOSPC, "No space left on device", f"/data/spool/{ORG}/{SESSION}.log")
+
+
+def _chained_failure() -> BaseException:
+    """A traceback as hostile as exception text gets: ids quoted, in a key, in a
+    path, in a URL, in a note, through a cause, a context and a group."""
+    try:
+        try:
+            _failing_commit()
+        except OSError as e:
+            raise RuntimeError(f"commit of {ORG + '/' + SESSION!r} failed: {e}") from e
+    except RuntimeError as outer:
+        try:
+            raise KeyError(PATIENT)
+        except KeyError as ctx:
+            inner = ValueError(f"GET https://s3.example/{ORG}/{SESSION}.bin.gz?p={PATIENT} "
+                               "failed")
+            inner.add_note(f"while storing {SESSION!r}")
+            group = ExceptionGroup("Exceptions from Trio nursery", [inner, outer])
+            try:
+                raise group from ctx
+            except ExceptionGroup as g:
+                return g
+    raise AssertionError("unreachable")
+
+
+def test_tracebacks_keep_their_shape_and_lose_their_ids(captured: Captured) -> None:
+    """The sink's half of keeping ids out of error lines: whatever an exception's
+    text holds, the traceback logged keeps its chain, groups and frames, and an
+    OSError's errno and strerror, but no quoted literal, key, path or URL."""
+    exc = _chained_failure()
+    logging.getLogger("telemetry.test").error("finalisation failed", exc_info=exc,
+                                              extra={"session": "s_0123456789abcdef"})
+    (line,) = captured.lines()
+    text = captured.text()
+    for private in (ORG, SESSION, PATIENT, "/data/spool", "s3.example"):
+        assert private not in text
+    assert line["exc_type"] == "ExceptionGroup" and line["session"] == "s_0123456789abcdef"
+    tb = line["exc"]
+    assert tb.count("Traceback (most recent call last):") == 5
+    assert "The above exception was the direct cause of the following exception:" in tb
+    assert "During handling of the above exception, another exception occurred:" in tb
+    assert 'test_logs.py", line' in tb and ", in _failing_commit" in tb  # frames kept
+    assert "OSError: [Errno 28] No space left on device" in tb
+    assert ("RuntimeError: commit of <redacted> failed: [Errno 28] No space left on device: "
+            "<redacted>") in tb
+    assert "KeyError: <redacted>" in tb
+    assert "ExceptionGroup: Exceptions from Trio nursery (2 sub-exceptions)" in tb
+    assert "+---------------- 2 ----------------" in tb
+    assert "| ValueError: GET <redacted> failed" in tb and "| while storing <redacted>" in tb
+    assert "raise" not in tb  # no source lines
+
+
+def test_uncaught_exception_is_a_json_line_without_ids(captured: Captured) -> None:
+    """The fatal path: what ends the process is logged like any error, not printed
+    raw by Python."""
+    assert sys.excepthook is logs.log_uncaught
+    try:
+        _failing_commit()
+    except OSError as e:
+        sys.excepthook(type(e), e, e.__traceback__)
+    (line,) = captured.lines()
+    assert line["level"] == "critical" and line["exc_type"] == "OSError"
+    assert "[Errno 28] No space left on device" in line["exc"]
+    assert ORG not in captured.text() and SESSION not in captured.text()
+
+
+def test_exception_text_redacts_literals_and_paths() -> None:
+    from telemetry.privacy import exception_text, redact
+
+    assert redact("can't find 'sx-1' at /a/b or org/sx-1; isn't there") == \
+        "can't find <redacted> at <redacted> or <redacted> isn't there"
+    assert redact("x" * 600).endswith("...") and len(redact("x" * 600)) == 503
+    assert exception_text(OSError(errno.EIO, "Input/output error", "/d/org/s.log",
+                                  None, "/d/org/t.log")) == "[Errno 5] Input/output error"
+    assert exception_text(OSError("disk full at /d/org/s.log")) == "disk full at <redacted>"
+
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError
+
+    assert exception_text(Unprintable()) == "<unprintable>"
