@@ -8,9 +8,15 @@ event at most once per session, so retrying is always safe.
 Retried, with exponential backoff and jitter (``trio.sleep``, so a test clock can
 drive it): connection failures and timeouts, 408, 429 and every 5xx. A
 ``Retry-After`` header (seconds) raises the next delay, capped at ``max_delay_s``.
-Any other non-2xx answer raises :class:`BusError` at once: the receiver has judged
-the event and sending it again will not change its mind. After ``max_attempts``
-failed attempts :class:`BusError` is raised with the last failure.
+Any other non-2xx answer fails at once, without retrying here. 400, 413 and 422 mean
+the receiver has judged *the event* and sending it again will not change its mind:
+they raise :class:`~storage.bus.EventRejected`, which the outbox treats as final
+(moved to ``dead/`` at once). Other answers (401/403: our token, 404/405: the URL,
+...) are about this sender's configuration, not the event, so they raise a plain
+:class:`BusError` and the outbox retries them with its backoff. An event without an
+``event_id`` or not JSON-serialisable can never be sent: ``EventRejected`` too.
+After ``max_attempts`` failed attempts :class:`BusError` is raised with the last
+failure.
 
 Cancellation propagates unchanged; a cancelled publish may or may not have been
 delivered (the caller re-publishes; the idempotency key makes that harmless).
@@ -26,11 +32,13 @@ from collections.abc import Callable
 import httpx
 import trio
 
-from storage.bus import BusError, Event
+from storage.bus import BusError, Event, EventRejected
 
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({408, 429})
+# The receiver refuses the event itself: final, whoever sends it and whenever.
+REJECTED_STATUS = frozenset({400, 413, 422})
 
 
 def _retry_after(resp: httpx.Response) -> float | None:
@@ -88,11 +96,11 @@ class HttpBus:
         """Deliver ``event``; return once the receiver answered 2xx. See module doc."""
         key = event.get("event_id")
         if not isinstance(key, str) or not key:
-            raise BusError("event has no event_id to use as its idempotency key")
+            raise EventRejected("event has no event_id to use as its idempotency key")
         try:
             body = json.dumps(event, allow_nan=False, separators=(",", ":")).encode()
         except (TypeError, ValueError) as exc:
-            raise BusError(f"event is not JSON-serialisable: {exc}") from exc
+            raise EventRejected(f"event is not JSON-serialisable: {exc}") from exc
         last = "no attempt made"
         for attempt in range(1, self.max_attempts + 1):
             retry_after: float | None = None
@@ -116,8 +124,11 @@ class HttpBus:
                     self.published += 1
                     return
                 last = f"HTTP {resp.status_code}: {resp.text[:300]}"
+                # no event id in the messages: it names the session (org and id)
+                if resp.status_code in REJECTED_STATUS:
+                    raise EventRejected(f"receiver rejected the event: {last}")
                 if resp.status_code not in RETRYABLE_STATUS and resp.status_code < 500:
-                    raise BusError(f"receiver rejected event {key}: {last}")
+                    raise BusError(f"receiver rejected the event: {last}")
                 retry_after = _retry_after(resp)
             if attempt == self.max_attempts:
                 break
@@ -126,7 +137,7 @@ class HttpBus:
             log.warning("bus delivery failed; retrying",
                         extra={"attempt": attempt, "delay_s": round(delay, 3), "error": last})
             await trio.sleep(delay)
-        raise BusError(f"gave up on event {key} after {self.max_attempts} attempts: {last}")
+        raise BusError(f"gave up on the event after {self.max_attempts} attempts: {last}")
 
     async def aclose(self) -> None:
         """Close the owned HTTP client (shielded, bounded). Idempotent."""

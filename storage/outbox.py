@@ -3,10 +3,11 @@
 :meth:`Outbox.publish` writes the event to disk (temp file, fsync, rename,
 directory fsync) and returns: from then on the event survives a crash. A delivery
 task (:meth:`Outbox.run`, in the root nursery) sends the events through the
-wrapped bus one at a time, oldest first, and deletes each file only after the bus
-accepted it. If the Core API or the sink is down, events wait on disk and are
-delivered when it is back, after a restart too. The Outbox is itself a Bus
-(``publish``, ``aclose``), so an actor can use it as its bus.
+wrapped bus, oldest first, up to ``concurrency`` at a time (one per session), and
+deletes each file only after the bus accepted it. If the Core API or the sink is
+down, events wait on disk and are delivered when it is back, after a restart too.
+The Outbox is itself a Bus (``publish``, ``aclose``), so an actor can use it as its
+bus.
 
 Files under ``root``::
 
@@ -22,22 +23,38 @@ event id is one file: publishing an id that is already pending changes nothing
 returns once that file is durable. An id published again after its delivery is
 queued and delivered again, which the receiver's idempotency makes harmless.
 
-Delivery is at least once and in publish order: a failed delivery (any Exception
-from the bus, BusError or not) is retried after an exponential backoff
-(``base_delay_s`` doubling per failure, capped at ``max_delay_s``, with "equal
-jitter": half fixed, half random), and events behind it wait, so an outage does
-not reorder them. The bus protocol cannot tell a malformed event from an outage,
-so an event that has failed ``max_attempts`` times in a row (default 50: 22 to
-44 minutes with the default delays) is moved to ``dead/`` and counted (``dead``), and
-delivery moves on; an operator can move it back into ``pending/`` and restart.
+Delivery is at least once, and in publish order *within a session*: events are
+keyed by the event's ``org_id`` and ``session_id`` (by ``event_id`` if it has
+neither), and an event is only sent once every earlier event of its key has been
+delivered or set aside. Events of different keys do not wait for each other: one
+event that keeps failing holds up only the later events of its own session.
+
+* :class:`~storage.bus.EventRejected` from the bus (the receiver refused *the
+  event*, e.g. a 400: malformed, or text Postgres cannot store) is final: the event
+  is moved to ``dead/`` at once, logged and counted (``rejected`` and ``dead``).
+* Any other Exception (BusError or not: an outage, a timeout, a 5xx) is transient:
+  that event is retried after an exponential backoff (``base_delay_s`` doubling per
+  failure of that event, capped at ``max_delay_s``, with "equal jitter": half fixed,
+  half random) while other keys are delivered. An event that has failed
+  ``max_attempts`` times in a row (default 50: 22 to 44 minutes with the default
+  delays) is moved to ``dead/`` and counted (``dead``), in case the receiver cannot
+  say that an event is bad. An operator can move a dead event back into
+  ``pending/`` and restart.
+* An outage fails every event, and retrying each on its own clock would multiply
+  the load on a receiver that is coming back. So failures in a row, across events,
+  also pause all delivery: after the n-th (n >= 2) the pause is ``retry_delay(n-1)``,
+  and any delivery the receiver answered (accepted or rejected) ends it. One
+  failing event alone never pauses the others.
+
 Attempt counts live in memory and restart from 0 after a restart. A crash after
 the bus accepted an event but before its file was deleted delivers it again.
 
 Cancellation: a cancelled ``publish`` raises ``Cancelled``; its event may or may
 not have been written (if written, it will be delivered). Cancelling ``run``
-stops delivery; an event being delivered stays on disk and is delivered again on
-the next start. ``trio.Cancelled`` is never swallowed. Disk errors in ``publish``
-raise :class:`BusError` (the caller keeps the event and retries, as with any bus).
+stops delivery, including the deliveries in flight; an event being delivered stays
+on disk and is delivered again on the next start. ``trio.Cancelled`` is never
+swallowed. Disk errors in ``publish`` raise :class:`BusError` (the caller keeps the
+event and retries, as with any bus).
 """
 
 from __future__ import annotations
@@ -47,6 +64,7 @@ import hashlib
 import heapq
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -58,7 +76,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from storage.bus import Bus, BusError
+from storage.bus import Bus, BusError, EventRejected
 from storage.fsutil import fsync_dir
 
 __all__ = ["Outbox"]
@@ -66,6 +84,7 @@ __all__ = ["Outbox"]
 log = logging.getLogger("telemetry.outbox")
 T = TypeVar("T")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+Key = tuple[str, str]  # what orders delivery: (org_id, session_id), or ("", event_id)
 
 
 def event_file_name(event_id: str) -> str:
@@ -79,11 +98,22 @@ def _tag(name: str) -> str:
     return "e_" + name.rsplit(".", 1)[-1]
 
 
+def ordering_key(event: Mapping[str, Any]) -> Key:
+    """The events that must be delivered in publish order share this key: those of one
+    session. An event without both ids is ordered only with itself (its event_id)."""
+    org, sid = event.get("org_id"), event.get("session_id")
+    if isinstance(org, str) and isinstance(sid, str):
+        return (org, sid)
+    return ("", str(event.get("event_id")))
+
+
 @dataclass(eq=False)
 class _Entry:
     name: str
     seq: int
+    key: Key
     attempts: int = 0
+    not_before: float = -math.inf  # trio clock: no retry before this
 
 
 class Outbox:
@@ -98,6 +128,7 @@ class Outbox:
         base_delay_s: float = 0.5,
         max_delay_s: float = 60.0,
         max_attempts: int = 50,
+        concurrency: int = 4,
         rng: random.Random | None = None,
     ) -> None:
         self.root = Path(root).absolute()
@@ -107,16 +138,27 @@ class Outbox:
         self._limiter = limiter if limiter is not None else trio.CapacityLimiter(2)
         self._base, self._cap = base_delay_s, max_delay_s
         self._max_attempts = max(1, max_attempts)
+        # Several at a time, so that one slow event (timeouts, the bus's own retries)
+        # does not hold up the others; a few suffice, the receiver is one service.
+        self._concurrency = max(1, concurrency)
         self._rng = rng or random.Random()
         self._entries: dict[str, _Entry] = {}
-        self._heap: list[tuple[int, str]] = []  # (seq, name); stale pairs are skipped
+        # All heaps hold (seq, name) pairs, checked against _entries when popped, so
+        # removing an entry needs no heap surgery. Each entry has one pair in its
+        # key's heap and at most a few in _ready/_delayed, so they stay bounded.
+        self._by_key: dict[Key, list[tuple[int, str]]] = {}  # per key, oldest first
+        self._ready: list[tuple[int, str]] = []  # candidates to send now
+        self._delayed: list[tuple[float, int, str]] = []  # (not_before, seq, name)
+        self._busy: set[Key] = set()  # keys with a delivery in flight
+        self._streak = 0  # transient failures in a row, across events
+        self._pause_until = -math.inf  # trio clock: no new delivery before this
         self._writing: dict[str, trio.Event] = {}
         self._wakeup = trio.Event()
         self._last_seq = 0
         self._closed = False
         self._dirs_ready = False
         self._run_scope: trio.CancelScope | None = None
-        self._counts = dict(delivered=0, failures=0, dead=0, corrupt=0)
+        self._counts = dict(delivered=0, failures=0, rejected=0, dead=0, corrupt=0)
 
     @property
     def depth(self) -> int:
@@ -152,7 +194,8 @@ class Outbox:
         done = self._writing[name] = trio.Event()
         try:
             await self._thread(self._write_pending, name, doc)
-            self._add(_Entry(name, seq))  # no checkpoint since the write returned
+            # no checkpoint since the write returned
+            self._add(_Entry(name, seq, ordering_key(event)))
         except OSError as e:
             raise BusError(f"outbox write failed: {e.strerror}") from e
         finally:
@@ -173,7 +216,8 @@ class Outbox:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Load what is on disk, call ``started()``, then deliver until cancelled or
-        :meth:`aclose` (then it returns). Never raises for a delivery failure."""
+        :meth:`aclose` (then it returns, with the deliveries in flight cancelled).
+        Never raises for a delivery failure."""
         entries, corrupt = await self._thread(self._load)
         self._counts["corrupt"] += corrupt
         for entry in entries:
@@ -183,15 +227,35 @@ class Outbox:
             task_status.started()
             if self._closed:
                 return
-            while True:
-                entry = self._head()
-                if entry is None:
+            async with trio.open_nursery() as nursery:
+                while True:
+                    now = trio.current_time()
+                    entry = None
+                    if len(self._busy) < self._concurrency and now >= self._pause_until:
+                        entry = self._next(now)
+                    if entry is not None:
+                        self._busy.add(entry.key)
+                        nursery.start_soon(self._deliver, entry)
+                        continue  # at most `concurrency` times before waiting below
+                    # No checkpoint between the checks above and the new Event: a
+                    # publish or a finished delivery after them sets this one.
                     self._wakeup = trio.Event()
-                    await self._wakeup.wait()
-                    continue
-                await self._deliver(entry)
+                    with trio.move_on_at(self._next_due(now)):
+                        await self._wakeup.wait()
 
     async def _deliver(self, entry: _Entry) -> None:
+        """One attempt at one event (a task of :meth:`run`'s nursery); then its key's
+        next event, or this one again after its backoff, becomes a candidate."""
+        try:
+            await self._attempt(entry)
+        finally:  # no checkpoint here: also runs as cancellation unwinds
+            self._busy.discard(entry.key)
+            head = self._key_head(entry.key)
+            if head is not None:
+                heapq.heappush(self._ready, (head.seq, head.name))
+            self._wakeup.set()
+
+    async def _attempt(self, entry: _Entry) -> None:
         tag = _tag(entry.name)
         try:
             event = await self._thread(self._read_pending, entry.name)
@@ -209,9 +273,13 @@ class Outbox:
             return
         try:
             await self._bus.publish(event)
+        except EventRejected as e:
+            await self._rejected(entry, e)
+            return
         except Exception as e:  # trio.Cancelled is not an Exception: it propagates
             await self._failed(entry, e)
             return
+        self._receiver_answered()
         self._counts["delivered"] += 1
         try:
             # Still listed while its file is deleted, so a concurrent publish of the
@@ -222,28 +290,54 @@ class Outbox:
                       "delivered again after a restart", tag, e.strerror)
         self._drop(entry)
 
-    async def _failed(self, entry: _Entry, exc: Exception) -> None:
+    def _receiver_answered(self) -> None:
+        """The receiver is up (it accepted or judged an event): end any outage pause."""
+        self._streak = 0
+        self._pause_until = -math.inf
+
+    async def _rejected(self, entry: _Entry, exc: EventRejected) -> None:
+        """The receiver refused the event for good: to dead/ now, not after 50 tries."""
+        self._receiver_answered()
         entry.attempts += 1
         self._counts["failures"] += 1
+        self._counts["rejected"] += 1
+        log.error("outbox event %s rejected by the receiver (%s); moved to dead/ "
+                  "without retrying", _tag(entry.name), type(exc).__name__)
+        await self._give_up(entry, f"rejected: {exc}")
+
+    async def _failed(self, entry: _Entry, exc: Exception) -> None:
+        """A transient failure: back this event off (its key waits), and pause all
+        delivery if failures are coming in a row (an outage)."""
+        entry.attempts += 1
+        self._counts["failures"] += 1
+        self._streak += 1
+        now = trio.current_time()
+        if self._streak >= 2:
+            self._pause_until = max(self._pause_until,
+                                    now + self.retry_delay(self._streak - 1))
         tag = _tag(entry.name)
         if entry.attempts >= self._max_attempts:
             log.error("outbox gives up on event %s after %d attempts (%s); moved to dead/",
                       tag, entry.attempts, type(exc).__name__)
-            try:
-                await self._thread(self._bury, entry.name, entry.attempts,
-                                   f"{type(exc).__name__}: {exc}")
-            except OSError as e:
-                log.error("outbox could not move %s to dead/ (%s); retrying it", tag, e.strerror)
-                entry.attempts = 0
-                await trio.sleep(self.retry_delay(1))
-                return
-            self._counts["dead"] += 1
-            self._drop(entry)
+            await self._give_up(entry, f"{type(exc).__name__}: {exc}")
             return
         delay = self.retry_delay(entry.attempts)
+        entry.not_before = now + delay
         log.warning("outbox delivery of %s failed (attempt %d/%d: %s); retry in %.1f s",
                     tag, entry.attempts, self._max_attempts, type(exc).__name__, delay)
-        await trio.sleep(delay)
+
+    async def _give_up(self, entry: _Entry, error: str) -> None:
+        """Move the event to dead/ and count it; if that fails, retry it later."""
+        try:
+            await self._thread(self._bury, entry.name, entry.attempts, error)
+        except OSError as e:
+            log.error("outbox could not move %s to dead/ (%s); retrying it",
+                      _tag(entry.name), e.strerror)
+            entry.attempts = 0
+            entry.not_before = trio.current_time() + self.retry_delay(1)
+            return
+        self._counts["dead"] += 1
+        self._drop(entry)
 
     def retry_delay(self, attempts: int) -> float:
         """Seconds to wait after the ``attempts``-th failure in a row of one event:
@@ -256,18 +350,51 @@ class Outbox:
 
     def _add(self, entry: _Entry) -> None:
         self._entries[entry.name] = entry
-        heapq.heappush(self._heap, (entry.seq, entry.name))
+        heapq.heappush(self._by_key.setdefault(entry.key, []), (entry.seq, entry.name))
+        heapq.heappush(self._ready, (entry.seq, entry.name))
         self._last_seq = max(self._last_seq, entry.seq)
         self._wakeup.set()
 
-    def _head(self) -> _Entry | None:
-        while self._heap:
-            seq, name = self._heap[0]
+    def _key_head(self, key: Key) -> _Entry | None:
+        """The oldest listed event of ``key``: the only one of its key that may be sent."""
+        heap = self._by_key.get(key)
+        while heap:
+            seq, name = heap[0]
             entry = self._entries.get(name)
             if entry is not None and entry.seq == seq:
                 return entry
-            heapq.heappop(self._heap)
+            heapq.heappop(heap)
+        self._by_key.pop(key, None)
         return None
+
+    def _next(self, now: float) -> _Entry | None:
+        """The oldest event that may be sent now: the head of its key, its key not in
+        flight, its backoff over. Candidates that may not are dropped from ``_ready``
+        (a stale pair; an event behind its key's head, or of a key in flight: pushed
+        again when that delivery ends) or parked in ``_delayed`` (backing off)."""
+        while self._delayed and self._delayed[0][0] <= now:
+            _, seq, name = heapq.heappop(self._delayed)
+            heapq.heappush(self._ready, (seq, name))
+        while self._ready:
+            seq, name = heapq.heappop(self._ready)
+            entry = self._entries.get(name)
+            if (entry is None or entry.seq != seq or entry.key in self._busy
+                    or self._key_head(entry.key) is not entry):
+                continue
+            if entry.not_before > now:
+                heapq.heappush(self._delayed, (entry.not_before, seq, name))
+                continue
+            return entry
+        return None
+
+    def _next_due(self, now: float) -> float:
+        """When :meth:`run` must look again without being woken: at the end of an
+        outage pause, else when the first backoff ends (a spurious wake-up is harmless)."""
+        if len(self._busy) >= self._concurrency:
+            return math.inf  # a delivery ending wakes run
+        if self._pause_until > now:
+            return self._pause_until
+        return self._delayed[0][0] if self._delayed else math.inf
 
     def _drop(self, entry: _Entry) -> None:
         if self._entries.get(entry.name) is entry:
@@ -327,14 +454,17 @@ class Outbox:
             try:
                 doc = json.loads(path.read_bytes())
                 seq = int(doc["seq"])
-                if not isinstance(doc["event"], dict):
+                event = doc["event"]
+                if not isinstance(event, dict):
                     raise TypeError("event is not an object")
             except (ValueError, KeyError, TypeError):
                 log.error("outbox event %s does not parse; moved to dead/", _tag(name))
                 self._quarantine(name)
                 corrupt += 1
                 continue
-            entries.append(_Entry(name, seq))
+            # The key comes from the event itself: files written before keys existed
+            # load unchanged.
+            entries.append(_Entry(name, seq, ordering_key(event)))
         entries.sort(key=lambda e: (e.seq, e.name))
         return entries, corrupt
 

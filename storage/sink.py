@@ -9,15 +9,21 @@ row-level security checks every row. The session row is inserted first with
 nothing else is written (concurrent duplicates serialise on its primary key).
 
 Errors: a malformed event raises :class:`SinkEventError` naming the offending field,
-before any I/O; database errors propagate (psycopg's ``OperationalError`` means
-"retry later"). Cancellation propagates once the in-flight transaction has finished
-in its thread; the transaction either committed or rolled back as a whole.
+before any I/O; that includes text Postgres cannot store (NUL, unpaired surrogates),
+anywhere in the event. Database errors propagate: :func:`is_permanent` tells the ones
+no retry can fix (the event, or a value in it, is refused: ``SinkEventError``,
+psycopg's ``DataError``) from the rest (``OperationalError`` means "retry later").
+As a bus subscriber (:meth:`AggregateSink.handle`) the permanent ones are raised as
+:class:`storage.bus.EventRejected`, so the outbox sets the event aside instead of
+retrying it. Cancellation propagates once the in-flight transaction has finished in
+its thread; the transaction either committed or rolled back as a whole.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -25,6 +31,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from storage.bus import EventRejected
 from storage.pg import Database
 
 EVENT_TYPE = "telemetry.session.ended"
@@ -40,6 +47,19 @@ MAX_BUFFERING = 10_000
 
 class SinkEventError(ValueError):
     """The event is malformed; the message names the field and the fault."""
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """True if storing the event failed for a reason a retry cannot fix: the event is
+    malformed, or Postgres refused a value in it (``DataError``: a NUL, an untranslatable
+    character, a number out of range). Connection and server faults are transient."""
+    return isinstance(exc, SinkEventError | psycopg.DataError)
+
+
+# NUL cannot be stored in text or JSONB (\u0000), and a lone surrogate has no UTF-8
+# form. Found anywhere, such text would fail the whole transaction on every delivery.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+_UNSTORABLE_MSG = "contains NUL or an unpaired surrogate, which cannot be stored"
 
 
 # -- validation -------------------------------------------------------------------
@@ -64,6 +84,8 @@ def _text(m: Mapping[str, Any], key: str, path: str, *, required: bool = True,
         raise _fail(f"{path}{key}", "expected a non-empty string")
     if len(value) > max_len:
         raise _fail(f"{path}{key}", f"longer than {max_len} characters")
+    if _UNSTORABLE.search(value):
+        raise _fail(f"{path}{key}", _UNSTORABLE_MSG)
     return value
 
 
@@ -122,13 +144,18 @@ def _time(m: Mapping[str, Any], key: str, path: str, *, required: bool = True
 
 
 def _json(value: Any, path: str) -> Any:
-    """Check that ``value`` is plain JSON with finite numbers (JSONB rejects NaN)."""
+    """Check that ``value`` is plain JSON that JSONB can hold: finite numbers (JSONB
+    rejects NaN), no NUL or unpaired surrogate in any string or key."""
     if isinstance(value, float) and not math.isfinite(value):
         raise _fail(path, "number is not finite")
+    if isinstance(value, str) and _UNSTORABLE.search(value):
+        raise _fail(path, _UNSTORABLE_MSG)
     if isinstance(value, Mapping):
         for k, v in value.items():
             if not isinstance(k, str):
                 raise _fail(path, "object keys must be strings")
+            if _UNSTORABLE.search(k):
+                raise _fail(path, f"a key {_UNSTORABLE_MSG}")
             _json(v, f"{path}.{k}")
     elif isinstance(value, list | tuple):
         for i, v in enumerate(value):
@@ -140,11 +167,11 @@ def _json(value: Any, path: str) -> Any:
 
 def _error_text(value: Any) -> str | None:
     # Free text from the producer's failure path: truncated, never a reason to reject
-    # (and so lose) the session.
+    # (and so lose) the session, so what Postgres cannot store is replaced, not refused.
     if value is None:
         return None
     text = value if isinstance(value, str) else repr(value)
-    return text[:2000]
+    return _UNSTORABLE.sub("\ufffd", text[:2000])
 
 
 def _list(m: Mapping[str, Any], key: str, path: str, limit: int) -> list[Any]:
@@ -305,6 +332,14 @@ def parse_event(ev: Any) -> dict[str, Any]:
 # -- writing ----------------------------------------------------------------------
 
 
+def describe_refusal(exc: Exception) -> str:
+    """What a refusal says: the field and the fault, or Postgres's primary message
+    (psycopg's own message when it refused the value before sending it)."""
+    if isinstance(exc, psycopg.Error):
+        return f"rejected by the database: {exc.diag.message_primary or str(exc)[:200]}"
+    return str(exc)
+
+
 def _insert(table: str, cols: list[str], conflict: str = "") -> str:
     names = ", ".join(cols)
     values = ", ".join(f"%({c})s" for c in cols)
@@ -359,14 +394,27 @@ class AggregateSink:
         self.db = db
 
     async def store(self, event: Mapping[str, Any]) -> Literal["stored", "duplicate"]:
-        """Validate and write ``event``; ``"duplicate"`` if the session was already stored."""
+        """Validate and write ``event``; ``"duplicate"`` if the session was already stored.
+        Errors as in the module docstring."""
         rows = parse_event(event)
-        stored = await self.db.run(lambda conn: _write(conn, rows))
+        try:
+            stored = await self.db.run(lambda conn: _write(conn, rows))
+        except UnicodeEncodeError:
+            # Text with no UTF-8 form that validation missed: psycopg cannot even send
+            # it, so it is the event's fault, as permanent as a malformed field.
+            raise SinkEventError("event: text that cannot be encoded as UTF-8") from None
         return "stored" if stored else "duplicate"
 
     async def handle(self, event: Mapping[str, Any]) -> None:
-        """Bus subscriber entry point: :meth:`store`, discarding the outcome."""
-        await self.store(event)
+        """Bus subscriber entry point: :meth:`store`, discarding the outcome. A refusal
+        no retry can fix (:func:`is_permanent`) is raised as
+        :class:`~storage.bus.EventRejected`; anything else propagates unchanged."""
+        try:
+            await self.store(event)
+        except Exception as exc:  # trio.Cancelled is not an Exception: it propagates
+            if is_permanent(exc):
+                raise EventRejected(f"sink refused the event: {describe_refusal(exc)}") from exc
+            raise
 
     async def session_rows(self, org_id: str) -> list[dict[str, Any]]:
         """``pose_session_metrics`` rows of one organisation, oldest first, read under

@@ -11,6 +11,9 @@ Shape and rules are specified in ``docs/media-metrics.md``::
 the body (only numbers and strings that already passed a strict charset check), so it
 is safe to log and to return to the client. The ``error`` event's ``message`` is
 truncated and has URL query strings removed, but may still contain URLs: never log it.
+Any string holding NUL or an unpaired surrogate (valid JSON: ``"\\u0000"``,
+``"\\ud800"``) is refused with ``bad_text``: Postgres cannot store it, and it would
+make the sink refuse the whole session's summary.
 """
 
 from __future__ import annotations
@@ -39,12 +42,16 @@ END_REASONS = frozenset({"completed", "user_exit", "error", "session_ended", "un
 ERROR_CODES = (
     "body_too_large", "bad_json", "wrong_type", "unknown_field", "missing_field", "bad_id",
     "out_of_range", "beyond_media_duration", "bad_format", "bad_enum", "unknown_event_type",
-    "empty_batch", "too_many_events", "duplicate_event_id", "non_monotonic_time",
+    "empty_batch", "too_many_events", "duplicate_event_id", "non_monotonic_time", "bad_text",
 )
 
 _ID = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
 _LONG_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 _RESOLUTION = re.compile(r"[1-9][0-9]{1,3}p|[1-9][0-9]{1,4}x[1-9][0-9]{1,4}")
+# Characters Postgres cannot store (text refuses NUL, JSONB refuses \u0000, and a lone
+# surrogate has no UTF-8 form). Accepting one would poison the session's summary at
+# the sink, so every string of the body is checked here, before anything is applied.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 _URL_TAIL = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#]*)[?#]\S*")
 _TOP_KEYS = frozenset({"media_id", "view_id", "media_duration_s", "events"})
 _COMMON = frozenset({"id", "type", "t_ms"})
@@ -125,8 +132,12 @@ def _position(v: Any, path: str, cap: float) -> float:
 
 
 def _text(v: Any, path: str) -> str:
+    """Every string value of the body passes here: the type, then storability."""
     if not isinstance(v, str):
         raise MediaBatchError("wrong_type", path, "must be a string")
+    if _UNSTORABLE.search(v):
+        raise MediaBatchError("bad_text", path,
+                              "must not contain NUL or unpaired surrogate characters")
     return v
 
 

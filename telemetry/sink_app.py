@@ -8,10 +8,12 @@ It needs a service-account token with scope :data:`SINK_SCOPE` and audience
 * 200 ``{"status": "stored"}`` or ``{"status": "duplicate"}`` (already stored; nothing
   changed) -- both mean "delivered, do not resend";
 * 401 bad/missing token, 403 token without the scope;
-* 400 body not JSON, malformed event (the message names the field; also a value
-  the schema cannot hold), or an ``Idempotency-Key`` that differs from the event's
-  ``event_id``;
-* 413 body over :data:`MAX_EVENT_BYTES`;
+* 400 body not JSON, malformed event (the message names the field; also text
+  Postgres cannot store, NUL or an unpaired surrogate, and any other value the schema
+  cannot hold), or an ``Idempotency-Key`` that differs from the event's ``event_id``.
+  A 400 is final: :class:`~storage.http_bus.HttpBus` raises
+  :class:`~storage.bus.EventRejected` and the outbox sets the event aside at once;
+* 413 body over :data:`MAX_EVENT_BYTES` (final too);
 * 503 with ``Retry-After`` when Postgres is unreachable (the sender retries);
 * 500 for anything else (a bug; the sender retries, the write is all-or-nothing).
 
@@ -37,7 +39,7 @@ from quart_trio import QuartTrio
 
 from storage.migrate import migrate, run_partition_maintenance
 from storage.pg import Database
-from storage.sink import AggregateSink, SinkEventError
+from storage.sink import AggregateSink, SinkEventError, describe_refusal
 from telemetry import errors
 from telemetry.auth import AuthError, TokenVerifier, bearer_token
 from telemetry.config import Settings
@@ -87,9 +89,11 @@ def create_sink_app(settings: Settings, sink: AggregateSink) -> QuartTrio:
                                                         "sender": claims.subject})
             raise ApiError(400, "invalid_event", str(exc)) from None
         except psycopg.DataError as exc:
-            # A value the schema cannot hold: resending will not help.
-            raise ApiError(400, "invalid_event",
-                           f"rejected by the database: {exc.diag.message_primary}") from None
+            # A value the schema cannot hold: resending will not help, so 400, which the
+            # sender treats as final (a 5xx would be retried for 22-44 minutes).
+            log.info("event rejected by the database", extra={
+                "fault": type(exc).__name__, "sender": claims.subject})
+            raise ApiError(400, "invalid_event", describe_refusal(exc)) from None
         except psycopg.OperationalError as exc:
             log.warning("database unavailable", extra={"error": type(exc).__name__})
             raise ApiError(503, "database_unavailable", "aggregate store is unavailable",

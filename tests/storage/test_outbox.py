@@ -15,17 +15,20 @@ import pytest
 import trio
 import trio.testing
 
-from storage.bus import Bus, BusError, InProcessBus
+from storage.bus import Bus, BusError, EventRejected, InProcessBus
 from storage.outbox import Outbox, event_file_name
 
 
 class FakeBus:
     """Accepts events into ``received`` after failing the first ``fail_first`` calls;
-    rejects every event whose id is in ``poison``; ``hang`` makes publish block."""
+    fails every event whose id is in ``poison`` (as a transient fault), refuses for good
+    (``EventRejected``) every one in ``reject``; ``hang`` makes publish block."""
 
-    def __init__(self, fail_first: int = 0, poison: frozenset[str] = frozenset()) -> None:
+    def __init__(self, fail_first: int = 0, poison: frozenset[str] = frozenset(),
+                 reject: frozenset[str] = frozenset()) -> None:
         self.fail_first = fail_first
         self.poison = poison
+        self.reject = reject
         self.hang = False
         self.received: list[str] = []
         self.calls: list[tuple[float, str]] = []
@@ -41,6 +44,8 @@ class FakeBus:
             raise BusError("sink unavailable (injected)")
         if event["event_id"] in self.poison:
             raise ValueError("receiver rejects this event (injected)")
+        if event["event_id"] in self.reject:
+            raise EventRejected("HTTP 400: text cannot be stored (injected)")
         self.received.append(event["event_id"])
 
     async def aclose(self) -> None:
@@ -50,6 +55,9 @@ class FakeBus:
 def ev(i: int | str, **extra: Any) -> dict[str, Any]:
     return {"type": "telemetry.session.ended", "event_id": f"pose-session:org-a:s-{i}",
             "n": i, **extra}
+
+
+S1 = {"org_id": "org-a", "session_id": "s-1"}  # one session: its events stay in order
 
 
 def pending_files(root: Path) -> list[str]:
@@ -102,17 +110,18 @@ async def test_publish_is_durable_on_return(tmp_path: Path) -> None:
 
 async def test_sink_down_then_up_delivers_each_once_in_order(tmp_path: Path,
                                                            autojump_clock: object) -> None:
+    # Order is kept within a session (one org_id + session_id): all six are one here.
     bus = FakeBus(fail_first=7)
     outbox = Outbox(tmp_path, bus, base_delay_s=0.5, max_delay_s=4.0, rng=random.Random(1))
     for i in range(5):
-        await outbox.publish(ev(i))
+        await outbox.publish(ev(i, **S1))
     async with delivering(outbox):
         await until(lambda: outbox.depth == 0)
-        await outbox.publish(ev(5))  # while running: woken at once
+        await outbox.publish(ev(5, **S1))  # while running: woken at once
         await until(lambda: outbox.depth == 0)
     assert bus.received == [ev(i)["event_id"] for i in range(6)]
-    assert outbox.stats() == {"delivered": 6, "failures": 7, "dead": 0, "corrupt": 0,
-                              "depth": 0}
+    assert outbox.stats() == {"delivered": 6, "failures": 7, "rejected": 0, "dead": 0,
+                              "corrupt": 0, "depth": 0}
     assert pending_files(tmp_path) == []
     # backoff: waited at least d/2 for d doubling from 0.5 s, capped at 4 s (the upper
     # bound is checked below: virtual time also jumps while a worker thread reads a file)
@@ -146,7 +155,8 @@ async def test_restart_delivers_pending_from_disk(tmp_path: Path, autojump_clock
     async with delivering(second):
         assert second.depth == 3  # loaded before started()
         await until(lambda: second.depth == 0)
-    assert up.received == [ev(i)["event_id"] for i in range(3)]
+    # three sessions: delivered concurrently, so in no particular order
+    assert sorted(up.received) == [ev(i)["event_id"] for i in range(3)]
     assert down.received == []
 
 
@@ -161,7 +171,7 @@ async def test_same_event_id_twice_is_one_file_one_delivery(tmp_path: Path) -> N
     assert len(pending_files(tmp_path)) == 2 and outbox.depth == 2
     async with delivering(outbox):
         await until(lambda: outbox.depth == 0, 10)
-    assert bus.received == [ev(1)["event_id"], ev(2)["event_id"]]
+    assert sorted(bus.received) == [ev(1)["event_id"], ev(2)["event_id"]]
 
 
 async def test_poison_event_goes_to_dead_letters_after_max_attempts(
@@ -264,3 +274,147 @@ async def test_in_process_bus_gets_the_event_as_published(tmp_path: Path) -> Non
         await outbox.publish(event)
         await until(lambda: got, 10)
     assert got == [event]
+
+
+# -- red-team finding 2: one event must not stall delivery for everyone -------------
+
+
+@pytest.fixture
+def inline_io(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The outbox's file I/O on the Trio thread. Under autojump_clock, virtual time
+    jumps whenever every task waits, a worker thread included; inline, it moves only
+    at the outbox's own deadlines, so backoff timings can be asserted exactly."""
+
+    async def run_inline(self: Outbox, fn: Any, *args: Any) -> Any:
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
+
+    monkeypatch.setattr(Outbox, "_thread", run_inline)
+
+
+def sid(i: int | str, session: str, org: str = "org-a") -> dict[str, Any]:
+    """Event ``i`` of one session; event ids are distinct, the ordering key shared."""
+    return ev(f"{session}-{i}", org_id=org, session_id=session)
+
+
+async def test_rejected_event_is_set_aside_at_once_not_retried(
+        tmp_path: Path, autojump_clock: object, inline_io: None) -> None:
+    """A permanent refusal (a 400 at the sink: text Postgres cannot store) goes to
+    dead/ on the first answer, counted and logged, and the next event follows at once;
+    before the fix it was retried 50 times over 22-44 minutes."""
+    bad, good = sid(0, "s-bad", org="org-x"), sid(0, "s-good")
+    bus = FakeBus(reject=frozenset({bad["event_id"]}))
+    outbox = Outbox(tmp_path, bus)  # default max_attempts: 50
+    await outbox.publish(bad)
+    await outbox.publish(good)
+    start = trio.current_time()
+    async with delivering(outbox):
+        await until(lambda: outbox.depth == 0, within_s=1)
+    assert trio.current_time() - start < 0.1  # no backoff at all
+    assert sorted(eid for _, eid in bus.calls) == sorted([bad["event_id"], good["event_id"]])
+    assert bus.received == [good["event_id"]]
+    assert outbox.stats() == {"delivered": 1, "failures": 1, "rejected": 1, "dead": 1,
+                              "corrupt": 0, "depth": 0}
+    (dead,) = os.listdir(tmp_path / "dead")
+    doc = json.loads((tmp_path / "dead" / dead).read_bytes())
+    assert doc["event"] == bad and doc["attempts"] == 1
+    assert doc["last_error"].startswith("rejected: HTTP 400")
+    assert pending_files(tmp_path) == []
+
+
+async def test_failing_event_holds_up_only_its_own_session(
+        tmp_path: Path, autojump_clock: object, inline_io: None) -> None:
+    """An event that keeps failing (transiently: it is not known to be bad) backs off
+    alone: the later event of its session waits behind it, other sessions' events
+    are delivered at once; once it goes through, its session follows in order."""
+    stuck, behind = sid(0, "s-1"), sid(1, "s-1")
+    others = [sid(0, "s-2"), sid(0, "s-3", org="org-b"), sid(1, "s-2")]
+    bus = FakeBus(poison=frozenset({stuck["event_id"]}))
+    outbox = Outbox(tmp_path, bus, base_delay_s=0.5, max_delay_s=60.0, rng=random.Random(3))
+    for event in (stuck, behind, *others):
+        await outbox.publish(event)
+    async with delivering(outbox):
+        # Before the fix all four waited behind the head: depth stayed 5 for minutes.
+        await until(lambda: len(bus.received) == 3, within_s=1)
+        assert bus.received.index(others[0]["event_id"]) < bus.received.index(
+            others[2]["event_id"])  # s-2's own order
+        await trio.sleep(300)  # five minutes of backoff for the stuck one
+        tries = [t for t, eid in bus.calls if eid == stuck["event_id"]]
+        # backed off: 7 tries in the first 32-64 s (0.25-0.5 s doubling), then one
+        # every 30-60 s (the cap, jittered), so 11 to 17 tries in 300 s
+        assert 10 <= len(tries) <= 17, len(tries)
+        assert all(b - a >= min(60.0, 0.5 * 2 ** (n - 1)) / 2 - 1e-6
+                   for n, (a, b) in enumerate(zip(tries, tries[1:], strict=False), start=1))
+        assert behind["event_id"] not in [eid for _, eid in bus.calls]  # never overtakes
+        assert outbox.depth == 2 and outbox.stats()["dead"] == 0
+        bus.poison = frozenset()  # the receiver is fixed
+        await until(lambda: outbox.depth == 0, within_s=61)
+    assert bus.received[3:] == [stuck["event_id"], behind["event_id"]]
+    assert pending_files(tmp_path) == []
+
+
+async def test_each_session_keeps_its_order_under_concurrent_delivery(
+        tmp_path: Path, autojump_clock: object, inline_io: None) -> None:
+    """Random transient failures, four deliveries at a time: each event arrives
+    exactly once and every session's events arrive in publish order."""
+    rng = random.Random(11)
+
+    class Flaky(FakeBus):
+        async def publish(self, event: Mapping[str, Any]) -> None:
+            await trio.sleep(rng.uniform(0, 0.05))
+            if rng.random() < 0.3:
+                raise BusError("flaky (injected)")
+            await super().publish(event)
+
+    bus = Flaky()
+    outbox = Outbox(tmp_path, bus, base_delay_s=0.05, max_delay_s=1.0, rng=random.Random(2))
+    published = [sid(i, f"s-{k}") for i in range(5) for k in range(6)]
+    async with delivering(outbox):
+        for event in published:
+            await outbox.publish(event)
+        await until(lambda: outbox.depth == 0)
+    assert sorted(bus.received) == sorted(e["event_id"] for e in published)
+    for k in range(6):
+        mine = [eid for eid in bus.received if f":s-s-{k}-" in eid]
+        assert mine == [sid(i, f"s-{k}")["event_id"] for i in range(5)], k
+
+
+async def test_outage_pauses_all_delivery_bounding_the_attempt_rate(
+        tmp_path: Path, autojump_clock: object, inline_io: None) -> None:
+    """Sink down, 40 sessions waiting: failures in a row pause everything, so the
+    receiver sees a few attempts a minute, not one per event per minute; after it is
+    back, all are delivered within a capped delay."""
+    bus = FakeBus(fail_first=10**9)
+    outbox = Outbox(tmp_path, bus, base_delay_s=0.5, max_delay_s=60.0, rng=random.Random(4))
+    for k in range(40):
+        await outbox.publish(sid(0, f"s-{k}"))
+    async with delivering(outbox):
+        await trio.sleep(600)
+        # 4 at a time; pauses grow to 30-60 s within a few rounds: ~4 per 45 s.
+        # Each event on its own clock alone would be 40 x ~14 = 550 attempts.
+        assert 30 <= len(bus.calls) <= 120, len(bus.calls)
+        bus.fail_first = 0
+        back = trio.current_time()
+        await until(lambda: outbox.depth == 0)
+        assert trio.current_time() - back <= 61
+    assert sorted(bus.received) == sorted(sid(0, f"s-{k}")["event_id"] for k in range(40))
+    assert outbox.stats()["dead"] == 0
+
+
+async def test_pending_files_from_before_the_upgrade_load_and_keep_session_order(
+        tmp_path: Path) -> None:
+    """The on-disk format is unchanged: files written by the previous version (same
+    document, no new field) are loaded, keyed by the session inside the event."""
+    (tmp_path / "pending").mkdir()
+    old = [(3, sid(1, "s-1")), (1, sid(0, "s-1")), (2, ev("no-session"))]
+    for seq, event in old:
+        doc = {"v": 1, "seq": seq, "event_id": event["event_id"], "event": event}
+        name = event_file_name(event["event_id"]) + ".json"
+        (tmp_path / "pending" / name).write_bytes(json.dumps(doc).encode())
+    bus = FakeBus()
+    outbox = Outbox(tmp_path, bus)
+    async with delivering(outbox):
+        await until(lambda: outbox.depth == 0, 10)
+    assert sorted(bus.received) == sorted(e["event_id"] for _, e in old)
+    s1 = [eid for eid in bus.received if ":s-s-1-" in eid]
+    assert s1 == [sid(0, "s-1")["event_id"], sid(1, "s-1")["event_id"]]  # by seq

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import psycopg
@@ -10,7 +11,8 @@ import pytest
 import trio
 
 import storage.sink as sink_module
-from storage.bus import BusError, InProcessBus
+from storage.bus import BusError, EventRejected, InProcessBus
+from storage.outbox import Outbox
 from storage.pg import Database
 from storage.sink import AggregateSink, SinkEventError, parse_event
 from tests.pg_fixtures import *  # noqa: F403  (until tests/conftest.py registers the plugin)
@@ -223,3 +225,93 @@ async def test_rejected_event_writes_nothing(pg_db: Database,
     assert set((await counts(pg_db)).values()) == {0}
     monkeypatch.undo()
     assert await sink.store(make_event()) == "stored"  # and the session is not poisoned
+
+
+# -- red-team finding 2: text Postgres cannot store ---------------------------------
+
+UNSTORABLE_MSG = "contains NUL or an unpaired surrogate, which cannot be stored"
+UNSTORABLE = [
+    # (path, value, the field the message names): every string the sink writes
+    ("media.0.error_message", "\x00", "media[0].error_message"),  # the red team's case
+    ("media.0.error_message", "seg \ud800 failed", "media[0].error_message"),
+    ("media.0.media_id", "m\x00", "media[0].media_id"),
+    ("media.0.player", "\udfff", "media[0].player"),
+    ("media.0.bad\x00key", 1, "media[0]"),
+    ("patient_id", "p\x00", "patient_id"),
+    ("session_id", "s\ud800", "session_id"),
+    ("exercise.kind", "squat\x00", "exercise.kind"),
+    ("blob.sha256", "\udc00", "blob.sha256"),
+    ("reps.profile", "\x00", "reps.profile"),
+    ("reps.reps.1.note", "\ud83d", "reps.reps[1].note"),
+    ("media_pose", {"note": "\x00"}, "media_pose.note"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "field"), UNSTORABLE,
+                         ids=[f"{p}={v!r}"[:40] for p, v, _ in UNSTORABLE])
+def test_unstorable_text_is_a_malformed_event_naming_the_field(path: str, value: Any,
+                                                               field: str) -> None:
+    """Before the fix these reached Postgres and failed there (DataError, or a
+    UnicodeEncodeError: a 500 the sender retried)."""
+    with pytest.raises(SinkEventError) as info:
+        parse_event(_mutate(path, value))
+    assert str(info.value).startswith(field + ": ") and UNSTORABLE_MSG in str(info.value)
+    assert sink_module.is_permanent(info.value)
+
+
+async def test_unstorable_error_text_is_replaced_not_refused(pg_db: Database) -> None:
+    """The producer's own failure text never costs the session: what cannot be stored
+    is replaced by U+FFFD; a valid pair (an emoji) is kept."""
+    sink = AggregateSink(pg_db)
+    event = make_event()
+    event["error"] = "boom \x00 \ud800 \U0001F600"
+    assert await sink.store(event) == "stored"
+    [row] = await sink.session_rows("org-a")
+    assert row["error"] == "boom \ufffd \ufffd \U0001F600"
+
+
+@pytest.mark.parametrize("text", ["\x00", "\ud800"])
+async def test_database_refusal_is_permanent_for_the_bus(
+        pg_db: Database, monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    """If such text slips past validation, Postgres (NUL: DataError) or psycopg (a lone
+    surrogate: UnicodeEncodeError) refuses it, and the subscriber says so for good
+    (EventRejected), not as a transient failure; a connection failure stays transient."""
+    monkeypatch.setattr(sink_module, "_UNSTORABLE", sink_module.re.compile("(?!)"))
+    sink = AggregateSink(pg_db)
+    bad = make_event()
+    bad["patient_id"] = f"p{text}"
+    with pytest.raises(EventRejected, match="sink refused the event") as info:
+        await sink.handle(bad)
+    assert sink_module.is_permanent(info.value.__cause__)  # type: ignore[arg-type]
+    assert not sink_module.is_permanent(psycopg.OperationalError("connection refused"))
+    assert set((await counts(pg_db)).values()) == {0}
+
+
+async def test_poisoned_session_is_set_aside_at_once_others_stored(
+        pg_db: Database, tmp_path: Any) -> None:
+    """The red team's scenario in embedded mode (outbox -> in-process bus -> sink ->
+    Postgres): one session's summary with "\\u0000" in a media error message is moved
+    to dead/ on its first attempt, and the other organisations' sessions, published
+    after it, are stored at once instead of waiting 22-44 minutes behind it."""
+    sink = AggregateSink(pg_db)
+    bus = InProcessBus()
+    bus.subscribe(sink.handle)
+    outbox = Outbox(tmp_path / "outbox", bus)
+    poisoned = make_event("org-x", "s-bad")
+    poisoned["media"][0]["error_message"] = "\x00"
+    await outbox.publish(poisoned)
+    for org in ("org-a", "org-b", "org-c"):
+        await outbox.publish(make_event(org, "s-1"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(outbox.run)
+        with trio.fail_after(10):
+            while outbox.depth:  # noqa: ASYNC110 - polling a test's condition
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert outbox.stats()["rejected"] == outbox.stats()["dead"] == 1
+    assert outbox.stats()["delivered"] == 3 and outbox.stats()["failures"] == 1
+    (dead,) = (tmp_path / "outbox" / "dead").iterdir()
+    assert "media[0].error_message" in json.loads(dead.read_bytes())["last_error"]
+    for org in ("org-a", "org-b", "org-c"):
+        assert [r["session_id"] for r in await sink.session_rows(org)] == ["s-1"]
+    assert await sink.session_rows("org-x") == []

@@ -92,3 +92,27 @@ async def test_media_only_session_without_biometric_consent(settings: Settings) 
         assert r.status_code == 403
         s = (await svc.client.post("/v1/sessions/sess-1/end", headers=hdr(tok))).json()
         assert s["pose"]["frames"] == 0 and s["blob"] is None and len(s["media"]) == 1
+
+
+async def test_unstorable_text_is_refused_with_400_naming_the_field(settings: Settings) -> None:
+    """Red-team finding 2: an error message Postgres cannot store ("\\u0000", a lone
+    surrogate) used to be accepted and then stall the outbox at the sink. It is refused
+    at ingest, nothing of the batch is applied, and the session carries on."""
+    async with running_service(settings) as svc:
+        tok = session_token(settings)
+        post = svc.client.post
+        for escape in (r"\u0000", r"\ud800"):
+            bad = {"id": "e9", "type": "error", "t_ms": 1600, "code": "MEDIA_ERR_NETWORK",
+                   "message": "PLACEHOLDER"}
+            raw = view_batch([*START, bad]).replace(b"PLACEHOLDER", escape.encode())
+            assert escape.encode() in raw
+            r = await post("/v1/media/events", content=raw, headers=hdr(tok, JSON))
+            assert r.status_code == 400, r.text
+            assert r.json() == {"error": {
+                "code": "bad_text",
+                "message": "events[2].message: must not contain NUL or unpaired surrogate "
+                           "characters"}}
+        r = await post("/v1/media/events", content=view_batch(START), headers=hdr(tok, JSON))
+        assert r.json() == {"view_id": "v1", "applied": 2, "duplicates": 0}  # none applied before
+        summary = (await post("/v1/sessions/sess-1/end", headers=hdr(tok))).json()
+        assert summary["media"][0]["error_message"] is None

@@ -131,6 +131,29 @@ def test_error_message_is_truncated_and_url_queries_removed() -> None:
     assert len(kept) == MESSAGE_MAX
 
 
+@pytest.mark.parametrize("escape", [rb"\u0000", rb"\ud800", rb"\udc00", rb"a\u0000b",
+                                    rb"\ude00\ud83d"])
+def test_unstorable_text_is_refused_naming_the_field(escape: bytes) -> None:
+    """JSON escapes for NUL and lone surrogates are valid JSON but cannot be stored in
+    Postgres: refused at ingest, so they never reach (and stall) the sink."""
+    ev = b'{"id": "a", "type": "error", "t_ms": 0, "code": "E1", "message": "' + escape + b'"}'
+    raw = b'{"media_id": "m", "view_id": "v", "events": [' + ev + b"]}"
+    with pytest.raises(MediaBatchError) as info:
+        decode_media_batch(raw)
+    assert (info.value.code, info.value.path) == ("bad_text", "events[0].message")
+    assert str(info.value) == ("events[0].message: must not contain NUL or unpaired "
+                               "surrogate characters")
+
+
+def test_paired_surrogates_and_other_unicode_are_kept() -> None:
+    ev = (b'{"id": "a", "type": "error", "t_ms": 0, "code": "E1", '
+          b'"message": "\\ud83d\\ude00 \xc3\xa9 \\u0001 \xe2\x80\xa8"}')
+    raw = b'{"media_id": "m", "view_id": "v", "events": [' + ev + b"]}"
+    (got,) = decode_media_batch(raw).events
+    assert got.fields["message"] == "\U0001F600 \u00e9 \x01 \u2028"
+    assert got.fields["message"].encode("utf-8")  # storable: has a UTF-8 form
+
+
 def test_precise_message_names_event_index_and_field() -> None:
     evs = full_events()
     evs[3]["position_seconds"] = -1
@@ -232,6 +255,17 @@ REJECTIONS: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
     ("empty batch", _top(events=[]), "empty_batch", "events"),
     ("duplicate id", _ev(4, id="e-1"), "duplicate_event_id", "events[4].id"),
     ("time goes back", _ev(5, t_ms=1000), "non_monotonic_time", "events[5].t_ms"),
+    # Text Postgres cannot store (red-team finding 2): json.dumps writes these as the
+    # escapes "\u0000" and "\ud800", which decode back to NUL and a lone surrogate.
+    ("message with NUL", _ev(ERR, message="\x00"), "bad_text", f"events[{ERR}].message"),
+    ("message lone surrogate", _ev(ERR, message="seg \ud800 failed"), "bad_text",
+     f"events[{ERR}].message"),
+    ("message low surrogate", _ev(ERR, message="\udfff"), "bad_text",
+     f"events[{ERR}].message"),
+    ("NUL past the cut", _ev(ERR, message="x" * 300 + "\x00"), "bad_text",
+     f"events[{ERR}].message"),
+    ("error code with NUL", _ev(ERR, code="E\x00"), "bad_text", f"events[{ERR}].code"),
+    ("enum with NUL", _ev(END, reason="completed\x00"), "bad_text", f"events[{END}].reason"),
 ]
 
 
