@@ -43,6 +43,9 @@ VARIABLES: dict[str, tuple[str, str]] = {
                                      "rejected even if unexpired."),
     "TELEMETRY_MAX_BODY_BYTES": ("262144", "Cap on a request body; larger gets 413 before "
                                  "the body is read."),
+    "TELEMETRY_BODY_TIMEOUT_S": ("30", "How long a request body (pose or media POST) may "
+                                 "take to arrive once its headers are in; a slower one is "
+                                 "answered 408 `body_timeout` and its connection closed."),
     "TELEMETRY_MAX_FRAMES_PER_BATCH": ("120", "Cap on frames in one pose batch (400 above)."),
     "TELEMETRY_MAX_EVENTS_PER_BATCH": ("500", "Cap on events in one media batch (400 above)."),
     "TELEMETRY_MAILBOX_SIZE": ("16", "Batches a session actor may have queued; a full "
@@ -210,6 +213,7 @@ class Settings:
     jwt_leeway_s: float = 30.0
     jwt_max_lifetime_s: float = 4 * 3600.0
     max_body_bytes: int = 256 * 1024
+    body_timeout_s: float = 30.0
     max_frames_per_batch: int = 120
     max_events_per_batch: int = 500
     mailbox_size: int = 16
@@ -297,6 +301,7 @@ class Settings:
             jwt_leeway_s=_float(env, "TELEMETRY_JWT_LEEWAY_S", 30.0),
             jwt_max_lifetime_s=_float(env, "TELEMETRY_JWT_MAX_LIFETIME_S", 14400.0, 1.0),
             max_body_bytes=_int(env, "TELEMETRY_MAX_BODY_BYTES", 256 * 1024, 1024),
+            body_timeout_s=_float(env, "TELEMETRY_BODY_TIMEOUT_S", 30.0, 0.1),
             max_frames_per_batch=_int(env, "TELEMETRY_MAX_FRAMES_PER_BATCH", 120, 1),
             max_events_per_batch=_int(env, "TELEMETRY_MAX_EVENTS_PER_BATCH", 500, 1),
             max_live_sessions=_int(env, "TELEMETRY_MAX_LIVE_SESSIONS", 5000, 1),

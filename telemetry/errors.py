@@ -86,6 +86,11 @@ def register(app: Any) -> None:
         status = exc.code or 500
         code = {
             404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
-            400: "bad_request",
+            400: "bad_request", 408: "body_timeout",
         }.get(status, "http_error")
-        return await _settle_body(error_response(status, code, exc.description or exc.name))
+        response = error_response(status, code, exc.description or exc.name)
+        if status == 408:
+            # Quart's BODY_TIMEOUT passed: the rest of the body is still unread.
+            response.headers["Connection"] = "close"
+            return response
+        return await _settle_body(response)

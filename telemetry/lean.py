@@ -86,7 +86,9 @@ class LeanApp:
                 await self._decide(scope, headers, receive, method, answer)
             except ApiError as exc:
                 answer.error = exc
-                if not answer.body_read and method == "POST":
+                if isinstance(exc, _BodyLeftUnread):
+                    answer.close = True
+                elif not answer.body_read and method == "POST":
                     answer.close = not await _drain(headers, receive,
                                                     self.state.settings.max_body_bytes)
             except _Disconnected:
@@ -150,21 +152,26 @@ class LeanApp:
                            f"body of {length} bytes exceeds the cap of {cap}")
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _Disconnected
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > cap:
-                # A body with no (or a false) length that runs past the cap: what is
-                # left of it stays in the connection, so the answer closes it.
-                raise _TooLarge(413, "body_too_large",
-                                f"body exceeds the cap of {cap} bytes")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        timeout = self.state.settings.body_timeout_s
+        # hypercorn times out headers, not bodies: a body trickled a byte at a time
+        # would hold the request (and its session's slot) for ever.
+        with trio.move_on_after(timeout):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise _Disconnected
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > cap:
+                    # A body with no (or a false) length that runs past the cap: what
+                    # is left of it stays in the connection, so the answer closes it.
+                    raise _BodyLeftUnread(413, "body_too_large",
+                                          f"body exceeds the cap of {cap} bytes")
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        raise _BodyLeftUnread(408, "body_timeout",
+                              f"the request body did not arrive within {timeout:g} s")
 
     def _observe(self, scope: Scope, method: str, answer: _Answer, t0: float) -> None:
         """Count and log one answer, as the Quart app does for its routes."""
@@ -202,8 +209,9 @@ class _Disconnected(Exception):
     """The client went away before its body was read: nothing to answer."""
 
 
-class _TooLarge(ApiError):
-    """413 for a body that ran past the cap while being read (the rest is unread)."""
+class _BodyLeftUnread(ApiError):
+    """An answer decided while the body was being read: 413 (it ran past the cap)
+    or 408 (too slow). The rest of the body is unread, so the answer closes."""
 
 
 def _content_length(headers: dict[str, str]) -> int | None:
@@ -267,6 +275,6 @@ async def send_error(send: Send, exc: ApiError, request_id: str, *, close: bool 
         extra.append((b"retry-after", str(max(1, int(round(exc.retry_after)))).encode()))
     if allow is not None:
         extra.append((b"allow", allow))
-    if close or isinstance(exc, _TooLarge):
+    if close or isinstance(exc, _BodyLeftUnread):
         extra.append((b"connection", b"close"))
     await send_json(send, exc.status, error_body(exc), request_id, extra=extra)

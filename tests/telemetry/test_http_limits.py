@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+
+import pytest
+import trio
 
 from telemetry.config import Settings
 from tests.conftest import batch_body, session_token
@@ -54,3 +58,43 @@ async def test_compressed_bodies_are_refused(settings: Settings) -> None:
                                   headers={**hdr(tok), "Content-Encoding": "gzip"})
         assert r.status_code == 415
         assert r.json()["error"]["code"] == "unsupported_content_encoding"
+
+
+@pytest.mark.parametrize(("path", "ctype"), [
+    ("/v1/pose/frames", "application/x-restartix-pose"),   # the lean path
+    ("/v1/media/events", "application/json"),              # through Quart
+])
+async def test_a_body_trickled_slowly_is_answered_408_and_closed(
+        settings: Settings, path: str, ctype: str) -> None:
+    # Red-team finding 7: a body at 1 byte/s was still open after 95 s.
+    settings = dataclasses.replace(settings, body_timeout_s=1.0)
+    async with running_service(settings) as svc:
+        stream = await trio.open_tcp_stream("127.0.0.1", svc.port)
+        head = (f"POST {path} HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {session_token(settings)}\r\n"
+                f"Content-Type: {ctype}\r\nContent-Length: 1000\r\n\r\n")
+        await stream.send_all(head.encode())
+        answer = b""
+        started = trio.current_time()
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                async def trickle() -> None:
+                    try:
+                        while True:
+                            await stream.send_all(b"x")
+                            await trio.sleep(0.2)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+
+                nursery.start_soon(trickle)
+                while chunk := await stream.receive_some(65536):
+                    answer += chunk
+                nursery.cancel_scope.cancel()
+        took = trio.current_time() - started
+        await stream.aclose()
+        head_part, _, body = answer.partition(b"\r\n\r\n")
+        assert head_part.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"connection: close" in head_part.lower()
+        assert json.loads(body)["error"]["code"] == "body_timeout"
+        assert 1.0 <= took < 5
+        assert (await svc.client.get("/v1/healthz")).status_code == 200
