@@ -276,6 +276,9 @@ class StateCollector(Collector):
         yield _counter("outbox_delivery_failures", "Failed bus delivery attempts.",
                        s["failures"])
         yield _counter("outbox_dead", "Events given up on and moved to outbox/dead/.", s["dead"])
+        yield _counter("outbox_rejected", "Events the receiver refused as malformed (a 4xx "
+                       "about the event itself), moved to outbox/dead/ at once.",
+                       s["rejected"])
         yield _counter("outbox_corrupt", "Unreadable outbox files set aside.", s["corrupt"])
 
 

@@ -158,6 +158,7 @@ async def test_state_is_read_at_scrape_time(settings: Settings) -> None:
     assert ended.value("telemetry_outbox_depth") == 0
     assert ended.value("telemetry_outbox_delivery_failures_total") == 0
     assert ended.value("telemetry_outbox_dead_total") == 0
+    assert ended.value("telemetry_outbox_rejected_total") == 0
     assert ended.value("telemetry_finalise_duration_seconds_count", reason="client_end") == 1
     assert ended.value("telemetry_blob_size_bytes_count") == 1
     assert ended.value("telemetry_blob_size_bytes_sum") == blob_size
