@@ -8,9 +8,11 @@ A session's spool log holds, in order:
 * ``MEDIA``: each acknowledged media batch (the JSON body).
 
 Its state file holds the finalisation step (``docs/durability.md``):
-``{"step": "upload", "end_reason": ...}`` once the session ends,
+``{"step": "upload", "end_reason": ...}`` once the session's end is recorded (the
+end mark: from then on the session refuses batches with 409, across restarts too;
+before it, an ending session answers 503 so that a restart may carry it on),
 ``{"step": "publish", "summary": {...}}`` once the blob is stored and verified, and
-and once the event is in the outbox, the log and state are deleted and
+once the event is in the outbox, the log and state are deleted and
 ``{"summary": {...}, "ended_wall": t}`` is kept under :func:`ended_key` for
 ``ended_retention_s``, so a late batch or a repeated end call gets the right
 answer after a restart too.

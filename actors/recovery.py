@@ -5,7 +5,9 @@ For each key in the spool (see :mod:`actors.durable` for what is kept):
 * an ended session's kept summary goes back into the supervisor's ended registry
   (or is deleted once past its retention);
 * a session found at the ``publish`` step has its stored summary published and is
-  closed; one found at ``upload`` is rebuilt and finalised at once;
+  closed; one found at ``upload`` (its end was recorded) is rebuilt and finalised
+  at once, refusing new batches with 409 meanwhile; both retry storage failures
+  until they succeed, and end calls get 503 + Retry-After until they have;
 * any other session is rebuilt by replaying its records through the live code
   paths and carries on: new batches continue it, the end call finalises it, idle
   timeout ends it.
@@ -86,6 +88,8 @@ async def recover(sup: Supervisor, spool: Spool) -> RecoveryReport:
             continue
         report.records += resumed
         if state.get("step") == "upload":
+            # The end mark is on disk: batches get 409 at once, as before the restart.
+            actor.mark_end_recorded()
             actor.request_end(state.get("end_reason") or "client_end")
             report.finalising += 1
         else:

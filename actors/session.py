@@ -8,14 +8,21 @@ bounded mailbox) and :meth:`SessionActor.request_end`.
 
 Lifecycle: ``run`` applies queued batches in sequence order until the session is
 ended by the client, an operator, idle timeout, maximum duration or shutdown; then
-it drains the mailbox (everything acknowledged is applied), finalises (blob written
-and verified, summary event published) and sets :attr:`finished`.
+it records the end durably (with a spool: retried until the disk takes it), drains
+the mailbox (everything acknowledged is applied), finalises (blob written and
+verified, summary event published; storage failures retried with backoff) and sets
+:attr:`finished`. Between the end request and the durable end mark the session is
+*ending*: new batches get :class:`SessionEnding` / verdict ``session_ending`` (503,
+retry), because a crash then would bring it back live; once the mark is durable
+they get ``ended`` (409), which a restart does not undo (``docs/durability.md``).
 
 Errors: an exception while applying a batch is a bug; the actor logs it, stops
 computing metrics, keeps appending the acknowledged frames to the replay, and
 finalises with end reason ``actor_error``. No exception escapes ``run`` except
 ``trio.Cancelled``: a cancelled actor (hard stop after the shutdown deadline) does
-not finalise.
+not finalise. With a spool, a finalisation that raises (a bug, never a storage
+failure: those are retried) leaves :attr:`summary` None and the session on disk at
+its step, for the next start to resume.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from typing import Any
 import trio
 
 from actors.durable import POSE, START, encode_claims, session_key
-from actors.finalise import finalise
+from actors.finalise import MAX_BACKOFF_S, Backoff, finalise, record_end
 from actors.media import MediaTracker
 from actors.media_correlate import pose_during_stalls, sink_view
 from actors.pose_stats import PoseStats
@@ -51,7 +58,17 @@ from telemetry.wire import PoseBatch
 log = logging.getLogger("telemetry.actor")
 
 class SessionEnded(Exception):
-    """The session is ending or has ended; it takes nothing more."""
+    """The session has ended (durably, with a spool); it takes nothing more."""
+
+
+class SessionEnding(Exception):
+    """The session is ending but its end is not durable yet: nothing was taken;
+    retry after ``retry_after`` seconds (then 409, or, after a restart that found no
+    end mark, the session carries on)."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 # How long an ending session waits for batches already being made durable.
@@ -127,6 +144,9 @@ class SessionActor:
         self.summary: dict[str, Any] | None = None
         self.finished = trio.Event()
         self._wake: trio.CancelScope | None = None
+        # Pacing of the finalisation's retries; a repeated end call kicks it.
+        self.backoff = Backoff()
+        self._end_recorded = False
 
     def _start_pose(self, first: PoseBatch) -> None:
         ex = self.claims.exercise
@@ -167,6 +187,30 @@ class SessionActor:
     def ending(self) -> bool:
         return self.end_reason is not None
 
+    @property
+    def end_recorded(self) -> bool:
+        """The end is durable (its mark is in the spool), so a restart cannot bring
+        the session back live. Always true without a spool: nothing survives a
+        restart there anyway."""
+        return self._end_recorded or self.spool is None
+
+    def mark_end_recorded(self) -> None:
+        """Recovery found the end mark on disk, or :func:`record_end` wrote it."""
+        self._end_recorded = True
+
+    def retry_hint(self) -> float:
+        """Seconds a client should wait before asking again while the end is being
+        recorded or finalised: the current retry pause, within 1..30 s."""
+        return max(1.0, min(MAX_BACKOFF_S, self.backoff.delay or 1.0))
+
+    def ended_offer(self) -> Offer:
+        """The refusal of a batch once the session is ending: 409 once the end is
+        durable, 503 (retry) before."""
+        if self.end_recorded:
+            return Offer("ended", "session has ended")
+        return Offer("session_ending", "session is ending and its end is not stored yet",
+                     retry_after=self.retry_hint())
+
     def offer(self, batch: PoseBatch) -> Offer:
         """:meth:`check` then :meth:`accept`: the path without a spool. Never blocks."""
         verdict = self.check(batch)
@@ -176,7 +220,7 @@ class SessionActor:
         """Judge ``batch`` without taking it. ACCEPT means: make it durable, then call
         :meth:`accept`. A new (non-duplicate) batch spends a rate-limit token here."""
         if self.ending:
-            return Offer("ended", "session has ended")
+            return self.ended_offer()
         if self.space is not None and batch.space != self.space:
             return Offer("space_changed", f"session streams {self.space!r} coordinates; "
                          f"batch {batch.seq} is {batch.space!r}")
@@ -218,7 +262,7 @@ class SessionActor:
         Judges again, because the session may have changed while the caller awaited
         the spool: a concurrent retry of the same batch now reads as a duplicate."""
         if self._draining or self._handover:
-            return Offer("ended", "session has ended")
+            return self.ended_offer()
         verdict, message = self._seq.check(batch.seq, batch.first_t, batch.last_t)
         if verdict is Verdict.DUPLICATE:
             self.duplicates += 1
@@ -241,12 +285,20 @@ class SessionActor:
         applied on the caller's task (no checkpoint: the actor cannot interleave),
         and the client learns exactly what was taken. Raises
         :class:`MediaTrackerError` for a batch the session refuses as a whole, and
-        :class:`SessionEnded` once the session is draining."""
+        :class:`SessionEnded` once the session is draining (:class:`SessionEnding`
+        while its end is not durable yet)."""
         if self._draining:
-            raise SessionEnded("session has ended")
+            self.refuse_media()
         result = self.media.apply(batch)
         self._touch(batch.events[0].t_ms)
         return result
+
+    def refuse_media(self) -> None:
+        """Raise what a media batch gets once the session is ending."""
+        offer = self.ended_offer()
+        if offer.verdict == "ended":
+            raise SessionEnded("session has ended")
+        raise SessionEnding(offer.message, offer.retry_after or 1.0)
 
     @property
     def holds_nothing(self) -> bool:
@@ -259,6 +311,11 @@ class SessionActor:
         """Stop at once without finalising: the session never held any data here."""
         self._handover = True
         self.request_end("discarded")
+
+    @property
+    def handed_over(self) -> bool:
+        """Stopped without finalising (shutdown in flush mode, or discarded)."""
+        return self._handover
 
     def hand_over(self) -> None:
         """Stop without finalising (shutdown in flush mode; needs a spool)."""
@@ -301,11 +358,14 @@ class SessionActor:
         return self._seq.skipped_count
 
     def request_end(self, reason: str) -> None:
-        """Ask the actor to drain and finalise. Idempotent: the first reason wins."""
+        """Ask the actor to drain and finalise. Idempotent: the first reason wins. A
+        repeated request cuts a finalisation's retry pause short (the client asking
+        again is a good moment to try storage again)."""
         if self.end_reason is None:
             self.end_reason = reason
         if self._wake is not None:
             self._wake.cancel()
+        self.backoff.kick()
 
     def snapshot(self) -> dict[str, Any]:
         """The supervisor's admin view of this session (no personal data)."""
@@ -349,20 +409,27 @@ class SessionActor:
                 await self._admissions_done.wait()
         self._draining = True
         try:
+            # The end mark goes first: from here on the session refuses batches for
+            # good (409), so a restart must find it ended too. Storage failures are
+            # retried inside (the end call answers 503 meanwhile).
+            await record_end(self)
             self._drain()
             self.summary = await finalise(self)
         except Exception as exc:
-            # A bug or a disk failure here must cost this session at most: the others
-            # run on. With a spool the session stays on disk at its finalisation step
-            # and the next start resumes it.
+            # A bug here must cost this session at most: the others run on. With a
+            # spool the session stays on disk at its finalisation step, the next
+            # start resumes it, and no summary is claimed meanwhile (the end call
+            # answers 503, never a 200 for a blob that was not stored).
             log.exception("finalisation failed", extra={"session": self.log_id})
             self.error = f"finalisation failed: {type(exc).__name__}"
-            self.summary = self.failure_summary()
+            if self.spool is None:
+                self.summary = self.failure_summary()
         finally:
             self.finished.set()
 
     def failure_summary(self) -> dict[str, Any]:
-        """What the end call answers when finalisation failed (nothing published)."""
+        """What the end call answers when an ephemeral (spool-less) finalisation
+        failed (nothing published)."""
         summary = build_summary(
             claims=self.claims, space=self.space, started_wall=self.started_wall,
             ended_wall=time.time(), end_reason=self.end_reason or "actor_error", blob=None,

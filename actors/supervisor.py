@@ -6,6 +6,11 @@ reach each other's session even if their ids collide.
 * A session's actor starts on its first pose batch or media batch.
 * An ended session's summary is kept for ``ended_retention_s`` to answer repeated
   end calls with the same summary and late batches with 409.
+* An end call waits at most ``end_wait_s`` for finalisation. Past it (storage down),
+  it raises :class:`NotFinalised` (the API answers 503 + Retry-After) while the
+  actor keeps retrying; a repeated end call returns the summary once it is stored.
+  A 200 is only ever answered for a summary whose blob is stored and whose event is
+  in the outbox (``docs/durability.md``).
 * Failure isolation: an actor never raises out of its task (see
   :mod:`actors.session`); a crash ends only that session, with reason ``actor_error``.
 
@@ -24,12 +29,12 @@ from typing import Any
 
 import trio
 
-from actors.durable import MEDIA, POSE
-from actors.finalise import publish_and_close
+from actors.durable import MEDIA, POSE, ended_key, session_key
+from actors.finalise import MAX_BACKOFF_S, publish_and_close, retry
 from actors.pose_stats import PoseStats
 from actors.recovery import RecoveryReport, recover
 from actors.sequencer import Verdict
-from actors.session import Offer, SessionActor, SessionEnded
+from actors.session import Offer, SessionActor, SessionEnded, SessionEnding
 from actors.summary import build_summary
 from storage.blobs import BlobStore, blob_key
 from storage.bus import Bus
@@ -44,9 +49,30 @@ log = logging.getLogger("telemetry.supervisor")
 
 Key = tuple[str, str]
 
+# How long an end call waits for finalisation before answering 503 + Retry-After.
+# Finalisation takes milliseconds to a few seconds when storage is healthy; past
+# this, storage is failing, and a client (or a load balancer's idle timeout) should
+# not be left hanging while it is retried.
+END_WAIT_S = 15.0
+
 
 class SupervisorClosed(Exception):
     """The supervisor is draining or stopped and admits no new session."""
+
+
+class NotFinalised(Exception):
+    """An end call's wait ran out before the session's summary was stored.
+
+    ``recorded``: the end itself is durable (the session refuses batches, and a
+    restart resumes its finalisation rather than bringing it back live). If False,
+    not even that is on disk yet, and after a restart the session would carry on.
+    Either way finalisation keeps retrying in the background; ask again after
+    ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: float, *, recorded: bool) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.recorded = recorded
 
 
 class TooManySessions(Exception):
@@ -59,8 +85,17 @@ class TooManySessions(Exception):
 
 @dataclass
 class _Ended:
-    summary: dict[str, Any]
+    """A session that ended here (or is being finished without an actor)."""
+
+    # None: its finalisation failed with a bug; the next start resumes it from disk.
+    summary: dict[str, Any] | None
     expires: float
+    # Set once ``summary`` may be answered with 200: blob stored, event in the outbox.
+    stored: trio.Event
+    # The end is durable: batches are refused with 409 (else 503, retry).
+    recorded: bool = True
+    # Set with ``stored`` when finishing it failed and nothing was recorded.
+    failed: bool = False
 
 
 class Supervisor:
@@ -82,6 +117,7 @@ class Supervisor:
         self._closed = False
         self._stopped = trio.Event()
         self.crashed = 0
+        self.end_wait_s = END_WAIT_S
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -125,14 +161,28 @@ class Supervisor:
 
     def remember(self, org_id: str, session_id: str, summary: dict[str, Any],
                  ttl_s: float) -> None:
-        self._ended[(org_id, session_id)] = _Ended(summary, trio.current_time() + ttl_s)
+        """Keep a finished session's summary (recovery: from the spool) for ``ttl_s``."""
+        self._put((org_id, session_id), _Ended(summary, trio.current_time() + ttl_s,
+                                               _set_event()))
 
     def resume_publish(self, key: str, summary: dict[str, Any]) -> None:
+        """Recovery of a session found at ``publish``: its end is durable (batches get
+        409 at once); end calls get its summary once the event is in the outbox."""
         assert self._nursery is not None and self._spool is not None
         org_id, session_id = key.split("/")
-        self.remember(org_id, session_id, summary, self._settings.ended_retention_s)
-        self._nursery.start_soon(publish_and_close, self._bus, self._spool, key, summary,
-                                 self._pseudonyms.session(org_id, session_id))
+        entry = _Ended(summary, trio.current_time() + self._settings.ended_retention_s,
+                       trio.Event())
+        self._put((org_id, session_id), entry)
+        self._nursery.start_soon(self._publish_recovered, key, entry)
+
+    async def _publish_recovered(self, key: str, entry: _Ended) -> None:
+        assert self._spool is not None and entry.summary is not None
+        org_id, session_id = key.split("/")
+        # Retries every step until done; only Cancelled (shutdown) escapes, and then
+        # the state file still says ``publish`` for the next start.
+        await publish_and_close(self._bus, self._spool, key, entry.summary,
+                                self._pseudonyms.session(org_id, session_id))
+        entry.stored.set()
 
     async def drain(self, deadline_s: float | None = None) -> int:
         """Hand every live session over to the spool (``shutdown_mode=flush``, the
@@ -167,24 +217,34 @@ class Supervisor:
     # -- used by the HTTP handlers ----------------------------------------------------
 
     def ended_summary(self, org_id: str, session_id: str) -> dict[str, Any] | None:
+        """The summary of a session that ended here, once it is stored (blob and
+        event); None while it is still being finished, or unknown here."""
+        ended = self._entry((org_id, session_id))
+        if ended is None or not ended.stored.is_set() or ended.failed:
+            return None
+        return ended.summary
+
+    def find_ended(self, session_id: str, org_id: str | None = None) -> list[Key]:
+        """Keys of sessions held as ended here (for the admin end call)."""
         self._expire()
-        ended = self._ended.get((org_id, session_id))
-        return ended.summary if ended else None
+        return [k for k in self._ended if k[1] == session_id
+                and (org_id is None or k[0] == org_id)]
 
     def offer(self, claims: SessionClaims, batch: PoseBatch) -> Offer:
         actor = self._actor(claims)
         if actor is None:
-            return Offer("ended", "session has ended")
+            return self._refusal((claims.org_id, claims.session_id))
         return actor.offer(batch)
 
     def offer_media(self, claims: SessionClaims, batch: MediaBatch) -> tuple[int, int]:
         """Apply a media batch to the session's actor, starting it if needed.
 
-        Raises :class:`SessionEnded`, :class:`MediaTrackerError` or
-        :class:`SupervisorClosed`."""
+        Raises :class:`SessionEnded`, :class:`SessionEnding`,
+        :class:`MediaTrackerError` or :class:`SupervisorClosed`."""
         actor = self._actor(claims)
         if actor is None:
-            raise SessionEnded("session has ended")
+            self._refuse_media((claims.org_id, claims.session_id))
+        assert actor is not None
         return actor.offer_media(batch)
 
     async def submit(self, claims: SessionClaims, batch: PoseBatch, body: bytes) -> Offer:
@@ -194,7 +254,7 @@ class Supervisor:
         fresh = (claims.org_id, claims.session_id) not in self._live
         actor = await self._live_or_new(claims)
         if actor is None:
-            return Offer("ended", "session has ended")
+            return self._refusal((claims.org_id, claims.session_id))
         offer = actor.check(batch)
         if offer.verdict is not Verdict.ACCEPT:
             if fresh and actor.holds_nothing:
@@ -212,8 +272,11 @@ class Supervisor:
                            body: bytes) -> tuple[int, int]:
         """Durable media path: spool, then apply. Raises as :meth:`offer_media`."""
         actor = await self._live_or_new(claims)
-        if actor is None or actor.ending:
-            raise SessionEnded("session has ended")
+        if actor is None:
+            self._refuse_media((claims.org_id, claims.session_id))
+        assert actor is not None
+        if actor.ending:
+            actor.refuse_media()
         actor.media.check(batch)
         with actor.admitting():
             await actor.persist(MEDIA, body)
@@ -224,7 +287,7 @@ class Supervisor:
         actor = self._live.get(key)
         if actor is not None:
             return actor
-        if self.ended_summary(*key) is not None:
+        if self._entry(key) is not None:
             return None
         # A session finalised before a restart (and past the summary's retention)
         # must not start again and overwrite its blob.
@@ -237,36 +300,95 @@ class Supervisor:
         key = (claims.org_id, claims.session_id)
         actor = self._live.get(key)
         if actor is None:
-            if self.ended_summary(*key) is not None:
+            if self._entry(key) is not None:
                 return None
             actor = self._start(claims)
         return actor
 
+    def _refusal(self, key: Key) -> Offer:
+        """The answer to a batch for a session that is not live here but known as
+        ended (or ended before a restart: its blob exists)."""
+        entry = self._entry(key)
+        if entry is not None and not entry.recorded:
+            return Offer("session_ending", "session is ending and its end is not stored yet",
+                         retry_after=1.0)
+        return Offer("ended", "session has ended")
+
+    def _refuse_media(self, key: Key) -> None:
+        offer = self._refusal(key)
+        if offer.verdict == "ended":
+            raise SessionEnded("session has ended")
+        raise SessionEnding(offer.message, offer.retry_after or 1.0)
+
     async def end(self, claims: SessionClaims, reason: str = "client_end") -> dict[str, Any]:
         """End a session and return its summary; the same summary on repeated calls.
+
+        Returns only a stored summary (blob stored and verified, event in the
+        outbox), waiting at most :attr:`end_wait_s` for it; then raises
+        :class:`NotFinalised` while finalisation carries on retrying (a repeated
+        call also cuts its retry pause short). Also raises :class:`SessionEnded`
+        (ended before a restart, summary no longer held), :class:`SupervisorClosed`
+        (handed over at shutdown) and the blob store's errors (its lookup of an
+        unknown session). Cancellation of the caller never cancels finalisation.
 
         A session that never sent a batch is ended at once with an empty summary, so
         the Core API still learns that it ended."""
         key = (claims.org_id, claims.session_id)
-        summary = self.ended_summary(*key)
-        if summary is not None:
-            return summary
+        entry = self._entry(key)
+        if entry is not None:
+            return await self._await_entry(entry)
         actor = self._live.get(key)
         if actor is None:
             if await self._store.exists(blob_key(*key)):
                 raise SessionEnded("session ended earlier; its summary is no longer held here")
             # The first batch may have started the session while we asked the store.
-            summary = self.ended_summary(*key)
-            if summary is not None:
-                return summary
+            entry = self._entry(key)
+            if entry is not None:
+                return await self._await_entry(entry)
             actor = self._live.get(key)
             if actor is None:
                 return await self._end_empty(claims, reason)
+        return await self._end_actor(actor, reason)
+
+    async def end_ended(self, key: Key) -> dict[str, Any]:
+        """The summary of a session held as ended (:meth:`find_ended`), waiting as
+        :meth:`end` does; KeyError if it is no longer held."""
+        entry = self._entry(key)
+        if entry is None:
+            raise KeyError("session is not held as ended")
+        return await self._await_entry(entry)
+
+    async def _end_actor(self, actor: SessionActor, reason: str) -> dict[str, Any]:
         actor.request_end(reason)
-        await actor.finished.wait()
-        if actor.summary is None:  # handed over or discarded meanwhile (shutdown)
+        with trio.move_on_after(self.end_wait_s):
+            await actor.finished.wait()
+        if actor.summary is not None:
+            return actor.summary
+        if actor.finished.is_set() and actor.handed_over:
             raise SupervisorClosed("the session was handed over; end it again later")
-        return actor.summary
+        if actor.finished.is_set():
+            # Finalisation raised (a bug); the session waits on disk for the next start.
+            raise NotFinalised("the session's finalisation failed; it resumes when the "
+                               "service restarts", MAX_BACKOFF_S, recorded=actor.end_recorded)
+        if not actor.end_recorded:
+            raise NotFinalised("the session's end could not be stored yet; it is being "
+                               "retried", actor.retry_hint(), recorded=False)
+        raise NotFinalised("the session has ended; its replay or summary is not stored "
+                           "yet and is being retried", actor.retry_hint(), recorded=True)
+
+    async def _await_entry(self, entry: _Ended) -> dict[str, Any]:
+        with trio.move_on_after(self.end_wait_s):
+            await entry.stored.wait()
+        if entry.stored.is_set() and entry.summary is not None and not entry.failed:
+            return entry.summary
+        if entry.failed:
+            raise NotFinalised("the session's end could not be stored; try again",
+                               5.0, recorded=False)
+        if entry.summary is None:
+            raise NotFinalised("the session's finalisation failed; it resumes when the "
+                               "service restarts", MAX_BACKOFF_S, recorded=entry.recorded)
+        raise NotFinalised("the session has ended; its summary is not stored yet and is "
+                           "being retried", 5.0, recorded=entry.recorded)
 
     def live(self) -> list[SessionActor]:
         return list(self._live.values())
@@ -312,6 +434,12 @@ class Supervisor:
         key = (actor.org_id, actor.session_id)
         try:
             await actor.run()
+            if actor.summary is None and not actor.handed_over and self._spool is not None:
+                # Finalisation raised (a bug). Until the next start resumes it from
+                # disk, the session must neither start afresh nor claim a summary.
+                self._put(key, _Ended(None, trio.current_time()
+                                      + self._settings.ended_retention_s, trio.Event(),
+                                      recorded=actor.end_recorded))
         finally:
             # Runs on cancellation too, so the registry never keeps a dead actor.
             self._unregister(actor)
@@ -332,26 +460,61 @@ class Supervisor:
             del self._per_org[org_id]
 
     async def _end_empty(self, claims: SessionClaims, reason: str) -> dict[str, Any]:
+        """End a session that holds nothing: publish an empty summary (retried up to
+        :attr:`end_wait_s`). If the outbox does not take it in time, nothing is
+        recorded: :class:`NotFinalised` (``recorded=False``) and the session is as
+        unknown as before. Cancellation likewise leaves nothing recorded here."""
         wall = time.time()
         summary = build_summary(
             claims=claims, space=None, started_wall=wall, ended_wall=wall, end_reason=reason,
             blob=None, stats=PoseStats(), skipped=0, duplicates=0, reps=None, error=None,
         )
         key = (claims.org_id, claims.session_id)
-        # Remember before the publish await so a concurrent end call gets the same one.
-        self._remember(key, summary)
+        log_id = self._pseudonyms.session(*key)
+        # Registered before the publish await so a concurrent end call waits for this
+        # one, and a batch meanwhile is told to retry (503), not that it ended.
+        entry = _Ended(summary, trio.current_time() + self._settings.ended_retention_s,
+                       trio.Event(), recorded=False)
+        self._put(key, entry)
+        ok = False
         try:
-            await self._bus.publish(summary)
-            summary["published"] = True
-        except Exception as exc:
-            log.warning("publish of empty session failed: %s", type(exc).__name__)
-            summary["published"] = False
+            with trio.move_on_after(self.end_wait_s):
+                ok, _ = await retry(lambda: self._bus.publish(summary),
+                                    "publish of empty session", log_id, None)
+        finally:
+            if ok:
+                summary["published"] = True
+                entry.recorded = True
+            else:
+                entry.failed = True
+                if self._ended.get(key) is entry:
+                    del self._ended[key]
+            entry.stored.set()
+        if not ok:
+            raise NotFinalised("the session's end could not be stored; try again", 5.0,
+                               recorded=False)
+        if self._spool is not None:
+            # Best effort: kept so that a restart still refuses this session's batches.
+            # The promise (event in the outbox) holds without it.
+            with trio.move_on_after(self.end_wait_s):
+                kept = {"summary": summary, "ended_wall": time.time()}
+                spool = self._spool
+                await retry(lambda: spool.set_state(ended_key(session_key(*key)), kept),
+                            "keeping the empty summary", log_id, 3)
         return summary
 
     def _remember(self, key: Key, summary: dict[str, Any]) -> None:
-        self._ended[key] = _Ended(summary, trio.current_time() + self._settings.ended_retention_s)
+        self._put(key, _Ended(summary, trio.current_time() + self._settings.ended_retention_s,
+                              _set_event()))
+
+    def _put(self, key: Key, entry: _Ended) -> None:
+        self._ended[key] = entry
         self._ended.move_to_end(key)
         self._expire()
+
+    def _entry(self, key: Key) -> _Ended | None:
+        self._expire()
+        return self._ended.get(key)
 
     def _expire(self) -> None:
         now = trio.current_time()
@@ -360,3 +523,9 @@ class Supervisor:
             if ended.expires > now:
                 break
             del self._ended[key]
+
+
+def _set_event() -> trio.Event:
+    event = trio.Event()
+    event.set()
+    return event

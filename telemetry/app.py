@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -94,6 +95,7 @@ def create_app(state: AppState) -> LeanApp:
     lean = LeanApp(app, state)
     ingest = lean.ingest
     app.config["MAX_CONTENT_LENGTH"] = state.settings.max_body_bytes
+    app.config["BODY_TIMEOUT"] = state.settings.body_timeout_s
     errors.register(app)
     s = state.settings
     m = state.metrics
@@ -160,10 +162,14 @@ def create_app(state: AppState) -> LeanApp:
                 status = 403
             raise ApiError(status, exc.reason, exc.detail) from None
 
-    async def timed_end(claims: SessionClaims, reason: str) -> dict[str, Any]:
-        """``supervisor.end``, timing the first call that finalises a session (a
-        repeated or concurrent end call only waits for, or returns, that summary)."""
-        key = (claims.org_id, claims.session_id)
+    async def timed_end(key: tuple[str, str], reason: str,
+                        end: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        """``end()`` (the supervisor's end of session ``key``), timing the first call
+        that finalises a session (a repeated or concurrent end call only waits for,
+        or returns, that summary).
+
+        Answers 503 + Retry-After while the summary is not stored (the supervisor
+        bounds the wait; finalisation carries on), never a 200 for an unstored blob."""
         first = key not in finalising and state.supervisor.ended_summary(*key) is None
         if first:
             finalising.add(key)
@@ -171,8 +177,9 @@ def create_app(state: AppState) -> LeanApp:
         try:
             # The blob store is asked whether an unknown session ended before a
             # restart; if it cannot answer, the client retries (503), not a 500.
+            # Storage failing during finalisation is a 503 too (NotFinalised).
             with admission_errors():
-                summary = await state.supervisor.end(claims, reason=reason)
+                summary = await end()
         finally:
             if first:
                 finalising.discard(key)
@@ -235,7 +242,9 @@ def create_app(state: AppState) -> LeanApp:
             # The locked design answers a token used outside its scope with 401.
             raise ApiError(401, "scope_mismatch", "token is not valid for this session")
         try:
-            summary = await timed_end(claims, "client_end")
+            summary = await timed_end(
+                (claims.org_id, claims.session_id), "client_end",
+                lambda: state.supervisor.end(claims, reason="client_end"))
         except SessionEnded as exc:
             raise ApiError(409, "session_ended", str(exc)) from None
         return jsonify(summary)
@@ -283,8 +292,22 @@ def create_app(state: AppState) -> LeanApp:
     @app.post("/v1/admin/sessions/<session_id>/end")
     async def admin_end(session_id: str) -> Response:
         admin()
+        if is_safe_id(session_id) and not state.supervisor.find(
+                session_id, request.args.get("org_id")):
+            # Asked again after a 503: the session is no longer live but held as
+            # ended (possibly still being finished); answer as the session's end does.
+            ended = state.supervisor.find_ended(session_id, request.args.get("org_id"))
+            if len(ended) == 1:
+                key = ended[0]
+                logs.set_session(state.pseudonyms.session(*key))
+                try:
+                    return jsonify(await timed_end(
+                        key, "admin", lambda: state.supervisor.end_ended(key)))
+                except KeyError:
+                    pass  # expired meanwhile: not live, as below
         actor = one(session_id)
-        summary = await timed_end(actor.claims, "admin")
+        summary = await timed_end((actor.org_id, actor.session_id), "admin",
+                                  lambda: state.supervisor.end(actor.claims, reason="admin"))
         return jsonify(summary)
 
     return lean

@@ -20,8 +20,8 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from actors.sequencer import Verdict
-from actors.session import Offer
-from actors.supervisor import SupervisorClosed, TooManySessions
+from actors.session import Offer, SessionEnding
+from actors.supervisor import NotFinalised, SupervisorClosed, TooManySessions
 from storage.blobs import BlobStoreError
 from storage.spool import SpoolError, SpoolFull
 from telemetry import logs
@@ -37,7 +37,9 @@ log = logging.getLogger("telemetry.http")
 
 # Offer verdicts that mean "not now, the same batch later": the stream waits them
 # out (flow control); the POST path answers them with 429/503 and Retry-After.
-TRANSIENT = frozenset({"rate_limited", "mailbox_full"})
+# ``session_ending``: the session's end is not durable yet; the retry gets 409 once
+# it is (or, after a restart that found no end mark, the batch is taken).
+TRANSIENT = frozenset({"rate_limited", "mailbox_full", "session_ending"})
 
 
 class PoseIngest:
@@ -106,15 +108,17 @@ def refusal(offer: Offer) -> ApiError:
         return ApiError(429, "rate_limited", offer.message, retry_after=offer.retry_after)
     if v == "mailbox_full":
         return ApiError(503, "mailbox_full", offer.message, retry_after=offer.retry_after)
+    if v == "session_ending":
+        return ApiError(503, "session_ending", offer.message, retry_after=offer.retry_after)
     if v is Verdict.OVERLAP:
         return ApiError(400, "timestamps_overlap", offer.message)
     return ApiError(400, str(getattr(v, "value", v)), offer.message)
 
 
 def admission_error(exc: Exception) -> ApiError | None:
-    """The answer to a way a session can refuse new data, or None if ``exc`` is not
-    one. Call it inside the ``except`` block (a storage failure is logged with its
-    traceback)."""
+    """The answer to a way a session can refuse new data (or an end call cannot
+    answer yet), or None if ``exc`` is not one. Call it inside the ``except`` block
+    (a storage failure is logged with its traceback)."""
     if isinstance(exc, SpoolFull):
         return ApiError(503, "spool_full", str(exc), retry_after=30)
     if isinstance(exc, SpoolError | OSError | BlobStoreError):
@@ -125,6 +129,14 @@ def admission_error(exc: Exception) -> ApiError | None:
                         retry_after=5)
     if isinstance(exc, SupervisorClosed):
         return ApiError(503, "shutting_down", str(exc), retry_after=5)
+    if isinstance(exc, SessionEnding):
+        return ApiError(503, "session_ending", str(exc), retry_after=exc.retry_after)
+    if isinstance(exc, NotFinalised):
+        # The end call's promise (docs/durability.md): 200 only once the blob is
+        # stored and the event is in the outbox. Until then: retry, same answer later.
+        if exc.recorded:
+            return ApiError(503, "finalising", str(exc), retry_after=exc.retry_after)
+        return ApiError(503, "storage_unavailable", str(exc), retry_after=exc.retry_after)
     if isinstance(exc, TooManySessions):
         return ApiError(429, "too_many_sessions", str(exc), retry_after=exc.retry_after)
     return None

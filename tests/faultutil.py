@@ -12,6 +12,7 @@ reaped on the way out, whatever happened, so no test leaves a child behind.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -282,3 +283,44 @@ class RawHttp:
         stream, self._stream = self._stream, None
         if stream is not None:
             await stream.aclose()
+
+
+class DiskFull:
+    """Failure injection: a real :class:`~storage.spool.Spool` whose commits fail
+    with ENOSPC while :attr:`full` is set, as on a full data disk (the spool's own
+    error handling runs: the log is rolled back, the state file is not replaced,
+    waiters get ``SpoolError``). Everything else is the real spool."""
+
+    def __init__(self, spool: Any, *, full: bool = True) -> None:
+        self.full = full
+        self.failed = 0
+        real = spool._commit_key
+
+        def commit_key(*args: Any) -> None:
+            if self.full:
+                self.failed += 1
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real(*args)
+
+        spool._commit_key = commit_key  # an instance attribute: this spool only
+
+
+class BlobStoreDown:
+    """Failure injection: a real blob store whose ``put`` raises ``BlobStoreError``
+    while :attr:`down` is set (``attempts`` counts them); reads are untouched."""
+
+    def __init__(self, store: Any, *, down: bool = True) -> None:
+        from storage.blobs import BlobStoreError
+
+        self.down = down
+        self.attempts = 0
+        real = store.put
+
+        async def put(key: str, data: bytes) -> Any:
+            if self.down:
+                self.attempts += 1
+                await trio.lowlevel.checkpoint()
+                raise BlobStoreError("injected: blob store down")
+            return await real(key, data)
+
+        store.put = put

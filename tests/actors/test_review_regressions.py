@@ -95,9 +95,14 @@ async def test_a_failing_finalisation_costs_only_its_session(
         for tok in (bad, good):
             r = await svc.client.post("/v1/pose/frames", content=batch_body(0), headers=hdr(tok))
             assert r.status_code == 202
-        r = await svc.client.post("/v1/sessions/bad/end", headers=hdr(bad))
-        assert r.status_code == 200 and r.json()["published"] is False
-        assert "finalisation failed" in r.json()["error"]
+        # Nothing was stored, so no 200 (docs/durability.md): 503 + Retry-After, the
+        # session stays on disk at its step for the next start, and takes nothing more.
+        for _ in range(2):
+            r = await svc.client.post("/v1/sessions/bad/end", headers=hdr(bad))
+            assert r.status_code == 503 and r.json()["error"]["code"] == "finalising", r.text
+            assert int(r.headers["Retry-After"]) >= 1
+        r = await svc.client.post("/v1/pose/frames", content=batch_body(1), headers=hdr(bad))
+        assert r.status_code == 409
         r = await svc.client.post("/v1/sessions/sess-1/end", headers=hdr(good))
         assert r.status_code == 200 and r.json()["pose"]["frames"] == 30
 
