@@ -113,20 +113,65 @@ class ConnectionGuard:
                 reason = "shutdown" if self._shutdown_at <= deadline else "send_timeout"
                 self.on_drop(reason)
                 log.info("connection closed: client did not read", extra={"reason": reason})
-                raise trio.BrokenResourceError(f"client did not read ({reason})")
+                raise _NotReading(f"client did not read ({reason})")
+
+
+class _NotReading(trio.BrokenResourceError):
+    """A send passed its deadline: the client is not reading."""
 
 
 class _DeadlineStream:
     """A hypercorn connection's stream whose ``send_all`` keeps the guard's
-    deadlines; everything else is the stream's own (hypercorn tells TLS from plain
-    TCP by which attributes exist, so those pass through unchanged)."""
+    deadlines and does not collide with ``send_eof``; everything else is the
+    stream's own (hypercorn tells TLS from plain TCP by which attributes exist, so
+    those pass through unchanged).
+
+    The collision (red-team finding 7): hypercorn serialises its sends with a lock
+    but calls ``send_eof`` without it, and trio's ``send_eof`` holds the stream's
+    send conflict detector across a checkpoint. When the reading task closes the
+    connection on a protocol error while the app task is between h11 and the
+    socket with its answer (the client half-closed mid-body, or sent bytes after a
+    request answered ``connection: close``), the app's ``send_all`` raised
+    ``BusyResourceError``, which hypercorn logs as an app error ("Error in ASGI
+    Framework"); the other way round (the reading task's 400 against the app
+    task's close), :class:`GuardedTCPServer` logged it. So ``send_eof`` waits for
+    a send in flight, and a send after it has begun fails as trio fails a send
+    after EOF, with ``ClosedResourceError``: hypercorn takes that as a connection
+    gone. ``send_all`` gains no checkpoint: an extra one per send lets the reading
+    task fill the app's queue with unread body, and hypercorn then blocks putting
+    ``http.disconnect`` into it."""
 
     def __init__(self, stream: Any, guard: ConnectionGuard) -> None:
         self._stream = stream
         self._guard = guard
+        self._closing = False
+        # Set while no send is in flight (hypercorn's lock allows one at a time).
+        self._idle = trio.Event()
+        self._idle.set()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._guard.send_all(self._stream, data)
+        if self._closing:
+            raise trio.ClosedResourceError("the connection is being closed")
+        idle = self._idle = trio.Event()
+        try:
+            await self._guard.send_all(self._stream, data)
+        except _NotReading:
+            # The send was cut off, maybe mid-message: nothing may follow it, and
+            # the reading side must stop too, so the socket is closed at once.
+            self._closing = True
+            await trio.aclose_forcefully(self._stream)
+            raise
+        finally:
+            idle.set()
+
+    async def send_eof(self) -> None:
+        # Looked up first: a TLS stream has none, and hypercorn relies on the
+        # AttributeError to tell.
+        send_eof = self._stream.send_eof
+        self._closing = True
+        if not self._idle.is_set():
+            await self._idle.wait()
+        await send_eof()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
