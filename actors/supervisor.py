@@ -24,13 +24,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from actors.durable import MEDIA, POSE, ended_key, session_key
-from actors.finalise import MAX_BACKOFF_S, publish_and_close, retry
+from actors.durable import MEDIA, POSE, session_key
+from actors.finalise import MAX_BACKOFF_S, Backoff, publish_and_close, retry
 from actors.pose_stats import PoseStats
 from actors.recovery import RecoveryReport, recover
 from actors.sequencer import Verdict
@@ -96,6 +96,8 @@ class _Ended:
     recorded: bool = True
     # Set with ``stored`` when finishing it failed and nothing was recorded.
     failed: bool = False
+    # Paces a task still finishing it; an end call kicks it (storage may be back).
+    backoff: Backoff = field(default_factory=Backoff)
 
 
 class Supervisor:
@@ -181,7 +183,7 @@ class Supervisor:
         # Retries every step until done; only Cancelled (shutdown) escapes, and then
         # the state file still says ``publish`` for the next start.
         await publish_and_close(self._bus, self._spool, key, entry.summary,
-                                self._pseudonyms.session(org_id, session_id))
+                                self._pseudonyms.session(org_id, session_id), entry.backoff)
         entry.stored.set()
 
     async def drain(self, deadline_s: float | None = None) -> int:
@@ -377,6 +379,12 @@ class Supervisor:
                            "yet and is being retried", actor.retry_hint(), recorded=True)
 
     async def _await_entry(self, entry: _Ended) -> dict[str, Any]:
+        entry.backoff.kick()
+        if entry.summary is None and not entry.stored.is_set():
+            # Finalisation raised: nothing here will set ``stored`` before the next
+            # start, so waiting would only hold the request.
+            raise NotFinalised("the session's finalisation failed; it resumes when the "
+                               "service restarts", MAX_BACKOFF_S, recorded=entry.recorded)
         with trio.move_on_after(self.end_wait_s):
             await entry.stored.wait()
         if entry.stored.is_set() and entry.summary is not None and not entry.failed:
@@ -460,10 +468,19 @@ class Supervisor:
             del self._per_org[org_id]
 
     async def _end_empty(self, claims: SessionClaims, reason: str) -> dict[str, Any]:
-        """End a session that holds nothing: publish an empty summary (retried up to
-        :attr:`end_wait_s`). If the outbox does not take it in time, nothing is
-        recorded: :class:`NotFinalised` (``recorded=False``) and the session is as
-        unknown as before. Cancellation likewise leaves nothing recorded here."""
+        """End a session that holds nothing: publish an empty summary.
+
+        With a spool, the summary is first recorded as the session's ``publish``
+        state, exactly as a finalised session's is, and then published and kept by
+        :func:`publish_and_close` in a supervisor task that retries until done; the
+        call waits up to :attr:`end_wait_s` for it, else :class:`NotFinalised`.
+        Until the record is on disk a batch is told to retry (503), after it 409,
+        and a restart resumes the publish: the session cannot come back live and
+        take batches whose summary would then collide with this one's event id.
+
+        Without a spool the publish is retried for :attr:`end_wait_s`; if the outbox
+        does not take it, nothing is recorded (``recorded=False``). Cancellation
+        leaves nothing recorded that a restart would not finish."""
         wall = time.time()
         summary = build_summary(
             claims=claims, space=None, started_wall=wall, ended_wall=wall, end_reason=reason,
@@ -471,11 +488,15 @@ class Supervisor:
         )
         key = (claims.org_id, claims.session_id)
         log_id = self._pseudonyms.session(*key)
-        # Registered before the publish await so a concurrent end call waits for this
-        # one, and a batch meanwhile is told to retry (503), not that it ended.
+        # Registered before any await so a concurrent end call waits for this one,
+        # and a batch meanwhile is told to retry (503), not that it ended.
         entry = _Ended(summary, trio.current_time() + self._settings.ended_retention_s,
                        trio.Event(), recorded=False)
         self._put(key, entry)
+        if self._spool is not None:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._finish_empty, session_key(*key), entry, log_id)
+            return await self._await_entry(entry)
         ok = False
         try:
             with trio.move_on_after(self.end_wait_s):
@@ -493,15 +514,19 @@ class Supervisor:
         if not ok:
             raise NotFinalised("the session's end could not be stored; try again", 5.0,
                                recorded=False)
-        if self._spool is not None:
-            # Best effort: kept so that a restart still refuses this session's batches.
-            # The promise (event in the outbox) holds without it.
-            with trio.move_on_after(self.end_wait_s):
-                kept = {"summary": summary, "ended_wall": time.time()}
-                spool = self._spool
-                await retry(lambda: spool.set_state(ended_key(session_key(*key)), kept),
-                            "keeping the empty summary", log_id, 3)
         return summary
+
+    async def _finish_empty(self, key: str, entry: _Ended, log_id: str) -> None:
+        """Record, publish and keep an empty session's summary, retrying every step
+        until done; only ``trio.Cancelled`` escapes (then the next start resumes it
+        from the ``publish`` state, or it was never recorded)."""
+        assert self._spool is not None and entry.summary is not None
+        spool, state = self._spool, {"step": "publish", "summary": entry.summary}
+        await retry(lambda: spool.set_state(key, state), "recording the end", log_id, None,
+                    entry.backoff)
+        entry.recorded = True
+        await publish_and_close(self._bus, spool, key, entry.summary, log_id, entry.backoff)
+        entry.stored.set()
 
     def _remember(self, key: Key, summary: dict[str, Any]) -> None:
         self._put(key, _Ended(summary, trio.current_time() + self._settings.ended_retention_s,

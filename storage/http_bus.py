@@ -102,6 +102,9 @@ class HttpBus:
         except (TypeError, ValueError) as exc:
             raise EventRejected(f"event is not JSON-serialisable: {exc}") from exc
         last = "no attempt made"
+        # What the warning line says: the status or the error type only. The
+        # receiver's body may echo the event (ids), and so may an error's text.
+        brief = last
         for attempt in range(1, self.max_attempts + 1):
             retry_after: float | None = None
             try:
@@ -119,11 +122,13 @@ class HttpBus:
                 )
             except httpx.TransportError as exc:
                 last = f"{type(exc).__name__}: {exc}"
+                brief = type(exc).__name__
             else:
                 if resp.is_success:
                     self.published += 1
                     return
                 last = f"HTTP {resp.status_code}: {resp.text[:300]}"
+                brief = f"HTTP {resp.status_code}"
                 # no event id in the messages: it names the session (org and id)
                 if resp.status_code in REJECTED_STATUS:
                     raise EventRejected(f"receiver rejected the event: {last}")
@@ -135,7 +140,7 @@ class HttpBus:
             delay = self.backoff(attempt, retry_after)
             self.retries += 1
             log.warning("bus delivery failed; retrying",
-                        extra={"attempt": attempt, "delay_s": round(delay, 3), "error": last})
+                        extra={"attempt": attempt, "delay_s": round(delay, 3), "error": brief})
             await trio.sleep(delay)
         raise BusError(f"gave up on the event after {self.max_attempts} attempts: {last}")
 

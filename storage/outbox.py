@@ -151,6 +151,10 @@ class Outbox:
         self._delayed: list[tuple[float, int, str]] = []  # (not_before, seq, name)
         self._busy: set[Key] = set()  # keys with a delivery in flight
         self._streak = 0  # transient failures in a row, across events
+        # Sessions with a transient failure since the receiver last answered: an
+        # outage shows as failures of several; one event failing again is its own
+        # business and must not pause the others.
+        self._failing_keys: set[Key] = set()
         self._pause_until = -math.inf  # trio clock: no new delivery before this
         self._writing: dict[str, trio.Event] = {}
         self._wakeup = trio.Event()
@@ -293,6 +297,7 @@ class Outbox:
     def _receiver_answered(self) -> None:
         """The receiver is up (it accepted or judged an event): end any outage pause."""
         self._streak = 0
+        self._failing_keys.clear()
         self._pause_until = -math.inf
 
     async def _rejected(self, entry: _Entry, exc: EventRejected) -> None:
@@ -311,8 +316,9 @@ class Outbox:
         entry.attempts += 1
         self._counts["failures"] += 1
         self._streak += 1
+        self._failing_keys.add(entry.key)
         now = trio.current_time()
-        if self._streak >= 2:
+        if self._streak >= 2 and len(self._failing_keys) >= 2:
             self._pause_until = max(self._pause_until,
                                     now + self.retry_delay(self._streak - 1))
         tag = _tag(entry.name)

@@ -43,8 +43,9 @@ from storage.sink import AggregateSink, SinkEventError, describe_refusal
 from telemetry import errors
 from telemetry.auth import AuthError, TokenVerifier, bearer_token
 from telemetry.config import Settings
+from telemetry.connections import ConnectionGuard
 from telemetry.errors import ApiError
-from telemetry.server import hypercorn_config
+from telemetry.server import SEND_TIMEOUT_S, hypercorn_config
 from telemetry.signals import set_on_signal
 
 log = logging.getLogger("telemetry.sink")
@@ -140,10 +141,21 @@ async def serve_sink(
             await nursery.start(run_partition_maintenance, db)
 
             async def run_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
-                trigger = stop.wait if stop is not None else None
                 config = hypercorn_config(settings, bind=f"{host}:{port}")
-                await hypercorn_serve(app, config, shutdown_trigger=trigger,
-                                      task_status=task_status)
+                # The same connection guards as the service (telemetry.connections):
+                # one client's exception or unread answers must not end or hold it.
+                guard = ConnectionGuard(send_timeout_s=SEND_TIMEOUT_S,
+                                        frame_cap=settings.max_body_bytes)
+
+                async def trigger() -> None:
+                    if stop is None:
+                        await trio.sleep_forever()
+                    await stop.wait()
+                    guard.begin_shutdown(config.graceful_timeout)
+
+                with guard.serving():
+                    await hypercorn_serve(app, config, shutdown_trigger=trigger,
+                                          task_status=task_status)
                 nursery.cancel_scope.cancel()  # HTTP done: stop maintenance too
 
             binds = await nursery.start(run_http)

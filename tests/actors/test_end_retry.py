@@ -59,12 +59,19 @@ class Durable:
         return await self.sup.submit(claims, decode_batch(body, max_frames=120), body)
 
 
-def _pace(clock: trio.abc.Clock) -> None:
-    """Jump only after 20 ms of real idleness: the spool's fsyncs run in worker
-    threads, and with the default threshold (0) the clock would jump while one is in
-    flight, past the idle timeout of a session that is still being fed."""
-    assert isinstance(clock, trio.testing.MockClock)
-    clock.autojump_threshold = 0.02
+@pytest.fixture(autouse=True)
+def inline_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spool's file I/O on the Trio thread. Under autojump_clock, virtual time
+    jumps whenever every task waits, a worker thread included: an fsync slower
+    than the jump threshold would carry the clock past an idle timeout or an end
+    call's wait while the session is still being fed. Inline, the clock moves only
+    at the code's own deadlines, whatever the machine's load."""
+
+    async def run_inline(fn: Any, *args: Any, **_: Any) -> Any:
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", run_inline)
 
 
 async def _durable(settings: Settings, nursery: trio.Nursery) -> Durable:
@@ -82,7 +89,6 @@ async def test_idle_timeout_with_the_disk_full_retries_until_recorded(
     session answers "retry" (not "ended"), end calls get NotFinalised (not a
     summary with no blob), and once the disk takes writes again the session is
     recorded, stored and published without anyone asking."""
-    _pace(autojump_clock)
     d = await _durable(settings, nursery)
     c = d.claims()
     for seq in range(3):
@@ -116,7 +122,6 @@ async def test_blob_store_outage_at_max_duration_backs_off_and_a_repeated_end_cu
     "ended"), the blob is retried with capped backoff (not a busy loop, not given
     up), an end call answers NotFinalised within its bound, and once the store is
     back a repeated end call cuts the 30 s pause short and gets the summary."""
-    _pace(autojump_clock)
     d = await _durable(dataclasses.replace(settings, max_session_s=20.0), nursery)
     d.store.fail_puts = 10**6
     c = d.claims()
@@ -150,7 +155,6 @@ async def test_recovery_at_publish_retries_a_full_disk(
     batches get "ended", end calls get NotFinalised until the event is out and the
     summary kept, and the supervisor lives through it (a spool error there used to
     escape into the supervisor's nursery)."""
-    _pace(autojump_clock)
     spool = Spool(settings.data_dir / "spool")
     await nursery.start(spool.run)
     c = TokenVerifier(settings).verify_session(session_token(settings))

@@ -274,6 +274,24 @@ async def test_sink_as_its_own_process(settings: Settings, pg_url: str, private_
                 assert chunk, "sink exited before listening"
                 line += chunk
         url = line.decode().strip().rsplit(" ", 1)[1] + EVENTS_PATH
+        # Red-team finding 1 against the sink: a refused WebSocket handshake then
+        # client bytes ended a plain hypercorn server; the sink must go on.
+        port = int(url.split(":")[2].split("/")[0])
+        for _ in range(5):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(
+                f"GET {EVENTS_PATH} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+            await stream.send_all(b"\x88\x82abcdbj")
+            with trio.move_on_after(0.3):
+                try:
+                    while await stream.receive_some(65536):
+                        pass
+                except trio.BrokenResourceError:
+                    pass
+            await stream.aclose()
+        assert proc.returncode is None, "the sink exited"
         b = bus(settings, url)
         try:
             await b.publish(make_event("org-a", "s-x"))

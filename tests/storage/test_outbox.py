@@ -353,6 +353,24 @@ async def test_failing_event_holds_up_only_its_own_session(
     assert pending_files(tmp_path) == []
 
 
+async def test_one_event_failing_again_and_again_does_not_pause_a_later_session(
+        tmp_path: Path, autojump_clock: object, inline_io: None) -> None:
+    """The outage pause needs failures of two sessions: one stuck event retrying
+    for minutes does not delay an event of another session published later."""
+    stuck = sid(0, "s-1")
+    bus = FakeBus(poison=frozenset({stuck["event_id"]}))
+    outbox = Outbox(tmp_path, bus, base_delay_s=0.5, max_delay_s=60.0, rng=random.Random(3))
+    await outbox.publish(stuck)
+    async with delivering(outbox):
+        await trio.sleep(200)  # the stuck event has failed 8 or more times by now
+        assert len([1 for _, eid in bus.calls if eid == stuck["event_id"]]) >= 8
+        late = sid(0, "s-2")
+        published_at = trio.current_time()
+        await outbox.publish(late)
+        await until(lambda: late["event_id"] in bus.received, within_s=60)
+        assert trio.current_time() - published_at < 0.5
+
+
 async def test_each_session_keeps_its_order_under_concurrent_delivery(
         tmp_path: Path, autojump_clock: object, inline_io: None) -> None:
     """Random transient failures, four deliveries at a time: each event arrives

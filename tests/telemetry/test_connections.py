@@ -166,7 +166,8 @@ async def test_clients_that_never_read_do_not_hold_shutdown(settings: Settings,
             took = trio.current_time() - stopping
             clients.cancel_scope.cancel()
         await close()
-    assert took < GRACEFUL_TIMEOUT_S + 3, f"shutdown took {took:.1f} s"
+    # The hang this guards against lasted past 90 s; teardown of storage is in it too.
+    assert took < GRACEFUL_TIMEOUT_S + 10, f"shutdown took {took:.1f} s"
     assert metric(svc, "telemetry_connections_dropped_total", reason="shutdown") == 1
 
 
