@@ -70,7 +70,13 @@ def _import_pgserver() -> Any:
     # calling (Trio) thread because warnings.catch_warnings is not thread-safe.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import pgserver
+        try:
+            import pgserver
+        except ModuleNotFoundError:
+            # An extra: the service image does not carry it and sets DATABASE_URL.
+            raise DatabaseError(
+                "DATABASE_URL is unset and embedded Postgres needs the `embedded` extra: "
+                "pip install 'restartix-telemetry[embedded]', or set DATABASE_URL") from None
     return pgserver
 
 

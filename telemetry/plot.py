@@ -28,13 +28,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.patches import Patch
-from matplotlib.ticker import FuncFormatter, MaxNLocator
-from PIL import Image
-from PIL.PngImagePlugin import PngInfo
+
+try:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+except ModuleNotFoundError as exc:
+    # The plotting stack is an extra (the service image does not carry it).
+    raise ModuleNotFoundError(
+        f"plotting needs the `plot` extra ({exc.name} is not installed): "
+        "pip install 'restartix-telemetry[plot]'", name=exc.name) from exc
 
 from actors.replay_metrics import recompute
 from actors.reps.angles import JOINT_LABELS, JOINTS, SIDES, joint_triplets, triplet_angles

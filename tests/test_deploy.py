@@ -26,6 +26,12 @@ ROOT = Path(__file__).resolve().parent.parent
 AWS = ROOT / "deploy" / "aws"
 HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
 DOCKERFILE = ROOT / "Dockerfile"
+COMPOSE = ROOT / "deploy" / "compose.yaml"
+PYPROJECT = ROOT / "pyproject.toml"
+# Extras the production image must not carry (pgserver; matplotlib and its stack).
+IMAGE_FREE_EXTRAS = {"embedded", "plot", "test"}
+# Not ours: boto3 reads these (compose gives the service MinIO's credentials).
+BOTO3_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
 
 # Variables that hold credentials: only ever from Secrets Manager, never in plain env.
 SECRET_VARIABLES = {"TELEMETRY_JWT_KEYS", "TELEMETRY_PSEUDONYM_KEY", "TELEMETRY_BUS_TOKEN",
@@ -135,6 +141,98 @@ def dockerfile_instruction(name: str) -> list[str]:
     return [line[len(name) + 1:].strip() for line in lines]
 
 
+@cache
+def dockerfile_steps() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order, continuation lines joined, comments dropped."""
+    steps: list[tuple[str, str]] = []
+    pending = ""
+    for raw in DOCKERFILE.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line, pending = pending + line, ""
+        name, _, args = line.partition(" ")
+        steps.append((name.upper(), args.strip()))
+    assert not pending, "the Dockerfile ends inside a continuation line"
+    return steps
+
+
+def dockerfile_stages() -> list[list[tuple[str, str]]]:
+    """The steps of each stage (from its FROM on), in order."""
+    stages: list[list[tuple[str, str]]] = []
+    for step in dockerfile_steps():
+        if step[0] == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append(step)
+    return stages
+
+
+def dockerfile_base_images() -> list[str]:
+    """Each stage's base image, global ``ARG`` defaults substituted."""
+    args: dict[str, str] = {}
+    for name, rest in dockerfile_steps():
+        if name == "FROM":
+            break
+        if name == "ARG" and "=" in rest:
+            key, _, value = rest.partition("=")
+            args[key.strip()] = value.strip()
+    bases = []
+    for name, rest in dockerfile_steps():
+        if name == "FROM":
+            image = rest.split()[0]
+            bases.append(re.sub(r"\$\{(\w+)\}|\$(\w+)",
+                                lambda m: args[m[1] or m[2]], image))
+    return bases
+
+
+def constraint_pins() -> dict[str, str]:
+    from scripts.freeze_constraints import CONSTRAINTS, read_pins
+
+    return read_pins(CONSTRAINTS)
+
+
+@cache
+def compose() -> dict[str, Any]:
+    import yaml  # the test extra's; compose files are YAML with merge keys (<<)
+
+    return yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+
+
+def compose_env(service: str) -> dict[str, str]:
+    env = compose()["services"][service].get("environment", {})
+    assert isinstance(env, dict), f"{service}: write environment as a mapping"
+    return {k: str(v) for k, v in env.items()}
+
+
+def compose_health_url(service: str) -> tuple[int, str]:
+    """(port, path) the service's compose health check requests on loopback."""
+    test = " ".join(compose()["services"][service]["healthcheck"]["test"])
+    m = re.search(r"http://127\.0\.0\.1:(\d+)(/[^'\" ]*)", test)
+    assert m, f"{service}: health check requests no loopback URL: {test}"
+    return int(m[1]), m[2]
+
+
+def _duration_s(value: str) -> float:
+    m = re.fullmatch(r"(?:(\d+)m)?(?:(\d+)s)?", value)
+    assert m and value, f"not a compose duration: {value!r}"
+    return int(m[1] or 0) * 60.0 + int(m[2] or 0)
+
+
+def serves_get(url_map: Any, path: str) -> bool:
+    """Whether a Quart app's routes answer GET ``path``."""
+    from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+    try:
+        url_map.bind("localhost").match(path, method="GET")
+    except (NotFound, MethodNotAllowed):
+        return False
+    return True
+
+
 # --------------------------------------------------------------------------- ECS task
 
 
@@ -160,6 +258,19 @@ def test_stop_timeout_covers_the_whole_shutdown() -> None:
     assert stop >= GRACEFUL_TIMEOUT_S + deadline + OUTBOX_FLUSH_S + 5
 
 
+def test_shutdown_docs_state_the_codes_timeouts() -> None:
+    """The Dockerfile and the docs quote hypercorn's graceful timeout, and the AWS README
+    the sum the stopTimeout has to cover; all follow telemetry/server.py."""
+    graceful = f"{GRACEFUL_TIMEOUT_S:g} s"
+    readme = (AWS / "README.md").read_text(encoding="utf-8")
+    for path in (DOCKERFILE, AWS / "README.md", ROOT / "docs" / "affinity.md"):
+        text, name = path.read_text(encoding="utf-8"), path.relative_to(ROOT)
+        quoted = re.findall(r"graceful timeout[\s#]*[(,]\s*([\d.]+ s)", text)
+        assert quoted and set(quoted) == {graceful}, f"{name}: {quoted} != {graceful}"
+    total = GRACEFUL_TIMEOUT_S + task_settings().shutdown_deadline_s + OUTBOX_FLUSH_S
+    assert f"covers {total:g} s" in readme
+
+
 def test_task_environment_is_valid_configuration() -> None:
     env = task_env()
     unknown = set(env) - set(VARIABLES)
@@ -170,6 +281,14 @@ def test_task_environment_is_valid_configuration() -> None:
     assert s.blob_store == "s3" and s.s3_bucket == bucket()["Bucket"]
     assert s.host == "0.0.0.0"
     assert [p["containerPort"] for p in container()["portMappings"]] == [s.port]
+
+
+def test_portal_origin_is_allowed_cross_origin() -> None:
+    # The Portal is on another origin: without it here every browser call fails CORS.
+    raw = task_env().get("TELEMETRY_CORS_ORIGINS", "")
+    assert raw.strip(), "TELEMETRY_CORS_ORIGINS must name the Patient Portal's origin"
+    origins = task_settings().cors_origins
+    assert origins and all(o.startswith("https://") for o in origins), origins
 
 
 def test_secrets_come_from_secrets_manager() -> None:
@@ -319,6 +438,210 @@ def test_lifecycle() -> None:
     assert "Expiration" in actions
     if bucket()["VersioningConfiguration"]["Status"] == "Enabled":
         assert "NoncurrentVersionExpiration" in actions
+
+
+# --------------------------------------------------------------------------- image
+
+
+def test_base_image_is_pinned_by_digest() -> None:
+    bases = dockerfile_base_images()
+    assert bases
+    for image in bases:
+        assert re.fullmatch(r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}", image), image
+
+
+def test_image_installs_locked_dependencies_before_the_source() -> None:
+    build = dockerfile_stages()[0]
+    copies = [i for i, (name, _) in enumerate(build) if name == "COPY"]
+    installs = [i for i, (name, rest) in enumerate(build)
+                if name == "RUN" and "pip install" in rest]
+    assert installs, "the build stage installs nothing"
+    # Every install is held to the constraints file, or installs nothing but the project.
+    for i in installs:
+        rest = build[i][1]
+        assert "-c constraints.txt" in rest or "--no-deps" in rest, rest
+    deps = next(i for i in installs if "-c constraints.txt" in build[i][1])
+    copied_before = " ".join(build[i][1] for i in copies if i < deps).split()
+    assert "constraints.txt" in copied_before and "pyproject.toml" in copied_before
+    source = [i for i in copies if set(build[i][1].split()) & {"telemetry", "actors", "storage"}]
+    assert source and min(source) > deps, "dependencies must be installed before the source"
+
+
+def test_image_carries_no_extras() -> None:
+    import tomllib
+
+    project = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"]
+    extras = project["optional-dependencies"]
+    assert IMAGE_FREE_EXTRAS <= set(extras)
+    runtime = {re.split(r"[\[<>=!~; ]", r, maxsplit=1)[0].lower() for r in project["dependencies"]}
+    assert not runtime & {"pgserver", "matplotlib"}, "heavy optional stacks must be extras"
+    # The test extra still brings them: the tests start embedded Postgres and draw plots.
+    assert "restartix-telemetry[embedded,plot]" in extras["test"]
+    for name, rest in dockerfile_steps():
+        if name == "RUN" and "pip install" in rest:
+            assert not re.search(r"\.\[|\[(embedded|plot|test)", rest), rest
+            assert not re.search(r"\b(pgserver|matplotlib)\b", rest), rest
+
+
+def test_image_user_is_numeric() -> None:
+    (user,) = [rest for name, rest in dockerfile_stages()[-1] if name == "USER"]
+    m = re.fullmatch(r"(\d+)(?::(\d+))?", user)
+    assert m, f"USER {user}: not numeric (runAsNonRoot cannot check a name)"
+    assert int(m[1]) != 0 and int(m[2] or 1) != 0
+    assert container()["user"] == m[1], "the task definition runs the image's user"
+
+
+def test_constraints_pin_hypercorn() -> None:
+    from importlib import metadata
+
+    pins = constraint_pins()
+    # telemetry/wsdeflate.py and telemetry/connections.py patch hypercorn's internals.
+    assert "hypercorn" in pins
+    assert metadata.version("hypercorn") == pins["hypercorn"], "installed without the pins"
+
+
+def test_constraints_cover_exactly_what_the_project_installs() -> None:
+    """constraints.txt is current: the closure of pyproject's requirements (all extras)
+    as installed here, each pin allowed by pyproject's own specifiers."""
+    from scripts.freeze_constraints import closure, project_requirements
+
+    _, roots = project_requirements()
+    pins = constraint_pins()
+    installed = closure(roots)
+    stale = {k: (pins.get(k), v) for k, v in installed.items() if pins.get(k) != v}
+    assert not stale, f"rerun scripts/freeze_constraints.py: {stale}"
+    assert not set(pins) - set(installed), "pins for what the project no longer installs"
+    for req in roots:
+        pinned = pins[req.name.lower().replace("_", "-")]
+        assert req.specifier.contains(pinned, prereleases=True), (req, pinned)
+
+
+def test_dev_py_installs_with_the_constraints() -> None:
+    import dev
+
+    assert dev.CONSTRAINTS == ROOT / "constraints.txt" and dev.CONSTRAINTS.is_file()
+    source = (ROOT / "dev.py").read_text(encoding="utf-8")
+    assert '"-c", str(CONSTRAINTS)' in source
+    # A changed constraints file reinstalls: it is part of the stamp's digest.
+    assert "CONSTRAINTS.read_bytes()" in source
+    assert set(dev.DEMO_EXTRAS.split(",")) == {"embedded", "plot"}
+
+
+def test_missing_extras_are_named() -> None:
+    """Without the extras (the production image) the service still imports, and what
+    needs them says which extra to install."""
+    blocked = "import sys; sys.modules.update(pgserver=None, matplotlib=None); "
+    ok = subprocess.run(
+        [sys.executable, "-c", blocked + "import telemetry.cli, telemetry.server, "
+         "telemetry.sink_app, storage.wiring, storage.pg"],
+        capture_output=True, text=True, cwd=ROOT, timeout=60, check=False)
+    assert ok.returncode == 0, ok.stderr
+    plot = subprocess.run([sys.executable, "-c", blocked + "import telemetry.plot"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60, check=False)
+    assert plot.returncode != 0 and "restartix-telemetry[plot]" in plot.stderr, plot.stderr
+    pg = subprocess.run(
+        [sys.executable, "-c", blocked + "from storage.pg import _import_pgserver\n"
+         "try:\n    _import_pgserver()\nexcept Exception as e:\n    print(type(e).__name__, e)"],
+        capture_output=True, text=True, cwd=ROOT, timeout=60, check=False)
+    assert pg.stdout.startswith("DatabaseError") and "restartix-telemetry[embedded]" in pg.stdout
+
+
+# --------------------------------------------------------------------------- compose
+
+
+def test_compose_runs_the_distributed_layout() -> None:
+    services = compose()["services"]
+    assert {"telemetry", "sink", "postgres", "router"} <= set(services)
+    assert any("minio" in str(s.get("image", "")) for s in services.values()), "no S3 server"
+    assert services["sink"]["entrypoint"] == ["python", "-m", "telemetry.sink_app"]
+    assert "entrypoint" not in services["telemetry"], "the image's `telemetry serve`"
+    router = services["router"]
+    assert router["image"].startswith("haproxy:")
+    assert "./haproxy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in router["volumes"]
+    for name, s in services.items():
+        image = s.get("image", "")
+        assert ":" in image and not image.endswith(":latest"), f"{name}: pin the image tag"
+
+
+def test_compose_environment_is_valid_configuration() -> None:
+    for name in compose()["services"]:
+        env = compose_env(name)
+        ours = {k for k in env if k.startswith("TELEMETRY_") or k == "DATABASE_URL"}
+        unknown = ours - set(VARIABLES)
+        assert not unknown, f"{name}: not configuration variables: {sorted(unknown)}"
+    for name in ("telemetry", "sink"):
+        env = compose_env(name)
+        assert not set(env) - set(VARIABLES) - BOTO3_VARIABLES, name
+        Settings.from_env(env)  # raises ConfigError on any malformed value
+    service, sink = (Settings.from_env(compose_env(n)) for n in ("telemetry", "sink"))
+    # The sink must accept the bus token the service mints from its keyset.
+    assert dict(service.jwt_keys) == dict(sink.jwt_keys) and not service.uses_dev_keys
+    assert service.pseudonym_key == sink.pseudonym_key
+    assert service.cors_origins, "a browser (the Portal) calls the API cross-origin"
+    assert (service.blob_store, service.bus, service.sink) == ("s3", "http", "none")
+
+
+def test_compose_ports_are_the_defaults() -> None:
+    from telemetry.sink_app import DEFAULT_SINK_PORT, EVENTS_PATH
+
+    defaults = Settings()
+    service = Settings.from_env(compose_env("telemetry"))
+    sink = Settings.from_env(compose_env("sink"))
+    assert service.port == defaults.port and service.host == "0.0.0.0"
+    assert sink.sink_port == defaults.sink_port == DEFAULT_SINK_PORT
+    assert sink.sink_host == "0.0.0.0"
+    assert compose_health_url("telemetry")[0] == service.port
+    assert compose_health_url("sink")[0] == sink.sink_port
+    assert service.bus_url == f"http://sink:{sink.sink_port}{EVENTS_PATH}"
+    # The router reaches the instances by their Cloud Map name, here a network alias.
+    (template,) = haproxy().directives("backend telemetry", "server-template")
+    host, _, port = template[-1].rpartition(":")
+    assert int(port) == service.port
+    aliases = compose()["services"]["telemetry"]["networks"]["default"]["aliases"]
+    assert host in aliases
+    (bind,) = haproxy().directives("frontend telemetry_public", "bind")
+    published = [p.rsplit(":", 1)[-1] for p in compose()["services"]["router"]["ports"]]
+    assert published == [bind[1].rsplit(":", 1)[-1]]
+
+
+def test_compose_stop_grace_covers_the_shutdown() -> None:
+    grace = _duration_s(compose()["services"]["telemetry"]["stop_grace_period"])
+    deadline = Settings.from_env(compose_env("telemetry")).shutdown_deadline_s
+    assert grace >= GRACEFUL_TIMEOUT_S + deadline + OUTBOX_FLUSH_S + 5
+
+
+async def test_compose_health_checks_hit_real_routes(settings: Settings) -> None:
+    from actors.supervisor import Supervisor
+    from storage.blobs import FilesystemBlobStore
+    from storage.bus import InProcessBus
+    from storage.pg import Database
+    from storage.sink import AggregateSink
+    from telemetry.app import AppState, create_app
+    from telemetry.auth import TokenVerifier
+    from telemetry.privacy import Pseudonymiser
+    from telemetry.sink_app import create_sink_app
+
+    pseudonyms = Pseudonymiser(settings.pseudonym_key)
+    supervisor = Supervisor(settings, store=FilesystemBlobStore(settings.data_dir / "blobs"),
+                            bus=InProcessBus(), pseudonyms=pseudonyms)
+    app = create_app(AppState(settings, supervisor, TokenVerifier(settings), pseudonyms))
+    _, path = compose_health_url("telemetry")
+    # Liveness, as the image and the task definition: readiness is the router's.
+    assert path == "/v1/healthz" and serves_get(app.quart.url_map, path)
+    assert serves_get(app.quart.url_map, "/v1/readyz")
+    assert not serves_get(app.quart.url_map, "/v1/no-such-route")  # the check can fail
+    # The sink's routes; the database is opened lazily and never reached here.
+    db = await Database.open(database_url="postgresql://unused@127.0.0.1:1/unused",
+                             data_dir=settings.data_dir)
+    try:
+        sink_app = create_sink_app(settings, AggregateSink(db))
+        _, path = compose_health_url("sink")
+        assert serves_get(sink_app.url_map, path), path
+    finally:
+        await db.aclose()
+    test = " ".join(compose()["services"]["router"]["healthcheck"]["test"])
+    monitor = [d[1] for d in haproxy().directives("frontend telemetry_public", "monitor-uri")]
+    assert monitor and f"GET {monitor[0]} " in test
 
 
 if __name__ == "__main__":
