@@ -22,6 +22,11 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / "python"
+# Exact versions of every dependency (scripts/freeze_constraints.py writes it); the
+# Dockerfile installs with the same file, so tests run what production runs.
+CONSTRAINTS = ROOT / "constraints.txt"
+# What `telemetry demo` needs beyond the service: embedded Postgres and the PNG plots.
+DEMO_EXTRAS = "embedded,plot"
 
 
 def ensure_env(extras: str) -> None:
@@ -30,21 +35,25 @@ def ensure_env(extras: str) -> None:
     if not PY.exists():
         print(f"creating virtualenv in {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode()).hexdigest()
-    stamp = VENV / f".installed-{extras or 'base'}"
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + CONSTRAINTS.read_bytes()
+                            + extras.encode()).hexdigest()
+    stamp = VENV / f".installed-{extras.replace(',', '+') or 'base'}"
     if stamp.exists() and stamp.read_text() == digest:
         return
     print("installing the project and its dependencies (first run only)", flush=True)
     subprocess.check_call([str(PY), "-m", "pip", "install", "-q", "--upgrade", "pip"])
     target = f".[{extras}]" if extras else "."
-    subprocess.check_call([str(PY), "-m", "pip", "install", "-q", "-e", target], cwd=ROOT)
+    subprocess.check_call([str(PY), "-m", "pip", "install", "-q", "-c", str(CONSTRAINTS),
+                           "-e", target], cwd=ROOT)
     stamp.write_text(digest)
 
 
 # Programs some tests drive for real: HAProxy checks the routing config, Chromium with
-# ChromeDriver runs the browser client, ffmpeg makes the test video. Debian packages.
+# ChromeDriver runs the browser client, ffmpeg makes the test video, Node and npm test and
+# type-check the browser client's package. Debian packages.
 SYSTEM_TOOLS = {"haproxy": "haproxy", "chromium": "chromium",
-                "chromedriver": "chromium-driver", "ffmpeg": "ffmpeg"}
+                "chromedriver": "chromium-driver", "ffmpeg": "ffmpeg",
+                "node": "nodejs", "npm": "npm"}
 
 
 def ensure_system_tools() -> None:
@@ -62,16 +71,36 @@ def ensure_system_tools() -> None:
               f"installed (Debian: sudo apt-get install {' '.join(missing)})", flush=True)
 
 
+WEB_CLIENT = ROOT / "clients" / "web"
+
+
+def ensure_web_client() -> None:
+    """`npm ci` in clients/web (TypeScript for its type check) when node_modules is missing
+    or package-lock.json changed since the last install."""
+    digest = hashlib.sha256((WEB_CLIENT / "package-lock.json").read_bytes()).hexdigest()
+    # Inside node_modules: `npm ci` deletes it first, so an interrupted install re-runs.
+    stamp = WEB_CLIENT / "node_modules" / ".installed-lock"
+    if stamp.exists() and stamp.read_text() == digest:
+        return
+    npm = shutil.which("npm")
+    if npm is None:  # ensure_system_tools has said what to install
+        return
+    print("installing the browser client's dev dependencies (npm ci)", flush=True)
+    subprocess.check_call([npm, "ci", "--no-audit", "--no-fund"], cwd=WEB_CLIENT)
+    stamp.write_text(digest)
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in {"demo", "test"}:
         print(__doc__)
         return 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "demo":
-        ensure_env("")
+        ensure_env(DEMO_EXTRAS)
         return subprocess.call([str(BIN / "telemetry"), "demo", *rest], cwd=ROOT)
     ensure_env("test")
     ensure_system_tools()
+    ensure_web_client()
     rc = subprocess.call([str(BIN / "ruff"), "check", "."], cwd=ROOT)
     if rc:
         return rc

@@ -119,6 +119,10 @@ class Supervisor:
         self._closed = False
         self._stopped = trio.Event()
         self.crashed = 0
+        # Cumulative figures for the metrics (read at scrape time, as ``crashed``):
+        # sessions ended by end reason, and batches the ended ones skipped.
+        self.ended_by_reason: dict[str, int] = {}
+        self.skipped_ended = 0
         self.end_wait_s = END_WAIT_S
 
     # -- lifecycle ------------------------------------------------------------------
@@ -451,10 +455,15 @@ class Supervisor:
         finally:
             # Runs on cancellation too, so the registry never keeps a dead actor.
             self._unregister(actor)
+            # No checkpoint since leaving the live set: a scrape never sees its
+            # skipped batches twice or not at all.
+            self.skipped_ended += actor.skipped
             if actor.summary is not None:
                 self._remember(key, actor.summary)
                 if actor.end_reason == "actor_error":
                     self.crashed += 1
+                reason = str(actor.summary["end_reason"])
+                self.ended_by_reason[reason] = self.ended_by_reason.get(reason, 0) + 1
                 log.info("session ended", extra={
                     "session": actor.log_id, "end_reason": actor.summary["end_reason"],
                     "frames": actor.stats.frames, "published": actor.summary.get("published"),

@@ -232,6 +232,7 @@ def create_app(state: AppState) -> LeanApp:
             raise ApiError(status, exc.code, str(exc)) from None
         m.media_events.labels("applied").inc(applied)
         m.media_events.labels("not_applied").inc(not_applied)
+        m.count_media_received(len(body))
         return jsonify({"view_id": batch.view_id, "applied": applied,
                         "duplicates": not_applied}), 202
 

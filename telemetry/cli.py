@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -73,41 +74,109 @@ async def _replay(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="telemetry", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run the service (configuration from the environment)")
+# ``--help`` is plain text: the module docstring above is for Sphinx, this is for people.
+DESCRIPTION = """\
+RestartiX Telemetry: pose and media ingest for guided home exercise sessions.
 
-    d = sub.add_parser("demo", help="run the service and stream simulated patients through it")
-    d.add_argument("--patients", type=int, default=5)
+Each command reads its configuration from the environment once at start-up; a
+malformed variable stops it with exit status 2 and a message naming the variable.
+"""
+CONFIG_TABLE = ("The variables, with their defaults and meaning, are in the Configuration "
+                "table of README.md (print it with: python -m telemetry.config).")
+# The variables a command depends on most, shown in its help with their defaults.
+COMMAND_VARIABLES = {
+    "serve": ("TELEMETRY_HOST", "TELEMETRY_PORT", "TELEMETRY_DATA_DIR", "TELEMETRY_JWT_KEYS",
+              "TELEMETRY_BLOB_STORE", "TELEMETRY_BUS", "TELEMETRY_SINK", "DATABASE_URL"),
+    "migrate": ("DATABASE_URL", "TELEMETRY_DATA_DIR"),
+    "sink": ("TELEMETRY_SINK_HOST", "TELEMETRY_SINK_PORT", "DATABASE_URL",
+             "TELEMETRY_SINK_DATABASE_URL", "TELEMETRY_JWT_KEYS"),
+}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs as written; every option's default shown, except
+    those that mean "not given" (None, False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help or ""
+        default = action.default
+        if ("%(default)" in help_text or default in (None, False, argparse.SUPPRESS)
+                or not action.option_strings and action.nargs not in ("?", "*")):
+            return help_text
+        return f"{help_text} (default: %(default)s)" if help_text else "default: %(default)s"
+
+
+def _configured_by(command: str) -> str:
+    from telemetry.config import VARIABLES
+
+    width = max(len(name) for name in COMMAND_VARIABLES[command])
+    lines = [f"  {name:<{width}}  default: {_plain(VARIABLES[name][0])}"
+             for name in COMMAND_VARIABLES[command]]
+    return "\n".join(["configuration (environment), among others:", *lines, "",
+                      textwrap.fill(CONFIG_TABLE, 78)])
+
+
+def _plain(text: str) -> str:
+    """A config table cell without its Markdown code marks."""
+    return text.replace("`", "")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("restartix-telemetry")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="telemetry", description=DESCRIPTION,
+                                formatter_class=_HelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str, epilog: str | None = None) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=summary, epilog=epilog,
+                              formatter_class=_HelpFormatter)
+
+    command("serve", "run the service (configuration from the environment)",
+            _configured_by("serve"))
+
+    d = command("demo", "run the service on loopback and stream simulated patients through it")
+    d.add_argument("--patients", type=int, default=5, help="number of simulated patients")
     d.add_argument("--seconds", type=int, default=20, help="length of each session")
-    d.add_argument("--seed", type=int, default=7)
+    d.add_argument("--seed", type=int, default=7, help="seed of the simulation")
     d.add_argument("--plots", type=Path, default=Path("demo-plots"),
                    help="directory for one PNG per session")
 
-    r = sub.add_parser("replay", help="recompute a session's metrics from its replay blob")
+    r = command("replay", "recompute a session's metrics from its replay blob")
     r.add_argument("blob", nargs="?", help="path of a .bin.gz replay blob")
-    r.add_argument("--key", help="read {org_id}/{session_id}.bin.gz from the configured store")
-    pl = sub.add_parser("plot", help="draw a session's replay blob as a PNG")
+    r.add_argument("--key", help="read ORG_ID/SESSION_ID.bin.gz from the configured blob store")
+    pl = command("plot", "draw a session's replay blob as a PNG")
     pl.add_argument("blob", type=Path, help="path of a .bin.gz replay blob")
     pl.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
     pl.add_argument("--event", type=Path, help="end-of-session event JSON (shades video stalls)")
-    sub.add_parser("migrate", help="apply Postgres migrations and create partitions, then exit")
-    sub.add_parser("sink", help="run the aggregate sink's HTTP receiver (Core API side)")
+    command("migrate", "apply Postgres migrations and create partitions, then exit",
+            _configured_by("migrate"))
+    command("sink", "run the aggregate sink's HTTP receiver (Core API side)",
+            _configured_by("sink"))
 
-    t = sub.add_parser("token", help="mint a development token signed like the Core API's")
-    t.add_argument("--org", default="org-dev")
+    t = command("token", "mint a development token signed like the Core API's")
+    t.add_argument("--org", default="org-dev", help="organisation id")
     t.add_argument("--session", default=None, help="session id (default: random)")
-    t.add_argument("--patient", default="patient-dev")
-    t.add_argument("--exercise", default="squat")
-    t.add_argument("--side", choices=["left", "right", "both"])
-    t.add_argument("--target-reps", type=int)
-    t.add_argument("--no-biometric", action="store_true")
-    t.add_argument("--no-analytics", action="store_true")
-    t.add_argument("--ttl", type=int, default=3600)
+    t.add_argument("--patient", default="patient-dev", help="patient id")
+    t.add_argument("--exercise", default="squat", help="exercise kind")
+    t.add_argument("--side", choices=["left", "right", "both"], help="side of the exercise")
+    t.add_argument("--target-reps", type=int, help="target repetitions")
+    t.add_argument("--no-biometric", action="store_true",
+                   help="without the patient's biometric consent (pose frames are refused)")
+    t.add_argument("--no-analytics", action="store_true",
+                   help="without the patient's analytics consent (media events are refused)")
+    t.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
     t.add_argument("--service", action="store_true", help="a service-account token instead")
-    t.add_argument("--scope", default="telemetry:admin")
-    t.add_argument("--subject")
+    t.add_argument("--scope", default="telemetry:admin", help="scope of a service token")
+    t.add_argument("--subject", help="subject of a service token (default: ops)")
     return p
 
 
@@ -116,7 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
-        print(f"telemetry: configuration error: {exc}", file=sys.stderr)
+        if args.command in ("serve", "migrate", "sink"):
+            # A service's output is read by a log pipeline: one JSON line, not text.
+            from telemetry import logs
+
+            logs.fatal("configuration error; not starting", error=str(exc))
+        else:
+            print(f"telemetry: configuration error: {exc}", file=sys.stderr)
         return 2
     from telemetry import logs
 

@@ -17,10 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from telemetry.asgi import Network, parse_networks
+
 # The development keyset: used only when TELEMETRY_JWT_KEYS is unset, so the demo and
 # tests run with zero configuration. Production sets TELEMETRY_JWT_KEYS from Secrets
 # Manager; ``telemetry serve`` logs a warning when it runs on the development keys.
 DEV_KEYS: dict[str, str] = {"dev-1": "restartix-telemetry-development-secret-not-for-production"}
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 # name -> (default shown in docs, description)
 VARIABLES: dict[str, tuple[str, str]] = {
@@ -80,6 +84,9 @@ VARIABLES: dict[str, tuple[str, str]] = {
                                 "spool for the next start) or `finalise` (end them)."),
     "TELEMETRY_CORS_ORIGINS": ("(none)", "Comma-separated browser origins (the Patient "
                                "Portal's) allowed to call the API cross-origin."),
+    "TELEMETRY_TRUSTED_PROXIES": ("(none)", "Comma-separated CIDRs of the proxies in front "
+                                  "(router, load balancer) whose `X-Forwarded-For` is "
+                                  "believed for the client address; none trusts no header."),
     "TELEMETRY_TLS_CERT": ("(none)", "PEM certificate chain; with TELEMETRY_TLS_KEY the "
                            "service terminates TLS itself (1.2+) and sends HSTS."),
     "TELEMETRY_TLS_KEY": ("(none)", "PEM private key for TELEMETRY_TLS_CERT."),
@@ -181,6 +188,13 @@ def _cors(env: Mapping[str, str]) -> tuple[str, ...]:
         raise ConfigError(f"TELEMETRY_CORS_ORIGINS: {exc}") from None
 
 
+def _trusted_proxies(env: Mapping[str, str]) -> tuple[Network, ...]:
+    try:
+        return parse_networks(env.get("TELEMETRY_TRUSTED_PROXIES", ""))
+    except ValueError as exc:
+        raise ConfigError(f"TELEMETRY_TRUSTED_PROXIES: {exc}") from None
+
+
 def _public_keys(env: Mapping[str, str]) -> dict[str, str]:
     raw = env.get("TELEMETRY_JWT_PUBLIC_KEYS")
     if not raw:
@@ -225,6 +239,7 @@ class Settings:
     spool_enabled: bool = True
     shutdown_mode: str = "flush"
     cors_origins: tuple[str, ...] = ()
+    trusted_proxies: tuple[Network, ...] = ()
     tls_cert: Path | None = None
     tls_key: Path | None = None
     jwt_keys_file: Path | None = None
@@ -287,6 +302,10 @@ class Settings:
             raise ConfigError("TELEMETRY_TLS_CERT and TELEMETRY_TLS_KEY go together")
         if env.get("TELEMETRY_BUS") == "http" and not env.get("TELEMETRY_BUS_URL"):
             raise ConfigError("TELEMETRY_BUS=http needs TELEMETRY_BUS_URL")
+        level = env.get("TELEMETRY_LOG_LEVEL", "INFO").upper()
+        if level not in LOG_LEVELS:
+            # Found here, not by logging.setLevel after the log is set up.
+            raise ConfigError(f"TELEMETRY_LOG_LEVEL={level[:20]!r}: must be one of {LOG_LEVELS}")
         return cls(
             host=env.get("TELEMETRY_HOST", "127.0.0.1"),
             port=_int(env, "TELEMETRY_PORT", 8080),
@@ -312,6 +331,7 @@ class Settings:
             spool_enabled=env.get("TELEMETRY_SPOOL", "on") == "on",
             shutdown_mode=env.get("TELEMETRY_SHUTDOWN_MODE", "flush"),
             cors_origins=_cors(env),
+            trusted_proxies=_trusted_proxies(env),
             tls_cert=Path(env["TELEMETRY_TLS_CERT"]) if env.get("TELEMETRY_TLS_CERT") else None,
             tls_key=Path(env["TELEMETRY_TLS_KEY"]) if env.get("TELEMETRY_TLS_KEY") else None,
             jwt_keys_file=(Path(env["TELEMETRY_JWT_KEYS_FILE"])
@@ -339,7 +359,7 @@ class Settings:
             sink_port=_int(env, "TELEMETRY_SINK_PORT", 8081),
             database_url=env.get("DATABASE_URL") or None,
             sink_database_url=env.get("TELEMETRY_SINK_DATABASE_URL") or None,
-            log_level=env.get("TELEMETRY_LOG_LEVEL", "INFO").upper(),
+            log_level=level,
             pseudonym_key=pkey.encode() if pkey else os.urandom(32),
         )
 

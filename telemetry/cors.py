@@ -14,9 +14,14 @@ reads the real answer only if it carries ``Access-Control-Allow-Origin``.
   method and headers are ones the API uses; ``403`` with the API's JSON error shape
   and **no** CORS header otherwise, so the browser refuses the real request;
 * adds ``Access-Control-Allow-Origin`` and ``Access-Control-Expose-Headers:
-  Retry-After`` (the client must see it on 429/503) to every other answer to an
-  allowed origin, errors included, so the page can read the status and the error
-  code;
+  Retry-After, X-Request-Id`` (the client must see Retry-After on 429/503, and the
+  request id to quote it in a report) to every other answer to an allowed origin,
+  errors included, so the page can read the status and the error code;
+* lets the page send its own ``X-Request-Id`` (allowed in preflights), so one id
+  follows a request from the browser through the router into the service's logs;
+* logs every preflight refusal (``info``, the origin's host only) and reports its
+  error code to ``on_refused`` (the app counts it:
+  ``telemetry_cors_preflight_refused_total``);
 * adds ``Vary: Origin`` to every answer that depends on the origin;
 * passes requests without ``Origin`` (curl, the Core API, load balancers) and from
   other origins through untouched apart from ``Vary``: CORS is a browser's read
@@ -28,14 +33,17 @@ so ``Access-Control-Allow-Credentials`` is not sent and ``*`` is refused as an o
 default ports, exactly (no wildcards, no suffix matching).
 
 Wiring (in ``telemetry/server.py``): ``app = close_on_connection_close(cors(create_app(state),
-settings.cors_origins))``, with ``TELEMETRY_CORS_ORIGINS`` a comma-separated list parsed by
-:func:`parse_origins`. An empty list makes the wrapper a pass-through.
+settings.cors_origins, on_refused=...))``, with ``TELEMETRY_CORS_ORIGINS`` a
+comma-separated list parsed by :func:`parse_origins`. An empty list makes the wrapper a
+pass-through (no preflight is answered, refused or counted).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import logging
+import re
+from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
 from telemetry.asgi import ASGIApp, Message, Receive, Scope, Send
@@ -43,14 +51,18 @@ from telemetry.asgi import ASGIApp, Message, Receive, Scope, Send
 #: Methods a browser may use on this API.
 ALLOWED_METHODS: tuple[str, ...] = ("GET", "POST")
 #: Request headers the browser client sends beyond the CORS-safelisted ones.
-ALLOWED_HEADERS: tuple[str, ...] = ("authorization", "content-type")
+ALLOWED_HEADERS: tuple[str, ...] = ("authorization", "content-type", "x-request-id")
 #: Response headers the page may read beyond the safelisted ones.
-EXPOSED_HEADERS: tuple[str, ...] = ("retry-after",)
+EXPOSED_HEADERS: tuple[str, ...] = ("retry-after", "x-request-id")
 #: How long a browser may cache a preflight answer (Chromium caps it at 2 h). A long
 #: cache also means the page-hide ``keepalive`` requests normally need no preflight.
 MAX_AGE_S = 7200
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# What of an Origin a log line may show: its host, if it looks like one.
+_HOST = re.compile(r"[a-z0-9.-]{1,253}|\[[0-9a-f:.]{2,45}\]")
+
+log = logging.getLogger("telemetry.cors")
 
 
 class CorsConfigError(ValueError):
@@ -120,8 +132,25 @@ def _with_vary(headers: list[tuple[bytes, bytes]], *names: bytes) -> list[tuple[
     return [*rest, (b"vary", b", ".join(merged))]
 
 
-def cors(app: ASGIApp, allowed_origins: Iterable[str]) -> ASGIApp:
-    """Wrap ``app`` so browsers on ``allowed_origins`` may call it (see the module doc).
+def origin_host(origin: str | None) -> str | None:
+    """The host of an ``Origin`` header for a log line (no scheme, port or anything
+    else a client could put there); ``None`` when absent, ``invalid`` when it is not
+    a host."""
+    if origin is None:
+        return None
+    try:
+        host = urlsplit(origin.strip()).hostname
+    except ValueError:
+        host = None
+    if host and ":" in host:
+        host = f"[{host}]"
+    return host if host and _HOST.fullmatch(host) else "invalid"
+
+
+def cors(app: ASGIApp, allowed_origins: Iterable[str], *,
+         on_refused: Callable[[str], None] | None = None) -> ASGIApp:
+    """Wrap ``app`` so browsers on ``allowed_origins`` may call it (see the module doc);
+    ``on_refused(code)`` is called for each preflight refused.
 
     Raises :class:`CorsConfigError` for a malformed origin (``*`` included)."""
     allowed = frozenset(normalise_origin(o) for o in allowed_origins)
@@ -141,7 +170,11 @@ def cors(app: ASGIApp, allowed_origins: Iterable[str]) -> ASGIApp:
             return None
         return origin if norm in allowed else None
 
-    async def refuse(send: Send, code: str, message: str) -> None:
+    async def refuse(scope: Scope, send: Send, code: str, message: str) -> None:
+        log.info("cors preflight refused", extra={
+            "code": code, "origin_host": origin_host(_header(scope, b"origin"))})
+        if on_refused is not None:
+            on_refused(code)
         body = json.dumps({"error": {"code": code, "message": message}}).encode()
         await send({"type": "http.response.start", "status": 403, "headers": _with_vary([
             (b"content-type", b"application/json"),
@@ -152,12 +185,12 @@ def cors(app: ASGIApp, allowed_origins: Iterable[str]) -> ASGIApp:
     async def preflight(scope: Scope, send: Send) -> None:
         origin = allowed_origin(scope)
         if origin is None:
-            await refuse(send, "cors_origin_not_allowed",
+            await refuse(scope, send, "cors_origin_not_allowed",
                          "this origin may not call the API from a browser")
             return
         method = (_header(scope, b"access-control-request-method") or "").strip()
         if method not in ALLOWED_METHODS:
-            await refuse(send, "cors_method_not_allowed",
+            await refuse(scope, send, "cors_method_not_allowed",
                          f"method {method[:16]!r} is not allowed; allowed: "
                          f"{', '.join(ALLOWED_METHODS)}")
             return
@@ -167,7 +200,7 @@ def cors(app: ASGIApp, allowed_origins: Iterable[str]) -> ASGIApp:
         if extra:
             # Names only (the charset of a header name is safe to echo), and few.
             shown = ", ".join(n[:40] for n in extra[:5])
-            await refuse(send, "cors_header_not_allowed",
+            await refuse(scope, send, "cors_header_not_allowed",
                          f"request headers not allowed: {shown}; allowed: "
                          f"{', '.join(ALLOWED_HEADERS)}")
             return

@@ -13,7 +13,7 @@ import dataclasses
 import random
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,8 @@ from telemetry.wire import CONTENT_TYPE, encode_batch
 EXERCISES = ["squat", "bicep_curl", "lateral_raise", "lunge", "shoulder_press", "push_up",
              "sit_to_stand", "hip_abduction"]
 DEMO_IDLE_TIMEOUT_S = 4.0
+# A progress line per session every this many seconds of its stream.
+PROGRESS_EVERY_S = 5
 
 
 @dataclasses.dataclass
@@ -110,14 +112,23 @@ async def _send(client: httpx.AsyncClient, path: str, body: bytes, headers: dict
     raise RuntimeError(f"{what}: gave up after retries")
 
 
-async def stream(client: httpx.AsyncClient, p: Patient, t0: float) -> None:
+def say(line: str) -> None:
+    """One line of the demo's output, shown at once (stdout is a pipe under dev.py)."""
+    print(line, flush=True)
+
+
+async def stream(client: httpx.AsyncClient, p: Patient, t0: float,
+                 out: Callable[[str], None] = say) -> None:
     auth = {"Authorization": f"Bearer {p.token}"}
+    total = len(p.batches)
 
     async def pose() -> None:
         for k, body in p.batches:
             await trio.sleep_until(t0 + k)
             await _send(client, "/v1/pose/frames", body,
                         {**auth, "Content-Type": CONTENT_TYPE}, f"{p.name}: batch {k}")
+            if (k + 1) % PROGRESS_EVERY_S == 0 and k + 1 < total:
+                out(f"  {p.session_id}: {k + 1}/{total} s of pose acknowledged")
 
     async def video() -> None:
         for at_ms, body in p.media:
@@ -125,13 +136,20 @@ async def stream(client: httpx.AsyncClient, p: Patient, t0: float) -> None:
             await _send(client, "/v1/media/events", body,
                         {**auth, "Content-Type": "application/json"}, f"{p.name}: media")
 
+    await trio.sleep_until(t0)
+    out(f"  {p.session_id}: {p.kind} ({p.org_id}) started, {total} s of pose"
+        + ("" if p.abandon else " and a video"))
     async with trio.open_nursery() as both:
         both.start_soon(pose)
         if not p.abandon:
             both.start_soon(video)
-    if not p.abandon:
-        r = await client.post(f"/v1/sessions/{p.session_id}/end", headers=auth)
-        r.raise_for_status()
+    if p.abandon:
+        out(f"  {p.session_id}: abandoned after {total} s; the service ends it when idle")
+        return
+    r = await client.post(f"/v1/sessions/{p.session_id}/end", headers=auth)
+    r.raise_for_status()
+    reps = (r.json().get("reps") or {}).get("rep_count")
+    out(f"  {p.session_id}: ended, summary stored ({reps} reps)")
 
 
 def _row(record: dict[str, Any]) -> dict[str, Any]:
@@ -200,7 +218,8 @@ async def write_plots(store: Any, events: dict[tuple[str, str], dict[str, Any]],
 
 
 async def run_demo(settings: Settings, n: int = 5, seconds: int = 20, seed: int = 7,
-                   plots: Path | None = None) -> int:
+                   plots: Path | None = None, out: Callable[[str], None] = say) -> int:
+    """Run the demo, writing its lines (progress, then the table) with ``out``."""
     started = time.monotonic()
     tmp = tempfile.TemporaryDirectory(prefix="telemetry-demo-")
     settings = dataclasses.replace(
@@ -213,23 +232,24 @@ async def run_demo(settings: Settings, n: int = 5, seconds: int = 20, seed: int 
 
     async def on_event(event: Any) -> None:
         events[(event["org_id"], event["session_id"])] = dict(event)
+        out(f"  {event['session_id']}: summary event on the bus ({event['end_reason']})")
         if len(events) == len(patients):
             all_in.set()
 
-    print(f"RestartiX Telemetry demo: {n} simulated patients, {seconds} s sessions at 30 fps")
+    out(f"RestartiX Telemetry demo: {n} simulated patients, {seconds} s sessions at 30 fps")
     try:
         async with open_storage(settings) as storage:
             storage.transport.subscribe(on_event)  # type: ignore[union-attr]
             stop = trio.Event()
             async with trio.open_nursery() as nursery:
                 port = (await nursery.start(partial(serve, settings, storage, stop=stop))).port
-                print(f"service listening on http://127.0.0.1:{port}; streaming ...")
+                out(f"service listening on http://127.0.0.1:{port}; streaming ...")
                 base = f"http://127.0.0.1:{port}"
                 async with httpx.AsyncClient(base_url=base, timeout=30) as client:
                     t0 = trio.current_time() + 0.5
                     async with trio.open_nursery() as clients:
                         for p in patients:
-                            clients.start_soon(stream, client, p, t0 + random.random())
+                            clients.start_soon(stream, client, p, t0 + random.random(), out)
                 with trio.move_on_after(DEMO_IDLE_TIMEOUT_S * 3):
                     await all_in.wait()
                 stop.set()
@@ -245,17 +265,17 @@ async def run_demo(settings: Settings, n: int = 5, seconds: int = 20, seed: int 
                         records[(org, row["session_id"])] = row
                     for row in await sink.media_rows(org):
                         media[(org, row["session_id"])] = row
-            print(f"results from {source}:")
-            print_table(patients, records, media)
+            out(f"results from {source}:")
+            print_table(patients, records, media, out)
             poor = [p.session_id for p in patients if p.poor_connection]
-            print(f"{', '.join(poor)} played its video on a poor connection (stalls, lower "
+            out(f"{', '.join(poor)} played its video on a poor connection (stalls, lower "
                   "bitrate); the last session was abandoned and ended by idle timeout.")
             if plots is not None:
                 written = await write_plots(storage.store, events, plots)
                 where = await trio.Path(plots).resolve()
-                print(f"plots: {len(written)} PNGs in {where} "
+                out(f"plots: {len(written)} PNGs in {where} "
                       f"(e.g. {written[0].name})" if written else "plots: none")
-            print(f"blobs written under {settings.data_dir / 'blobs'} (removed on exit); "
+            out(f"blobs written under {settings.data_dir / 'blobs'} (removed on exit); "
                   f"took {time.monotonic() - started:.1f} s")
     finally:
         tmp.cleanup()

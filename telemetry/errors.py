@@ -10,7 +10,7 @@ from typing import Any
 
 import trio
 from quart import Response, current_app, g, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 
 class ApiError(Exception):
@@ -89,6 +89,9 @@ def register(app: Any) -> None:
             400: "bad_request", 408: "body_timeout",
         }.get(status, "http_error")
         response = error_response(status, code, exc.description or exc.name)
+        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+            # RFC 9110 requires Allow on a 405: the client learns what the route takes.
+            response.headers["Allow"] = ", ".join(sorted(exc.valid_methods))
         if status == 408:
             # Quart's BODY_TIMEOUT passed: the rest of the body is still unread.
             response.headers["Connection"] = "close"

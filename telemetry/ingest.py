@@ -86,12 +86,16 @@ class PoseIngest:
         :func:`admission_errors`); other refusals come back as the offer."""
         # try/except rather than admission_errors(): this runs for every batch.
         try:
-            return await self._state.supervisor.submit(claims, batch, body)
+            offer = await self._state.supervisor.submit(claims, batch, body)
         except Exception as exc:
             answer = admission_error(exc)
             if answer is None:
                 raise
             raise answer from None
+        if offer.verdict is Verdict.ACCEPT:
+            # Counted here, once for both transports, and only for what is new.
+            self._state.metrics.count_pose_received(batch.n, len(body))
+        return offer
 
 
 def refusal(offer: Offer) -> ApiError:

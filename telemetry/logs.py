@@ -228,6 +228,15 @@ def log_uncaught(kind: type[BaseException], exc: BaseException,
                                             exc_info=(kind, exc, tb))
 
 
+def fatal(message: str, **fields: Any) -> None:
+    """A failure that stops the process before it runs (a bad setting): one
+    ``critical`` JSON line like any other, logging set up first if it is not yet."""
+    root = logging.getLogger()
+    if not any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
+        configure()
+    logging.getLogger("telemetry").critical(message, extra=fields)
+
+
 def configure(level: str = "INFO", stream: TextIO | None = None) -> logging.Handler:
     """Send every log record to ``stream`` (stderr) as one JSON object per line,
     with the request context added, and an uncaught exception that ends the

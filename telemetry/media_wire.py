@@ -89,10 +89,20 @@ class MediaBatch:
 
 # -- field kinds: each takes (value, path, position cap) and returns the typed value --
 
+def _integer(v: Any, path: str) -> int:
+    """A JSON integer. JSON has one number type, and JSON Schema (the OpenAPI
+    document's) counts any number without a fractional part as an integer, so
+    ``116.0`` is 116 -- some encoders write whole numbers so."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise MediaBatchError("wrong_type", path, "must be an integer")
+    return v
+
+
 def _int_in(lo: int, hi: int) -> Callable[[Any, str, float], int]:
     def check(v: Any, path: str, _cap: float) -> int:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise MediaBatchError("wrong_type", path, "must be an integer")
+        v = _integer(v, path)
         if not lo <= v <= hi:
             raise MediaBatchError("out_of_range", path, f"must be within [{lo}, {hi}]")
         return v
@@ -155,8 +165,8 @@ def _enum(allowed: frozenset[str] | tuple[int, ...], kind: str) -> Callable[...,
     def check(v: Any, path: str, _cap: float) -> Any:
         if kind == "str":
             _text(v, path)
-        elif isinstance(v, bool) or not isinstance(v, int):
-            raise MediaBatchError("wrong_type", path, "must be an integer")
+        else:
+            v = _integer(v, path)
         if v not in allowed:
             raise MediaBatchError("bad_enum", path, f"must be one of: {shown}")
         return v

@@ -12,22 +12,39 @@ Two kinds of metric live here:
 
 Every app gets its own :class:`~prometheus_client.CollectorRegistry` (never the
 global default), so several services in one process -- the tests -- do not collide.
+That registry also carries what the default one would: the ``process_*``,
+``python_info`` and ``python_gc_*`` collectors, and ``telemetry_build_info``.
 ``docs/operations.md`` lists every metric with its type and labels.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+import re
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from actors.session import SessionActor
     from actors.supervisor import Supervisor
     from storage.outbox import Outbox
     from storage.spool import Spool
@@ -41,6 +58,40 @@ BLOB_BUCKETS = tuple(float(16 * 1024 * 4**i) for i in range(8))
 REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED = "unmatched"
+DISTRIBUTION = "restartix-telemetry"
+COMMIT_ENV = "TELEMETRY_BUILD_COMMIT"
+# A label value taken from the environment or git: a short safe token, else "unknown".
+_SAFE_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+
+
+def _safe(value: str | None) -> str:
+    value = (value or "").strip()
+    return value if _SAFE_LABEL.fullmatch(value) else "unknown"
+
+
+@functools.cache
+def build_info() -> tuple[str, str]:
+    """``(version, commit)`` of the running code, worked out once per process.
+
+    The version is the installed distribution's. The commit is ``TELEMETRY_BUILD_COMMIT``
+    (the image build sets it), else ``git rev-parse HEAD`` of a source checkout this
+    package sits in (the repository's own ``.git``, not one further up the tree), else
+    ``unknown``."""
+    try:
+        version = metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    commit = os.environ.get(COMMIT_ENV)
+    if not commit:
+        root = Path(__file__).resolve().parent.parent
+        if (root / ".git").exists():
+            try:
+                done = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"],
+                                      capture_output=True, text=True, timeout=5, check=False)
+                commit = done.stdout.strip() if done.returncode == 0 else None
+            except (OSError, subprocess.SubprocessError):
+                commit = None
+    return _safe(version), _safe(commit)
 
 
 def method_label(method: str) -> str:
@@ -55,6 +106,13 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # What prometheus-client's default registry carries; each reads this process.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        version, commit = build_info()
+        Gauge(f"{PREFIX}_build_info", "Always 1; the running code's version and commit as labels.",
+              ["version", "commit"], registry=r).labels(version, commit).set(1)
         self.requests = Counter(
             f"{PREFIX}_http_requests", "HTTP requests answered, by route template and status.",
             ["method", "endpoint", "status"], registry=r)
@@ -121,6 +179,32 @@ class Metrics:
             "Time from a stream batch being read to its acknowledgement (durable), "
             "flow-control waits included.",
             buckets=REQUEST_BUCKETS, registry=r)
+        self.frames_received = Counter(
+            f"{PREFIX}_frames_received",
+            "Pose frames in accepted batches (duplicates not counted again), both transports.",
+            registry=r)
+        self.bytes_received = Counter(
+            f"{PREFIX}_received_bytes",
+            "Body bytes of ingest batches taken, by endpoint: new pose batches (a "
+            "duplicate is not counted again), media batches answered 202.",
+            ["endpoint"], registry=r)
+        # Kept children: a batch adds to them with no label lookup.
+        self._frames = self.frames_received
+        self._pose_bytes = self.bytes_received.labels("pose")
+        self._media_bytes = self.bytes_received.labels("media")
+        self.cors_refused = Counter(
+            f"{PREFIX}_cors_preflight_refused",
+            "CORS preflights refused, by reason (cors_origin_not_allowed|"
+            "cors_method_not_allowed|cors_header_not_allowed).", ["reason"], registry=r)
+
+    def count_pose_received(self, frames: int, nbytes: int) -> None:
+        """A new pose batch taken (not a duplicate): its frames and body bytes."""
+        self._frames.inc(frames)
+        self._pose_bytes.inc(nbytes)
+
+    def count_media_received(self, nbytes: int) -> None:
+        """A media batch taken: its body bytes (its events: :attr:`media_events`)."""
+        self._media_bytes.inc(nbytes)
 
     def count_request(self, method: str, endpoint: str, status: int, seconds: float) -> None:
         """One answered request (``method`` already through :func:`method_label`)."""
@@ -155,6 +239,8 @@ class SessionTotals:
     mailbox_depth: int = 0
     mailbox_depth_max: int = 0
     held: int = 0
+    # Batches the live sessions skipped after the gap timeout so far.
+    skipped: int = 0
 
 
 # Sessions summed between two checkpoints: a snapshot costs ~30 us, so a scrape of the
@@ -162,19 +248,21 @@ class SessionTotals:
 SESSIONS_PER_CHECKPOINT = 250
 
 
-def _add(totals: list[int], snap: dict[str, Any]) -> None:
+def _add(totals: list[int], actor: SessionActor) -> None:
+    snap = actor.snapshot()
     depth = int(snap.get("mailbox_depth") or 0)
     totals[0] += 1
     totals[1] += depth
     totals[2] = max(totals[2], depth)
     totals[3] += int(snap.get("held_out_of_order") or 0)
+    totals[4] += actor.skipped
 
 
 def session_totals(supervisor: Supervisor) -> SessionTotals:
     """Sum the live sessions' snapshots in one go."""
-    totals = [0, 0, 0, 0]
+    totals = [0, 0, 0, 0, 0]
     for actor in supervisor.live():
-        _add(totals, actor.snapshot())
+        _add(totals, actor)
     return SessionTotals(*totals)
 
 
@@ -182,11 +270,11 @@ async def session_totals_async(supervisor: Supervisor) -> SessionTotals:
     """:func:`session_totals`, letting other tasks run every
     :data:`SESSIONS_PER_CHECKPOINT` sessions (a session that ends meanwhile is
     still counted: a scrape is a moment, give or take)."""
-    totals = [0, 0, 0, 0]
+    totals = [0, 0, 0, 0, 0]
     for i, actor in enumerate(supervisor.live()):
         if i and i % SESSIONS_PER_CHECKPOINT == 0:
             await trio.lowlevel.checkpoint()
-        _add(totals, actor.snapshot())
+        _add(totals, actor)
     return SessionTotals(*totals)
 
 
@@ -243,6 +331,20 @@ class StateCollector(Collector):
                      t.held)
         yield _counter("actor_crashes", "Sessions ended with reason actor_error.",
                        supervisor.crashed)
+        yield _gauge("mailbox_capacity", "Batches one session's mailbox holds "
+                     "(TELEMETRY_MAILBOX_SIZE); a full one answers 503 mailbox_full.",
+                     supervisor.settings.mailbox_size)
+        ended = CounterMetricFamily(
+            f"{PREFIX}_sessions_ended", "Session actors ended, by end reason (client_end|"
+            "admin|idle_timeout|max_duration|shutdown|actor_error).", labels=["reason"])
+        # A copy: an actor ending while this runs must not change the dict under us.
+        for reason, count in sorted(dict(supervisor.ended_by_reason).items()):
+            ended.add_metric([reason], count)
+        yield ended
+        # Ended sessions' skips, plus what live ones skipped so far: one rising total.
+        yield _counter("batches_skipped", "Batches never received: skipped after the "
+                       "gap timeout, or when the session ended with a gap.",
+                       supervisor.skipped_ended + t.skipped)
 
     def _spool(self) -> Iterator[Metric]:
         spool = self._src.spool()

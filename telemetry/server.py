@@ -23,6 +23,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from actors.supervisor import Supervisor
 from storage.wiring import Storage
 from telemetry.app import AppState, create_app
+from telemetry.asgi import trusted_client
 from telemetry.auth import TokenVerifier
 from telemetry.config import Settings
 from telemetry.connection_close import close_on_connection_close
@@ -82,7 +83,11 @@ async def serve(
     supervisor = Supervisor(settings, store=storage.store, bus=storage.bus, pseudonyms=pseudonyms,
                             spool=storage.spool)
     state = AppState(settings, supervisor, TokenVerifier(settings), pseudonyms, storage=storage)
-    app = close_on_connection_close(cors(create_app(state), settings.cors_origins))
+    app = close_on_connection_close(cors(
+        create_app(state), settings.cors_origins,
+        on_refused=lambda code: state.metrics.cors_refused.labels(code).inc()))
+    # Outermost: the client address is settled before anything reads it.
+    app = trusted_client(app, settings.trusted_proxies)
     config = hypercorn_config(settings)
     if apply_tls(config, settings):
         app = hsts(app)

@@ -263,18 +263,26 @@ class PoseStream:
         self._state.metrics.requests.labels("GET", STREAM_PATH, str(status)).inc()
 
     async def _not_upgraded(self, scope: Scope, send: Send) -> None:
-        """A plain HTTP request on the stream's path: 426, saying how to upgrade."""
+        """A plain HTTP request on the stream's path: a GET is answered 426, saying how
+        to upgrade; any other method 405 with ``Allow`` (the handshake is a GET)."""
         ctx = logs.begin_request(headers_of(scope).get(logs.REQUEST_ID_HEADER.lower()))
         try:
-            exc = ApiError(426, "upgrade_required",
-                           f"{STREAM_PATH} is a WebSocket endpoint; connect with "
-                           "Upgrade: websocket")
-            await send_error(send, exc, ctx.request_id, close=True)
-            method = "GET" if scope.get("method") == "GET" else "other"
-            self._state.metrics.requests.labels(method, STREAM_PATH, "426").inc()
-            logs.log_request(log, logs.request_level(426, quiet=False), method=method,
-                             endpoint=STREAM_PATH, status=426, seconds=0.0, code=exc.code,
-                             client=client_of(scope))
+            get = scope.get("method") == "GET"
+            if get:
+                exc = ApiError(426, "upgrade_required",
+                               f"{STREAM_PATH} is a WebSocket endpoint; connect with "
+                               "Upgrade: websocket")
+            else:
+                exc = ApiError(405, "method_not_allowed",
+                               "The method is not allowed for the requested URL.")
+            await send_error(send, exc, ctx.request_id, close=True,
+                             allow=None if get else b"GET")
+            method = "GET" if get else "other"
+            status = str(exc.status)
+            self._state.metrics.requests.labels(method, STREAM_PATH, status).inc()
+            logs.log_request(log, logs.request_level(exc.status, quiet=False), method=method,
+                             endpoint=STREAM_PATH, status=exc.status, seconds=0.0,
+                             code=exc.code, client=client_of(scope))
         finally:
             logs.end_request()
 

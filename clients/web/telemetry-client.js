@@ -290,7 +290,14 @@ export class FetchTransport {
     return this._post(`/v1/sessions/${encodeURIComponent(sessionId)}/end`, null, null, opts);
   }
 
-  /** @private */
+  /**
+   * @private
+   * @param {string} path
+   * @param {BodyInit | null} body
+   * @param {string | null} contentType
+   * @param {SendOptions} [opts]
+   * @returns {Promise<TransportResult>}
+   */
   async _post(path, body, contentType, { keepalive = false, signal } = {}) {
     const ctrl = new AbortController();
     const abort = () => ctrl.abort();
@@ -830,6 +837,17 @@ function ended(message) {
  */
 
 /**
+ * What {@link TelemetryClient#attach} needs of a tracker (a {@link MediaTracker} has it):
+ * the client ends it with the session, waiting up to its own drain time, and hands it
+ * a share of the keepalive budget on page hide.
+ * @typedef {object} AttachedTracker
+ * @property {(reason: 'session_ended', timeoutMs?: number) => Promise<unknown>} end the
+ *   client passes its `drainMs` as the tracker's own wait
+ * @property {(budget: number) => number} pageHide returns the bytes it used
+ * @property {boolean} managed set by `attach`: the client, not the tracker, handles page hide
+ */
+
+/**
  * Packs MediaPipe Pose results into 1-second batches and delivers them in sequence
  * order (one request at a time over POST, up to the transport's `window` over the
  * WebSocket), retrying each until the service acknowledges it.
@@ -884,7 +902,7 @@ export class TelemetryClient {
     /** @private */ this._serverEnded = false;
     /** @private @type {Promise<any> | null} */ this._ending = null;
     /** @private */ this._endSent = false;
-    /** @private @type {Set<{ end: (reason: string) => Promise<unknown>, pageHide: (budget: number) => number }>} */
+    /** @private @type {Set<AttachedTracker>} */
     this._trackers = new Set();
 
     this.counters = {
@@ -953,7 +971,10 @@ export class TelemetryClient {
     if (this._open.length) this._seal();
   }
 
-  /** Let `tracker` (a {@link MediaTracker}) end with the session and on page hide. */
+  /**
+   * Let `tracker` (a {@link MediaTracker}) end with the session and on page hide.
+   * @param {AttachedTracker} tracker
+   */
   attach(tracker) {
     this._trackers.add(tracker);
     tracker.managed = true;
@@ -1130,14 +1151,19 @@ export class TelemetryClient {
     }
   }
 
-  /** @private A wait that the `online` event and page hide cut short. */
+  /**
+   * @private A wait that the `online` event and page hide cut short.
+   * @param {number} ms
+   * @returns {Promise<void>}
+   */
   _sleep(ms) {
+    /** @type {() => void} */
     let done;
-    return new Promise((resolve) => {
+    return /** @type {Promise<void>} */ (new Promise((resolve) => {
       const timer = setTimeout(() => done(), ms);
       done = () => { clearTimeout(timer); resolve(); };
       this._wakers.add(done);
-    }).finally(() => { this._wakers.delete(done); });
+    })).finally(() => { this._wakers.delete(done); });
   }
 
   /** @private */
@@ -1191,7 +1217,8 @@ export class TelemetryClient {
         }
       }
       if (!inflight.size) return;
-      await Promise.race([...inflight, new Promise((resolve) => { this._kick = resolve; })]);
+      await Promise.race([...inflight,
+        /** @type {Promise<void>} */ (new Promise((resolve) => { this._kick = resolve; }))]);
       this._kick = null;
     }
   }

@@ -1,18 +1,30 @@
 """The CORS wrapper: preflights answered for allowed origins only, CORS headers on every
-answer to an allowed origin (errors and Retry-After included), nothing for others."""
+answer to an allowed origin (errors, Retry-After and X-Request-Id included), nothing for
+others; refused preflights logged (origin host only) and counted."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 from typing import Any
 
 import pytest
 
 from telemetry.config import Settings
-from telemetry.cors import MAX_AGE_S, CorsConfigError, cors, normalise_origin, parse_origins
+from telemetry.cors import (
+    MAX_AGE_S,
+    CorsConfigError,
+    cors,
+    normalise_origin,
+    origin_host,
+    parse_origins,
+)
 from telemetry.wire import CONTENT_TYPE
 from tests.browser.helpers import running_cors_service
 from tests.conftest import batch_body, session_token
+from tests.service import running_service
+from tests.telemetry.test_metrics import scrape
 
 PORTAL = "https://portal.example"
 
@@ -127,7 +139,7 @@ async def test_preflight_from_an_allowed_origin() -> None:
     assert r.cors_headers() == {
         "access-control-allow-origin": PORTAL,
         "access-control-allow-methods": "GET, POST",
-        "access-control-allow-headers": "authorization, content-type",
+        "access-control-allow-headers": "authorization, content-type, x-request-id",
         "access-control-max-age": str(MAX_AGE_S),
     }
     assert "Origin" in (r.header("vary") or "")
@@ -139,6 +151,10 @@ async def test_preflight_header_names_are_case_insensitive_and_optional() -> Non
     r = await call(app, "OPTIONS", preflight(PORTAL, request_headers="Content-Type, Authorization"))
     assert r is not None and r.status == 204
     r = await call(app, "OPTIONS", preflight(PORTAL, request_headers=""))
+    assert r is not None and r.status == 204
+    # the page may send its own request id, to follow one request through the logs
+    r = await call(app, "OPTIONS", preflight(
+        PORTAL, request_headers="authorization,content-type,X-Request-Id"))
     assert r is not None and r.status == 204
 
 
@@ -152,13 +168,36 @@ async def test_preflight_header_names_are_case_insensitive_and_optional() -> Non
     (preflight(PORTAL, request_headers="authorization,x-debug"), "cors_header_not_allowed"),
     (preflight(PORTAL, request_headers="cookie"), "cors_header_not_allowed"),
 ])
-async def test_refused_preflights_carry_no_cors_header(headers: dict[str, str], code: str) -> None:
+async def test_refused_preflights_carry_no_cors_header(
+    headers: dict[str, str], code: str, caplog: pytest.LogCaptureFixture
+) -> None:
     app = App()
-    r = await call(cors(app, [PORTAL]), "OPTIONS", headers)
+    refused: list[str] = []
+    caplog.set_level(logging.INFO, logger="telemetry.cors")
+    r = await call(cors(app, [PORTAL], on_refused=refused.append), "OPTIONS", headers)
     assert r is not None and r.status == 403
     assert r.cors_headers() == {}
     assert json.loads(r.body)["error"]["code"] == code
     assert app.calls == []
+    assert refused == [code]
+    (rec,) = [x for x in caplog.records if x.name == "telemetry.cors"]
+    assert rec.levelno == logging.INFO and rec.getMessage() == "cors preflight refused"
+    assert rec.code == code  # type: ignore[attr-defined]
+    expected_host = "invalid" if headers["Origin"] == "null" \
+        else headers["Origin"].split("://", 1)[1]
+    assert rec.origin_host == expected_host  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("origin", "host"), [
+    ("https://Portal.Example:8443", "portal.example"),
+    ("http://[::1]:3000", "[::1]"),
+    ("https://portal.example/p/sess-1?id=patient-7", "portal.example"),
+    ("null", "invalid"), ("https://user:pw@x.example", "x.example"),
+    ("https://\u00e9vil.example", "invalid"), ("https://a b", "invalid"),
+    (None, None),
+])
+def test_only_the_origin_host_is_logged(origin: str | None, host: str | None) -> None:
+    assert origin_host(origin) == host
 
 
 async def test_options_without_a_request_method_is_not_a_preflight() -> None:
@@ -175,7 +214,7 @@ async def test_allowed_origin_gets_allow_origin_and_exposed_retry_after() -> Non
     r = await call(cors(app, [PORTAL, "http://127.0.0.1:9000"]), "POST", {"Origin": PORTAL})
     assert r is not None and r.status == 200 and r.body == b"ok"
     assert r.cors_headers() == {"access-control-allow-origin": PORTAL,
-                                "access-control-expose-headers": "retry-after"}
+                                "access-control-expose-headers": "retry-after, x-request-id"}
     assert r.header("vary") == "Accept-Encoding, Origin"
     assert "access-control-allow-credentials" not in r.cors_headers()
 
@@ -256,7 +295,7 @@ async def test_real_service_answers_a_browser_origin(settings: Settings) -> None
                 break
         assert statuses[-1] == 429, statuses
         assert r.headers["access-control-allow-origin"] == PORTAL
-        assert r.headers["access-control-expose-headers"] == "retry-after"
+        assert r.headers["access-control-expose-headers"] == "retry-after, x-request-id"
         assert int(r.headers["retry-after"]) >= 1
 
         r = await svc.client.post("/v1/pose/frames", content=batch_body(9),
@@ -265,3 +304,42 @@ async def test_real_service_answers_a_browser_origin(settings: Settings) -> None
 
         r = await svc.client.get("/v1/healthz")  # no Origin: as before
         assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+async def test_real_service_correlates_and_counts_refusals(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Wired as ``telemetry serve`` wires it (``TELEMETRY_CORS_ORIGINS``): a page's own
+    X-Request-Id passes the preflight and comes back readable; refused preflights are
+    counted by reason and logged with the origin's host only."""
+    caplog.set_level(logging.INFO, logger="telemetry.cors")
+    cfg = dataclasses.replace(settings, cors_origins=(PORTAL,))
+    async with running_service(cfg) as svc:
+        r = await svc.client.options("/v1/pose/frames", headers=preflight(
+            PORTAL, request_headers="authorization,content-type,x-request-id"))
+        assert r.status_code == 204
+        assert "x-request-id" in r.headers["access-control-allow-headers"].split(", ")
+
+        tok = session_token(cfg, session_id="cors-2")
+        r = await svc.client.post("/v1/pose/frames", content=batch_body(0), headers={
+            "Authorization": f"Bearer {tok}", "Content-Type": CONTENT_TYPE, "Origin": PORTAL,
+            "X-Request-Id": "page-req-42"})
+        assert r.status_code == 202
+        assert r.headers["x-request-id"] == "page-req-42"
+        exposed = r.headers["access-control-expose-headers"].split(", ")
+        assert "x-request-id" in exposed and "retry-after" in exposed
+
+        for headers in (preflight("https://evil.example/x"), preflight("https://evil.example"),
+                        preflight(PORTAL, method="PUT"),
+                        preflight(PORTAL, request_headers="x-debug")):
+            r = await svc.client.options("/v1/sessions/cors-2/end", headers=headers)
+            assert r.status_code == 403
+        m = await scrape(svc)
+    name = "telemetry_cors_preflight_refused_total"
+    assert m.value(name, reason="cors_origin_not_allowed") == 2
+    assert m.value(name, reason="cors_method_not_allowed") == 1
+    assert m.value(name, reason="cors_header_not_allowed") == 1
+    refused = [x for x in caplog.records if x.getMessage() == "cors preflight refused"]
+    assert [x.origin_host for x in refused] == [  # type: ignore[attr-defined]
+        "evil.example", "evil.example", "portal.example", "portal.example"]
+    assert not any("cors-2" in str(vars(x)) for x in refused)

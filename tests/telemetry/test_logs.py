@@ -8,9 +8,13 @@ import errno
 import io
 import json
 import logging
+import os
 import re
+import socket
+import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +27,7 @@ from tests.conftest import admin_token, batch_body, session_token
 from tests.service import running_service
 
 ORG, SESSION, PATIENT = "org-private", "sess-private", "patient-private"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Captured:
@@ -301,3 +306,52 @@ def test_exception_text_redacts_literals_and_paths() -> None:
             raise RuntimeError
 
     assert exception_text(Unprintable()) == "<unprintable>"
+
+
+def _serve(command: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m telemetry.cli COMMAND`` as a process of its own, its environment
+    only what a deployment would set (nothing inherited that could change the
+    outcome, such as a TELEMETRY_* of the shell running the tests)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRY_")
+            and k != "DATABASE_URL"}
+    return subprocess.run([sys.executable, "-m", "telemetry.cli", command],
+                          env={**base, "PYTHONPATH": str(ROOT), **env}, cwd=cwd,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """Every line of ``text`` as a JSON object (any other line fails the test)."""
+    return [json.loads(line) for line in text.splitlines()]
+
+
+@pytest.mark.parametrize(("command", "env", "named"), [
+    ("serve", {"TELEMETRY_PORT": "notanumber"}, "TELEMETRY_PORT"),
+    ("serve", {"TELEMETRY_LOG_LEVEL": "loud"}, "TELEMETRY_LOG_LEVEL"),
+    ("serve", {"TELEMETRY_TRUSTED_PROXIES": "10.0.0.1/8"}, "TELEMETRY_TRUSTED_PROXIES"),
+    ("sink", {"TELEMETRY_SINK_PORT": "-1"}, "TELEMETRY_SINK_PORT"),
+    ("migrate", {"TELEMETRY_JWT_KEYS": "{"}, "TELEMETRY_JWT_KEYS"),
+])
+def test_a_bad_setting_stops_a_service_with_one_json_line(
+    command: str, env: dict[str, str], named: str, tmp_path: Path
+) -> None:
+    done = _serve(command, {"TELEMETRY_DATA_DIR": str(tmp_path), **env}, tmp_path)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    (line,) = json_lines(done.stderr)
+    assert line["level"] == "critical" and line["msg"] == "configuration error; not starting"
+    assert line["error"].startswith(named)
+
+
+def test_a_start_up_failure_is_json_lines_only(tmp_path: Path) -> None:
+    """The port is taken: the error surfaces from deep inside hypercorn's nurseries,
+    and still comes out as JSON lines, the traceback a field of the last one."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = _serve("serve", {"TELEMETRY_DATA_DIR": str(tmp_path), "TELEMETRY_SINK": "none",
+                                "TELEMETRY_PORT": str(port)}, tmp_path)
+    assert done.returncode != 0 and done.stdout == ""
+    lines = json_lines(done.stderr)
+    assert lines[-1]["level"] == "critical" and lines[-1]["exc_type"] == "ExceptionGroup"
+    assert "Address already in use" in lines[-1]["exc"]

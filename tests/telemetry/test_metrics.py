@@ -7,7 +7,10 @@ exposition is checked as Prometheus would read it.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
+import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -295,3 +298,125 @@ async def test_sessions_are_summed_in_chunks_or_in_one_go(
         direct = Scrape(generate_latest(svc.state.metrics.registry).decode())  # in one go
     assert m.value("telemetry_live_sessions") == direct.value("telemetry_live_sessions") == 5
 
+
+
+async def scrape_until(svc: Running, name: str, value: float, **labels: str) -> Scrape:
+    """Scrape until ``name{labels}`` reaches ``value`` (what a background task -- an
+    actor's gap or idle timer -- brings about); the last scrape either way."""
+    for _ in range(500):  # 10 s at most
+        m = await scrape(svc)
+        if m.value(name, **labels) >= value:
+            break
+        await trio.sleep(0.02)
+    return m
+
+
+async def test_sessions_frames_bytes_and_skips_are_counted(settings: Settings) -> None:
+    cfg = dataclasses.replace(settings, gap_timeout_s=0.2, mailbox_size=7)
+    async with running_service(cfg) as svc:
+        tok = session_token(cfg)
+        bodies = [batch_body(0, n=30), batch_body(2, n=20)]
+        for body in bodies:
+            r = await svc.client.post("/v1/pose/frames", content=body, headers=pose_hdr(tok))
+            assert r.status_code == 202
+        # a retry of seq 0 is a duplicate: neither its frames nor its bytes count again
+        r = await svc.client.post("/v1/pose/frames", content=bodies[0], headers=pose_hdr(tok))
+        assert r.json()["duplicate"] is True
+        # seq 1 never comes: the live session skips it after the gap timeout
+        live = await scrape_until(svc, "telemetry_batches_skipped_total", 1)
+        assert live.value("telemetry_batches_skipped_total") == 1
+        assert live.value("telemetry_live_sessions") == 1
+        media = json.dumps({"media_id": "m-1", "view_id": "v-1", "events": [
+            {"id": "a", "type": "session_start", "t_ms": 0}]}).encode()
+        r = await svc.client.post("/v1/media/events", content=media,
+                                  headers=pose_hdr(tok, "application/json"))
+        assert r.status_code == 202
+        assert (await svc.client.post("/v1/sessions/sess-1/end",
+                                      headers=pose_hdr(tok))).status_code == 200
+
+        other = session_token(cfg, session_id="sess-2")
+        b2 = batch_body(0, n=10)
+        r = await svc.client.post("/v1/pose/frames", content=b2, headers=pose_hdr(other))
+        assert r.status_code == 202
+        adm = {"Authorization": f"Bearer {admin_token(cfg)}"}
+        assert (await svc.client.post("/v1/admin/sessions/sess-2/end",
+                                      headers=adm)).status_code == 200
+        m = await scrape_until(svc, "telemetry_sessions_ended_total", 1, reason="admin")
+
+    assert m.value("telemetry_sessions_ended_total", reason="client_end") == 1
+    assert m.value("telemetry_sessions_ended_total", reason="admin") == 1
+    assert m.types["telemetry_sessions_ended"] == "counter"
+    # the ended session's skip moved from the live sum to the ended total, once
+    assert m.value("telemetry_batches_skipped_total") == 1
+    assert m.value("telemetry_frames_received_total") == 30 + 20 + 10
+    assert m.value("telemetry_received_bytes_total", endpoint="pose") == \
+        len(bodies[0]) + len(bodies[1]) + len(b2)
+    assert m.value("telemetry_received_bytes_total", endpoint="media") == len(media)
+    assert m.value("telemetry_media_events_total", outcome="applied") == 1
+    assert m.value("telemetry_mailbox_capacity") == 7
+
+
+async def test_idle_sessions_are_counted_by_their_end_reason(settings: Settings) -> None:
+    cfg = dataclasses.replace(settings, idle_timeout_s=0.3)
+    async with running_service(cfg) as svc:
+        r = await svc.client.post("/v1/pose/frames", content=batch_body(0),
+                                  headers=pose_hdr(session_token(cfg)))
+        assert r.status_code == 202
+        m = await scrape_until(svc, "telemetry_sessions_ended_total", 1, reason="idle_timeout")
+    assert m.value("telemetry_sessions_ended_total", reason="idle_timeout") == 1
+    assert m.value("telemetry_live_sessions") == 0
+
+
+async def test_standard_collectors_and_build_info(settings: Settings) -> None:
+    async with running_service(settings) as svc:
+        m = await scrape(svc)
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes",
+                 "process_open_fds", "process_start_time_seconds"):
+        assert m.value(name) > 0, name
+    assert {n for n in m.names() if n.startswith("python_gc_collections")}
+    assert any(n == "python_info" for n in m.names())
+    (build,) = [lab for n, lab, v in m.samples if n == "telemetry_build_info" and v == 1]
+    assert build["version"] == importlib.metadata.version("restartix-telemetry")
+    assert build["commit"] == metrics.build_info()[1]
+
+
+def test_build_commit_from_the_environment_then_git(monkeypatch: pytest.MonkeyPatch) -> None:
+    root = Path(metrics.__file__).resolve().parent.parent
+    try:
+        monkeypatch.setenv(metrics.COMMIT_ENV, "0a1b2c3d")
+        metrics.build_info.cache_clear()
+        assert metrics.build_info()[1] == "0a1b2c3d"
+        # not a token: it could be anything, and it becomes a label value
+        monkeypatch.setenv(metrics.COMMIT_ENV, 'x"} 1\nfake_metric{')
+        metrics.build_info.cache_clear()
+        assert metrics.build_info()[1] == "unknown"
+        monkeypatch.delenv(metrics.COMMIT_ENV)
+        metrics.build_info.cache_clear()
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"],
+                              capture_output=True, text=True, check=False).stdout.strip()
+        expected = head if (root / ".git").exists() and head else "unknown"
+        assert metrics.build_info()[1] == expected
+    finally:
+        metrics.build_info.cache_clear()
+
+
+OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
+
+
+async def test_every_metric_is_documented_and_every_documented_one_exists(
+    settings: Settings,
+) -> None:
+    async with running_service(dataclasses.replace(settings, cors_origins=(
+            "https://portal.example",))) as svc:
+        m = await scrape(svc)
+    doc = OPERATIONS.read_text(encoding="utf-8")
+    named = set(re.findall(r"`([a-z_]+)`", doc))
+    # `_created` of an unlabelled counter or histogram reads as a family of its own
+    families = {f for f in m.types
+                if not (f.endswith("_created") and f.removesuffix("_created") in m.types)}
+    missing = {f for f in families if f not in named and f"{f}_total" not in named}
+    assert not missing, f"not in docs/operations.md: {sorted(missing)}"
+    # the first column of the metric tables, against what a scrape has
+    rows = re.findall(r"^\| `((?:telemetry|process|python)_[a-z_]+)`", doc, re.M)
+    exposed = set(m.types) | {f"{f}_total" for f, t in m.types.items() if t == "counter"}
+    assert rows and not set(rows) - exposed, sorted(set(rows) - exposed)
