@@ -26,6 +26,11 @@ from telemetry.media_wire import MediaEvent
 __all__ = ["MediaTracker", "MediaTrackerError", "MediaView", "pose_during_stalls", "sink_view"]
 
 SEEK_WINDOW_MS = 2_000  # a stall starting this soon after a seek is seek-induced
+# A stall shorter than this (3 frames at 30 fps) is not a rebuffer: browsers fire
+# `waiting` for a few ms when the decoder falls behind on a busy CPU with the data
+# already buffered, which no viewer sees as a freeze (a late frame counts in
+# `dropped_frames`). Its time counts as playing, as if it had not happened.
+MIN_STALL_MS = 100
 MAX_BUFFERING_EVENTS = 1_000
 SEEN_IDS = 1_024
 FINISH_GRACE_MS = 15_000  # finish() extends an open interval at most this past the last event
@@ -80,6 +85,7 @@ class MediaView:
         self.rebuffer_count = self.rebuffer_ms = 0
         self.seek_rebuffer_count = self.seek_rebuffer_ms = 0
         self.seek_count = 0
+        self.short_stalls = 0  # under MIN_STALL_MS: neither rebuffers nor records
         self._last_seek_t: int | None = None
         self.upswitches = self.downswitches = 0
         self._resolution: str | None = None
@@ -197,8 +203,15 @@ class MediaView:
         self._stall = None
         self.state = PLAYING if self._first_frame_t is not None else STARTING
         dur = end - s.start
-        self._closed_buffer_ms += dur
+        self._closed_buffer_ms += dur  # mirrors the client's counters, short stalls too
         if s.startup:
+            return
+        if dur < MIN_STALL_MS:
+            self.short_stalls += 1
+            self.playing_ms += dur
+            if self._br is not None:
+                self._br_ms += dur
+                self._br_sum += self._br * dur
             return
         if s.after_seek:
             self.seek_rebuffer_count += 1

@@ -2,14 +2,17 @@
 
     .venv/bin/python -m bench.blob_sizes [--minutes 30] [--strategy rle] [--level 6] [--json]
     .venv/bin/python -m bench.blob_sizes --zlib-grid     # default encoding, zlib settings
+    .venv/bin/python -m bench.blob_sizes --data DIR      # other recordings (*.npz)
 
 Builds a session of ``minutes * 60 * 30`` frames (54,000 for 30 minutes) from
-the real push-up recordings in ../shared/data/pose/pushup (MediaPipe Pose
-0.10.14 output, image and world space; see that folder's README):
+the real push-up recordings kept in tests/data/pose/pushup (MediaPipe Pose
+0.10.14 output, image and world space; a 21-clip subset of 83, see that folder's
+SOURCE.md; ``--data`` reads another folder, such as the full set):
 
-* all clips are concatenated in file-name order (one *pass*, ~8,500
-  frames) and passes alternate forward and exactly reversed (ping-pong over
-  the whole list), so the turns between passes are seamless.  Every change of
+* all clips are concatenated in file-name order (one *pass*, ~1,900 frames
+  for the in-repo subset, ~8,500 for the full set) and passes alternate
+  forward and exactly reversed (ping-pong over the whole list), so the turns
+  between passes are seamless.  Every change of
   clip inside a pass is a jump to a different person and camera (counted and
   printed as ``seams``) -- far more jumps than one real continuous session
   has, so delta coding is judged pessimistically rather than flattered;
@@ -53,8 +56,9 @@ import numpy as np
 
 from storage import replay as replay_mod
 from storage.replay import DEFAULT_STRATEGY, STRATEGIES, ReplayWriter, read_replay
+from tests.data import PUSHUP
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pose" / "pushup"
+DATA = PUSHUP
 FPS = 30
 BATCH = 30
 
@@ -69,12 +73,12 @@ CONFIGS: list[tuple[str, str, Any]] = [
 ]
 
 
-def build_session(key: str, frames: int) -> tuple[np.ndarray, int, int]:
+def build_session(key: str, frames: int, data: Path = DATA) -> tuple[np.ndarray, int, int]:
     """(frames, 33, 4) float32 ping-ponged over all clips; also returns the number
     of clip-to-clip seams (jumps between different videos) and one pass' length."""
-    files = sorted(DATA.glob("*.npz"))
+    files = sorted(data.glob("*.npz"))
     if not files:
-        raise SystemExit(f"no recordings in {DATA}")
+        raise SystemExit(f"no recordings in {data}")
     forward = [np.load(f)[key] for f in files]
     one_pass = np.concatenate(forward)
     p = len(one_pass)
@@ -88,13 +92,13 @@ def build_session(key: str, frames: int) -> tuple[np.ndarray, int, int]:
     return np.ascontiguousarray(session[:frames]), seams, p
 
 
-def jitter(key: str) -> list[float]:
+def jitter(key: str, data: Path = DATA) -> list[float]:
     """Median |value - centred 5-frame moving average| per channel over every clip:
     a rough scale of MediaPipe's own frame-to-frame noise (plus some real motion),
     to compare quantisation error against."""
     res: list[list[np.ndarray]] = [[] for _ in range(4)]
     kernel = np.ones(5) / 5
-    for f in sorted(DATA.glob("*.npz")):
+    for f in sorted(data.glob("*.npz")):
         a = np.load(f)[key].astype(np.float64)
         if len(a) < 5:
             continue
@@ -242,13 +246,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strategy", choices=sorted(STRATEGIES), default=next(
         k for k, v in STRATEGIES.items() if v == DEFAULT_STRATEGY), help="zlib strategy")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument("--data", type=Path, default=DATA,
+                    help="folder of recordings (*.npz); default: the in-repo subset")
     ap.add_argument("--zlib-grid", action="store_true",
                     help="compare zlib settings on the default encoding instead")
     args = ap.parse_args(argv)
     n = int(args.minutes * 60 * FPS)
     if args.zlib_grid:
         grid = [r for space, key in (("image", "landmarks"), ("world", "world"))
-                for r in zlib_grid(space, build_session(key, n)[0])]
+                for r in zlib_grid(space, build_session(key, n, args.data)[0])]
         if args.json:
             json.dump({"minutes": args.minutes, "rows": grid}, sys.stdout, indent=2)
             print()
@@ -264,14 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     info = {}
     for space, key in (("image", "landmarks"), ("world", "world")):
-        frames, seams, one_pass = build_session(key, n)
+        frames, seams, one_pass = build_session(key, n, args.data)
         nan_rows = int(np.isnan(frames).all(axis=(1, 2)).sum())
         info[space] = {
             "frames": n,
             "seams": seams,
             "pass": one_pass,
             "nan_rows": nan_rows,
-            "jitter_median": jitter(key),
+            "jitter_median": jitter(key, args.data),
         }
         rows += measure(space, frames, min(one_pass, n), args.level, STRATEGIES[args.strategy])
     if args.json:

@@ -4,11 +4,14 @@ Run from the repository root::
 
     .venv/bin/python -m bench.eval_reps              # default: 30 sessions per profile and space
     .venv/bin/python -m bench.eval_reps --sessions 10 --no-real
+    .venv/bin/python -m bench.eval_reps --real-dir DIR  # another labelled clip folder
 
 Prints, per profile and overall: exact-count rate, off-by-one rate, mean absolute
 count error normalised by the true count (nMAE), and range-of-motion error in
 degrees on matched repetitions. Synthetic and real results are reported
-separately; the real clips are push-ups only and are not used to set anything.
+separately; the real clips are push-ups only and are not used to set anything. By
+default they are the 21-clip subset kept in ``tests/data/pose/pushup`` (its
+``SOURCE.md`` says where the full 83-clip set comes from; ``--real-dir`` reads that).
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ if __package__ in (None, ""):  # allow `python bench/eval_reps.py`
 
 from actors.reps import PROFILES, RepEngine  # noqa: E402
 from actors.synthetic import KINDS, generate  # noqa: E402
+from tests.data import PUSHUP  # noqa: E402
 
-REAL_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pose" / "pushup"
+REAL_DIR = PUSHUP
 ANCHORS = [("skeleton-based counter (published)", 0.06, 0.94),
            ("PoseRAC on RepCount (published)", 0.236, 0.56)]
 STRESS = {"noise": 2.0, "vis_drops": 2.0, "missing": 0.03, "dropped": 0.03, "glitches": 2.0}
@@ -135,11 +139,11 @@ def estimate_aspect(image: np.ndarray, world: np.ndarray) -> float:
     return float(ky / kx)
 
 
-def eval_real(space: str, batch: int) -> tuple[Tally, list[str]]:
-    labels = json.loads((REAL_DIR / "labels.json").read_text())
+def eval_real(space: str, batch: int, real_dir: Path = REAL_DIR) -> tuple[Tally, list[str]]:
+    labels = json.loads((real_dir / "labels.json").read_text())
     tally, misses = Tally(), []
     for name, lab in sorted(labels.items()):
-        d = np.load(REAL_DIR / f"{name}.npz")
+        d = np.load(real_dir / f"{name}.npz")
         frames = d["world"] if space == "world" else d["landmarks"]
         aspect = estimate_aspect(d["landmarks"], d["world"]) if space == "image" else 1.0
         eng = RepEngine(lab.get("exercise", "push_up"), space=space, aspect=aspect)
@@ -170,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--spaces", default="image,world")
     ap.add_argument("--no-real", action="store_true")
+    ap.add_argument("--real-dir", type=Path, default=REAL_DIR,
+                    help="labelled clips (labels.json + NAME.npz); default: the in-repo subset")
     ap.add_argument("--no-stress", action="store_true")
     ap.add_argument("--no-fallback", action="store_true")
     args = ap.parse_args(argv)
@@ -218,13 +224,13 @@ def main(argv: list[str] | None = None) -> int:
             fb.add(t)
         print(fmt("FALLBACK ALL", fb.row()))
     if not args.no_real:
-        if not REAL_DIR.is_dir():
-            print(f"\nreal data missing: {REAL_DIR}", file=sys.stderr)
+        if not (args.real_dir / "labels.json").is_file():
+            print(f"\nreal data missing: {args.real_dir}/labels.json", file=sys.stderr)
             return 2
-        print(f"\n[real MediaPipe push-up clips: {REAL_DIR}]")
+        print(f"\n[real MediaPipe push-up clips: {args.real_dir}]")
         print(HEADER)
         for space in spaces:
-            t, misses = eval_real(space, args.batch)
+            t, misses = eval_real(space, args.batch, args.real_dir)
             print(fmt(f"push_up real {space}", t.row()))
             print(f"  miscounted (got/true): {', '.join(misses) or 'none'}")
     print("\npublished anchors (nMAE, off-by-one):")

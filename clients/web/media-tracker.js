@@ -33,8 +33,18 @@ export function randomId() {
   return Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
 }
 
-/** `navigator.connection` in the service's vocabulary, or undefined. */
-export function connectionType(nav = globalThis.navigator) {
+/**
+ * The Network Information API's part of `navigator` (Chromium only, so not in the DOM
+ * typings).
+ * @typedef {{ connection?: { type?: string, effectiveType?: string } }} NavigatorConnection
+ */
+
+/**
+ * `navigator.connection` in the service's vocabulary, or undefined.
+ * @param {NavigatorConnection | undefined} [nav]
+ * @returns {string | undefined}
+ */
+export function connectionType(nav = /** @type {NavigatorConnection} */ (globalThis.navigator)) {
   const c = nav?.connection;
   if (!c) return undefined;
   if (c.type && c.type !== 'unknown') {
@@ -53,6 +63,23 @@ function seconds(x) {
 function defined(fields) {
   return Object.fromEntries(Object.entries(fields).filter(([, v]) => v !== undefined));
 }
+
+/**
+ * One playback of one video: what the tracker keeps about it between events.
+ * @typedef {object} View
+ * @property {string} id the `view_id`
+ * @property {string} mediaId
+ * @property {number} n events emitted so far (event ids are `e-<n>`)
+ * @property {'starting' | 'playing' | 'paused' | 'buffering' | 'stopped' | 'ended'} state
+ *   `stopped`: after a fatal media error
+ * @property {number | null} duration seconds, when known
+ * @property {number | null} stallStart session-clock ms the ongoing stall began, or null
+ * @property {number} stalls stalls so far
+ * @property {number} stallMs ms spent stalled (finished stalls)
+ * @property {number} lastPos last known playhead, seconds
+ * @property {Set<number>} milestones the percentages reported
+ * @property {number | null} bitrate the rendition's bits/s, from `qualityChange`
+ */
 
 /**
  * @typedef {object} MediaTrackerOptions
@@ -103,8 +130,8 @@ export class MediaTracker {
     /** @private */ this._newViewId = newViewId;
     /** @private */ this._random = random;
 
-    /** @private The open view, or null. */ this._view = null;
-    /** @private @type {Array<{view: object, event: object}>} */ this._pending = [];
+    /** @private @type {View | null} The open view, or null. */ this._view = null;
+    /** @private @type {Array<{view: View, event: Record<string, unknown>}>} */ this._pending = [];
     /** @private */ this._inflight = null;
     /** @private */ this._sending = false;
     /** @private */ this._closed = false;
@@ -181,7 +208,7 @@ export class MediaTracker {
     if (!this._busy()) return this._pending.length === 0;
     let timer;
     await Promise.race([
-      new Promise((resolve) => this._idleWaiters.push(resolve)),
+      /** @type {Promise<void>} */ (new Promise((resolve) => this._idleWaiters.push(resolve))),
       new Promise((resolve) => { timer = setTimeout(resolve, timeoutMs); }),
     ]);
     clearTimeout(timer);
@@ -425,7 +452,9 @@ export class MediaTracker {
   _loadTimings() {
     try {
       const src = this.video.currentSrc;
-      const entries = src ? performance.getEntriesByName(src, 'resource') : [];
+      // Entries of type 'resource' are PerformanceResourceTiming.
+      const entries = /** @type {PerformanceResourceTiming[]} */ (
+        src ? performance.getEntriesByName(src, 'resource') : []);
       const e = entries[entries.length - 1];
       if (!e) return {};
       const ok = (x) => (Number.isFinite(x) && x > 0 && x <= 600000 ? Math.round(x) : undefined);

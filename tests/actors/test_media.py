@@ -407,6 +407,41 @@ def test_buffering_end_without_start_is_ignored() -> None:
     assert (s["rebuffer_count"], s["watch_time_ms"]) == (0, 5000)
 
 
+def test_stalls_under_100_ms_are_not_rebuffering() -> None:
+    """What Chromium sends on a busy CPU (`waiting`, `playing` a few ms later, the data
+    already buffered) is not a rebuffer; from MIN_STALL_MS on it is, seek-induced too."""
+    assert media.MIN_STALL_MS == 100
+    v = view_of([ev("1", "session_start", 0),
+                 ev("2", "buffering_start", 10, position_seconds=0.0),  # startup, 5 ms
+                 ev("3", "play", 15, position_seconds=0.0),
+                 ev("4", "buffering_start", 5000, position_seconds=5.0, bitrate_before=1e6),
+                 ev("5", "buffering_end", 5014, position_seconds=5.0),  # 14 ms: a blip
+                 ev("6", "buffering_start", 6000, position_seconds=6.0),
+                 ev("7", "play", 6000, position_seconds=6.0),  # 0 ms, ended by `playing`
+                 ev("8", "seek", 8000, position_seconds=20.0, from_position_seconds=8.0),
+                 ev("9", "buffering_start", 8100, position_seconds=20.0),
+                 ev("10", "buffering_end", 8199, position_seconds=20.0),  # 99 ms after seek
+                 ev("11", "buffering_start", 9000, position_seconds=20.9),
+                 ev("12", "buffering_end", 9100, position_seconds=20.9),  # 100 ms: counts
+                 ev("13", "buffering_start", 12000, position_seconds=23.9),
+                 ev("14", "buffering_end", 12100, position_seconds=23.9),  # 100 ms: counts
+                 ev("15", "session_end", 20000, reason="user_exit", buffering_count=6,
+                    buffering_duration_ms=318)])
+    s = v.summary()
+    assert v.short_stalls == 3
+    assert (s["rebuffer_count"], s["rebuffer_ms"]) == (1, 100)
+    assert (s["seek_rebuffer_count"], s["seek_rebuffer_ms"]) == (1, 100)
+    assert [(b["started_t_ms"], b["after_seek"]) for b in s["buffering_events"]] == [
+        (9000, True), (12000, False)]
+    assert v.stalls() == [(12000, 12100)]
+    # the blips' time is playing time; watch = startup + playing + both kinds of stall
+    assert s["startup_time_ms"] == 15 and s["watch_time_ms"] == 20000
+    assert s["playing_time_ms"] == 20000 - 15 - 100 - 100
+    assert (s["client_buffering_count"], s["client_buffering_ms"]) == (6, 318)
+    # the blip's time at a known bitrate weighs in the average bitrate like playing time
+    assert s["avg_bitrate_kbps"] == 1000.0
+
+
 def _batch(view_id: str, media_id: str, events: list[MediaEvent],
            duration: float | None = None) -> MediaBatch:
     return MediaBatch(media_id, view_id, duration, tuple(events))

@@ -3,8 +3,8 @@ page, the service with CORS (in-process or as a child process), and the test med
 
 Nothing here installs or downloads anything. The browser is Debian's ``chromium`` driven
 by Debian's ``chromium-driver`` (paths given explicitly, so Selenium Manager never runs);
-the video is made by Debian's ``ffmpeg``; the landmarks are the real recordings in
-``../shared/data/pose/pushup``. A missing tool fails the test with the line to install it.
+the video is made by Debian's ``ffmpeg``; the landmarks are the real recordings kept in
+``tests/data/pose/pushup``. A missing tool fails the test with the line to install it.
 
 ``python -m tests.browser.helpers serve`` runs ``telemetry serve`` with the CORS wrapper
 around the app (origins from ``TELEMETRY_CORS_ORIGINS``), as the service will once the
@@ -39,11 +39,12 @@ import trio
 
 from telemetry.config import Settings
 from telemetry.cors import ASGIApp, cors, parse_origins
+from tests.data import PUSHUP
 from tests.service import Running, running_service
 
 ROOT = Path(__file__).resolve().parents[2]
 WEB_CLIENT = ROOT / "clients" / "web"
-RECORDINGS = ROOT.parent / "shared" / "data" / "pose" / "pushup"
+RECORDINGS = PUSHUP
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 APT_LINE = ("apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y "

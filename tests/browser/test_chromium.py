@@ -2,7 +2,7 @@
 
 The test page (``clients/web/test/``) is served from one loopback port, the service
 (with the CORS wrapper) listens on another, so every request is a real cross-origin one.
-The page feeds recorded MediaPipe landmarks (``../shared/data/pose/pushup``) at 30 fps
+The page feeds recorded MediaPipe landmarks (``tests/data/pose/pushup``) at 30 fps
 through the client's API and plays a WebM video that ffmpeg made for the test; then we
 check what the *service* computed: the session summary, the replay blob, the media view.
 
@@ -264,6 +264,9 @@ async def test_pose_and_media_from_chromium(settings: Settings, assets: Assets,
     assert client["framesLost"] == 0 and client["buffered"] == 0
     assert 8 <= pose["batches"] <= 12  # about one batch per second of frames
     assert 28 <= pose["effective_fps"] <= 32
+    # the page stamps each frame with its capture time (page.js), so a busy host that
+    # delays the page's timers cannot bunch frames up and open gaps between them
+    assert pose["gaps"] == 0
     blob_info = check_blob(blob, rec.frames)
     assert blob_info["meta"].get("image_width") == 640
     assert blob_info["meta"].get("image_height") == 480
@@ -324,6 +327,7 @@ async def test_pose_over_websocket_from_chromium(settings: Settings, assets: Ass
     assert pose["batches_skipped"] == 0 and pose["batches_duplicate"] == 0
     assert client["framesLost"] == 0 and client["buffered"] == 0
     check_blob(blob, rec.frames)
+    assert pose["gaps"] == 0  # capture-time stamps (page.js): no bunching under load
     assert summary["reps"]["rep_count"] == rec.reps
 
     # over the socket: one socket, one ack per batch, nothing resent, nothing POSTed

@@ -27,9 +27,10 @@ from storage.replay import (
     ReplayWriter,
     read_replay,
 )
+from tests.data import PUSHUP
 
-# shared/ sits beside the checkout (locally and in CI)
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "pose" / "pushup"
+# real MediaPipe recordings kept in the repository (tests/data/pose/pushup/SOURCE.md)
+DATA = PUSHUP
 L, C = 33, 4
 
 
@@ -41,7 +42,8 @@ def _load(key: str, limit: int | None = None) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def real() -> dict[str, np.ndarray]:
-    """All recordings, image and world space, with browser-like timestamps."""
+    """All the in-repo recordings (about 1,900 frames), image and world space, with
+    browser-like timestamps."""
     image, world = _load("landmarks"), _load("world")
     n = len(image)
     rng = np.random.default_rng(1)
@@ -167,7 +169,10 @@ def test_uint32_timestamps_and_float64_frames_are_accepted(real: dict[str, np.nd
 
 
 def test_large_append_is_split_into_chunks(real: dict[str, np.ndarray]) -> None:
-    frames, t = real["world"][:2500], real["t"][:2500]
+    # 2500 frames (the recordings looped): more than two whole chunks in one append
+    n = 2500
+    frames = real["world"][np.arange(n) % len(real["world"])]
+    t = np.round(5000.0 + np.arange(n) * 1000 / 30, 1)
     for enc in ENCODINGS:
         blob = _write(t, frames, batch=2500, encoding=enc)
         raw = gzip.decompress(blob)
@@ -274,7 +279,7 @@ def test_blob_is_plain_gzip_and_regzipped_blob_still_reads(real: dict[str, np.nd
 
 def test_incremental_writer_holds_only_compressed_bytes(real: dict[str, np.ndarray]) -> None:
     frames, t = real["image"], real["t"]
-    reps = 3  # ~14 minutes of frames, 32 MB as float32/float64
+    reps = -(-25_000 // len(t))  # the recordings looped: ~14 minutes of frames, 13 MB raw
     w = ReplayWriter(org_id="o", session_id="s", space="image")
     sizes = []
     tracemalloc.start()

@@ -48,16 +48,24 @@ function toResult(values, camera) {
   return { poseLandmarks, image: camera };
 }
 
-/** Feed `frames` at 30 fps (in a loop if `loop`) until done or `page.stopFeeding`. */
-function feed(client, frames, camera, loop) {
+/**
+ * Feed `frames` at 30 fps (in a loop if `loop`) until done or `page.stopFeeding`.
+ * Frame `i` is stamped with its capture time, `i` periods after the start on the
+ * session clock, as MediaPipe stamps a result with its video frame's time: when a busy
+ * host delays this page's timers, the frames catch up late but keep their 33 ms spacing
+ * instead of bunching up at the time of the late tick.
+ */
+function feed(client, frames, camera, loop, clock) {
   const period = 1000 / 30;
   const start = performance.now();
+  const t0 = clock.ms();
   let i = 0;
   return new Promise((resolve) => {
     const more = () => !page.stopFeeding && (loop || i < frames.length);
     function tick() {
       while (more() && performance.now() >= start + i * period) {
-        client.addResult(toResult(frames[i % frames.length], camera));
+        client.addResult(toResult(frames[i % frames.length], camera),
+          { timestampMs: t0 + i * period });
         i++;
         page.fed = i;
       }
@@ -118,7 +126,7 @@ async function main() {
   video.src = q.get('video');
   video.play().catch((e) => page.errors.push({ source: 'page', message: `play(): ${e}` }));
 
-  const fed = feed(client, data.frames, camera, loop);
+  const fed = feed(client, data.frames, camera, loop, clock);
   page.state = 'running';
 
   page.finish = async () => {
