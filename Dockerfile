@@ -39,6 +39,9 @@ COPY --from=build /install /usr/local
 # this directory's owner and mode (ECS developer guide, "Use bind mounts").
 VOLUME ["/var/lib/telemetry"]
 USER 10001:10001
+# `docker build --build-arg BUILD_COMMIT=$(git rev-parse HEAD)`: telemetry_build_info.
+ARG BUILD_COMMIT=unknown
+ENV TELEMETRY_BUILD_COMMIT=${BUILD_COMMIT}
 ENV TELEMETRY_HOST=0.0.0.0 TELEMETRY_PORT=8080 TELEMETRY_DATA_DIR=/var/lib/telemetry
 EXPOSE 8080
 # Liveness only (/v1/healthz): /v1/readyz turns 503 while draining, which must take the
