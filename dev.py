@@ -29,12 +29,36 @@ CONSTRAINTS = ROOT / "constraints.txt"
 DEMO_EXTRAS = "embedded,plot"
 
 
+def _has_pip() -> bool:
+    return PY.exists() and subprocess.call(
+        [str(PY), "-m", "pip", "--version"], stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL) == 0
+
+
+def _ensure_ensurepip() -> None:
+    """Debian splits ensurepip out of python3 (package python3-venv): install it as
+    root, else say what to install."""
+    try:
+        import ensurepip  # noqa: F401
+    except ImportError:
+        if os.name == "posix" and os.geteuid() == 0 and shutil.which("apt-get"):
+            env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+            subprocess.check_call(["apt-get", "update", "-qq"], env=env)
+            subprocess.check_call(["apt-get", "install", "-y", "-qq", "python3-venv"], env=env)
+        else:
+            sys.exit("this Python cannot create a virtualenv with pip; on Debian/Ubuntu: "
+                     "sudo apt-get install python3-venv")
+
+
 def ensure_env(extras: str) -> None:
     if sys.version_info < (3, 11):  # noqa: UP036 - dev.py runs before any install
         sys.exit(f"Python 3.11+ is required; this is {sys.version.split()[0]}")
-    if not PY.exists():
+    if not _has_pip():
+        # Also when a first attempt left a .venv without pip (Debian's python3 without
+        # python3-venv creates the interpreter, then fails at ensurepip).
+        _ensure_ensurepip()
         print(f"creating virtualenv in {VENV}", flush=True)
-        venv.EnvBuilder(with_pip=True).create(VENV)
+        venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
     digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + CONSTRAINTS.read_bytes()
                             + extras.encode()).hexdigest()
     stamp = VENV / f".installed-{extras.replace(',', '+') or 'base'}"

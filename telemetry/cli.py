@@ -100,7 +100,9 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str | None:
         help_text = action.help or ""
         default = action.default
-        if ("%(default)" in help_text or default in (None, False, argparse.SUPPRESS)
+        # Identity, not ==: a default of 0 equals False and must still be shown.
+        unset = default is None or default is False or default is argparse.SUPPRESS
+        if ("%(default)" in help_text or unset
                 or not action.option_strings and action.nargs not in ("?", "*")):
             return help_text
         return f"{help_text} (default: %(default)s)" if help_text else "default: %(default)s"

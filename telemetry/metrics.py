@@ -342,9 +342,12 @@ class StateCollector(Collector):
             ended.add_metric([reason], count)
         yield ended
         # Ended sessions' skips, plus what live ones skipped so far: one rising total.
+        # Summed here, with no checkpoint between the two reads (not in prepare(),
+        # which yields): an actor that ended meanwhile would be counted twice, and
+        # the next scrape would see the counter go down.
+        skipped = supervisor.skipped_ended + sum(a.skipped for a in supervisor.live())
         yield _counter("batches_skipped", "Batches never received: skipped after the "
-                       "gap timeout, or when the session ended with a gap.",
-                       supervisor.skipped_ended + t.skipped)
+                       "gap timeout, or when the session ended with a gap.", skipped)
 
     def _spool(self) -> Iterator[Metric]:
         spool = self._src.spool()

@@ -392,8 +392,11 @@ def test_build_commit_from_the_environment_then_git(monkeypatch: pytest.MonkeyPa
         assert metrics.build_info()[1] == "unknown"
         monkeypatch.delenv(metrics.COMMIT_ENV)
         metrics.build_info.cache_clear()
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"],
-                              capture_output=True, text=True, check=False).stdout.strip()
+        try:
+            head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"],
+                                  capture_output=True, text=True, check=False).stdout.strip()
+        except OSError:  # no git on this machine: the service reports unknown too
+            head = ""
         expected = head if (root / ".git").exists() and head else "unknown"
         assert metrics.build_info()[1] == expected
     finally:
