@@ -109,7 +109,7 @@ class SideDetector:
         "t_last", "r1", "r2", "y", "dt_nom", "noise", "n_filt", "n_noise",
         "state", "b", "t_low", "n_acc", "v_acc", "shallow_amp",
         "start", "tr_enter", "P", "p_ref", "t_pf", "t_pl",
-        "m", "m_ref", "tm", "t_exit", "tr_exit", "t_cross",
+        "m", "m_ref", "tm", "t_exit", "tr_exit", "t_cross", "tr_last",
     )
 
     def __init__(self, profile: Profile, side: str) -> None:
@@ -129,7 +129,7 @@ class SideDetector:
         self.n_acc = 0
         self.v_acc = 0.0
         self.start = self.P = self.p_ref = self.t_pf = self.t_pl = 0.0
-        self.tr_enter = self.tr_exit = math.nan
+        self.tr_enter = self.tr_exit = self.tr_last = math.nan
         self.m = self.m_ref = self.tm = self.t_exit = 0.0
         self.t_cross = -1.0
 
@@ -243,17 +243,50 @@ class SideDetector:
         self.n_acc, self.v_acc = n_acc, v_acc
         self.P, self.p_ref, self.t_pf, self.t_pl = P, p_ref, t_pf, t_pl
         self.m, self.m_ref, self.tm, self.t_exit, self.t_cross = m, m_ref, tm, t_exit, t_cross
+        if trs:
+            self.tr_last = trs[-1]
         return ev
 
     def flush(self) -> list[tuple]:
-        """End of stream: a repetition already on its way back to rest is complete."""
-        if self.state != RETURNING:
+        """End of stream: decide the excursion in progress as if the patient had stopped.
+
+        The stream ending is taken as the patient holding the last pose seen, and
+        the mid-stream rules are applied to that pose without waiting for the
+        low-pass filter to catch up with it: out past the exit threshold it is
+        on its way back (RETURNING), inside the rest band it has landed, and a
+        rise again ends the return where it turned. So a repetition finished
+        by the last frames counts even if the filter still lags behind them
+        (a quick last return, or the end call right after it), while one
+        stopped short of the way back (at the bottom of a squat) does not. The
+        judgement is the usual one (``_rep``); times are capped at the last
+        frame. The pose held is the last raw sample: that is what the median
+        filter settles on when a sample repeats, and a real last return is often
+        a single frame at 25-30 fps.
+        """
+        state = self.state
+        if state == IDLE:
             return []
-        end = self.t_cross if self.t_cross >= 0.0 else self.tm
-        rep = self._rep(end, self.t_last, self.P, self.b, self.m, self.n_acc, self.v_acc,
-                        self.t_pf, self.t_pl, self.dt_nom, self.noise, "")
         self.state = IDLE
-        return [(self.t_last, DONE, rep)]
+        t = self.t_last
+        P, b, R = self.P, self.b, self.R
+        s = self.r1  # where the patient stopped
+        m, m_ref, tm, t_cross = self.m, self.m_ref, self.tm, self.t_cross
+        if state == ACTIVE:
+            if s > b + EXIT_FRAC * (P - b):  # not on the way back: mid-stream, never counts
+                return []
+            m, tm, t_cross = s, t, -1.0
+            self.tr_exit = self.tr_last
+        elif s < m + RERISE_FRAC * R:  # still returning (else: rising again, ended at tm)
+            if s < m:
+                m = s
+                if s < m_ref - NEAR_PEAK_FRAC * R:
+                    tm = t
+        if t_cross < 0.0 and m <= b + BAND_FRAC * R:
+            t_cross = t
+        end = t_cross if t_cross >= 0.0 else tm
+        rep = self._rep(end, t, P, b, m, self.n_acc, self.v_acc, self.t_pf, self.t_pl,
+                        self.dt_nom, self.noise, "")
+        return [(t, DONE, rep)]
 
     def _rep(self, end: float, t_done: float, P: float, b: float, m: float, n: int,
              v_sum: float, t_pf: float, t_pl: float, dt_nom: float, noise: float,

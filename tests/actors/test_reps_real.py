@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from actors.reps import RepEngine
-from bench.eval_reps import estimate_aspect
-from tests.data import PUSHUP
+from bench.eval_reps import estimate_aspect, eval_lower_body
+from tests.data import LOWER_BODY, PUSHUP
 
 
 def _clips() -> dict:
@@ -79,3 +79,38 @@ def test_aspect_estimate_is_a_real_frame_shape():
     for name in sorted(labels)[:10]:
         d = np.load(PUSHUP / f"{name}.npz")
         assert 0.4 < estimate_aspect(d["landmarks"], d["world"]) < 2.5, name
+
+
+# Floors for the real lower-body set (tests/data/pose/lower_body, see its SOURCE.md):
+# the figures the engine reaches today, per exercise and space, so a regression
+# fails. (exact, off-by-one, nMAE). Raise them as the engine improves.
+LOWER_BODY_FLOOR = {
+    ("squat", "image"): (1.0, 1.0, 0.0), ("squat", "world"): (1.0, 1.0, 0.0),
+    ("lunge", "image"): (1.0, 1.0, 0.0), ("lunge", "world"): (1.0, 1.0, 0.0),
+}
+
+
+def test_lower_body_set_is_complete():
+    labels = json.loads((LOWER_BODY / "labels.json").read_text())
+    for name, lab in labels.items():
+        d = np.load(LOWER_BODY / f"{name}.npz")
+        assert d["landmarks"].shape == d["world"].shape == (lab["frames"], 33, 4), name
+        assert d["t_ms"].shape == (lab["frames"],) and abs(float(d["fps"]) - lab["fps"]) < 1e-3
+    # what the set is for: squats facing the camera, and both lower-body kinds
+    assert {lab["view"] for lab in labels.values() if lab["exercise"] == "squat"} >= {"front"}
+    assert {lab["exercise"] for lab in labels.values()} == {"squat", "lunge"}
+
+
+@pytest.mark.parametrize("space", ["image", "world"])
+def test_real_lower_body_counts(space):
+    results = eval_lower_body(space, 30)
+    assert set(results) == {kind for kind, sp in LOWER_BODY_FLOOR if sp == space}
+    for kind, (tally, misses) in results.items():
+        _, exact, off1, nmae, _, _ = tally.row()
+        floor_exact, floor_off1, ceil_nmae = LOWER_BODY_FLOOR[(kind, space)]
+        detail = f"{kind} {space}: exact {exact:.3f}, off-by-one {off1:.3f}, nMAE {nmae:.3f}; " \
+                 f"miscounted {misses}"
+        assert exact >= floor_exact, detail
+        assert off1 >= floor_off1, detail
+        assert nmae <= ceil_nmae + 1e-9, detail
+

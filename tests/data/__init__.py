@@ -7,3 +7,7 @@ from pathlib import Path
 
 # Real MediaPipe Pose push-up clips (a labelled subset; see pose/pushup/SOURCE.md).
 PUSHUP = Path(__file__).resolve().parent / "pose" / "pushup"
+
+# Real MediaPipe Pose squats and lunges, front, side and rear views, hand-counted on
+# angle plots (see pose/lower_body/SOURCE.md).
+LOWER_BODY = Path(__file__).resolve().parent / "pose" / "lower_body"
