@@ -3,11 +3,14 @@
 :func:`plot_session` draws a replay blob as a 1600x900 PNG:
 
 * the tracked joint angle over time, left and right, computed with the rep engine's
-  own angle code (:mod:`actors.reps.angles`) for the exercise profile's joint, solid
-  where the landmarks were visible enough for the engine, faint where they were not;
+  own angle code (:mod:`actors.reps.angles`) for the exercise profile's joint and
+  shown as clinicians read it (:mod:`actors.reps.clinical`: knee flexion 0° with the
+  leg straight, shoulder abduction 0° with the arm at the side, ...), solid where the
+  landmarks were visible enough for the engine, faint where they were not;
 * every repetition the engine detects (recomputed from the blob, so the same as the
-  live session's): a shaded span, a bar from its lowest to its highest angle, its
-  number and range of motion;
+  live session's): a shaded span, a bar from its smallest to its largest angle
+  (``angle_min_deg``/``angle_max_deg`` of the rep record), its number and range of
+  motion;
 * tracking quality along the bottom: mean landmark visibility per frame, frames with
   no pose, stretches with no frames at all;
 * video stalls, shaded across both panels, when the session's media summaries are
@@ -44,12 +47,14 @@ except ModuleNotFoundError as exc:
         "pip install 'restartix-telemetry[plot]'", name=exc.name) from exc
 
 from actors.replay_metrics import recompute
-from actors.reps.angles import JOINT_LABELS, JOINTS, SIDES, joint_triplets, triplet_angles
+from actors.reps.angles import JOINTS, SIDES, joint_triplets, triplet_angles
+from actors.reps.clinical import JOINT_ANGLES, ClinicalAngle, angle_for, to_clinical
 from actors.reps.detector import VIS_MIN
 from actors.reps.profiles import profile_for
 from storage.replay import Replay, ReplayFormatError, read_replay
 
-__all__ = ["HEIGHT_PX", "WIDTH_PX", "plot_main", "plot_session", "stalls_from_media"]
+__all__ = ["HEIGHT_PX", "WIDTH_PX", "draw_session", "plot_main", "plot_session",
+           "stalls_from_media"]
 
 WIDTH_PX, HEIGHT_PX, DPI = 1600, 900, 100
 # A hole in the frame timeline longer than this many frame intervals breaks the lines
@@ -100,8 +105,15 @@ def plot_session(blob: bytes, out: Path, *, media: list[dict] | None = None) -> 
     return _plot_replay(read_replay(blob), Path(out), media)
 
 
+def draw_session(replay: Replay, *, media: list[dict] | None = None) -> Figure:
+    """The figure :func:`plot_session` saves, for callers that want to inspect or
+    restyle it (its first axes hold the angle panel, its texts the title and subtitle).
+    Raises ``ValueError`` for a malformed header, as :func:`plot_session` does."""
+    return _draw(replay, recompute(replay), stalls_from_media(media))
+
+
 def _plot_replay(replay: Replay, out: Path, media: list[dict] | None) -> Path:
-    fig = _draw(replay, recompute(replay), stalls_from_media(media))
+    fig = draw_session(replay, media=media)
     out.parent.mkdir(parents=True, exist_ok=True)
     _save_png(fig, out)
     return out
@@ -206,15 +218,17 @@ def _draw(replay: Replay, summary: dict[str, Any],
 
     aspect = _aspect(h.meta)
     joint = _joint_to_plot(ex, reps, frames, h.space, aspect)
+    angle = _angle_to_plot(ex, joint)
     followed = _followed_sides(ex.get("side"))
     handles: list[Any] = []
 
     # Video stalls first, so everything else is drawn over them.
     stall_handles = _draw_stalls(ax, axq, stalls)
 
-    # Joint angles, left and right.
-    angles, vis = triplet_angles(frames, joint_triplets([(joint, 0), (joint, 1)]), h.space,
-                                 aspect)
+    # Joint angles, left and right, in the convention the rep records use.
+    included, vis = triplet_angles(frames, joint_triplets([(joint, 0), (joint, 1)]), h.space,
+                                   aspect)
+    angles = to_clinical(angle, included)
     good = (vis >= VIS_MIN) & np.isfinite(angles)
     lw_followed, lw_other = 1.7, 1.0
     for k, side in enumerate(SIDES):
@@ -239,7 +253,7 @@ def _draw(replay: Replay, summary: dict[str, Any],
     y_hi = float(np.max(finite)) if finite.size else 180.0
     span = max(20.0, y_hi - y_lo)
     ax.set_ylim(max(-5.0, y_lo - 0.08 * span), y_hi + 0.22 * span)
-    ax.set_ylabel(f"{JOINT_LABELS[joint]}  (°)", fontsize=11)
+    ax.set_ylabel(f"{angle.label}  (°)", fontsize=11)
     ax.yaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
 
     handles.extend(_draw_reps(fig, ax, axq, reps.get("reps") or [], t_hi - t_lo + 2 * pad))
@@ -282,7 +296,6 @@ def _title(fig: Figure, h: Any, ex: Mapping[str, Any], reps: Mapping[str, Any],
     head = f"{name.capitalize()}: {count} rep{'s' if count != 1 else ''}"
     if target:
         head += f" of {target}"
-    head += f"   ·   encoding {h.encoding}"
     fig.text(0.058, 0.962, head, fontsize=18, fontweight="bold", ha="left", va="center")
 
     pose = summary.get("pose") or {}
@@ -292,6 +305,11 @@ def _title(fig: Figure, h: Any, ex: Mapping[str, Any], reps: Mapping[str, Any],
         parts.append(f"{n} frames" + (f" at {pose['effective_fps']:g} fps"
                                        if pose.get("effective_fps") else ""))
     parts.append(f"{h.space} coordinates")
+    # how the blob was stored: for support, not for the clinician reading the title
+    parts.append(f"encoding {h.encoding}")
+    if reps.get("angle_min_deg") is not None and reps.get("angle"):
+        parts.append(f"{str(reps['angle']).replace('_', ' ')} "
+                     f"{reps['angle_min_deg']:.0f}–{reps['angle_max_deg']:.0f}°")
     if reps.get("rom_mean_deg") is not None:
         parts.append(f"ROM mean {reps['rom_mean_deg']:.0f}° "
                      f"({reps['rom_min_deg']:.0f}–{reps['rom_max_deg']:.0f}°)")
@@ -308,10 +326,14 @@ def _title(fig: Figure, h: Any, ex: Mapping[str, Any], reps: Mapping[str, Any],
     # Long ids or many figures: shrink the line to the figure's width rather than cut it.
     canvas = fig.canvas
     assert isinstance(canvas, FigureCanvasAgg)
-    width = sub.get_window_extent(renderer=canvas.get_renderer()).width
+    # Text width is not quite proportional to the font size (hinting), so re-measure.
     room = (0.985 - 0.058) * fig.get_figwidth() * fig.dpi
-    if width > room:
-        sub.set_fontsize(max(7.0, 11.0 * room / width))
+    for _ in range(4):
+        width = sub.get_window_extent(renderer=canvas.get_renderer()).width
+        size = sub.get_fontsize()
+        if width <= room or size <= 7.0:
+            break
+        sub.set_fontsize(max(7.0, size * room / width * 0.99))
 
 
 def _draw_reps(fig: Figure, ax: Any, axq: Any, reps: Sequence[Mapping[str, Any]],
@@ -338,11 +360,12 @@ def _draw_reps(fig: Figure, ax: Any, axq: Any, reps: Sequence[Mapping[str, Any]]
         ax.axvspan(start, end, color=REP_COLOUR, alpha=0.15, linewidth=0, zorder=1)
         axq.axvspan(start, end, color=REP_COLOUR, alpha=0.08, linewidth=0, zorder=1)
         mid = (start + end) / 2.0
-        ax.plot([mid, mid], [float(r["trough_deg"]), float(r["peak_deg"])], color=ROM_COLOUR,
+        lo, hi = float(r["angle_min_deg"]), float(r["angle_max_deg"])
+        ax.plot([mid, mid], [lo, hi], color=ROM_COLOUR,
                 linewidth=2.2, solid_capstyle="butt", zorder=4, alpha=0.9)
-        ax.plot([mid], [float(r["peak_deg"])], marker="_", markersize=9, color=ROM_COLOUR,
+        ax.plot([mid], [hi], marker="_", markersize=9, color=ROM_COLOUR,
                 markeredgewidth=2.2, zorder=4)
-        ax.plot([mid], [float(r["trough_deg"])], marker="_", markersize=9, color=ROM_COLOUR,
+        ax.plot([mid], [lo], marker="_", markersize=9, color=ROM_COLOUR,
                 markeredgewidth=2.2, zorder=4)
         x_px = mid * px_per_s
         row = next((k for k in (0, 1) if x_px - last_px[k] >= min_gap_px), None)
@@ -462,6 +485,13 @@ def _joint_to_plot(ex: Mapping[str, Any], reps: Mapping[str, Any], frames: np.nd
             if hi - lo > best_range:
                 best, best_range = joint, float(hi - lo)
     return best
+
+
+def _angle_to_plot(ex: Mapping[str, Any], joint: str) -> ClinicalAngle:
+    """The profile's reported angle (``hip_abduction`` reads the hip as abduction);
+    without a profile, the joint's (as the engine's fallback reports it)."""
+    profile = profile_for(ex.get("kind"))
+    return angle_for(profile) if profile is not None else JOINT_ANGLES[joint]
 
 
 def _gap_starts(t_ms: np.ndarray) -> np.ndarray:

@@ -106,3 +106,8 @@ async def test_ingest_to_s3_to_sink_process_to_postgres(
     assert json.loads(json.dumps(again["reps"])) == summary["reps"]
     assert abs(summary["reps"]["rep_count"] - session.true_reps) <= 1
     assert np.isfinite(summary["reps"]["rom_mean_deg"])
+    # angles as clinicians read them: a curl's straight arm is near 0° of elbow flexion
+    assert summary["reps"]["angle"] == "elbow_flexion"
+    assert summary["reps"]["angle_convention"] == "clinical"
+    assert all(r["angle"] == "elbow_flexion" and 0.0 <= r["angle_min_deg"] < 45.0
+               < r["angle_max_deg"] <= 180.0 for r in summary["reps"]["reps"])

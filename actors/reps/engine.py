@@ -8,7 +8,8 @@ from itertools import compress
 
 import numpy as np
 
-from .angles import JOINT_LABELS, JOINTS, N_LANDMARKS, SPACES, batch_features, gather_index
+from .angles import JOINTS, N_LANDMARKS, SPACES, batch_features, gather_index
+from .clinical import CONVENTION, angle_for
 from .detector import VIS_MIN
 from .motion import WalkGate
 from .profiles import Profile, fallback_profiles, profile_for
@@ -174,13 +175,17 @@ class RepEngine:
         prof = self._trackers[0].profile if len(self._trackers) == 1 else None
         joint = prof.joint if prof else None
         usable = self._usable.get(joint, 0) if joint else max(self._usable.values(), default=0)
+        angle = angle_for(prof) if prof else None
         out = {
             "profile": prof.kind if prof else "auto",
             "kind_requested": self.kind if self.kind is None else str(self.kind),
             "fallback": self.fallback,
             "fallback_reason": self._fallback_reason,
             "joint": joint,
-            "joint_label": JOINT_LABELS[joint] if joint else None,
+            # the reported angle (rep records, angle_*_deg): clinical.py
+            "angle": angle.name if angle else None,
+            "angle_label": angle.label if angle else None,
+            "angle_convention": CONVENTION,
             "direction": ("flexion" if prof.direction < 0 else "extension") if prof else None,
             "side": self.side or "both",
             "space": self.space,

@@ -6,6 +6,7 @@ import math
 import struct
 from dataclasses import asdict, dataclass
 
+from .clinical import angle_for, clinical_range
 from .detector import SideRep
 from .profiles import Profile
 
@@ -20,21 +21,25 @@ SYMMETRY_MIN_VIS = 0.6
 class Rep:
     """One complete repetition. Times in ms since session start, angles in degrees.
 
-    ``peak_deg``/``trough_deg`` are the largest and smallest joint angle of the
-    movement (rest position included); ``rom_deg`` the excursion from rest.
+    ``angle`` names the reported angle in the clinical convention (``clinical.py``:
+    e.g. ``knee_flexion``, 0° with the leg straight); ``angle_min_deg`` and
+    ``angle_max_deg`` are its smallest and largest value over the movement (rest
+    position included; for a squat the standing and the deepest knee flexion);
+    ``rom_deg`` is the excursion from rest, the same number in either convention.
     ``symmetry`` is min/max of the left and right range of motion (1 = equal),
     None unless both sides moved and were both reliably tracked.
     """
 
     index: int
     joint: str
+    angle: str
     side: str
     start_ms: float
     end_ms: float
     duration_ms: float
     rom_deg: float
-    peak_deg: float
-    trough_deg: float
+    angle_min_deg: float
+    angle_max_deg: float
     concentric_ms: float
     eccentric_ms: float
     hold_ms: float
@@ -96,12 +101,15 @@ def build_rep(index: int, profile: Profile, sides: list[SideRep]) -> Rep:
         merged = parts[0]
         side = sides[0].side
     out_ms, back_ms = merged["out_ms"], merged["back_ms"]
+    # detection runs on the included angle; what is reported is the clinical one
+    angle = angle_for(profile)
+    angle_min, angle_max = clinical_range(angle, merged["peak_deg"], merged["trough_deg"])
     concentric, eccentric = (out_ms, back_ms) if profile.concentric_first else (back_ms, out_ms)
     return Rep(
-        index=index, joint=profile.joint, side=side,
+        index=index, joint=profile.joint, angle=angle.name, side=side,
         start_ms=merged["start_ms"], end_ms=merged["end_ms"],
         duration_ms=merged["end_ms"] - merged["start_ms"],
-        rom_deg=merged["rom_deg"], peak_deg=merged["peak_deg"], trough_deg=merged["trough_deg"],
+        rom_deg=merged["rom_deg"], angle_min_deg=angle_min, angle_max_deg=angle_max,
         concentric_ms=concentric, eccentric_ms=eccentric, hold_ms=merged["hold_ms"],
         rom_left_deg=roms.get("left"), rom_right_deg=roms.get("right"), symmetry=symmetry,
         mean_visibility=merged["mean_visibility"], coverage=merged["coverage"],
@@ -110,7 +118,7 @@ def build_rep(index: int, profile: Profile, sides: list[SideRep]) -> Rep:
 
 
 class RepLog:
-    """The repetitions of a session, kept for its summary in 74 bytes each.
+    """The repetitions of a session, kept for its summary in 75 bytes each.
 
     A :class:`Rep` costs about 600 bytes of Python objects; a 30-minute session
     may count 600 of them, which alone would break the 100 KB-per-session memory
@@ -121,14 +129,14 @@ class RepLog:
     again gives the same number. ``None`` is stored as NaN (no rep value is NaN).
     """
 
-    _FLOATS = ("duration_ms", "rom_deg", "peak_deg", "trough_deg", "concentric_ms",
+    _FLOATS = ("duration_ms", "rom_deg", "angle_min_deg", "angle_max_deg", "concentric_ms",
                "eccentric_ms", "hold_ms", "rom_left_deg", "rom_right_deg", "symmetry",
                "mean_visibility", "coverage", "confidence")
-    _PACK = struct.Struct(f"<IBBdd{len(_FLOATS)}f")
+    _PACK = struct.Struct(f"<IBBBdd{len(_FLOATS)}f")
 
     def __init__(self) -> None:
         self._buf = bytearray()
-        self._names: list[str] = []  # joint and side names, by code
+        self._names: list[str] = []  # joint, angle and side names, by code
         self._count = 0
 
     def __len__(self) -> int:
@@ -138,7 +146,7 @@ class RepLog:
         d = rep.to_dict()
         nan = math.nan
         self._buf += self._PACK.pack(
-            d["index"], self._code(d["joint"]), self._code(d["side"]),
+            d["index"], self._code(d["joint"]), self._code(d["angle"]), self._code(d["side"]),
             d["start_ms"], d["end_ms"],
             *(nan if d[k] is None else d[k] for k in self._FLOATS))
         self._count += 1
@@ -148,9 +156,9 @@ class RepLog:
         out = []
         names = self._names
         for v in self._PACK.iter_unpack(self._buf):
-            d = {"index": v[0], "joint": names[v[1]], "side": names[v[2]],
-                 "start_ms": v[3], "end_ms": v[4]}
-            for k, x in zip(self._FLOATS, v[5:], strict=True):
+            d = {"index": v[0], "joint": names[v[1]], "angle": names[v[2]],
+                 "side": names[v[3]], "start_ms": v[4], "end_ms": v[5]}
+            for k, x in zip(self._FLOATS, v[6:], strict=True):
                 d[k] = None if x != x else round(x, _decimals(k))
             out.append(d)
         return out

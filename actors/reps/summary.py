@@ -11,7 +11,7 @@ PAUSE_MS = 3000.0
 
 
 class SessionStats:
-    """Accumulates range-of-motion, tempo, symmetry and activity figures.
+    """Accumulates range-of-motion, angle, tempo, symmetry and activity figures.
 
     Uses running sums and Welford's update, so memory is constant however long
     the session is.
@@ -22,6 +22,9 @@ class SessionStats:
         self.rom_sum = 0.0
         self.rom_min = math.inf
         self.rom_max = -math.inf
+        # extremes of the reported (clinical) angle over counted repetitions
+        self.angle_min = math.inf
+        self.angle_max = -math.inf
         self.dur_mean = 0.0
         self.dur_m2 = 0.0
         self.sym_sum = 0.0
@@ -35,6 +38,8 @@ class SessionStats:
         self.rom_sum += rep.rom_deg
         self.rom_min = min(self.rom_min, rep.rom_deg)
         self.rom_max = max(self.rom_max, rep.rom_deg)
+        self.angle_min = min(self.angle_min, rep.angle_min_deg)
+        self.angle_max = max(self.angle_max, rep.angle_max_deg)
         delta = rep.duration_ms - self.dur_mean
         self.dur_mean += delta / self.n
         self.dur_m2 += delta * (rep.duration_ms - self.dur_mean)
@@ -59,6 +64,8 @@ class SessionStats:
             "rom_mean_deg": round(self.rom_sum / n, 2) if n else None,
             "rom_min_deg": round(self.rom_min, 2) if n else None,
             "rom_max_deg": round(self.rom_max, 2) if n else None,
+            "angle_min_deg": round(self.angle_min, 2) if n else None,
+            "angle_max_deg": round(self.angle_max, 2) if n else None,
             "tempo_mean_ms": round(self.dur_mean, 1) if n else None,
             "tempo_cv": cv,
             "cadence_per_min": round(60000.0 * n / active, 2) if n and active > 0 else None,

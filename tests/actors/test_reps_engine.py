@@ -75,7 +75,9 @@ def test_per_rep_metrics_are_consistent_and_close_to_truth():
     for i, r in enumerate(reps):
         assert r.index == i + 1
         assert r.start_ms < r.end_ms and r.duration_ms == pytest.approx(r.end_ms - r.start_ms)
-        assert r.peak_deg - r.trough_deg == pytest.approx(r.rom_deg, abs=1e-6)
+        # the clinical angle's span is the range of motion (a squat starts straight)
+        assert r.angle == "knee_flexion"
+        assert r.angle_max_deg - r.angle_min_deg == pytest.approx(r.rom_deg, abs=1e-6)
         phases = r.concentric_ms + r.eccentric_ms + r.hold_ms
         assert phases == pytest.approx(r.duration_ms, rel=0.02, abs=20)
         assert 0.0 <= r.confidence <= 1.0 and 0.0 <= r.coverage <= 1.0

@@ -11,6 +11,8 @@ import pytest
 import trio
 
 import storage.sink as sink_module
+from actors.reps import RepEngine
+from actors.synthetic import generate
 from storage.bus import BusError, EventRejected, InProcessBus
 from storage.outbox import Outbox
 from storage.pg import Database
@@ -62,6 +64,38 @@ async def test_event_becomes_rows(pg_db: Database) -> None:
     reps, stalls = await pg_db.run(detail)
     assert reps == [(0, 80.0, "400"), (1, 81.0, "400"), (2, 82.0, "400")]
     assert stalls[:2] == [("v0", 0, 700.0, False), ("v0", 1, 500.0, True)]
+
+
+async def test_engine_summary_rows_carry_clinical_angles(pg_db: Database) -> None:
+    """A real rep engine summary: the rows keep its angle fields as the engine wrote
+    them (the `angle` named, min/max in the clinical convention), and the `rom_deg`
+    column is the rep's range of motion, a difference that no convention changes."""
+    s = generate("squat", reps=4, seed=3, space="world")
+    engine = RepEngine("squat", space="world")
+    engine.feed(s.t_ms, s.frames)
+    engine.finish()
+    event = make_event()
+    event["reps"] = json.loads(json.dumps(engine.summary()))
+    assert await AggregateSink(pg_db).store(event) == "stored"
+
+    def read(conn: psycopg.Connection) -> tuple[Any, list[Any]]:
+        with conn.transaction():
+            conn.execute("SELECT set_config('app.org_id', 'org-a', true)")
+            summary = conn.execute("SELECT reps_summary FROM pose_session_metrics").fetchone()
+            reps = conn.execute(
+                "SELECT rom_deg, detail->>'angle', (detail->>'angle_min_deg')::float8,"
+                " (detail->>'angle_max_deg')::float8, detail ? 'peak_deg'"
+                " FROM pose_rep_metrics ORDER BY rep_index").fetchall()
+            return summary[0], reps  # type: ignore[index]
+
+    summary, rows = await pg_db.run(read)
+    assert summary["angle"] == "knee_flexion" and summary["angle_convention"] == "clinical"
+    assert len(rows) == len(event["reps"]["reps"]) >= 3
+    for (rom, angle, lo, hi, old_field), rep in zip(rows, event["reps"]["reps"], strict=True):
+        assert angle == "knee_flexion" and old_field is False
+        assert (rom, lo, hi) == (rep["rom_deg"], rep["angle_min_deg"], rep["angle_max_deg"])
+        assert lo < 20.0 < 60.0 < hi     # standing near 0°, the bottom well flexed
+        assert hi - lo == pytest.approx(rom, abs=0.02)
 
 
 async def test_redelivery_changes_nothing(pg_db: Database) -> None:

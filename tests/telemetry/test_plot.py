@@ -14,9 +14,18 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
+from actors.replay_metrics import recompute
 from actors.synthetic import generate
-from storage.replay import ReplayWriter
-from telemetry.plot import HEIGHT_PX, WIDTH_PX, plot_main, plot_session, stalls_from_media
+from storage.replay import ReplayWriter, read_replay
+from telemetry.plot import (
+    HEIGHT_PX,
+    ROM_COLOUR,
+    WIDTH_PX,
+    draw_session,
+    plot_main,
+    plot_session,
+    stalls_from_media,
+)
 
 STALLS: list[dict[str, Any]] = [{
     "media_id": "ex-squat-01", "view_id": "v-1",
@@ -170,3 +179,44 @@ def test_plot_main_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_plot_main_missing_blob(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert plot_main(tmp_path / "nope.bin.gz", tmp_path / "x.png", None) == 1
     assert "cannot read" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("kind", "label"), [
+    ("squat", "knee flexion (0° = leg straight)"),
+    ("bicep_curl", "elbow flexion (0° = arm straight)"),
+    ("lateral_raise", "shoulder abduction (0° = arm at side)"),
+])
+def test_angle_axis_in_the_clinical_convention(kind: str, label: str) -> None:
+    """The axis names the clinical angle, the traces and bars are in it, and the
+    bars are the rep records' own angle_min_deg/angle_max_deg."""
+    replay = read_replay(make_blob(kind))
+    fig = draw_session(replay)
+    ax = fig.axes[0]
+    assert ax.get_ylabel().startswith(label)
+    traces = [ln for ln in ax.get_lines() if ln.get_label().startswith(("left ", "right "))]
+    assert len(traces) == 2
+    rest = np.nanmedian(np.concatenate([np.asarray(ln.get_ydata(), float) for ln in traces]))
+    # most of a session is spent at rest: near 0°, not near 180° (the included angle)
+    assert 0.0 <= rest < 35.0, rest
+    reps = recompute(replay)["reps"]["reps"]
+    assert reps
+    bars = sorted((ln for ln in ax.get_lines()
+                   if ln.get_color() == ROM_COLOUR and len(ln.get_ydata()) == 2),
+                  key=lambda ln: float(ln.get_xdata()[0]))
+    assert [tuple(map(float, ln.get_ydata())) for ln in bars] == [
+        (r["angle_min_deg"], r["angle_max_deg"]) for r in reps]
+
+
+def test_encoding_is_in_the_subtitle_not_the_title() -> None:
+    fig = draw_session(read_replay(make_blob("squat")))
+    title, subtitle = (t.get_text() for t in fig.texts[:2])
+    assert title.startswith("Squat: ") and "encoding" not in title and "q16delta" not in title
+    assert "encoding q16delta" in subtitle
+    summary = recompute(read_replay(make_blob("squat")))["reps"]
+    assert (f"knee flexion {summary['angle_min_deg']:.0f}–{summary['angle_max_deg']:.0f}°"
+            in subtitle)
+    # the subtitle fits the figure, however many figures it carries
+    canvas = fig.canvas
+    canvas.draw()
+    extent = fig.texts[1].get_window_extent(renderer=canvas.get_renderer())  # type: ignore[attr-defined]
+    assert extent.x1 <= 0.985 * fig.get_figwidth() * fig.dpi
