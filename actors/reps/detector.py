@@ -110,6 +110,7 @@ class SideDetector:
         "state", "b", "t_low", "n_acc", "v_acc", "shallow_amp",
         "start", "tr_enter", "P", "p_ref", "t_pf", "t_pl",
         "m", "m_ref", "tm", "t_exit", "tr_exit", "t_cross", "tr_last",
+        "q1", "q2", "z", "zb", "zP", "zm", "sync",
     )
 
     def __init__(self, profile: Profile, side: str) -> None:
@@ -132,11 +133,44 @@ class SideDetector:
         self.tr_enter = self.tr_exit = self.tr_last = math.nan
         self.m = self.m_ref = self.tm = self.t_exit = 0.0
         self.t_cross = -1.0
+        # the reported channel (the joint angle) when counting follows another one:
+        # its filter (q1, q2, z) and its rest, peak and return low (zb, zP, zm)
+        self.q1 = self.q2 = self.z = self.zP = self.zm = 0.0
+        self.zb = math.inf
+        self.sync = True  # the two channels have been the same so far
 
     def process(
-        self, ts: list[float], xs: list[float], vs: list[float], trs: list[float]
+        self, ts: list[float], xs: list[float], vs: list[float], trs: list[float],
+        ds: list[float] | None = None, ws: list[float] | None = None,
     ) -> list[tuple]:
-        """Run the filter and state machine over a batch of valid frames."""
+        """Run the filter and state machine over a batch of valid frames.
+
+        With ``ds`` (the hip-drop angle, direction-adjusted like ``xs``) and ``ws``
+        (its weight, ``hipdrop.ViewEstimate``: 1 in front and rear views),
+        excursions are found on ``xs + w * ds``, while the range of motion
+        reported stays that of ``xs``. As long as every weight is 0 (side and
+        oblique views) the result is exactly that without them.
+        """
+        if ds is None or ws is None:
+            return self._process(ts, xs, vs, trs, None)
+        cs = []
+        mixed = False
+        for x, d, w in zip(xs, ds, ws, strict=True):
+            if w > 0.0 and d == d:
+                cs.append(x + w * d)
+                mixed = True
+            else:
+                cs.append(x)
+        if not mixed and self.sync:
+            # never blended so far: both channels are the same, nothing to keep apart
+            return self._process(ts, xs, vs, trs, None)
+        self.sync = False
+        return self._process(ts, cs, vs, trs, xs)
+
+    def _process(self, ts: list[float], xs: list[float], vs: list[float], trs: list[float],
+                 zs: list[float] | None) -> list[tuple]:
+        """The filter and state machine on ``xs``; ``zs``, when given, is the channel
+        whose range is reported, filtered alike and read at the same moments."""
         ev: list[tuple] = []
         t_last, r1, r2, y, dt_nom = self.t_last, self.r1, self.r2, self.y, self.dt_nom
         noise, n_filt, n_noise = self.noise, self.n_filt, self.n_noise
@@ -148,13 +182,24 @@ class SideDetector:
         band, enter = BAND_FRAC * R, ENTER_FRAC * R
         tol, rerise = NEAR_PEAK_FRAC * R, RERISE_FRAC * R
         tau, max_gap = TAU_MS, MAX_GAP_MS
-        for t, r, v, tr in zip(ts, xs, vs, trs, strict=True):
+        sep = zs is not None
+        q1, q2, z, zb, zP, zm = self.q1, self.q2, self.z, self.zb, self.zP, self.zm
+        for t, r, v, tr, q in zip(ts, xs, vs, trs, zs if sep else xs, strict=True):
             dt = t - t_last
             t_last = t
             if dt > max_gap:  # too long a gap: the filters restart from this sample
                 r1 = r2 = y = r
+                q1 = q2 = z = q
                 n_filt = 0
             else:
+                if sep:  # the reported channel: the same median and low-pass
+                    if q1 <= q2:
+                        qm = q1 if q < q1 else (q2 if q > q2 else q)
+                    else:
+                        qm = q2 if q < q2 else (q1 if q > q1 else q)
+                    q2 = q1
+                    q1 = q
+                    z += dt * (qm - z) / (tau + dt)
                 if r1 <= r2:
                     med = r1 if r < r1 else (r2 if r > r2 else r)
                 else:
@@ -180,6 +225,8 @@ class SideDetector:
             if state == IDLE:
                 if x < b:
                     b = x
+                if sep and z < zb:
+                    zb = z
                 if x <= b + band:
                     t_low = t
                     n_acc, v_acc = 1, v
@@ -187,8 +234,11 @@ class SideDetector:
                     state = ACTIVE
                     self.start, self.tr_enter = t_low, tr
                     P, p_ref, t_pf, t_pl = x, x, t, t
+                    zP = z
                     ev.append((t, ENTER, t_low))
             elif state == ACTIVE:
+                if sep and z > zP:
+                    zP = z
                 if x > P:
                     P = x
                     if x > p_ref + tol:  # clearly further out: the peak is not reached yet
@@ -198,21 +248,28 @@ class SideDetector:
                 if x <= b + EXIT_FRAC * (P - b):
                     state = RETURNING
                     m, m_ref, tm, t_exit, t_cross = x, x, t, t, -1.0
+                    zm = z
                     self.tr_exit = tr
                 elif self.n_counted == 0 and t - t_pf > STALE_MS:
                     # no progress for a while before anything was counted: the "rest" we
                     # started from was a passing dip, this plateau is the real rest
                     ev.append((t, DONE, self._rep(t, t, P, b, x, n_acc, v_acc, t_pf, t_pl,
-                                                  dt_nom, noise, "stalled")))
+                                                  dt_nom, noise, "stalled",
+                                                  zP if sep else P, zb if sep else b)))
                     state, b, t_low = IDLE, x, t
+                    zb = z
                     n_acc, v_acc = 1, v
                 elif t - self.start > self.max_ms:
                     # stuck away from rest, e.g. the patient changed position: start over
                     ev.append((t, DONE, self._rep(t, t, P, b, x, n_acc, v_acc, t_pf, t_pl,
-                                                  dt_nom, noise, "too long")))
+                                                  dt_nom, noise, "too long",
+                                                  zP if sep else P, zb if sep else b)))
                     state, b, t_low = IDLE, x, t
+                    zb = z
                     n_acc, v_acc = 1, v
             else:
+                if sep and z < zm:
+                    zm = z
                 if x < m:
                     m = x
                     if x < m_ref - tol:  # still clearly sinking back
@@ -227,13 +284,15 @@ class SideDetector:
                     done = True
                 if done:
                     end = t_cross if t_cross >= 0.0 else tm
-                    rep = self._rep(end, t, P, b, m, n_acc, v_acc, t_pf, t_pl, dt_nom, noise, "")
+                    rep = self._rep(end, t, P, b, m, n_acc, v_acc, t_pf, t_pl, dt_nom, noise, "",
+                                    zP if sep else P, zb if sep else b)
                     ev.append((t, DONE, rep))
                     if rep.counted:
                         R = self.R
                         band, enter = BAND_FRAC * R, ENTER_FRAC * R
                         tol, rerise = NEAR_PEAK_FRAC * R, RERISE_FRAC * R
                     state, b, t_low = IDLE, m, tm
+                    zb = zm
                     if x <= b + band:
                         t_low = t
                     n_acc, v_acc = 1, v
@@ -243,6 +302,9 @@ class SideDetector:
         self.n_acc, self.v_acc = n_acc, v_acc
         self.P, self.p_ref, self.t_pf, self.t_pl = P, p_ref, t_pf, t_pl
         self.m, self.m_ref, self.tm, self.t_exit, self.t_cross = m, m_ref, tm, t_exit, t_cross
+        if not sep:  # one channel: the reported one is the same
+            q1, q2, z, zb, zP, zm = r1, r2, y, b, P, m
+        self.q1, self.q2, self.z, self.zb, self.zP, self.zm = q1, q2, z, zb, zP, zm
         if trs:
             self.tr_last = trs[-1]
         return ev
@@ -285,13 +347,18 @@ class SideDetector:
             t_cross = t
         end = t_cross if t_cross >= 0.0 else tm
         rep = self._rep(end, t, P, b, m, self.n_acc, self.v_acc, self.t_pf, self.t_pl,
-                        self.dt_nom, self.noise, "")
+                        self.dt_nom, self.noise, "", self.zP, self.zb)
         return [(t, DONE, rep)]
 
     def _rep(self, end: float, t_done: float, P: float, b: float, m: float, n: int,
              v_sum: float, t_pf: float, t_pl: float, dt_nom: float, noise: float,
-             reason: str) -> SideRep:
-        """Judge a finished excursion, score its confidence and adapt the typical range."""
+             reason: str, zP: float, zb: float) -> SideRep:
+        """Judge a finished excursion, score its confidence and adapt the typical range.
+
+        The judgement is on the counted channel (``P``, ``b``, ``m``); the range
+        reported is the reported channel's, ``zP - zb`` (the same unless counting
+        follows the hip's drop, see ``process``).
+        """
         start = self.start
         amp = P - b
         dur = end - start
@@ -343,5 +410,5 @@ class SideDetector:
                 self.R += (R_GAIN_UP if amp > R else R_GAIN_DOWN) * (amp - R)
                 self.dur_typ += R_GAIN_DOWN * (dur - self.dur_typ)
             self.n_counted += 1
-        return SideRep(self.side, start, end, t_done, t_pf, t_pl, P, b, amp, mean_vis,
+        return SideRep(self.side, start, end, t_done, t_pf, t_pl, zP, zb, zP - zb, mean_vis,
                        coverage, confidence, counted, reason, noise)

@@ -11,6 +11,7 @@ import numpy as np
 from .angles import JOINTS, N_LANDMARKS, SPACES, batch_features, gather_index
 from .clinical import CONVENTION, angle_for
 from .detector import VIS_MIN
+from .hipdrop import FrontView, front_features
 from .motion import WalkGate
 from .profiles import Profile, fallback_profiles, profile_for
 from .rep import Rep, RepLog, build_rep
@@ -74,6 +75,9 @@ class RepEngine:
         self._trackers = [JointTracker(p, sides) for p in cands]
         self._profile: Profile | None = profile
         self._gate = (WalkGate() if profile is not None and profile.hips_still
+                      and space == "image" else None)
+        # filmed from the front the knee angle hardly moves: also follow the hip's drop
+        self._view = (FrontView() if profile is not None and profile.hip_drop
                       and space == "image" else None)
         # one angle column per (joint, side); candidates of the same joint share columns
         joints = list(dict.fromkeys(p.joint for p in cands))
@@ -144,6 +148,13 @@ class RepEngine:
         if self._need_neg:
             neg = (-ang).T.tolist()
         viss = vis.T.tolist()
+        front = None
+        if self._view is not None:  # hip-drop angle per side (direction-adjusted), its weight
+            height, seg, hip_w, trunk_len2 = front_features(f, self.aspect, VIS_MIN)
+            left, right, w = self._view.update(tl, height.tolist(), seg.tolist(),
+                                               hip_w.tolist(), trunk_len2.tolist())
+            sign = self._profile.direction
+            front = ([sign * (d - 180.0) for d in left], [sign * (d - 180.0) for d in right]), w
         all_ok = valid.all(axis=0).tolist()
         oks = None if all(all_ok) else valid.T.tolist()
         produced = []
@@ -152,12 +163,14 @@ class RepEngine:
             per_side = []
             for s in tr.sides:
                 k = self._col_of[(tr.profile.joint, s)]
+                seqs = (tl, xs_all[k], viss[k], trl)
+                if front is not None:
+                    seqs += (front[0][s], front[1])
                 if all_ok[k]:
-                    per_side.append((tl, xs_all[k], viss[k], trl))
+                    per_side.append(seqs)
                 else:
                     ok = oks[k]
-                    per_side.append(tuple(list(compress(seq, ok))
-                                          for seq in (tl, xs_all[k], viss[k], trl)))
+                    per_side.append(tuple(list(compress(seq, ok)) for seq in seqs))
             produced.append(tr.feed(per_side, t_end))
         return self._route(produced, t_end, final=False)
 

@@ -22,6 +22,8 @@ class Profile:
     (raises, sit-to-stand from seated, shoulder press from the shoulders).
     ``hips_still`` marks exercises done standing in place without the hips
     travelling: hips moving across the image then means walking, not exercise.
+    ``hip_drop`` marks lower-body exercises whose repetitions lower and raise the
+    hips: filmed from the front they are counted on the hip's drop (``hipdrop.py``).
     """
 
     kind: str
@@ -35,6 +37,7 @@ class Profile:
     description: str
     aliases: tuple[str, ...] = ()
     hips_still: bool = False
+    hip_drop: bool = False
 
     def __post_init__(self) -> None:
         if self.joint not in JOINTS:
@@ -48,20 +51,24 @@ class Profile:
 
 def _profile(kind: str, joint: str, direction: int, rom: float, min_ms: float,
              concentric_first: bool, rest: str, description: str, aliases: tuple[str, ...],
-             hips_still: bool = False, max_ms: float = 12000.0) -> Profile:
+             hips_still: bool = False, max_ms: float = 12000.0,
+             hip_drop: bool = False) -> Profile:
     return Profile(kind, joint, direction, rom, min_ms, max_ms, concentric_first, rest,
-                   description, aliases, hips_still)
+                   description, aliases, hips_still, hip_drop)
 
 
 # kind, joint, direction, typical patient ROM (deg), minimum rep duration (ms), ...
 PROFILES: dict[str, Profile] = {p.kind: p for p in (
     _profile("squat", "knee", -1, 80.0, 1000.0, False, "standing",
-             "knee flexion; down then up", ("squats", "bodyweight_squat", "mini_squat")),
+             "knee flexion; down then up", ("squats", "bodyweight_squat", "mini_squat"),
+             hip_drop=True),
     _profile("lunge", "knee", -1, 70.0, 1000.0, False, "split stance",
-             "knee flexion of both legs; down then up", ("lunges", "split_squat")),
+             "knee flexion of both legs; down then up", ("lunges", "split_squat"),
+             hip_drop=True),
     _profile("sit_to_stand", "knee", 1, 70.0, 1200.0, True, "seated",
              "knee extension from seated to standing and back",
-             ("sit_stand", "sts", "chair_stand", "sit_to_stands"), max_ms=15000.0),
+             ("sit_stand", "sts", "chair_stand", "sit_to_stands"), max_ms=15000.0,
+             hip_drop=True),
     _profile("hip_abduction", "hip", -1, 25.0, 600.0, True, "standing",
              "leg raised sideways (the trunk-thigh angle opens); one side at a time",
              ("standing_hip_abduction", "side_leg_raise", "hip_abductions"), hips_still=True),
