@@ -384,13 +384,11 @@ class Supervisor:
 
     async def _await_entry(self, entry: _Ended) -> dict[str, Any]:
         entry.backoff.kick()
-        if entry.summary is None and not entry.stored.is_set():
-            # Finalisation raised: nothing here will set ``stored`` before the next
-            # start, so waiting would only hold the request.
-            raise NotFinalised("the session's finalisation failed; it resumes when the "
-                               "service restarts", MAX_BACKOFF_S, recorded=entry.recorded)
-        with trio.move_on_after(self.end_wait_s):
-            await entry.stored.wait()
+        # No summary: finalisation raised, and nothing sets ``stored`` before the next
+        # start, so waiting would only hold the request.
+        if entry.summary is not None:
+            with trio.move_on_after(self.end_wait_s):
+                await entry.stored.wait()
         if entry.stored.is_set() and entry.summary is not None and not entry.failed:
             return entry.summary
         if entry.failed:

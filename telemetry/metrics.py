@@ -239,8 +239,6 @@ class SessionTotals:
     mailbox_depth: int = 0
     mailbox_depth_max: int = 0
     held: int = 0
-    # Batches the live sessions skipped after the gap timeout so far.
-    skipped: int = 0
 
 
 # Sessions summed between two checkpoints: a snapshot costs ~30 us, so a scrape of the
@@ -255,12 +253,11 @@ def _add(totals: list[int], actor: SessionActor) -> None:
     totals[1] += depth
     totals[2] = max(totals[2], depth)
     totals[3] += int(snap.get("held_out_of_order") or 0)
-    totals[4] += actor.skipped
 
 
 def session_totals(supervisor: Supervisor) -> SessionTotals:
     """Sum the live sessions' snapshots in one go."""
-    totals = [0, 0, 0, 0, 0]
+    totals = [0, 0, 0, 0]
     for actor in supervisor.live():
         _add(totals, actor)
     return SessionTotals(*totals)
@@ -270,7 +267,7 @@ async def session_totals_async(supervisor: Supervisor) -> SessionTotals:
     """:func:`session_totals`, letting other tasks run every
     :data:`SESSIONS_PER_CHECKPOINT` sessions (a session that ends meanwhile is
     still counted: a scrape is a moment, give or take)."""
-    totals = [0, 0, 0, 0, 0]
+    totals = [0, 0, 0, 0]
     for i, actor in enumerate(supervisor.live()):
         if i and i % SESSIONS_PER_CHECKPOINT == 0:
             await trio.lowlevel.checkpoint()

@@ -24,6 +24,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import trio
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
@@ -159,3 +160,21 @@ def make_event(org_id: str = "org-a", session_id: str = "s-1", *,
                  "profile": "squat", "fallback": False, "reps": rep_list},
         "media": views,
     }
+
+
+async def deliver_behind_a_poisoned_event(outbox: Any) -> None:
+    """The red team's scenario (finding 2) through ``outbox``: a summary with NUL in a
+    media error message (``org-x``/``s-bad``), then ``s-1`` of three other
+    organisations; the outbox runs until it holds nothing (10 s at most), then is
+    closed."""
+    poisoned = make_event("org-x", "s-bad")
+    poisoned["media"][0]["error_message"] = "\x00"
+    await outbox.publish(poisoned)
+    for org in ("org-a", "org-b", "org-c"):
+        await outbox.publish(make_event(org, "s-1"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(outbox.run)
+        with trio.fail_after(10):
+            while outbox.depth:  # noqa: ASYNC110 - polling a test's condition
+                await trio.sleep(0.01)
+        await outbox.aclose()

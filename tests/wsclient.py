@@ -153,3 +153,33 @@ class WsClient:
                 if isinstance(event, CloseConnection):
                     break
         await self._stream.aclose()
+
+
+# A masked client close frame (code 1000), as a browser sends when it gives up.
+CLOSE_FRAME = b"\x88\x82" + b"abcd" + bytes(a ^ b for a, b in zip(b"\x03\xe8", b"ab", strict=True))
+
+
+async def refused_handshake_then(port: int, after: bytes, *, read_first: bool,
+                                 path: str = "/v1/pose/stream") -> bytes:
+    """A WebSocket handshake with no token (which the server refuses), then ``after``
+    on the same connection, sent before or after reading the first answer bytes;
+    what the server sent back until it closed (or 0.3 s passed). Red-team finding 1:
+    this sequence made hypercorn answer twice, and the exception ended the server."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    received = b""
+    try:
+        await stream.send_all(
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        if read_first:
+            received += await stream.receive_some(65536)
+        await stream.send_all(after)
+        with trio.move_on_after(0.3):
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+    except trio.BrokenResourceError:
+        pass  # the server closed first: that is allowed
+    finally:
+        await stream.aclose()
+    return received

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,15 +22,17 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
-from storage.bus import BusError
+from storage.bus import BusError, EventRejected
 from storage.http_bus import HttpBus
+from storage.outbox import Outbox
 from storage.pg import Database
 from storage.sink import AggregateSink
 from telemetry.auth import mint_service_token, mint_session_token
 from telemetry.config import Settings
 from telemetry.sink_app import EVENTS_PATH, MAX_EVENT_BYTES, SINK_SCOPE, create_sink_app
 from tests.pg_fixtures import *  # noqa: F403  (until tests/conftest.py registers the plugin)
-from tests.pg_fixtures import make_event
+from tests.pg_fixtures import deliver_behind_a_poisoned_event, make_event
+from tests.wsclient import CLOSE_FRAME, refused_handshake_then
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -226,22 +230,6 @@ async def test_backoff_schedule_and_retry_classification(autojump_clock: trio.ab
     assert [r.headers["Authorization"] for _, r in seen] == [f"Bearer tok-{i}" for i in range(1, 6)]
 
 
-@pytest.mark.parametrize("status", [400, 401, 404, 409, 422])
-async def test_other_4xx_fail_at_once(status: int, autojump_clock: trio.abc.Clock) -> None:
-    calls = 0
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        nonlocal calls
-        calls += 1
-        return httpx.Response(status, json={"error": {"code": "x", "message": "no"}})
-
-    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-        b = HttpBus(url="http://sink/x", token_provider=lambda: "t", client=client)
-        with pytest.raises(BusError, match=f"HTTP {status}"):
-            await b.publish(make_event())
-    assert calls == 1
-
-
 async def test_unserialisable_event_is_refused_before_sending() -> None:
     b = HttpBus(url="http://127.0.0.1:9/x", token_provider=lambda: "t")
     try:
@@ -278,19 +266,8 @@ async def test_sink_as_its_own_process(settings: Settings, pg_url: str, private_
         # client bytes ended a plain hypercorn server; the sink must go on.
         port = int(url.split(":")[2].split("/")[0])
         for _ in range(5):
-            stream = await trio.open_tcp_stream("127.0.0.1", port)
-            await stream.send_all(
-                f"GET {EVENTS_PATH} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n".encode())
-            await stream.send_all(b"\x88\x82abcdbj")
-            with trio.move_on_after(0.3):
-                try:
-                    while await stream.receive_some(65536):
-                        pass
-                except trio.BrokenResourceError:
-                    pass
-            await stream.aclose()
+            await refused_handshake_then(port, CLOSE_FRAME, read_first=False,
+                                         path=EVENTS_PATH)
         assert proc.returncode is None, "the sink exited"
         b = bus(settings, url)
         try:
@@ -303,3 +280,75 @@ async def test_sink_as_its_own_process(settings: Settings, pg_url: str, private_
     assert proc.returncode == 0
     rows = await AggregateSink(pg_db).session_rows("org-a")
     assert [r["session_id"] for r in rows] == ["s-x"]
+
+
+# -- red-team finding 2: the receiver refuses an event for good --------------------
+
+@pytest.mark.parametrize(("status", "final"), [(400, True), (413, True), (422, True),
+                                               (401, False), (403, False), (404, False),
+                                               (409, False)])
+async def test_refusals_of_the_event_are_final_other_4xx_are_not(
+        status: int, final: bool, autojump_clock: trio.abc.Clock) -> None:
+    """400/413/422 judge the event: EventRejected, which the outbox never retries.
+    401/403/404... are this sender's configuration (token, URL): a plain BusError the
+    outbox retries with backoff, so fixing the configuration delivers everything."""
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        return httpx.Response(status, json={"error": {"code": "x", "message": "no"}})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        b = HttpBus(url="http://sink/x", token_provider=lambda: "t", client=client)
+        with pytest.raises(BusError, match=f"HTTP {status}") as info:
+            await b.publish(make_event())
+    assert isinstance(info.value, EventRejected) is final
+    assert calls == 1
+
+
+@pytest.mark.parametrize(("path", "text", "field"), [
+    (("media", 0, "error_message"), "\x00", "media[0].error_message"),
+    (("media", 0, "error_message"), "\ud800", "media[0].error_message"),
+    (("patient_id",), "p\ud800", "patient_id"),
+])
+async def test_unstorable_text_is_refused_once_by_the_sink(
+        settings: Settings, pg_db: Database, path: tuple, text: str, field: str) -> None:
+    """Before the fix: NUL in JSONB was a 400 the outbox retried 50 times; a lone
+    surrogate in a text column was a UnicodeEncodeError, a 500 retried 6 times per
+    attempt. Now both are one 400 naming the field, final for the sender."""
+    sink = FlakySink(pg_db)
+    event = make_event()
+    target = event
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = text
+    async with serving(settings, sink) as url:
+        b = bus(settings, url)
+        try:
+            expected = rf"HTTP 400: .*{re.escape(field)}: contains NUL"
+            with pytest.raises(EventRejected, match=expected):
+                await b.publish(event)
+        finally:
+            await b.aclose()
+    assert (sink.calls, b.retries) == (1, 0)
+    assert await sink.session_rows("org-a") == []
+
+
+async def test_outbox_sets_a_refused_event_aside_and_delivers_the_rest(
+        settings: Settings, pg_db: Database, tmp_path: Path) -> None:
+    """The red team's measurement, reversed: the poisoned summary goes to dead/ at its
+    first 400, and the three other organisations' summaries behind it are stored at
+    once (before: depth stayed 4 for 60 s and more)."""
+    sink = FlakySink(pg_db)
+    async with serving(settings, sink) as url:
+        outbox = Outbox(tmp_path / "outbox", bus(settings, url))
+        await deliver_behind_a_poisoned_event(outbox)
+    assert outbox.stats() == {"delivered": 3, "failures": 1, "rejected": 1, "dead": 1,
+                              "corrupt": 0, "depth": 0}
+    (dead,) = (tmp_path / "outbox" / "dead").iterdir()
+    doc = json.loads(dead.read_bytes())
+    assert doc["attempts"] == 1 and "media[0].error_message" in doc["last_error"]
+    assert sink.calls == 4
+    for org in ("org-a", "org-b", "org-c"):
+        assert [r["session_id"] for r in await sink.session_rows(org)] == ["s-1"]

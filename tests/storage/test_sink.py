@@ -18,7 +18,7 @@ from storage.outbox import Outbox
 from storage.pg import Database
 from storage.sink import AggregateSink, SinkEventError, parse_event
 from tests.pg_fixtures import *  # noqa: F403  (until tests/conftest.py registers the plugin)
-from tests.pg_fixtures import make_event
+from tests.pg_fixtures import deliver_behind_a_poisoned_event, make_event
 
 TABLES = ("pose_session_metrics", "pose_rep_metrics", "media_session_metrics",
           "media_buffering_events")
@@ -331,17 +331,7 @@ async def test_poisoned_session_is_set_aside_at_once_others_stored(
     bus = InProcessBus()
     bus.subscribe(sink.handle)
     outbox = Outbox(tmp_path / "outbox", bus)
-    poisoned = make_event("org-x", "s-bad")
-    poisoned["media"][0]["error_message"] = "\x00"
-    await outbox.publish(poisoned)
-    for org in ("org-a", "org-b", "org-c"):
-        await outbox.publish(make_event(org, "s-1"))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(outbox.run)
-        with trio.fail_after(10):
-            while outbox.depth:  # noqa: ASYNC110 - polling a test's condition
-                await trio.sleep(0.01)
-        nursery.cancel_scope.cancel()
+    await deliver_behind_a_poisoned_event(outbox)
     assert outbox.stats()["rejected"] == outbox.stats()["dead"] == 1
     assert outbox.stats()["delivered"] == 3 and outbox.stats()["failures"] == 1
     (dead,) = (tmp_path / "outbox" / "dead").iterdir()

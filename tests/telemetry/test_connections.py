@@ -21,14 +21,7 @@ from telemetry.server import GRACEFUL_TIMEOUT_S
 from telemetry.wire import CONTENT_TYPE
 from tests.conftest import batch_body, session_token
 from tests.service import Running, running_service
-from tests.wsclient import WsClient, WsClosed
-
-UNAUTHENTICATED_HANDSHAKE = (
-    b"GET /v1/pose/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-    b"Sec-WebSocket-Version: 13\r\n\r\n")
-# A masked client close frame (code 1000), as a browser sends when it gives up.
-CLOSE_FRAME = b"\x88\x82" + b"abcd" + bytes(a ^ b for a, b in zip(b"\x03\xe8", b"ab", strict=True))
+from tests.wsclient import CLOSE_FRAME, WsClient, WsClosed, refused_handshake_then
 
 
 def metric(svc: Running, name: str, **labels: str) -> float:
@@ -43,26 +36,6 @@ async def post_batch(svc: Running, seq: int) -> int:
     return r.status_code
 
 
-async def refused_then(port: int, after: bytes, *, read_first: bool) -> bytes:
-    """An unauthenticated stream handshake, then ``after`` on the same connection;
-    what the server sent back until it closed (or 0.3 s passed)."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    received = b""
-    try:
-        await stream.send_all(UNAUTHENTICATED_HANDSHAKE)
-        if read_first:
-            received += await stream.receive_some(65536)
-        await stream.send_all(after)
-        with trio.move_on_after(0.3):
-            while chunk := await stream.receive_some(65536):
-                received += chunk
-    except trio.BrokenResourceError:
-        pass  # the server closed first: that is allowed
-    finally:
-        await stream.aclose()
-    return received
-
-
 async def test_bytes_after_a_refused_handshake_get_one_answer_and_the_server_goes_on(
         settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
     # Red-team finding 1: hypercorn answered a second time, h11 raised, and the
@@ -75,7 +48,7 @@ async def test_bytes_after_a_refused_handshake_get_one_answer_and_the_server_goe
         sequences += [(rng.randbytes(rng.randint(1, 300)), rng.random() < 0.5)
                       for _ in range(30)]
         for after, read_first in sequences:
-            answer = await refused_then(svc.port, after, read_first=read_first)
+            answer = await refused_handshake_then(svc.port, after, read_first=read_first)
             # The app's 401, or hypercorn's 400 when the bytes came first: one answer.
             assert answer == b"" or answer.startswith((b"HTTP/1.1 401", b"HTTP/1.1 400"))
             assert answer.count(b"HTTP/1.1 ") <= 1, answer
