@@ -19,6 +19,7 @@ COPY pyproject.toml constraints.txt ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt \
  && pip install --prefix=/install -c constraints.txt -r requirements.txt
 # Then the source, installed without touching the dependencies resolved above.
+COPY domain ./domain
 COPY telemetry ./telemetry
 COPY actors ./actors
 COPY storage ./storage

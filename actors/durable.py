@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from telemetry.auth import Exercise, SessionClaims
+from domain.claims import Exercise, SessionClaims
 
 START, POSE, MEDIA = 1, 2, 3
 

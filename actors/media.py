@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors.media_correlate import MediaTracker, MediaTrackerError, pose_during_stalls, sink_view
-from telemetry.media_wire import MediaEvent
+from domain.media_batch import MediaEvent
 
 __all__ = ["MediaTracker", "MediaTrackerError", "MediaView", "pose_during_stalls", "sink_view"]
 

@@ -15,7 +15,7 @@ import datetime as dt
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from telemetry.media_wire import MediaBatch
+from domain.media_batch import MediaBatch
 
 if TYPE_CHECKING:
     from actors.media import MediaView

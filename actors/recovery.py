@@ -28,9 +28,9 @@ import trio
 
 from actors.durable import MEDIA, POSE, START, decode_claims
 from actors.media_correlate import MediaTrackerError
+from domain.media_batch import decode_media_batch
+from domain.pose_batch import decode_batch
 from storage.spool import Spool
-from telemetry.media_wire import decode_media_batch
-from telemetry.wire import decode_batch
 
 if TYPE_CHECKING:
     from actors.session import SessionActor

@@ -46,14 +46,14 @@ from actors.reps import RepEngine
 from actors.sequencer import Sequencer, Verdict
 from actors.summary import build_summary
 from actors.summary import iso_time as _iso
+from domain.claims import SessionClaims
+from domain.media_batch import MediaBatch
+from domain.pose_batch import PoseBatch
 from storage.blobs import BlobStore
 from storage.bus import Bus
 from storage.replay import ReplayWriter
 from storage.spool import Spool
-from telemetry.auth import SessionClaims
 from telemetry.config import Settings
-from telemetry.media_wire import MediaBatch
-from telemetry.wire import PoseBatch
 
 log = logging.getLogger("telemetry.actor")
 

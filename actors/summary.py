@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from actors.pose_stats import PoseStats
-from telemetry.auth import SessionClaims
+from domain.claims import SessionClaims
 
 EVENT_TYPE = "telemetry.session.ended"
 SCHEMA = 1

@@ -36,14 +36,14 @@ from actors.recovery import RecoveryReport, recover
 from actors.sequencer import Verdict
 from actors.session import Offer, SessionActor, SessionEnded, SessionEnding
 from actors.summary import build_summary
+from domain.claims import SessionClaims
+from domain.media_batch import MediaBatch
+from domain.pose_batch import PoseBatch
+from domain.privacy import Pseudonymiser
 from storage.blobs import BlobStore, blob_key
 from storage.bus import Bus
 from storage.spool import Spool
-from telemetry.auth import SessionClaims
 from telemetry.config import Settings
-from telemetry.media_wire import MediaBatch
-from telemetry.privacy import Pseudonymiser
-from telemetry.wire import PoseBatch
 
 log = logging.getLogger("telemetry.supervisor")
 

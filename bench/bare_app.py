@@ -11,7 +11,7 @@ Both also serve the WebSocket transport, ``/v1/pose/stream``: the handshake is
 accepted whatever its headers, and each binary message (one batch, as the POST
 body) is answered with the service's accepted ack, byte for byte
 (``{"seq":N,"status":202,"duplicate":false}``), N read from the batch header (u32 at offset 8,
-``telemetry/wire.py``). A text message from the client is closed with 1003, as
+``domain/pose_batch.py``). A text message from the client is closed with 1003, as
 the service does. quart-trio through its ``@app.websocket`` route; raw ASGI
 through the ``websocket`` scope directly.
 

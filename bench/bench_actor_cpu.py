@@ -16,10 +16,10 @@ What the actor does per acknowledged batch (``actors/session.py`` ``_apply``)::
     reps.feed(batch.t_ms.astype("float64"), frames)
 
 Batches are realistic, as in ``bench/loadgen.py``: synthetic sessions
-(:func:`actors.synthetic.generate`, one per exercise of the demo) split into
-1-second batches by :func:`telemetry.demo.batches_of` (about 2% of frames
+(:func:`telemetry.dev.synthetic.generate`, one per exercise of the demo) split into
+1-second batches by :func:`telemetry.dev.demo.batches_of` (about 2% of frames
 dropped in transit, some all-NaN frames) and decoded by
-:func:`telemetry.wire.decode_batch`, so every array has the dtype and layout
+:func:`domain.pose_batch.decode_batch`, so every array has the dtype and layout
 the actor receives. All of that happens before timing starts.
 
 Stages (each figure is CPU microseconds of this process per batch, so time
@@ -56,11 +56,11 @@ if __package__ in (None, ""):  # allow `python bench/bench_actor_cpu.py`
 
 from actors.pose_stats import PoseStats  # noqa: E402
 from actors.reps import RepEngine  # noqa: E402
-from actors.synthetic import generate  # noqa: E402
+from domain.pose_batch import PoseBatch, decode_batch  # noqa: E402
 from storage import replay as replay_mod  # noqa: E402
 from storage.replay import ReplayWriter  # noqa: E402
-from telemetry.demo import EXERCISES, batches_of  # noqa: E402
-from telemetry.wire import PoseBatch, decode_batch  # noqa: E402
+from telemetry.dev.demo import EXERCISES, batches_of  # noqa: E402
+from telemetry.dev.synthetic import generate  # noqa: E402
 
 ASPECT = 1280 / 720
 

@@ -10,7 +10,7 @@ Each round starts ``telemetry serve`` twice as a child process, ``TELEMETRY_SPOO
 then ``off`` (the order alternates between rounds so drift on a shared machine does
 not favour one), each on a fresh data directory under ``--dir``. A closed-loop load
 of ``--sessions`` simulated patients, each sending ``--batches`` realistic one-second
-pose batches (``actors.synthetic`` + ``telemetry.demo.batches_of``, ~30 frames, ~16 KB)
+pose batches (``telemetry.dev.synthetic`` + ``telemetry.dev.demo.batches_of``, ~30 frames, ~16 KB)
 in order and as fast as they are answered, runs through ``--concurrency`` workers
 (httpx ``AsyncClient`` under Trio, one pooled connection per worker; ``--client raw``:
 a hand-written HTTP/1.1 client, one connection per worker). The rate and
@@ -47,11 +47,11 @@ import trio
 if __package__ in (None, ""):  # allow `python bench/bench_durability.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actors.synthetic import generate  # noqa: E402
+from domain.pose_batch import CONTENT_TYPE  # noqa: E402
 from telemetry.auth import mint_session_token  # noqa: E402
 from telemetry.config import Settings  # noqa: E402
-from telemetry.demo import batches_of  # noqa: E402
-from telemetry.wire import CONTENT_TYPE  # noqa: E402
+from telemetry.dev.demo import batches_of  # noqa: E402
+from telemetry.dev.synthetic import generate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

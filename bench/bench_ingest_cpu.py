@@ -1,6 +1,6 @@
 """CPU per ingested pose batch, for the two fixed costs on the ingest path: the
 session-token check (``TokenVerifier.verify_session``) and the batch decoder
-(``telemetry.wire.decode_batch``).
+(``domain.pose_batch.decode_batch``).
 
 Run from the repository root (about 10 s)::
 
@@ -11,11 +11,11 @@ Run from the repository root (about 10 s)::
   full signature and claims check: the verified-token cache is emptied before every
   call) and *cached* (the same token again, as a session sending one batch a second
   does).
-* **decode_batch**: realistic 1-second batches (``actors.synthetic.generate`` split
-  by ``telemetry.demo.batches_of``, as ``bench/loadgen.make_pool`` builds them: about
+* **decode_batch**: realistic 1-second batches (``telemetry.dev.synthetic.generate`` split
+  by ``telemetry.dev.demo.batches_of``, as ``bench/loadgen.make_pool`` builds them: about
   30 frames, 2% dropped in transit, some all-NaN frames), each decoded and validated.
 
-  With ``--against REV``, ``telemetry/wire.py`` as of git revision ``REV`` is timed
+  With ``--against REV``, ``domain/pose_batch.py`` as of git revision ``REV`` is timed
   too, in alternating rounds on the same batches (its ``decode_batch`` only: the
   module is loaded from ``git show``, nothing is checked out).
 
@@ -39,9 +39,9 @@ if __package__ in (None, ""):  # allow `python bench/bench_ingest_cpu.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.loadgen import make_pool  # noqa: E402
+from domain.pose_batch import decode_batch  # noqa: E402
 from telemetry.auth import TokenVerifier, mint_session_token  # noqa: E402
 from telemetry.config import Settings  # noqa: E402
-from telemetry.wire import decode_batch  # noqa: E402
 
 
 def rounds_us(fn: Callable[[], object], calls: int, rounds: int) -> tuple[float, float]:
@@ -79,13 +79,13 @@ def bench_verify(rounds: int) -> None:
 
 
 def wire_at(rev: str) -> types.ModuleType:
-    """``telemetry/wire.py`` as of git revision ``rev``, as a module of its own."""
+    """``domain/pose_batch.py`` as of git revision ``rev``, as a module of its own."""
     root = Path(__file__).resolve().parents[1]
-    src = subprocess.run(["git", "show", f"{rev}:telemetry/wire.py"], cwd=root, check=True,
+    src = subprocess.run(["git", "show", f"{rev}:domain/pose_batch.py"], cwd=root, check=True,
                          capture_output=True, text=True).stdout
     mod = types.ModuleType(f"wire_at_{rev}")
     sys.modules[mod.__name__] = mod
-    exec(compile(src, f"{rev}:telemetry/wire.py", "exec"), mod.__dict__)
+    exec(compile(src, f"{rev}:domain/pose_batch.py", "exec"), mod.__dict__)
     return mod
 
 
@@ -119,7 +119,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--only", choices=["verify", "decode"])
     ap.add_argument("--against", metavar="REV",
-                    help="also time decode_batch of telemetry/wire.py at this git revision")
+                    help="also time decode_batch of domain/pose_batch.py at this git revision")
     args = ap.parse_args()
     if args.only in (None, "verify"):
         bench_verify(args.rounds)

@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # allow `python bench/bench_reps.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.reps import RepEngine  # noqa: E402
-from actors.synthetic import KINDS, generate  # noqa: E402
+from telemetry.dev.synthetic import KINDS, generate  # noqa: E402
 
 
 def time_sessions(sessions: list, kind: str | None, space: str, batch: int) -> list[float]:

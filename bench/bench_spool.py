@@ -19,7 +19,7 @@ Modes: the :class:`~storage.spool.Spool` (group commit, ``fsync_threads`` 4, or
 record in its own worker-thread call (open, append, fsync, close; plus a directory
 fsync for a new file) under a limiter of the same size; each without compression
 (``append(..., compress=False)``) and with the spool's default zlib level 1.
-Payloads are real pose batches (``telemetry.wire``) from the synthetic
+Payloads are real pose batches (``domain.pose_batch``) from the synthetic
 generator, so compression sees realistic data. Latency is from calling
 ``append`` to its return. Figures are from one run on a shared machine: rerun to
 see the spread.
@@ -43,9 +43,9 @@ import trio
 if __package__ in (None, ""):  # allow `python bench/bench_spool.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actors.synthetic import generate  # noqa: E402
+from domain.pose_batch import encode_batch  # noqa: E402
 from storage.spool import Spool, encode_record, fsync_dir  # noqa: E402
-from telemetry.wire import encode_batch  # noqa: E402
+from telemetry.dev.synthetic import generate  # noqa: E402
 
 Append = Callable[[str, int, bytes], Awaitable[None]]
 

@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # allow `python bench/eval_reps.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.reps import PROFILES, RepEngine  # noqa: E402
-from actors.synthetic import KINDS, generate  # noqa: E402
+from telemetry.dev.synthetic import KINDS, generate  # noqa: E402
 from tests.data import LOWER_BODY, PUSHUP  # noqa: E402
 
 REAL_DIR = PUSHUP

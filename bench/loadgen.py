@@ -15,8 +15,8 @@ ended over HTTP as with the other transport. Either way that costs a fraction of
 what httpx or a full client library would per batch, so the generator is not what
 limits the figures (``bench/load.py`` measures its CPU to show it).
 
-Batches are realistic: a pool of synthetic sessions (:func:`actors.synthetic.generate`,
-split into 1-second batches by :func:`telemetry.demo.batches_of`, so about 2% of the
+Batches are realistic: a pool of synthetic sessions (:func:`telemetry.dev.synthetic.generate`,
+split into 1-second batches by :func:`telemetry.dev.demo.batches_of`, so about 2% of the
 frames are dropped in transit and some frames are all-NaN) is made once; each
 simulated session streams one pool session's batches in order, wrapping around,
 with the sequence number and the timestamps rewritten in place (one ``pack_into``
@@ -68,12 +68,12 @@ import trio
 if __package__ in (None, ""):  # allow `python bench/loadgen.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actors.synthetic import generate  # noqa: E402
 from bench.loadws import TRANSPORT_ERRORS, Event, WsConn, WsRefused, int_after  # noqa: E402
+from domain.pose_batch import CONTENT_TYPE, FRAME_BYTES, HEADER  # noqa: E402
 from telemetry.auth import mint_session_token  # noqa: E402
 from telemetry.config import Settings  # noqa: E402
-from telemetry.demo import EXERCISES, batches_of  # noqa: E402
-from telemetry.wire import CONTENT_TYPE, FRAME_BYTES, HEADER  # noqa: E402
+from telemetry.dev.demo import EXERCISES, batches_of  # noqa: E402
+from telemetry.dev.synthetic import generate  # noqa: E402
 
 HOST = "127.0.0.1"
 RETRIES = 3

@@ -183,7 +183,7 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("actor: rep engine", ("RepEngine.", "(actors/reps/")),
     ("actor: pose stats", ("PoseStats.", "(actors/pose_stats.py)")),
     ("handler: JWT verification", ("verify_session", "(jwt/", "(telemetry/auth.py)")),
-    ("handler: decode + validate batch", ("(telemetry/wire.py)",)),
+    ("handler: decode + validate batch", ("(domain/pose_batch.py)",)),
     ("handler: spool append (await)", ("Supervisor.submit", "Spool.append",
                                         "SessionActor.persist")),
     ("handler: metrics, request id, access log", (

@@ -4,19 +4,19 @@
 The design's CI guard (``cmd/check-telemetry-bounds``): the Telemetry API's HTTP
 layer must not import the Postgres or S3 drivers, nor the storage implementations,
 directly; it uses the swap-point interfaces (``storage.blobs.BlobStore``,
-``storage.bus.Bus``) and the factory ``storage.wiring``, which picks an
+``storage.bus.Bus``) and the factory ``telemetry.wiring``, which picks an
 implementation from configuration.
 
 Checked modules (the HTTP layer of the Telemetry API):
 ``telemetry/app.py`` (the handlers), ``telemetry/server.py`` (their host),
-``telemetry/errors.py``, ``telemetry/wire.py``, ``telemetry/media_wire.py``,
-``telemetry/connection_close.py``, ``telemetry/auth.py``, ``telemetry/privacy.py``,
+``telemetry/errors.py``, ``domain/pose_batch.py``, ``domain/media_batch.py``,
+``telemetry/connection_close.py``, ``telemetry/auth.py``, ``domain/privacy.py``,
 ``telemetry/tls.py``.
 
 Not checked, on purpose: ``telemetry/sink_app.py`` is the Core API side's bus
 receiver (writing Postgres under RLS is its job, see docs/postgres.md), and
 ``telemetry/cli.py``/``demo.py`` are tools that build storage through
-``storage.wiring``.
+``telemetry.wiring``.
 
 Two rules, both AST-based (no module is imported or executed):
 
@@ -28,7 +28,7 @@ Two rules, both AST-based (no module is imported or executed):
    *module-level* imports of first-party modules (``telemetry``, ``actors``,
    ``storage``), so a handler cannot launder a driver import through a helper.
    Imports inside functions are deferred and belong to the factory
-   (``storage.wiring`` imports ``storage.s3`` lazily), so they are not followed.
+   (``telemetry.wiring`` imports ``storage.s3`` lazily), so they are not followed.
 
 Usage: ``python scripts/check_bounds.py [--root DIR] [FILE ...]`` (files relative to
 the root; default the list above). Exit 0 when clean; exit 1 listing every
@@ -48,11 +48,11 @@ HTTP_LAYER = (
     "telemetry/app.py",
     "telemetry/server.py",
     "telemetry/errors.py",
-    "telemetry/wire.py",
-    "telemetry/media_wire.py",
+    "domain/pose_batch.py",
+    "domain/media_batch.py",
     "telemetry/connection_close.py",
     "telemetry/auth.py",
-    "telemetry/privacy.py",
+    "domain/privacy.py",
     "telemetry/tls.py",
 )
 # Drivers and SDKs: a match on the top-level package name.
@@ -188,7 +188,7 @@ def check(root: Path, files: list[str]) -> list[Violation]:
                 reported.add((shown, imp.line))
                 violations.append(Violation(
                     shown, imp.line, f"imports {imp.module} directly; HTTP handlers use the "
-                    "storage interfaces (storage.blobs, storage.bus, storage.wiring)"))
+                    "storage interfaces (storage.blobs, storage.bus, telemetry.wiring)"))
         # transitive, through module-level first-party imports; chain = (line, names)
         seen: set[Path] = {path}
         queue: list[tuple[Path, int, tuple[str, ...]]] = [(path, 0, ())]

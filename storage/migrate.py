@@ -30,7 +30,6 @@ import psycopg
 import trio
 
 from storage.pg import Database
-from telemetry.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -176,14 +175,14 @@ async def run_partition_maintenance(
             delay = interval_s
 
 
-async def migrate_main(settings: Settings, *, database_url: str | None = None) -> None:
+async def migrate_main(data_dir: Path, *, database_url: str | None = None) -> None:
     """``telemetry migrate``: apply migrations and create partitions, then exit.
 
     Uses ``database_url``, else ``$DATABASE_URL``, else the embedded server in
-    ``settings.data_dir`` (started for the duration, then stopped).
+    ``data_dir`` (started for the duration, then stopped).
     """
     url = database_url or os.environ.get("DATABASE_URL") or None
-    db = await Database.open(database_url=url, data_dir=Path(settings.data_dir))
+    db = await Database.open(database_url=url, data_dir=data_dir)
     try:
         applied = await migrate(db)
         created = await ensure_partitions(db)

@@ -27,6 +27,8 @@ from werkzeug.exceptions import HTTPException
 from actors.media_correlate import MediaTrackerError
 from actors.session import SessionEnded
 from actors.supervisor import Supervisor
+from domain.media_batch import MediaBatchError, decode_media_batch
+from domain.privacy import Pseudonymiser, truncate_ip
 from storage.outbox import Outbox
 from telemetry import errors, logs
 from telemetry.auth import AuthError, SessionClaims, TokenVerifier, bearer_token, is_safe_id
@@ -34,14 +36,12 @@ from telemetry.config import Settings
 from telemetry.errors import ApiError
 from telemetry.ingest import admission_errors
 from telemetry.lean import LeanApp
-from telemetry.media_wire import MediaBatchError, decode_media_batch
 from telemetry.metrics import UNMATCHED, Metrics, StateCollector, StateSources, method_label
-from telemetry.privacy import Pseudonymiser, truncate_ip
 
 if TYPE_CHECKING:
     from storage.spool import Spool
-    from storage.wiring import Storage
     from telemetry.stream import PoseStream
+    from telemetry.wiring import Storage
 
 log = logging.getLogger("telemetry.http")
 

@@ -9,7 +9,7 @@ walks the list from the right, past the peer and every address inside a trusted
 network, and the first address outside them is the client. It rewrites the ASGI
 ``client`` once, so everything that reads the address (:func:`client_of`, Quart's
 ``request.remote_addr``) gets the same answer. The address is still only logged
-truncated (:func:`telemetry.privacy.truncate_ip`).
+truncated (:func:`domain.privacy.truncate_ip`).
 """
 
 from __future__ import annotations

@@ -57,6 +57,13 @@ import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from domain.claims import (
+    EXERCISE_KINDS_RE,
+    Exercise,
+    ServiceClaims,
+    SessionClaims,
+    is_safe_id,
+)
 from telemetry.config import ConfigError, Settings
 
 log = logging.getLogger("telemetry.auth")
@@ -67,8 +74,6 @@ MAX_AUTHORIZATION_BYTES = MAX_TOKEN_BYTES + 64
 SESSION_TYP = "telemetry-session"
 SERVICE_TYP = "telemetry-service"
 ADMIN_SCOPE = "telemetry:admin"
-EXERCISE_KINDS_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _KID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 # HMAC algorithm -> minimum secret length in bytes (the hash output size).
@@ -102,35 +107,6 @@ class KeyStoreError(ConfigError):
     """A keyset source is malformed or unsafe. The message names the source and the
     kid at fault, never any key material. A :class:`ConfigError`, so entry points
     that report bad configuration report this the same way."""
-
-
-@dataclass(frozen=True)
-class Exercise:
-    kind: str | None
-    side: str | None = None
-    target_reps: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "side": self.side, "target_reps": self.target_reps}
-
-
-@dataclass(frozen=True)
-class SessionClaims:
-    """What a verified session token grants: one session of one patient in one org."""
-
-    org_id: str
-    session_id: str
-    patient_id: str
-    biometric_consent: bool
-    analytics_consent: bool
-    exercise: Exercise
-    expires_at: float
-
-
-@dataclass(frozen=True)
-class ServiceClaims:
-    subject: str
-    scopes: frozenset[str]
 
 
 # -- the keyset --------------------------------------------------------------------
@@ -370,18 +346,6 @@ class KeyStore:
 
 
 # -- request helpers ---------------------------------------------------------------
-
-
-# The spool stores a session as "{org}/{session}.log" and ".state.json", and keeps
-# temp files as ".tmp": an id ending so could collide with those names.
-_RESERVED_ID_SUFFIXES = (".log", ".json", ".tmp")
-
-
-def is_safe_id(value: object) -> bool:
-    """Ids become object-store and spool path segments, so only a conservative charset
-    is allowed, without the spool's reserved file suffixes."""
-    return (isinstance(value, str) and bool(_ID_RE.match(value)) and ".." not in value
-            and not value.endswith(_RESERVED_ID_SUFFIXES))
 
 
 def bearer_token(headers: Mapping[str, str]) -> str:

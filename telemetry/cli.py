@@ -22,8 +22,8 @@ from telemetry.signals import set_on_signal
 
 
 async def _serve(settings: Settings) -> None:
-    from storage.wiring import open_storage
     from telemetry.server import serve
+    from telemetry.wiring import open_storage
 
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
@@ -56,7 +56,7 @@ async def _replay(settings: Settings, args: argparse.Namespace) -> int:
     from storage.replay import ReplayFormatError, read_replay
 
     if args.key:
-        from storage.wiring import open_blob_store
+        from telemetry.wiring import open_blob_store
 
         store = open_blob_store(settings)
         try:
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         logs.configure(settings.log_level)
         trio.run(_serve, settings)
     elif args.command == "demo":
-        from telemetry.demo import run_demo
+        from telemetry.dev.demo import run_demo
 
         logs.configure(os.environ.get("TELEMETRY_DEMO_LOG_LEVEL", "WARNING"))
         return trio.run(partial(run_demo, settings, args.patients, args.seconds, args.seed,
@@ -212,14 +212,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return trio.run(_replay, settings, args)
     elif args.command == "plot":
-        from telemetry.plot import plot_main  # lazily: `serve` never loads matplotlib
+        from telemetry.dev.plot import plot_main  # lazily: `serve` never loads matplotlib
 
         return plot_main(args.blob, args.output, args.event)
     elif args.command == "migrate":
         from storage.migrate import migrate_main
 
         logs.configure(settings.log_level)
-        trio.run(partial(migrate_main, settings, database_url=settings.database_url))
+        trio.run(partial(migrate_main, Path(settings.data_dir),
+                          database_url=settings.database_url))
     elif args.command == "sink":
         from telemetry.sink_app import run_sink
 

@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING
 from actors.sequencer import Verdict
 from actors.session import Offer, SessionEnding
 from actors.supervisor import NotFinalised, SupervisorClosed, TooManySessions
+from domain.pose_batch import BatchError, PoseBatch, decode_batch
+from domain.privacy import truncate_ip
 from storage.blobs import BlobStoreError
 from storage.spool import SpoolError, SpoolFull
 from telemetry import logs
 from telemetry.auth import AuthError, SessionClaims
 from telemetry.errors import ApiError
-from telemetry.privacy import truncate_ip
-from telemetry.wire import BatchError, PoseBatch, decode_batch
 
 if TYPE_CHECKING:
     from telemetry.app import AppState

@@ -30,13 +30,13 @@ from typing import Any
 import trio
 
 from actors.sequencer import Verdict
+from domain.pose_batch import CONTENT_TYPE
 from telemetry import logs
 from telemetry.asgi import HeaderMap, Receive, Scope, Send, client_of, headers_of
 from telemetry.auth import bearer_token
 from telemetry.errors import ApiError
 from telemetry.ingest import PoseIngest, refusal
 from telemetry.metrics import method_label
-from telemetry.wire import CONTENT_TYPE
 
 POSE_PATH = "/v1/pose/frames"
 STREAM_PATH = "/v1/pose/stream"

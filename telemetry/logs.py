@@ -1,7 +1,7 @@
 """Structured JSON logging: one object per line, extra fields carried through.
 
 Callers pass only pseudonymised identifiers in ``extra`` (see
-:mod:`telemetry.privacy`); this module adds nothing personal of its own.
+:mod:`domain.privacy`); this module adds nothing personal of its own.
 
 Every line written while an HTTP request is being handled also carries that
 request's ``request_id`` and, once the request's token has named a session, the
@@ -15,7 +15,7 @@ text nobody wrote for a log (an OSError names the spool file of ``org/session``,
 library puts a repr of its argument in its message), so :func:`format_exception`
 keeps the shape of a traceback -- the chain, exception groups, each frame's file,
 line and function -- but writes each message through
-:func:`telemetry.privacy.exception_text` and no source lines. An uncaught exception
+:func:`domain.privacy.exception_text` and no source lines. An uncaught exception
 that ends the process goes through the same formatter (:func:`configure` installs
 ``sys.excepthook``), not Python's default printout.
 """
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TextIO
 
-from telemetry.privacy import exception_text, redact, truncate_ip
+from domain.privacy import exception_text, redact, truncate_ip
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -151,7 +151,7 @@ _MAX_GROUP_DEPTH = 10
 def format_exception(exc: BaseException) -> str:
     """A traceback of ``exc`` that no identifier can reach: the chain (causes and
     contexts), exception groups, and each frame as file, line and function, but
-    every message through :func:`~telemetry.privacy.exception_text` and no source
+    every message through :func:`~domain.privacy.exception_text` and no source
     lines."""
     out: list[str] = []
     _render(exc, out, "", set(), 0)

@@ -21,7 +21,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
 from actors.supervisor import Supervisor
-from storage.wiring import Storage
+from domain.privacy import Pseudonymiser
 from telemetry.app import AppState, create_app
 from telemetry.asgi import trusted_client
 from telemetry.auth import TokenVerifier
@@ -29,8 +29,8 @@ from telemetry.config import Settings
 from telemetry.connection_close import close_on_connection_close
 from telemetry.connections import ConnectionGuard
 from telemetry.cors import cors
-from telemetry.privacy import Pseudonymiser
 from telemetry.tls import apply_tls, hsts
+from telemetry.wiring import Storage
 from telemetry.wsdeflate import refuse_permessage_deflate
 
 log = logging.getLogger("telemetry.server")

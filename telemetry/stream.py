@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from actors.sequencer import Verdict
+from domain.pose_batch import HEADER
 from telemetry import logs
 from telemetry.asgi import HeaderMap, Receive, Scope, Send, client_of, headers_of
 from telemetry.auth import AuthError, SessionClaims, bearer_token
@@ -42,7 +43,6 @@ from telemetry.cors import CorsConfigError, normalise_origin
 from telemetry.errors import ApiError
 from telemetry.ingest import TRANSIENT, PoseIngest, refusal
 from telemetry.lean import STREAM_PATH, error_body, send_error
-from telemetry.wire import HEADER
 
 if TYPE_CHECKING:
     from telemetry.app import AppState

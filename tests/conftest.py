@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from domain.pose_batch import encode_batch
 from telemetry.auth import mint_service_token, mint_session_token
 from telemetry.config import Settings
-from telemetry.wire import encode_batch
 
 pytest_plugins = ["tests.pg_fixtures"]
 

@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 import httpx
 import trio
 
-from telemetry.wire import CONTENT_TYPE
+from domain.pose_batch import CONTENT_TYPE
 
 ROOT = Path(__file__).resolve().parents[1]
 

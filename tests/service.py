@@ -12,10 +12,10 @@ import trio
 
 from actors.supervisor import Supervisor
 from storage.bus import InProcessBus
-from storage.wiring import Storage, open_storage
 from telemetry.app import AppState
 from telemetry.config import Settings
 from telemetry.server import serve
+from telemetry.wiring import Storage, open_storage
 
 
 @dataclass

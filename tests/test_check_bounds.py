@@ -80,13 +80,13 @@ def test_laundering_through_a_helper_module_is_reported(tmp_path: Path) -> None:
 
 
 def test_deferred_factory_imports_are_allowed(tmp_path: Path) -> None:
-    # storage.wiring picks the implementation lazily, inside a function: allowed.
+    # telemetry.wiring picks the implementation lazily, inside a function: allowed.
     for pkg in ("telemetry", "storage"):
         write(tmp_path, f"{pkg}/__init__.py", "")
     write(tmp_path, "storage/s3.py", "import boto3\n")
-    write(tmp_path, "storage/wiring.py",
+    write(tmp_path, "telemetry/wiring.py",
           "def open_store():\n    from storage.s3 import S3\n    return S3\n")
-    write(tmp_path, "telemetry/app.py", "from storage.wiring import open_store\n")
+    write(tmp_path, "telemetry/app.py", "from telemetry.wiring import open_store\n")
     r = run("--root", str(tmp_path), "telemetry/app.py")
     assert r.returncode == 0, r.stdout + r.stderr
 

@@ -533,10 +533,10 @@ def test_missing_extras_are_named() -> None:
     blocked = "import sys; sys.modules.update(pgserver=None, matplotlib=None); "
     ok = subprocess.run(
         [sys.executable, "-c", blocked + "import telemetry.cli, telemetry.server, "
-         "telemetry.sink_app, storage.wiring, storage.pg"],
+         "telemetry.sink_app, telemetry.wiring, storage.pg"],
         capture_output=True, text=True, cwd=ROOT, timeout=60, check=False)
     assert ok.returncode == 0, ok.stderr
-    plot = subprocess.run([sys.executable, "-c", blocked + "import telemetry.plot"],
+    plot = subprocess.run([sys.executable, "-c", blocked + "import telemetry.dev.plot"],
                           capture_output=True, text=True, cwd=ROOT, timeout=60, check=False)
     assert plot.returncode != 0 and "restartix-telemetry[plot]" in plot.stderr, plot.stderr
     pg = subprocess.run(
@@ -612,13 +612,13 @@ def test_compose_stop_grace_covers_the_shutdown() -> None:
 
 async def test_compose_health_checks_hit_real_routes(settings: Settings) -> None:
     from actors.supervisor import Supervisor
+    from domain.privacy import Pseudonymiser
     from storage.blobs import FilesystemBlobStore
     from storage.bus import InProcessBus
     from storage.pg import Database
     from storage.sink import AggregateSink
     from telemetry.app import AppState, create_app
     from telemetry.auth import TokenVerifier
-    from telemetry.privacy import Pseudonymiser
     from telemetry.sink_app import create_sink_app
 
     pseudonyms = Pseudonymiser(settings.pseudonym_key)

@@ -22,13 +22,13 @@ import numpy as np
 import trio
 
 from actors.replay_metrics import recompute
-from actors.synthetic import generate
+from domain.pose_batch import CONTENT_TYPE
 from storage.pg import Database
 from storage.replay import read_replay
 from storage.sink import AggregateSink
 from telemetry.config import Settings
-from telemetry.demo import batches_of
-from telemetry.wire import CONTENT_TYPE
+from telemetry.dev.demo import batches_of
+from telemetry.dev.synthetic import generate
 from tests.conftest import session_token
 from tests.service import running_service
 from tests.storage.conftest import S3Server, s3_server  # noqa: F401 - fixture

@@ -41,15 +41,15 @@ from moto.server import ThreadedMotoServer
 
 from actors.faults import STEPS
 from actors.replay_metrics import recompute
-from actors.synthetic import generate
+from domain.pose_batch import decode_batch, encode_batch
 from storage.pg import Database
 from storage.replay import Replay, read_replay
 from storage.sink import AggregateSink
 from telemetry.auth import mint_service_token
 from telemetry.config import Settings
-from telemetry.demo import batches_of
+from telemetry.dev.demo import batches_of
+from telemetry.dev.synthetic import generate
 from telemetry.server import GRACEFUL_TIMEOUT_S, OUTBOX_FLUSH_S
-from telemetry.wire import decode_batch, encode_batch
 from tests import faultutil as fu
 from tests.conftest import batch_body, pose_frames, session_token
 

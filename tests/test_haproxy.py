@@ -24,10 +24,10 @@ import httpx
 import pytest
 import trio
 
+from domain.pose_batch import CONTENT_TYPE
 from telemetry import logs
 from telemetry.asgi import parse_networks
 from telemetry.config import Settings
-from telemetry.wire import CONTENT_TYPE
 from tests.conftest import batch_body, session_token
 from tests.service import running_service
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from telemetry.wire import decode_batch, encode_batch
+from domain.pose_batch import decode_batch, encode_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 WEB = ROOT / "clients" / "web"
@@ -77,7 +77,7 @@ def test_typescript_check_is_clean() -> None:
     _run([str(_tsc()), "-p", ".", "--noEmit"], WEB)
 
 
-# -- the encoder against telemetry/wire.py ----------------------------------------------
+# -- the encoder against domain/pose_batch.py ----------------------------------------------
 
 ENCODE = """
 import { encodeBatch } from %s;
@@ -123,7 +123,7 @@ CASES = [
 
 
 def test_node_encoder_matches_the_python_decoder(tmp_path: Path) -> None:
-    """What the browser encodes, telemetry/wire.py decodes strictly to the same batch, and
+    """What the browser encodes, domain/pose_batch.py decodes strictly to the same batch, and
     the bytes are those of the service's own encoder."""
     built = [_case(**c) for c in CASES]
     bodies = _node_encode(tmp_path, [b[0] for b in built])

@@ -21,14 +21,14 @@ import actors.supervisor as supervisor_mod
 from actors.durable import START, encode_claims, session_key
 from actors.sequencer import Verdict
 from actors.supervisor import Supervisor
+from domain.pose_batch import decode_batch
+from domain.privacy import Pseudonymiser
 from storage.blobs import MemoryBlobStore, blob_key
 from storage.bus import InProcessBus
 from storage.replay import read_replay
 from storage.spool import Spool
 from telemetry.auth import SessionClaims, TokenVerifier
 from telemetry.config import Settings
-from telemetry.privacy import Pseudonymiser
-from telemetry.wire import decode_batch
 from tests import faultutil as fu
 from tests.conftest import batch_body, session_token
 

@@ -19,7 +19,7 @@ from actors.media import (
     pose_during_stalls,
     sink_view,
 )
-from telemetry.media_wire import MediaBatch, MediaEvent, decode_media_batch
+from domain.media_batch import MediaBatch, MediaEvent, decode_media_batch
 
 # The worked example of docs/media-metrics.md, event for event (a 120 s exercise video).
 WORKED: list[tuple[str, int, dict[str, Any]]] = [

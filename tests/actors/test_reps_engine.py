@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from actors.reps import PROFILES, Rep, RepEngine
-from actors.synthetic import KINDS, generate
+from telemetry.dev.synthetic import KINDS, generate
 
 BATCH = 30
 

@@ -16,7 +16,7 @@ import pytest
 from actors.reps import RepEngine
 from actors.reps.detector import VIS_MIN
 from actors.reps.hipdrop import FrontView, front_features
-from actors.synthetic import generate
+from telemetry.dev.synthetic import generate
 
 
 @cache

@@ -16,8 +16,8 @@ import pytest
 
 from actors.reps import PROFILES, RepEngine
 from actors.reps.angles import JOINTS, triplet_angles
-from actors.synthetic import generate
 from bench.eval_reps import estimate_aspect
+from telemetry.dev.synthetic import generate
 from tests.data import PUSHUP
 
 # tracking without drop-outs, glitches or lost frames; jitter as usual

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from actors.reps import RepEngine
-from actors.synthetic import generate
+from telemetry.dev.synthetic import generate
 
 # (engine kind, generated kind, space, generator options): known profiles in both
 # spaces, one- and two-sided work, and fallback mode, whose joint choice is the

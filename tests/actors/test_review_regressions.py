@@ -12,13 +12,13 @@ import trio
 import actors.session
 from actors.durable import MEDIA, START, encode_claims, session_key
 from actors.supervisor import Supervisor
+from domain.pose_batch import decode_batch
+from domain.privacy import Pseudonymiser
 from storage.blobs import MemoryBlobStore
 from storage.bus import InProcessBus
 from storage.spool import Spool
 from telemetry.auth import TokenVerifier, is_safe_id
 from telemetry.config import Settings
-from telemetry.privacy import Pseudonymiser
-from telemetry.wire import decode_batch
 from tests.actors.test_supervisor import Harness
 from tests.conftest import batch_body, session_token
 from tests.service import running_service

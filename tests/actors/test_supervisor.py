@@ -11,13 +11,13 @@ import trio
 from actors.reps import RepEngine
 from actors.sequencer import Verdict
 from actors.supervisor import Supervisor, SupervisorClosed
+from domain.pose_batch import decode_batch
+from domain.privacy import Pseudonymiser
 from storage.blobs import MemoryBlobStore, blob_key
 from storage.bus import InProcessBus
 from storage.replay import read_replay
 from telemetry.auth import SessionClaims, TokenVerifier
 from telemetry.config import Settings
-from telemetry.privacy import Pseudonymiser
-from telemetry.wire import decode_batch
 from tests.conftest import batch_body, session_token
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from actors.reps.angles import JOINTS
 from actors.reps.profiles import PROFILES
-from actors.synthetic import KINDS, generate
+from telemetry.dev.synthetic import KINDS, generate
 
 CLEAN = dict(noise=0.0, vis_drops=0.0, glitches=0.0, missing=0.0, dropped=0.0)
 

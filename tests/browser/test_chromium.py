@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 import trio
 
+from domain.pose_batch import encode_batch
 from storage.bus import InProcessBus
 from storage.replay import read_replay
-from storage.wiring import open_blob_store
 from telemetry.config import Settings
-from telemetry.wire import encode_batch
+from telemetry.wiring import open_blob_store
 from tests.browser.helpers import (
     WEB_CLIENT,
     Browser,
@@ -124,7 +124,7 @@ async def test_delivery_policy_in_chromium(assets: Assets, browser: Browser) -> 
     assert 1000 <= gaps[3] <= 1300 and gaps[4] <= 300
     assert retry["stats"]["batchesAcked"] == 2 and retry["stats"]["retries"] == 4
     assert retry["stats"]["framesAcked"] == 60
-    # the very bytes telemetry.wire.encode_batch makes: frames at k*33 ms, < 1000 ms
+    # the very bytes domain.pose_batch.encode_batch makes: frames at k*33 ms, < 1000 ms
     k = np.arange(31)
     t = (k * 33).astype(np.uint32)
     frames = np.empty((31, 33, 4), np.float32)

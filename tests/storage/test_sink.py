@@ -12,11 +12,11 @@ import trio
 
 import storage.sink as sink_module
 from actors.reps import RepEngine
-from actors.synthetic import generate
 from storage.bus import BusError, EventRejected, InProcessBus
 from storage.outbox import Outbox
 from storage.pg import Database
 from storage.sink import AggregateSink, SinkEventError, parse_event
+from telemetry.dev.synthetic import generate
 from tests.pg_fixtures import *  # noqa: F403  (until tests/conftest.py registers the plugin)
 from tests.pg_fixtures import deliver_behind_a_poisoned_event, make_event
 

@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 import telemetry.auth as auth
+from domain.pose_batch import CONTENT_TYPE
 from storage.blobs import blob_key
 from telemetry.auth import (
     SERVICE_TYP,
@@ -48,7 +49,6 @@ from telemetry.auth import (
     TokenVerifier,
 )
 from telemetry.config import Settings
-from telemetry.wire import CONTENT_TYPE
 from tests.conftest import batch_body
 from tests.service import Running, running_service
 

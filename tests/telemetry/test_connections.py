@@ -15,10 +15,10 @@ import pytest
 import trio
 import trio.testing
 
+from domain.pose_batch import CONTENT_TYPE
 from telemetry.config import Settings
 from telemetry.connections import ConnectionGuard, _DeadlineStream
 from telemetry.server import GRACEFUL_TIMEOUT_S
-from telemetry.wire import CONTENT_TYPE
 from tests.conftest import batch_body, session_token
 from tests.service import Running, running_service
 from tests.wsclient import CLOSE_FRAME, WsClient, WsClosed, refused_handshake_then

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from domain.pose_batch import CONTENT_TYPE
 from telemetry.config import Settings
 from telemetry.cors import (
     MAX_AGE_S,
@@ -20,7 +21,6 @@ from telemetry.cors import (
     origin_host,
     parse_origins,
 )
-from telemetry.wire import CONTENT_TYPE
 from tests.browser.helpers import running_cors_service
 from tests.conftest import batch_body, session_token
 from tests.service import running_service

@@ -7,7 +7,7 @@ import re
 import trio
 
 from telemetry.config import Settings
-from telemetry.demo import run_demo
+from telemetry.dev.demo import run_demo
 
 
 async def test_demo_streams_sessions_and_reads_results_from_postgres(

@@ -30,16 +30,14 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from telemetry.auth import mint_session_token
-from telemetry.config import Settings
-from telemetry.media_wire import (
+from domain.media_batch import (
     EVENT_TYPES,
     SPECS,
     MediaBatch,
     MediaBatchError,
     decode_media_batch,
 )
-from telemetry.wire import (
+from domain.pose_batch import (
     CONTENT_TYPE,
     HEADER,
     LANDMARKS,
@@ -49,6 +47,8 @@ from telemetry.wire import (
     decode_batch,
     encode_batch,
 )
+from telemetry.auth import mint_session_token
+from telemetry.config import Settings
 from tests.conftest import batch_body
 from tests.service import running_service
 

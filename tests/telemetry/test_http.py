@@ -8,10 +8,10 @@ import gzip
 import pytest
 import trio
 
+from domain.pose_batch import CONTENT_TYPE
 from storage.blobs import blob_key
 from storage.replay import read_replay
 from telemetry.config import Settings
-from telemetry.wire import CONTENT_TYPE
 from tests.conftest import admin_token, batch_body, session_token
 from tests.service import running_service
 

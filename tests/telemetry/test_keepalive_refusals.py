@@ -8,8 +8,8 @@ import dataclasses
 
 import pytest
 
+from domain.pose_batch import CONTENT_TYPE
 from telemetry.config import Settings
-from telemetry.wire import CONTENT_TYPE
 from tests.conftest import batch_body
 from tests.service import running_service
 

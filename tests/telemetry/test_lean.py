@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 
+from domain.pose_batch import CONTENT_TYPE
 from telemetry.config import Settings
-from telemetry.wire import CONTENT_TYPE
 from tests.conftest import batch_body, session_token
 from tests.service import Running, running_service
 

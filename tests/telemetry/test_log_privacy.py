@@ -39,10 +39,10 @@ import jwt
 import pytest
 import trio
 
+from domain.pose_batch import CONTENT_TYPE
+from domain.privacy import Pseudonymiser
 from telemetry import logs
 from telemetry.config import Settings
-from telemetry.privacy import Pseudonymiser
-from telemetry.wire import CONTENT_TYPE
 from tests.conftest import batch_body, session_token
 from tests.service import running_service
 

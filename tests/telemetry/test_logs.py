@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
+from domain.pose_batch import CONTENT_TYPE
+from domain.privacy import Pseudonymiser
 from telemetry import logs
 from telemetry.config import Settings
-from telemetry.privacy import Pseudonymiser
-from telemetry.wire import CONTENT_TYPE
 from tests.conftest import admin_token, batch_body, session_token
 from tests.service import running_service
 
@@ -292,7 +292,7 @@ def test_uncaught_exception_is_a_json_line_without_ids(captured: Captured) -> No
 
 
 def test_exception_text_redacts_literals_and_paths() -> None:
-    from telemetry.privacy import exception_text, redact
+    from domain.privacy import exception_text, redact
 
     assert redact("can't find 'sx-1' at /a/b or org/sx-1; isn't there") == \
         "can't find <redacted> at <redacted> or <redacted> isn't there"

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import telemetry.media_wire as media_wire
-from telemetry.media_wire import (
+import domain.media_batch as media_wire
+from domain.media_batch import (
     ERROR_CODES,
     EVENT_TYPES,
     MESSAGE_MAX,

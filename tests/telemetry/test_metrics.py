@@ -19,9 +19,9 @@ import trio
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from domain.pose_batch import CONTENT_TYPE
 from telemetry import metrics
 from telemetry.config import Settings
-from telemetry.wire import CONTENT_TYPE
 from tests.conftest import admin_token, batch_body, session_token
 from tests.service import Running, running_service
 

@@ -5,7 +5,7 @@ An equivalent of a schemathesis run, driven by Hypothesis from the spec itself:
 * requests for every operation are generated from the spec's schemas -- path and
   query parameters, ``X-Request-Id`` headers and JSON bodies from their JSON Schemas
   (valid, near-valid and garbage), binary pose bodies as valid batches
-  (:func:`telemetry.wire.encode_batch`), mutated batches and random bytes -- with
+  (:func:`domain.pose_batch.encode_batch`), mutated batches and random bytes -- with
   every kind of credential: valid, missing, garbage, expired, without consent, of the
   other kind;
 * they go over real HTTP to :func:`tests.service.running_service`;
@@ -42,14 +42,14 @@ from hypothesis import strategies as st
 from openapi_spec_validator import validate as validate_spec
 
 from actors.supervisor import Supervisor
+from domain.pose_batch import CONTENT_TYPE, encode_batch
+from domain.privacy import Pseudonymiser
 from storage.blobs import FilesystemBlobStore
 from storage.bus import InProcessBus
 from telemetry.app import AppState, create_app
 from telemetry.auth import TokenVerifier, mint_service_token, mint_session_token
 from telemetry.config import Settings
 from telemetry.lean import ROUTES as LEAN_ROUTES
-from telemetry.privacy import Pseudonymiser
-from telemetry.wire import CONTENT_TYPE, encode_batch
 from tests.conftest import pose_frames
 from tests.service import running_service
 

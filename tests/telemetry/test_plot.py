@@ -15,9 +15,8 @@ import pytest
 from matplotlib.image import imread
 
 from actors.replay_metrics import recompute
-from actors.synthetic import generate
 from storage.replay import ReplayWriter, read_replay
-from telemetry.plot import (
+from telemetry.dev.plot import (
     HEIGHT_PX,
     ROM_COLOUR,
     WIDTH_PX,
@@ -26,6 +25,7 @@ from telemetry.plot import (
     plot_session,
     stalls_from_media,
 )
+from telemetry.dev.synthetic import generate
 
 STALLS: list[dict[str, Any]] = [{
     "media_id": "ex-squat-01", "view_id": "v-1",

@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
+from domain.pose_batch import CONTENT_TYPE
 from telemetry.asgi import forwarded_client, parse_networks, trusted_client
 from telemetry.config import ConfigError, Settings
-from telemetry.wire import CONTENT_TYPE
 from tests.conftest import batch_body
 from tests.service import running_service
 

@@ -30,8 +30,8 @@ import yaml
 from schemathesis import GenerationMode
 from schemathesis.engine import Status, events
 
+from domain.pose_batch import CONTENT_TYPE, encode_batch
 from telemetry.config import Settings
-from telemetry.wire import CONTENT_TYPE, encode_batch
 from tests.conftest import admin_token, pose_frames, session_token
 from tests.service import running_service
 

@@ -9,6 +9,7 @@ import pytest
 import trio
 from wsproto.extensions import PerMessageDeflate
 
+from domain.pose_batch import CONTENT_TYPE
 from telemetry.config import Settings
 from telemetry.stream import (
     CLOSE_ENDED,
@@ -18,7 +19,6 @@ from telemetry.stream import (
     CLOSE_UNSUPPORTED,
     SUBPROTOCOL,
 )
-from telemetry.wire import CONTENT_TYPE
 from tests.conftest import batch_body, session_token
 from tests.service import Running, running_service
 from tests.wsclient import WsClient, WsClosed, WsRefused

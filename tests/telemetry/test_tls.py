@@ -30,16 +30,16 @@ from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
 from actors.supervisor import Supervisor
+from domain.pose_batch import CONTENT_TYPE
+from domain.privacy import Pseudonymiser
 from storage.blobs import FilesystemBlobStore
 from storage.bus import InProcessBus
 from telemetry.app import AppState, create_app
 from telemetry.auth import TokenVerifier
 from telemetry.config import Settings
 from telemetry.connection_close import close_on_connection_close
-from telemetry.privacy import Pseudonymiser
 from telemetry.server import hypercorn_config
 from telemetry.tls import HSTS_VALUE, TLSConfigError, apply_tls, hsts
-from telemetry.wire import CONTENT_TYPE
 from tests.conftest import batch_body, session_token
 
 

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from telemetry import wire
-from telemetry.wire import HEADER, BatchError, decode_batch, encode_batch
+from domain import pose_batch as wire
+from domain.pose_batch import HEADER, BatchError, decode_batch, encode_batch
 from tests.conftest import batch_body, pose_frames
 
 

@@ -1,5 +1,5 @@
 // The v1 pose batch encoder against docs/pose-batch-format.md, byte by byte.
-// (tests/test_web_client.py also decodes this encoder's output with telemetry/wire.py.)
+// (tests/test_web_client.py also decodes this encoder's output with domain/pose_batch.py.)
 
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';

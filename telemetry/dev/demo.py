@@ -1,6 +1,6 @@
 """``telemetry demo``: the real service on loopback, simulated patients over real HTTP.
 
-Each patient streams a synthetic exercise session (see :mod:`actors.synthetic`) at
+Each patient streams a synthetic exercise session (see :mod:`telemetry.dev.synthetic`) at
 30 fps in 1-second batches, at real pace, with tracking noise, no-pose frames and
 frames dropped in transit; then calls the end endpoint. One patient abandons the
 session half-way, and the service ends it by idle timeout. The demo prints one row
@@ -22,14 +22,14 @@ import httpx
 import numpy as np
 import trio
 
-from actors.synthetic import generate
-from storage.wiring import open_storage
+from domain.pose_batch import CONTENT_TYPE, encode_batch
 from telemetry.auth import mint_session_token
 from telemetry.config import Settings
-from telemetry.media_sim import batches as media_batches
-from telemetry.media_sim import player_events
+from telemetry.dev.media_sim import batches as media_batches
+from telemetry.dev.media_sim import player_events
+from telemetry.dev.synthetic import generate
 from telemetry.server import serve
-from telemetry.wire import CONTENT_TYPE, encode_batch
+from telemetry.wiring import open_storage
 
 EXERCISES = ["squat", "bicep_curl", "lateral_raise", "lunge", "shoulder_press", "push_up",
              "sit_to_stand", "hip_abduction"]
@@ -202,7 +202,7 @@ def _fmt(value: Any, spec: str) -> str:
 async def write_plots(store: Any, events: dict[tuple[str, str], dict[str, Any]],
                       out_dir: Path) -> list[Path]:
     """One PNG per session with a blob (matplotlib in a worker thread: ~0.5 s each)."""
-    from telemetry.plot import plot_session
+    from telemetry.dev.plot import plot_session
 
     await trio.Path(out_dir).mkdir(parents=True, exist_ok=True)
     written = []

@@ -1,0 +1,4 @@
+"""Development tools: the synthetic patient generator, the demo, the replay plots.
+
+Never imported by ``serve``.
+"""
