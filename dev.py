@@ -3,7 +3,8 @@
 
     python3 dev.py demo     # virtualenv + install if needed, then `telemetry demo`
     python3 dev.py test     # virtualenv + install (with test extras) and, as root on Debian,
-                            # the system tools some tests drive, if needed; then ruff + pytest
+                            # the system tools some tests drive, if needed; then ruff, the
+                            # layering guard (scripts/check_bounds.py) and pytest
 
 Extra arguments go to the command run (e.g. `python3 dev.py test -k wire`).
 """
@@ -126,6 +127,10 @@ def main(argv: list[str]) -> int:
     ensure_system_tools()
     ensure_web_client()
     rc = subprocess.call([str(BIN / "ruff"), "check", "."], cwd=ROOT)
+    if rc:
+        return rc
+    # The layering guard (docs/architecture.md), before the long run it would fail anyway.
+    rc = subprocess.call([str(PY), str(ROOT / "scripts" / "check_bounds.py")], cwd=ROOT)
     if rc:
         return rc
     return subprocess.call([str(PY), "-m", "pytest", *rest], cwd=ROOT)
