@@ -14,8 +14,15 @@ built, :data:`VARIABLES`, the README table, ``docs/configuration.md`` and
 
 **Adding a setting** is a one-place edit: add its field below, in the group it belongs
 to, then run ``python -m telemetry.config --write`` to regenerate the README table and
-``docs/configuration.md`` (a test fails until you do). A rule linking two variables goes
-in :func:`_cross_checks`.
+``docs/configuration.md`` (a test fails until you do). Numbers and optional values have
+shorthands; for example hypercorn's graceful timeout would be::
+
+    graceful_timeout_s: float = _seconds("TELEMETRY_GRACEFUL_TIMEOUT_S", 5.0, 0.0,
+                                         "Time hypercorn gives open connections ...")
+
+A rule linking two variables goes in :func:`_cross_checks`. A variable read elsewhere
+(not a setting) is listed in ``OTHER_VARIABLES`` (telemetry/config_report.py) so that
+``telemetry config --check`` does not call it a typo.
 
 Errors: ``Settings.from_env`` raises :class:`ConfigError` naming the variable and the
 problem for any value it cannot parse, so a bad deployment fails at start-up rather than
