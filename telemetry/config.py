@@ -17,8 +17,8 @@ to, then run ``python -m telemetry.config --write`` to regenerate the README tab
 ``docs/configuration.md`` (a test fails until you do). Numbers and optional values have
 shorthands; for example hypercorn's graceful timeout would be::
 
-    graceful_timeout_s: float = _seconds("TELEMETRY_GRACEFUL_TIMEOUT_S", 5.0, 0.0,
-                                         "Time hypercorn gives open connections ...")
+    graceful_timeout_s: float = _seconds('TELEMETRY_GRACEFUL_TIMEOUT_S', 5.0, 0.0,
+                                         'Time hypercorn gives open connections ...')
 
 A rule linking two variables goes in :func:`_cross_checks`. A variable read elsewhere
 (not a setting) is listed in ``OTHER_VARIABLES`` (telemetry/config_report.py) so that
