@@ -1,7 +1,7 @@
-"""The ``telemetry`` command: serve, demo, token, replay, plot, migrate, sink.
+"""The ``telemetry`` command: serve, demo, token, replay, plot, migrate, sink, config.
 
 Each subcommand loads :class:`Settings` once from the environment. A bad variable
-exits with status 2 and a message naming it.
+exits with status 2 and a message naming it (``config`` reports it the same way).
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ Each command reads its configuration from the environment once at start-up; a
 malformed variable stops it with exit status 2 and a message naming the variable.
 """
 CONFIG_TABLE = ("The variables, with their defaults and meaning, are in the Configuration "
-                "table of README.md (print it with: python -m telemetry.config).")
+                "table of README.md (print it with: python -m telemetry.config); the "
+                "effective values with: telemetry config.")
 # The variables a command depends on most, shown in its help with their defaults.
 COMMAND_VARIABLES = {
     "serve": ("TELEMETRY_HOST", "TELEMETRY_PORT", "TELEMETRY_DATA_DIR", "TELEMETRY_JWT_KEYS",
@@ -163,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
             _configured_by("migrate"))
     command("sink", "run the aggregate sink's HTTP receiver (Core API side)",
             _configured_by("sink"))
+    c = command("config", "print the effective configuration (secrets hidden) and where "
+                "each value came from", textwrap.fill(CONFIG_TABLE, 78))
+    c.add_argument("--check", action="store_true",
+                   help="only validate: exit 2 naming a malformed value or an unknown "
+                        "TELEMETRY_* variable")
+    c.add_argument("--markdown", action="store_true",
+                   help="print the README's configuration table instead")
 
     t = command("token", "mint a development token signed like the Core API's")
     t.add_argument("--org", default="org-dev", help="organisation id")
@@ -184,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "config":  # reports a bad environment itself, with unknown names
+        from telemetry.config_report import config_main
+
+        return config_main(os.environ, check=args.check, markdown=args.markdown)
     try:
         settings = Settings.from_env()
     except ConfigError as exc:

@@ -14,15 +14,17 @@ import pytest
 ROOT = Path(__file__).parents[2]
 # The console script pip installed beside this interpreter (pyproject's [project.scripts]).
 SCRIPT = Path(sys.executable).parent / "telemetry"
-COMMANDS = ("serve", "demo", "token", "replay", "plot", "migrate", "sink")
+COMMANDS = ("serve", "demo", "token", "replay", "plot", "migrate", "sink", "config")
 # Sphinx/reST markup: roles (:class:`X`, :mod:`x`), ``literals``, `interpreted text`.
 MARKUP = re.compile(r":[a-z]+:`|``|`[^`\n]+`")
 
 
-def run(*argv: str, module: bool = False) -> subprocess.CompletedProcess[str]:
+def run(*argv: str, module: bool = False,
+        extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "telemetry.cli", *argv] if module else [str(SCRIPT), *argv]
     # No TELEMETRY_* from the caller's environment: what a user sees on a fresh shell.
     env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRY_")}
+    env.update(extra_env or {})
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
 
 
@@ -87,3 +89,35 @@ def test_a_bad_variable_exits_2_naming_it() -> None:
                        cwd=ROOT, env=env)
     assert r.returncode == 2
     assert "TELEMETRY_PORT" in r.stderr
+
+
+def test_config_prints_every_variable_with_its_source_and_hides_secrets() -> None:
+    secret = "do-not-print-" + "x" * 32
+    r = run("config", extra_env={"TELEMETRY_PORT": "9000", "TELEMETRY_JWT_KEYS":
+                                 f'{{"k-1": "{secret}"}}',
+                                 "DATABASE_URL": "postgresql://u:hunter2@db/telemetry"})
+    assert r.returncode == 0, r.stderr
+    rows = {m[0]: (m[1], m[2]) for m in
+            re.findall(r"^([A-Z_]+) +(env|default|derived) +(.*)$", r.stdout, re.MULTILINE)}
+    assert set(readme_table()) <= set(rows), set(readme_table()) - set(rows)
+    assert rows["TELEMETRY_PORT"] == ("env", "9000")
+    assert rows["TELEMETRY_HOST"] == ("default", "127.0.0.1")
+    assert rows["TELEMETRY_JWT_SIGNING_KID"] == ("derived", "k-1")
+    assert secret not in r.stdout + r.stderr and "hunter2" not in r.stdout + r.stderr
+
+
+def test_config_check_names_unknown_variables() -> None:
+    r = run("config", "--check", extra_env={"TELEMETRY_IDLE_TIMOUT_S": "5"})
+    assert r.returncode == 2
+    assert "TELEMETRY_IDLE_TIMOUT_S" not in r.stdout
+    assert "TELEMETRY_IDLE_TIMOUT_S (did you mean TELEMETRY_IDLE_TIMEOUT_S?)" in r.stderr
+    ok = run("config", "--check", extra_env={"TELEMETRY_IDLE_TIMEOUT_S": "5"})
+    assert ok.returncode == 0 and "configuration OK" in ok.stdout, ok.stderr
+    bad = run("config", "--check", extra_env={"TELEMETRY_PORT": "eighty"})
+    assert bad.returncode == 2 and "TELEMETRY_PORT" in bad.stderr
+
+
+def test_config_markdown_is_the_readme_table() -> None:
+    r = run("config", "--markdown")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() in (ROOT / "README.md").read_text()

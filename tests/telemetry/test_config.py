@@ -1,10 +1,21 @@
+import dataclasses
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from telemetry.config import VARIABLES, ConfigError, Settings
+from telemetry.config import VARIABLES, ConfigError, Settings, markdown_table
+from telemetry.config_report import (
+    OTHER_VARIABLES,
+    TARGETS,
+    config_main,
+    effective,
+    generated,
+    unknown_variables,
+)
+from telemetry.config_spec import AtLeast, OneOf, redact_url, specs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,3 +54,166 @@ def test_every_variable_documented_in_readme() -> None:
     code = (ROOT / "telemetry/config.py").read_text()
     used = set(re.findall(r'"((?:TELEMETRY|DATABASE)_[A-Z0-9_]+)"', code))
     assert used <= set(VARIABLES), used - set(VARIABLES)
+
+
+# -- one declaration per setting ---------------------------------------------------------
+
+
+def _bounded(kind: type) -> list[tuple[str, str, Any]]:
+    """(attribute, variable, check) of every setting whose check is ``kind``."""
+    return [(f.name, spec.env, spec.check) for f, spec in specs(Settings)
+            if isinstance(spec.check, kind)]
+
+
+def test_every_field_is_declared_once() -> None:
+    declared = [f.name for f, _ in specs(Settings)]
+    assert declared == [f.name for f in dataclasses.fields(Settings)]
+    assert list(VARIABLES) == [spec.env for _, spec in specs(Settings)]
+    assert len(set(VARIABLES)) == len(VARIABLES)
+
+
+def test_from_env_of_nothing_is_the_declared_defaults() -> None:
+    loaded, built = Settings.from_env({}), Settings()
+    for f in dataclasses.fields(Settings):
+        if f.name != "pseudonym_key":  # random per process
+            assert getattr(loaded, f.name) == getattr(built, f.name), f.name
+
+
+@pytest.mark.parametrize(("attr", "value", "variable"), [
+    ("mailbox_size", 0, "TELEMETRY_MAILBOX_SIZE"),
+    ("port", -1, "TELEMETRY_PORT"),
+    ("gap_timeout_s", 0.0, "TELEMETRY_GAP_TIMEOUT_S"),
+    ("max_batches_per_s", float("nan"), "TELEMETRY_MAX_BATCHES_PER_S"),
+    ("max_body_bytes", "big", "TELEMETRY_MAX_BODY_BYTES"),
+    ("blob_store", "gcs", "TELEMETRY_BLOB_STORE"),
+    ("log_level", "LOUD", "TELEMETRY_LOG_LEVEL"),
+    ("jwt_algorithms", ("none",), "TELEMETRY_JWT_ALGORITHMS"),
+    ("jwt_algorithms", (), "TELEMETRY_JWT_ALGORITHMS"),
+])
+def test_a_directly_built_settings_out_of_bounds_is_refused(
+    attr: str, value: Any, variable: str
+) -> None:
+    with pytest.raises(ConfigError, match=rf"Settings\.{attr}: {variable}="):
+        Settings(**{attr: value})
+    with pytest.raises(ConfigError, match=variable):
+        dataclasses.replace(Settings(), **{attr: value})
+
+
+@pytest.mark.parametrize(("attr", "variable", "check"), _bounded(AtLeast))
+def test_every_lower_bound_holds_from_env_and_directly(
+    attr: str, variable: str, check: AtLeast
+) -> None:
+    assert getattr(Settings.from_env({variable: str(check.minimum)}), attr) == check.minimum
+    with pytest.raises(ConfigError, match=f"{variable}=.* is below the minimum"):
+        Settings.from_env({variable: str(check.minimum - 1)})
+    with pytest.raises(ConfigError, match=variable):
+        Settings(**{attr: check.minimum - 1})
+
+
+@pytest.mark.parametrize(("attr", "variable", "check"), _bounded(OneOf))
+def test_every_enumeration_holds_from_env_and_directly(
+    attr: str, variable: str, check: OneOf
+) -> None:
+    companions = {"TELEMETRY_BUS_URL": "http://core.internal/events"}
+    for value in check.allowed:
+        assert getattr(Settings.from_env({variable: value, **companions}), attr) == value
+    with pytest.raises(ConfigError, match=f"(?i){variable}='bogus': must be one of"):
+        Settings.from_env({variable: "bogus"})
+    with pytest.raises(ConfigError, match=variable):
+        Settings(**{attr: "bogus"})
+
+
+def test_rules_linking_two_variables_apply_to_the_environment() -> None:
+    with pytest.raises(ConfigError, match="TELEMETRY_TLS_CERT and TELEMETRY_TLS_KEY"):
+        Settings.from_env({"TELEMETRY_TLS_CERT": "/c.pem"})
+    with pytest.raises(ConfigError, match="TELEMETRY_BUS_URL"):
+        Settings.from_env({"TELEMETRY_BUS": "http"})
+    # Built directly, a partial TLS pair is left for the TLS loader to refuse (test_tls).
+    assert Settings(tls_cert=Path("/c.pem")).tls_key is None
+
+
+@pytest.mark.parametrize(("path", "make"), list(TARGETS.items()),
+                         ids=[p.name for p in TARGETS])
+def test_generated_tables_match_the_declarations(path: Path, make: Any) -> None:
+    assert generated(path.read_text()) == make(), (
+        f"{path.relative_to(ROOT)} is stale: run python -m telemetry.config --write")
+
+
+def test_markdown_table_is_the_readme_table() -> None:
+    assert markdown_table() in (ROOT / "README.md").read_text()
+
+
+def test_variables_read_elsewhere_are_really_read() -> None:
+    code = "\n".join(p.read_text() for d in ("telemetry", "actors", "storage")
+                     for p in (ROOT / d).rglob("*.py") if p.name != "config_report.py")
+    code += (ROOT / "Dockerfile").read_text()
+    for name in OTHER_VARIABLES:
+        if name.startswith("TELEMETRY_"):
+            assert name in code, name
+
+
+# -- telemetry config --------------------------------------------------------------------
+
+
+def test_unknown_variables_are_named_with_the_closest_known_one() -> None:
+    env = {"TELEMETRY_PORTT": "1", "TELEMETRY_IDLE_TIMOUT_S": "3", "TELEMETRY_ZZZ": "1",
+           "TELEMETRY_PORT": "80", "TELEMETRY_BUILD_COMMIT": "abc", "HOME": "/root"}
+    assert unknown_variables(env) == [
+        ("TELEMETRY_IDLE_TIMOUT_S", "TELEMETRY_IDLE_TIMEOUT_S"),
+        ("TELEMETRY_PORTT", "TELEMETRY_PORT"),
+        ("TELEMETRY_ZZZ", None),
+    ]
+
+
+def test_check_exits_2_listing_unknown_variables(capsys: pytest.CaptureFixture[str]) -> None:
+    assert config_main({"TELEMETRY_MAILBOX_SIZ": "4"}, check=True) == 2
+    err = capsys.readouterr().err
+    assert "TELEMETRY_MAILBOX_SIZ (did you mean TELEMETRY_MAILBOX_SIZE?)" in err
+    assert config_main({"TELEMETRY_MAILBOX_SIZE": "4"}, check=True) == 0
+    assert "configuration OK" in capsys.readouterr().out
+    assert config_main({"TELEMETRY_MAILBOX_SIZE": "0"}, check=True) == 2
+    assert "TELEMETRY_MAILBOX_SIZE=0 is below the minimum 1" in capsys.readouterr().err
+
+
+SECRETS = {
+    "TELEMETRY_JWT_KEYS": json.dumps({"k-1": "S1-" + "a" * 40, "k-2": "S2-" + "b" * 40}),
+    "TELEMETRY_PSEUDONYM_KEY": "S3-pseudonym-key-material",
+    "TELEMETRY_BUS_TOKEN": "S4.bus.token",
+    "DATABASE_URL": "postgresql://telemetry:S5pass@db.internal:5432/telemetry",
+    "TELEMETRY_SINK_DATABASE_URL": "postgresql://sink@db.internal/telemetry?password=S6pass",
+    "AWS_ACCESS_KEY_ID": "S7AKIA",
+    "AWS_SECRET_ACCESS_KEY": "S8aws-secret",
+}
+
+
+def test_secrets_are_never_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    env = {**SECRETS, "TELEMETRY_PORT": "9000", "TELEMETRY_TYPO": "x"}
+    assert config_main(env) == 0
+    out, err = capsys.readouterr()
+    for secret in ("S1-", "S2-", "S3-", "S4.", "S5pass", "S6pass", "S7AKIA", "S8aws"):
+        assert secret not in out + err, secret
+        assert secret not in repr(Settings.from_env(env)), secret
+    assert "kids k-1, k-2" in out and "postgresql://telemetry:***@db.internal" in out
+    assert "TELEMETRY_TYPO" in err
+
+
+def test_effective_configuration_says_where_each_value_came_from() -> None:
+    env = {"TELEMETRY_PORT": "9000", "TELEMETRY_ENV": "prod"}
+    rows = {name: (value, where)
+            for name, value, where in effective(Settings.from_env(env), env)}
+    assert set(VARIABLES) <= set(rows)
+    assert rows["TELEMETRY_PORT"] == ("9000", "env")
+    assert rows["TELEMETRY_HOST"] == ("127.0.0.1", "default")
+    assert rows["TELEMETRY_S3_BUCKET"] == ("restartix-telemetry-prod", "derived")
+    assert rows["TELEMETRY_JWT_SIGNING_KID"] == ("dev-1", "derived")
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql://u:pw@h:5432/db", "postgresql://u:***@h:5432/db"),
+    ("postgresql://u@h/db?sslmode=require&password=pw",
+     "postgresql://u@h/db?sslmode=require&password=***"),
+    ("postgresql://u@h/db", "postgresql://u@h/db"),
+    ("http://[::1/x", "(not a URL, hidden)"),
+])
+def test_passwords_in_urls_are_masked(url: str, shown: str) -> None:
+    assert redact_url(url) == shown

@@ -1,0 +1,256 @@
+"""How one setting is declared, and the loading and checking that follow from it.
+
+A setting is one field of the frozen ``Settings`` dataclass (telemetry/config.py) whose
+default is :func:`setting`: the field holds the attribute name, type and default, and
+its metadata the :class:`Spec` (variable, doc, parser, bounds, secrecy). Everything else
+is derived from those fields: :func:`load` (environment -> constructor arguments),
+:func:`validate` (bounds of any instance, however it was built), the Markdown tables and
+``telemetry config`` (telemetry/config_report.py). This module names no setting.
+
+Errors: parsers and checks raise :class:`ConfigError` whose message starts with the
+variable's name; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, Field, dataclass, field, fields
+from functools import cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+META = "telemetry.setting"
+
+
+class ConfigError(ValueError):
+    """A configuration variable is missing or malformed; the message names it."""
+
+
+# A parser turns the variable's text into the attribute's value; a check refuses a value
+# out of bounds. Both take the variable's name first, for the message.
+Parse = Callable[[str, str], Any]
+Check = Callable[[str, Any], None]
+
+
+def text(name: str, raw: str) -> str:
+    return raw
+
+
+def path(name: str, raw: str) -> Path:
+    return Path(raw)
+
+
+def integer(name: str, raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+
+
+def number(name: str, raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+
+
+@dataclass(frozen=True)
+class AtLeast:
+    """A lower bound (NaN is refused too). ``str()`` is what the docs print."""
+
+    minimum: float
+
+    def __call__(self, name: str, value: Any) -> None:
+        try:
+            ok = value >= self.minimum
+        except TypeError:  # a Settings built directly with a value of the wrong type
+            raise ConfigError(f"{name}={value!r} is not a number") from None
+        if not ok:
+            raise ConfigError(f"{name}={value} is below the minimum {self.minimum}")
+
+    def __str__(self) -> str:
+        return f">= {self.minimum:g}"
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """An enumeration; the first value is listed first in the docs, nothing more."""
+
+    allowed: tuple[str, ...]
+
+    def __call__(self, name: str, value: Any) -> None:
+        if value not in self.allowed:
+            raise ConfigError(f"{name}={str(value)[:20]!r}: must be one of {self.allowed}")
+
+    def __str__(self) -> str:
+        return "one of " + ", ".join(f"`{a}`" for a in self.allowed)
+
+
+@dataclass(frozen=True)
+class SubsetOf:
+    """A non-empty tuple drawn from ``allowed``."""
+
+    allowed: frozenset[str]
+
+    def __call__(self, name: str, value: Any) -> None:
+        if not value or not set(value) <= self.allowed:
+            raise ConfigError(f"{name}={','.join(map(str, value or ()))!r}: "
+                              f"only {sorted(self.allowed)} are supported")
+
+    def __str__(self) -> str:
+        return "some of " + ", ".join(f"`{a}`" for a in sorted(self.allowed))
+
+
+def redact_url(value: str) -> str:
+    """``value`` with any password in it (``user:PASSWORD@``, ``?password=``) replaced by
+    ``***``; what does not parse as a URL is hidden whole rather than risk a secret."""
+    try:
+        parts = urlsplit(value)
+        if parts.password is not None:
+            host = parts.netloc.rpartition("@")[2]
+            parts = parts._replace(netloc=f"{parts.username}:***@{host}")
+        if "password" in parts.query.lower():
+            query = [(k, "***" if k.lower() == "password" else v)
+                     for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+            parts = parts._replace(query=urlencode(query, safe="*"))
+        return urlunsplit(parts)
+    except ValueError:
+        return "(not a URL, hidden)"
+
+
+def masked_url(value: str | None) -> str:
+    return "(unset)" if value is None else redact_url(value)
+
+
+def plain(value: Any) -> str:
+    """A value as ``telemetry config`` prints it: in the variable's own notation."""
+    if value is None:
+        return "(unset)"
+    if value == "":
+        return '""'
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value) or "(none)"
+    if isinstance(value, Mapping):
+        return "kids " + ", ".join(value) if value else "(none)"
+    if isinstance(value, str) and "://" in value:
+        return redact_url(value)
+    return str(value)
+
+
+def hidden(value: Any) -> str:
+    return "(hidden)" if value else "(unset)"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Everything about a setting except its attribute name, type and default."""
+
+    env: str  # the environment variable
+    doc: str  # one sentence or two, Markdown, for the tables
+    shown: str  # the default as the tables print it
+    parse: Parse
+    check: Check | None  # also run on every Settings built directly
+    blank_is_unset: bool  # whether VAR= (empty) means the default
+    secret: bool  # never printed: only whether it is set
+    show: Callable[[Any], str]
+    allowed: str  # the bounds, as the docs print them
+    # When unset: computed from the other attributes (a lookup by attribute name).
+    derive: Callable[[Callable[[str], Any]], Any] | None
+
+
+def _shown(default: Any) -> str:
+    if default is None or default == () or default == "":
+        return "(none)"
+    return plain(default)
+
+
+def setting(env: str, default: Any = MISSING, *, doc: str, shown: str | None = None,
+            factory: Callable[[], Any] | None = None, parse: Parse = text,
+            check: Check | None = None, blank_is_unset: bool = False, secret: bool = False,
+            show: Callable[[Any], str] | None = None,
+            derive: Callable[[Callable[[str], Any]], Any] | None = None,
+            allowed: str | None = None, in_repr: bool | None = None) -> Any:
+    """A ``Settings`` field declared with everything the project derives from it.
+
+    ``default`` (or ``factory`` for a mutable or random default) is the attribute's
+    default; ``shown`` overrides how the tables print it. ``parse`` turns the variable's
+    text into the value and ``check`` bounds it (``AtLeast``, ``OneOf``); ``allowed``
+    describes what ``parse`` accepts when ``check`` does not say. ``derive`` computes the
+    value when the variable is unset. A ``secret`` is kept out of ``repr`` and out of
+    ``telemetry config``, which prints it with ``show`` (default: only whether it is set).
+    """
+    spec = Spec(env=env, doc=doc,
+                shown=shown if shown is not None else _shown(default),
+                parse=parse, check=check, blank_is_unset=blank_is_unset, secret=secret,
+                show=show or (hidden if secret else plain),
+                allowed=allowed if allowed is not None else str(check or ""), derive=derive)
+    use_repr = not secret if in_repr is None else in_repr
+    if factory is not None:
+        return field(default_factory=factory, repr=use_repr, metadata={META: spec})
+    return field(default=default, repr=use_repr, metadata={META: spec})
+
+
+@cache
+def specs(cls: type) -> tuple[tuple[Field[Any], Spec], ...]:
+    """The declared settings of ``cls``, in declaration order."""
+    return tuple((f, f.metadata[META]) for f in fields(cls) if META in f.metadata)
+
+
+@cache
+def _checks(cls: type) -> tuple[tuple[str, str, Check], ...]:
+    return tuple((f.name, s.env, s.check) for f, s in specs(cls) if s.check is not None)
+
+
+def validate(instance: Any) -> None:
+    """Raise :class:`ConfigError` if an attribute of ``instance`` is out of its bounds.
+
+    Only bounds and enumerations: contents that have their own owner (keysets: the key
+    store; certificates: the TLS loader) are checked there, so a test can still build a
+    deliberately broken one and watch that owner refuse it.
+    """
+    for attr, env, check in _checks(type(instance)):
+        try:
+            check(env, getattr(instance, attr))
+        except ConfigError as exc:
+            raise ConfigError(f"Settings.{attr}: {exc}") from None
+
+
+def default_of(f: Field[Any]) -> Any:
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def is_set(spec: Spec, env: Mapping[str, str]) -> bool:
+    raw = env.get(spec.env)
+    return raw is not None and not (raw == "" and spec.blank_is_unset)
+
+
+def source(spec: Spec, env: Mapping[str, str]) -> str:
+    """Where a setting's value comes from: ``env``, ``derived`` or ``default``."""
+    if is_set(spec, env):
+        return "env"
+    return "derived" if spec.derive is not None else "default"
+
+
+def load(cls: type, env: Mapping[str, str]) -> dict[str, Any]:
+    """Constructor arguments of ``cls`` for what ``env`` sets (and what derives from it);
+    everything else is left to the field defaults. Raises :class:`ConfigError`."""
+    by_name = {f.name: f for f, _ in specs(cls)}
+    values: dict[str, Any] = {}
+
+    def lookup(attr: str) -> Any:
+        return values[attr] if attr in values else default_of(by_name[attr])
+
+    for f, spec in specs(cls):
+        if is_set(spec, env):
+            value = spec.parse(spec.env, env[spec.env])
+            if spec.check is not None:
+                spec.check(spec.env, value)
+            values[f.name] = value
+        elif spec.derive is not None:
+            values[f.name] = spec.derive(lookup)
+    return values
