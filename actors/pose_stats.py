@@ -18,6 +18,9 @@ GAP_FACTOR = 3.0
 
 @dataclass
 class PoseStats:
+    """Counts of one session's pose stream so far (see the module docstring);
+    :meth:`to_dict` is the form the session summary carries."""
+
     frames: int = 0
     frames_no_pose: int = 0
     batches: int = 0

@@ -182,7 +182,7 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
                                                 "(storage/replay_codec.py)")),
     ("actor: rep engine", ("RepEngine.", "(actors/reps/")),
     ("actor: pose stats", ("PoseStats.", "(actors/pose_stats.py)")),
-    ("handler: JWT verification", ("verify_session", "(jwt/", "(telemetry/auth.py)")),
+    ("handler: JWT verification", ("verify_session", "(jwt/", "(telemetry/auth/")),
     ("handler: decode + validate batch", ("(domain/pose_batch.py)",)),
     ("handler: spool append (await)", ("Supervisor.submit", "Spool.append",
                                         "SessionActor.persist")),

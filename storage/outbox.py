@@ -9,18 +9,11 @@ down, events wait on disk and are delivered when it is back, after a restart too
 The Outbox is itself a Bus (``publish``, ``aclose``), so an actor can use it as its
 bus.
 
-Files under ``root``::
-
-    pending/<name>.json    {"v": 1, "seq": <ns>, "event_id": ..., "event": {...}}
-    pending/.<name>.tmp    only after a crash mid-publish; removed on start-up
-    dead/<name>.json       given up: the same document plus "attempts" and "last_error"
-    dead/<name>.corrupt    a pending file that did not parse (cannot happen short of
-                           disk corruption: files are renamed into place)
-
-``<name>`` is a file-safe form of ``event["event_id"]`` plus a hash of it, so one
-event id is one file: publishing an id that is already pending changes nothing
-(the first document wins; the receiver is idempotent on event_id anyway), and
-returns once that file is durable. An id published again after its delivery is
+Events are files under ``root`` (``pending/``, ``dead/``; see
+:mod:`storage.outbox_files`), named by a file-safe form of ``event["event_id"]``
+plus a hash of it, so one event id is one file: publishing an id that is already
+pending changes nothing (the first document wins; the receiver is idempotent on
+event_id anyway), and returns once that file is durable. An id published again after its delivery is
 queued and delivered again, which the receiver's idempotency makes harmless.
 
 Delivery is at least once, and in publish order *within a session*: events are
@@ -59,15 +52,11 @@ event and retries, as with any bus).
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import heapq
 import json
 import logging
 import math
-import os
 import random
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -77,25 +66,14 @@ from typing import Any, TypeVar
 import trio
 
 from storage.bus import Bus, BusError, EventRejected
-from storage.fsutil import fsync_dir
+from storage.outbox_files import OutboxDir, event_file_name
+from storage.outbox_files import log_tag as _tag
 
-__all__ = ["Outbox"]
+__all__ = ["Outbox", "event_file_name"]
 
 log = logging.getLogger("telemetry.outbox")
 T = TypeVar("T")
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 Key = tuple[str, str]  # what orders delivery: (org_id, session_id), or ("", event_id)
-
-
-def event_file_name(event_id: str) -> str:
-    """The file-safe, collision-free name of an event id (no suffix)."""
-    safe = _UNSAFE.sub("_", event_id)[:80].lstrip("._-") or "e"
-    return f"{safe}.{hashlib.sha256(event_id.encode()).hexdigest()[:16]}"
-
-
-def _tag(name: str) -> str:
-    """What log lines carry: the hash part only (event ids name sessions)."""
-    return "e_" + name.rsplit(".", 1)[-1]
 
 
 def ordering_key(event: Mapping[str, Any]) -> Key:
@@ -132,8 +110,7 @@ class Outbox:
         rng: random.Random | None = None,
     ) -> None:
         self.root = Path(root).absolute()
-        self._pending = self.root / "pending"
-        self._dead = self.root / "dead"
+        self._dir = OutboxDir(self.root)
         self._bus = bus
         self._limiter = limiter if limiter is not None else trio.CapacityLimiter(2)
         self._base, self._cap = base_delay_s, max_delay_s
@@ -160,7 +137,6 @@ class Outbox:
         self._wakeup = trio.Event()
         self._last_seq = 0
         self._closed = False
-        self._dirs_ready = False
         self._run_scope: trio.CancelScope | None = None
         self._counts = dict(delivered=0, failures=0, rejected=0, dead=0, corrupt=0)
 
@@ -197,7 +173,7 @@ class Outbox:
             raise BusError(f"event is not JSON-serialisable: {e}") from e
         done = self._writing[name] = trio.Event()
         try:
-            await self._thread(self._write_pending, name, doc)
+            await self._thread(self._dir.write_pending, name, doc)
             # no checkpoint since the write returned
             self._add(_Entry(name, seq, ordering_key(event)))
         except OSError as e:
@@ -222,9 +198,11 @@ class Outbox:
         """Load what is on disk, call ``started()``, then deliver until cancelled or
         :meth:`aclose` (then it returns, with the deliveries in flight cancelled).
         Never raises for a delivery failure."""
-        entries, corrupt = await self._thread(self._load)
+        found, corrupt = await self._thread(self._dir.load)
         self._counts["corrupt"] += corrupt
-        for entry in entries:
+        # The key comes from the event itself: files written before keys existed
+        # load unchanged.
+        for entry in (_Entry(name, seq, ordering_key(event)) for name, seq, event in found):
             if entry.name not in self._entries and entry.name not in self._writing:
                 self._add(entry)
         with trio.CancelScope() as self._run_scope:
@@ -262,7 +240,7 @@ class Outbox:
     async def _attempt(self, entry: _Entry) -> None:
         tag = _tag(entry.name)
         try:
-            event = await self._thread(self._read_pending, entry.name)
+            event = await self._thread(self._dir.read_pending, entry.name)
         except FileNotFoundError:  # removed by hand
             self._drop(entry)
             return
@@ -270,7 +248,7 @@ class Outbox:
             log.error("outbox event %s does not parse; moving it to dead/", tag)
             self._counts["corrupt"] += 1
             self._drop(entry)
-            await self._thread(self._quarantine, entry.name)
+            await self._thread(self._dir.quarantine, entry.name)
             return
         except OSError as e:
             await self._failed(entry, e)
@@ -288,7 +266,7 @@ class Outbox:
         try:
             # Still listed while its file is deleted, so a concurrent publish of the
             # same id cannot write a file that this unlink would then remove.
-            await self._thread(_unlink, self._pending / f"{entry.name}.json")
+            await self._thread(self._dir.delete_pending, entry.name)
         except OSError as e:
             log.error("outbox could not delete delivered event %s (%s); it will be "
                       "delivered again after a restart", tag, e.strerror)
@@ -335,7 +313,7 @@ class Outbox:
     async def _give_up(self, entry: _Entry, error: str) -> None:
         """Move the event to dead/ and count it; if that fails, retry it later."""
         try:
-            await self._thread(self._bury, entry.name, entry.attempts, error)
+            await self._thread(self._dir.bury, entry.name, entry.attempts, error)
         except OSError as e:
             log.error("outbox could not move %s to dead/ (%s); retrying it",
                       _tag(entry.name), e.strerror)
@@ -406,92 +384,7 @@ class Outbox:
         if self._entries.get(entry.name) is entry:
             del self._entries[entry.name]
 
-    # -- files (worker threads) ----------------------------------------------------------
+    # -- the directory (worker threads) --------------------------------------------------
 
     async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
-
-    def _ensure_dirs(self) -> None:
-        if not self._dirs_ready:
-            for d in (self._pending, self._dead):
-                d.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fsync_dir(self.root)
-            self._dirs_ready = True
-
-    def _write_pending(self, name: str, doc: bytes) -> None:
-        self._ensure_dirs()
-        _atomic_write(self._pending, name + ".json", doc)
-
-    def _read_pending(self, name: str) -> Mapping[str, Any]:
-        doc = json.loads((self._pending / f"{name}.json").read_bytes())
-        event = doc["event"]
-        if not isinstance(event, dict):
-            raise TypeError("event is not an object")
-        return event
-
-    def _bury(self, name: str, attempts: int, error: str) -> None:
-        src = self._pending / f"{name}.json"
-        doc = json.loads(src.read_bytes())
-        doc.update(attempts=attempts, last_error=error[:2000])
-        _atomic_write(self._dead, name + ".json", json.dumps(doc).encode())
-        _unlink(src)
-
-    def _quarantine(self, name: str) -> None:
-        """Move an unparsable pending file to dead/; if that fails it stays where it
-        is and is found again at the next start."""
-        with contextlib.suppress(OSError):
-            os.replace(self._pending / f"{name}.json", self._dead / f"{name}.corrupt")
-            fsync_dir(self._dead)
-            fsync_dir(self._pending)
-
-    def _load(self) -> tuple[list[_Entry], int]:
-        """Pending events sorted by seq; stale temp files removed; unparsable files
-        moved to dead/ and counted."""
-        self._ensure_dirs()
-        entries, corrupt = [], 0
-        for path in self._pending.iterdir():
-            if path.name.startswith("."):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                continue
-            if not path.name.endswith(".json"):
-                continue
-            name = path.name[: -len(".json")]
-            try:
-                doc = json.loads(path.read_bytes())
-                seq = int(doc["seq"])
-                event = doc["event"]
-                if not isinstance(event, dict):
-                    raise TypeError("event is not an object")
-            except (ValueError, KeyError, TypeError):
-                log.error("outbox event %s does not parse; moved to dead/", _tag(name))
-                self._quarantine(name)
-                corrupt += 1
-                continue
-            # The key comes from the event itself: files written before keys existed
-            # load unchanged.
-            entries.append(_Entry(name, seq, ordering_key(event)))
-        entries.sort(key=lambda e: (e.seq, e.name))
-        return entries, corrupt
-
-
-def _atomic_write(directory: Path, filename: str, data: bytes) -> None:
-    """temp file, fsync, rename onto ``filename``, fsync the directory."""
-    tmp = directory / f".{filename}.tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with open(fd, "wb") as f:  # events carry patient ids: owner-only files
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, directory / filename)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(directory)
-
-
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)

@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import numpy as np
 
@@ -35,97 +33,55 @@ from .replay_codec import (
     ENCODINGS,
     LOSSLESS,
     ChunkCodec,
-    CodecError,
     default_max_error,
     steps_for,
 )
+from .replay_format import (
+    _CHUNK,
+    _END,
+    _PREFIX,
+    DEFAULT_ENCODING,
+    DEFAULT_MAX_DECOMPRESSED,
+    DEFAULT_STRATEGY,
+    FORMAT_VERSION,
+    MAGIC,
+    MAX_CHUNK_FRAMES,
+    MAX_HEADER_BYTES,
+    SPACES,
+    SPILL_BYTES,
+    STRATEGIES,
+    SUPPORTED_VERSIONS,
+    ZLIB_MEMLEVEL,
+    ZLIB_WBITS,
+    Replay,
+    ReplayFormatError,
+    ReplayHeader,
+)
+from .replay_reader import read_replay
 
+# The format's names and the reader stay importable from here, where they always were.
 __all__ = [
     "DEFAULT_ENCODING",
+    "DEFAULT_MAX_DECOMPRESSED",
     "DEFAULT_STRATEGY",
     "ENCODINGS",
     "FORMAT_VERSION",
     "LOSSLESS",
+    "MAGIC",
+    "MAX_CHUNK_FRAMES",
+    "MAX_HEADER_BYTES",
     "Replay",
     "ReplayFormatError",
     "ReplayHeader",
     "ReplayWriter",
+    "SPACES",
+    "SPILL_BYTES",
     "STRATEGIES",
+    "SUPPORTED_VERSIONS",
+    "ZLIB_MEMLEVEL",
+    "ZLIB_WBITS",
     "read_replay",
 ]
-
-MAGIC: Final = b"RXREPLAY"
-FORMAT_VERSION: Final = 1
-SUPPORTED_VERSIONS: Final = (1,)
-DEFAULT_ENCODING: Final = "q16delta"
-SPACES: Final = ("image", "world")
-ZLIB_WBITS: Final = 12
-ZLIB_MEMLEVEL: Final = 4
-# zlib strategy for the body. Z_RLE (matches of distance 1 only: runs) fits the
-# byte planes of small deltas; on the 30-minute benchmark session it halves zlib's
-# CPU per batch against level 6 for a 3-3.5% larger blob, and beats level 1 on
-# both counts (docs/replay-format.md). Any strategy gives a standard gzip stream.
-DEFAULT_STRATEGY: Final = zlib.Z_RLE
-STRATEGIES: Final = {
-    "default": zlib.Z_DEFAULT_STRATEGY,
-    "filtered": zlib.Z_FILTERED,
-    "huffman": zlib.Z_HUFFMAN_ONLY,
-    "rle": zlib.Z_RLE,
-    "fixed": zlib.Z_FIXED,
-}
-SPILL_BYTES: Final = 64 * 1024  # with spill_path, memory holds at most about this much
-MAX_CHUNK_FRAMES: Final = 1024  # appends are split so working buffers stay bounded
-MAX_HEADER_BYTES: Final = 1 << 20
-DEFAULT_MAX_DECOMPRESSED: Final = 1 << 31
-
-_PREFIX = struct.Struct("<8sHI")
-_CHUNK = struct.Struct("<cII")
-_END = struct.Struct("<cI")
-_REQUIRED = {
-    "version": int,
-    "org_id": str,
-    "session_id": str,
-    "space": str,
-    "landmarks": int,
-    "channels": int,
-    "frame_count": int,
-    "encoding": str,
-    "encoding_params": dict,
-    "meta": dict,
-}
-
-
-class ReplayFormatError(ValueError):
-    """The blob is not a readable replay: corrupt or truncated gzip, bad magic,
-    unsupported version, inconsistent header or chunk.  The message says which
-    and where (byte offset into the decompressed stream)."""
-
-
-@dataclass(frozen=True)
-class ReplayHeader:
-    version: int
-    org_id: str
-    session_id: str
-    space: str
-    landmarks: int
-    channels: int
-    frame_count: int
-    encoding: str
-    encoding_params: dict[str, Any] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def max_error(self) -> list[float] | None:
-        """Per-channel absolute error bound, or None for a lossless encoding."""
-        e = self.encoding_params.get("max_error")
-        return None if e is None else [float(v) for v in e]
-
-
-@dataclass(frozen=True)
-class Replay:
-    header: ReplayHeader
-    t_ms: np.ndarray  # float64 (T,)
-    frames: np.ndarray  # float32 (T, landmarks, channels); all-NaN row = no pose
 
 
 def _gzip_member(data: bytes, level: int) -> bytes:
@@ -362,149 +318,3 @@ def _max_error_list(
     if len(errs) != channels or not all(math.isfinite(e) and 0 < e <= 1e3 for e in errs):
         raise ValueError(f"max_error needs {channels} finite values in (0, 1000], got {errs}")
     return errs
-
-
-# --------------------------------------------------------------------------- reader
-def _gunzip(data: bytes, limit: int) -> bytes:
-    """Concatenated gzip members -> bytes, with precise errors."""
-    if not data:
-        raise ReplayFormatError("empty blob")
-    out: list[bytes] = []
-    total = 0
-    pos = 0
-    member = 0
-    while pos < len(data):
-        member += 1
-        if data[pos : pos + 2] != b"\x1f\x8b":
-            what = "not a gzip stream" if member == 1 else f"garbage after gzip member {member - 1}"
-            raise ReplayFormatError(f"{what} at blob offset {pos} (bytes {data[pos : pos + 4]!r})")
-        d = zlib.decompressobj(31)
-        buf = memoryview(data)[pos:]
-        try:
-            while True:
-                chunk = d.decompress(buf, limit - total + 1)
-                total += len(chunk)
-                out.append(chunk)
-                if total > limit:
-                    raise ReplayFormatError(f"decompressed size exceeds limit of {limit} bytes")
-                if d.eof or not d.unconsumed_tail:
-                    break
-                buf = memoryview(d.unconsumed_tail)
-        except zlib.error as e:
-            raise ReplayFormatError(
-                f"corrupt gzip member {member} at blob offset {pos}: {e}"
-            ) from e
-        if not d.eof:
-            raise ReplayFormatError(
-                f"truncated blob: gzip member {member} (from offset {pos}) ends before its "
-                f"end-of-stream marker; blob is {len(data)} bytes"
-            )
-        pos = len(data) - len(d.unused_data)
-    return b"".join(out)
-
-
-def _parse_header(raw: bytes) -> tuple[ReplayHeader, int]:
-    if len(raw) < _PREFIX.size:
-        raise ReplayFormatError(f"stream of {len(raw)} bytes is shorter than the replay prefix")
-    magic, version, hlen = _PREFIX.unpack_from(raw, 0)
-    if magic != MAGIC:
-        raise ReplayFormatError(f"bad magic {magic!r}, expected {MAGIC!r}")
-    if version not in SUPPORTED_VERSIONS:
-        raise ReplayFormatError(
-            f"unsupported replay format version {version} (this reader supports "
-            f"{', '.join(map(str, SUPPORTED_VERSIONS))})"
-        )
-    end = _PREFIX.size + hlen
-    if hlen > MAX_HEADER_BYTES or end > len(raw):
-        raise ReplayFormatError(f"header length {hlen} runs past the stream ({len(raw)} bytes)")
-    try:
-        h = json.loads(raw[_PREFIX.size : end].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ReplayFormatError(f"header JSON is invalid: {e}") from e
-    if not isinstance(h, dict):
-        raise ReplayFormatError("header JSON is not an object")
-    for key, typ in _REQUIRED.items():
-        if not isinstance(h.get(key), typ) or isinstance(h.get(key), bool):
-            raise ReplayFormatError(f"header field {key!r} missing or not {typ.__name__}")
-    if h["version"] != version:
-        raise ReplayFormatError(f"header JSON version {h['version']} != binary version {version}")
-    if h["encoding"] not in ENCODINGS:
-        raise ReplayFormatError(f"unknown encoding {h['encoding']!r} in header")
-    if h["landmarks"] < 1 or h["channels"] < 1 or h["landmarks"] * h["channels"] > 4096:
-        raise ReplayFormatError("header landmarks/channels out of range")
-    if h["frame_count"] < 0:
-        raise ReplayFormatError("header frame_count is negative")
-    if h["encoding"] == "q16delta":
-        p = h["encoding_params"]
-        for k in ("max_error", "step"):
-            v = p.get(k)
-            ok = isinstance(v, list) and len(v) == h["channels"]
-            if not ok or not all(
-                isinstance(x, int | float) and math.isfinite(x) and x > 0 for x in v
-            ):
-                raise ReplayFormatError(
-                    f"q16delta header needs {h['channels']} positive {k} values"
-                )
-    hdr = ReplayHeader(**{k: h[k] for k in _REQUIRED})
-    return hdr, end
-
-
-def read_replay(data: bytes, *, max_decompressed: int = DEFAULT_MAX_DECOMPRESSED) -> Replay:
-    """Decode a replay blob of any supported version and encoding.
-
-    Returns ``t_ms`` float64 (T,) and ``frames`` float32 (T, L, C).  Lossless
-    encodings return the appended float32 values bit for bit; q16delta returns
-    every finite value within the header's ``max_error`` of the original and
-    non-finite values (NaN rows included) bit for bit.  Raises
-    ReplayFormatError for anything that is not a complete, consistent replay;
-    ``max_decompressed`` bounds memory on hostile input.
-    """
-    raw = _gunzip(bytes(data), max_decompressed)
-    hdr, pos = _parse_header(raw)
-    L, C = hdr.landmarks, hdr.channels
-    p = hdr.encoding_params
-    codec = ChunkCodec(
-        hdr.encoding, landmarks=L, channels=C, max_error=p.get("max_error"), step=p.get("step")
-    )
-    view = memoryview(raw)
-    ts: list[np.ndarray] = []
-    fs: list[np.ndarray] = []
-    count = 0
-    while True:
-        if pos >= len(raw):
-            raise ReplayFormatError(f"body ends at byte {pos} without an end record (truncated)")
-        tag = raw[pos : pos + 1]
-        if tag == b"E":
-            if pos + _END.size > len(raw):
-                raise ReplayFormatError(f"end record at byte {pos} is cut short")
-            (n_end,) = struct.unpack_from("<I", raw, pos + 1)
-            pos += _END.size
-            if pos != len(raw):
-                raise ReplayFormatError(f"{len(raw) - pos} stray bytes after the end record")
-            if n_end != count or hdr.frame_count != count:
-                raise ReplayFormatError(
-                    f"frame count mismatch: chunks hold {count}, end record says {n_end}, "
-                    f"header says {hdr.frame_count}"
-                )
-            break
-        if tag != b"C":
-            raise ReplayFormatError(f"unknown record tag {tag!r} at byte {pos}")
-        if pos + _CHUNK.size > len(raw):
-            raise ReplayFormatError(f"chunk header at byte {pos} is cut short")
-        _, n, plen = _CHUNK.unpack_from(raw, pos)
-        start = pos + _CHUNK.size
-        if n < 1 or start + plen > len(raw):
-            raise ReplayFormatError(
-                f"chunk at byte {pos}: {n} frames, {plen}-byte payload overruns"
-            )
-        try:
-            t, f = codec.decode(n, view[start : start + plen])
-        except CodecError as e:
-            raise ReplayFormatError(f"chunk at byte {pos} ({hdr.encoding}): {e}") from e
-        ts.append(t)
-        fs.append(f.reshape(n, L, C))
-        count += n
-        pos = start + plen
-    t_all = np.concatenate(ts) if ts else np.zeros(0, np.float64)
-    f_all = np.concatenate(fs) if fs else np.zeros((0, L, C), np.float32)
-    return Replay(header=hdr, t_ms=t_all, frames=f_all)

@@ -56,6 +56,10 @@ import botocore.exceptions as bexc
 import trio
 
 from .blobs import BlobInfo, BlobNotFound, BlobStore, BlobStoreError, BlobVerifyError, check_key
+from .s3_errors import NOT_FOUND_CODES as _NOT_FOUND
+from .s3_errors import error_code as _code
+from .s3_errors import is_transient
+from .s3_errors import safe_reason as _reason
 
 __all__ = ["MIN_PART_SIZE", "S3BlobStore", "bucket_name", "is_transient"]
 
@@ -65,29 +69,6 @@ T = TypeVar("T")
 MIN_PART_SIZE: Final = 5 * 1024 * 1024
 MAX_PARTS: Final = 10_000
 CLEANUP_TIMEOUT: Final = 5.0
-_TRANSIENT_CODES: Final = frozenset(
-    {
-        "InternalError",
-        "InternalFailure",
-        "ServiceUnavailable",
-        "SlowDown",
-        "RequestTimeout",
-        "RequestTimeoutException",
-        "Throttling",
-        "ThrottlingException",
-        "ThrottledException",
-        "RequestLimitExceeded",
-        "TooManyRequestsException",
-        "PriorRequestNotComplete",
-    }
-)
-_TRANSIENT_EXC: Final = (
-    bexc.ConnectionError,
-    bexc.HTTPClientError,
-    bexc.IncompleteReadError,
-    bexc.FlexibleChecksumError,
-)
-_NOT_FOUND: Final = frozenset({"NoSuchKey", "NotFound", "404"})
 
 
 def bucket_name(env: str) -> str:
@@ -95,31 +76,6 @@ def bucket_name(env: str) -> str:
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,30}", env or ""):
         raise ValueError(f"environment name {env!r} is not usable in a bucket name")
     return f"restartix-telemetry-{env}"
-
-
-def _code(e: BaseException) -> str:
-    if isinstance(e, bexc.ClientError):
-        return str(e.response.get("Error", {}).get("Code", ""))
-    return ""
-
-
-def _reason(e: BaseException) -> str:
-    """``e`` for a message or log line: the error code of an S3 reply, the type of
-    anything else. Never ``str(e)``: botocore puts the request URL, object key
-    included, into some of its messages (EndpointConnectionError), and keys are
-    ``{org_id}/{session_id}.bin.gz``."""
-    code = _code(e)
-    return f"{type(e).__name__} {code}" if code else type(e).__name__
-
-
-def is_transient(e: BaseException) -> bool:
-    """Worth retrying: network trouble, timeouts, 5xx and throttling replies."""
-    if isinstance(e, _TRANSIENT_EXC):
-        return True
-    if isinstance(e, bexc.ClientError):
-        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return _code(e) in _TRANSIENT_CODES or status in (500, 502, 503, 504)
-    return False
 
 
 def _b64(digest: bytes) -> str:

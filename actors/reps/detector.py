@@ -250,19 +250,15 @@ class SideDetector:
                     m, m_ref, tm, t_exit, t_cross = x, x, t, t, -1.0
                     zm = z
                     self.tr_exit = tr
-                elif self.n_counted == 0 and t - t_pf > STALE_MS:
-                    # no progress for a while before anything was counted: the "rest" we
-                    # started from was a passing dip, this plateau is the real rest
+                elif ((stalled := self.n_counted == 0 and t - t_pf > STALE_MS)
+                      or t - self.start > self.max_ms):
+                    # Stalled: no progress for a while before anything was counted, so the
+                    # "rest" we started from was a passing dip and this plateau is the real
+                    # rest. Too long: stuck away from rest, e.g. the patient changed
+                    # position. Either way, start over from here.
                     ev.append((t, DONE, self._rep(t, t, P, b, x, n_acc, v_acc, t_pf, t_pl,
-                                                  dt_nom, noise, "stalled",
-                                                  zP if sep else P, zb if sep else b)))
-                    state, b, t_low = IDLE, x, t
-                    zb = z
-                    n_acc, v_acc = 1, v
-                elif t - self.start > self.max_ms:
-                    # stuck away from rest, e.g. the patient changed position: start over
-                    ev.append((t, DONE, self._rep(t, t, P, b, x, n_acc, v_acc, t_pf, t_pl,
-                                                  dt_nom, noise, "too long",
+                                                  dt_nom, noise,
+                                                  "stalled" if stalled else "too long",
                                                   zP if sep else P, zb if sep else b)))
                     state, b, t_low = IDLE, x, t
                     zb = z

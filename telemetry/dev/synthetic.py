@@ -22,6 +22,8 @@ import numpy as np
 
 from actors.reps.angles import JOINTS
 from actors.reps.profiles import PROFILES
+from telemetry.dev.synthetic_body import joint_params, pushup, skeleton, smooth_noise
+from telemetry.dev.synthetic_camera import camera_view, degrade
 
 KINDS = tuple(PROFILES)
 
@@ -76,30 +78,12 @@ _KIND = {
     "push_up": (1.8, (0, 90), (55, 95), ("both",)),
 }
 
-_L_SIDE = np.array([1, 2, 3, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31])
-_R_SIDE = _L_SIDE + 1
-_LIMBS = [np.array(g) for g in ((11, 13, 15, 17, 19, 21), (12, 14, 16, 18, 20, 22),
-                                (23, 25, 27, 29, 31), (24, 26, 28, 30, 32))]
-# face points (x to the subject's left, y down, z forward), metres at 1.7 m height
-_FACE = np.array([[0, 0.0, 0.10], [0.015, -0.035, 0.09], [0.032, -0.035, 0.085],
-                  [0.048, -0.035, 0.075], [-0.015, -0.035, 0.09], [-0.032, -0.035, 0.085],
-                  [-0.048, -0.035, 0.075], [0.075, -0.02, 0.0], [-0.075, -0.02, 0.0],
-                  [0.025, 0.03, 0.085], [-0.025, 0.03, 0.085]])
-
 
 def _ramp(n: int, a: float, b: float) -> np.ndarray:
     """Raised-cosine move from a to b over n frames (last frame at b)."""
     if n <= 0:
         return np.empty(0)
     return a + (b - a) * (1.0 - np.cos(np.pi * np.arange(1, n + 1) / n)) / 2.0
-
-
-def _smooth_noise(rng: np.random.Generator, shape: tuple, width: int) -> np.ndarray:
-    """Unit-variance noise low-passed along axis 0 by a moving average of ``width``."""
-    w = max(1, width)
-    x = rng.standard_normal((shape[0] + w,) + shape[1:])
-    c = np.cumsum(x, axis=0)
-    return (c[w:] - c[:-w]) / np.sqrt(w)
 
 
 def _schedule(rng, kind, reps, fps, tempo_var, rom_var, pause_prob, partial_prob,
@@ -199,212 +183,6 @@ def _schedule(rng, kind, reps, fps, tempo_var, rom_var, pause_prob, partial_prob
     return arrs, reps_out, partial
 
 
-_REST = {"lean": 2.0, "hf": 2.0, "ha": 4.0, "kn": 4.0, "sf": 5.0, "sa": 8.0, "el": 12.0}
-
-
-def _params(kind: str, p: np.ndarray, pre: np.ndarray, walk: np.ndarray, t_s: np.ndarray,
-            rom: float, rng: np.random.Generator) -> dict:
-    """Joint parameters (degrees, arrays (T,) or (2, T) for left/right) for the skeleton."""
-    T = p.shape[1]
-    g = {k: np.full((2, T), v) if k != "lean" else np.full(T, v) for k, v in _REST.items()}
-    g["plane"] = "sag"
-    g["fixed"] = "both"
-    pm = p.mean(axis=0)
-    if kind == "squat":
-        g["kn"] = 4 + rom * p
-        g["hf"] = 3 + 0.85 * rom * p
-        g["lean"] = 3 + 0.4 * rom * pm
-        g["sf"] = 10 + 60 * p
-    elif kind == "lunge":
-        front = int(rng.integers(2))
-        g["kn"] = 5 + rom * p * np.array([[1.0], [0.9]])[:: 1 if front == 0 else -1]
-        sign = np.array([[1.0], [-1.0]])[:: 1 if front == 0 else -1]
-        g["hf"] = sign * 20 + np.where(sign > 0, 0.8, 0.25) * rom * p
-        g["lean"] = 3 + 5 * pm
-    elif kind == "sit_to_stand":
-        q = np.clip(p, 0, 1)
-        g["kn"] = rom - (rom - 5) * q
-        g["hf"] = 3 + 0.95 * rom * (1 - q)
-        g["lean"] = 8 + 35 * np.sin(np.pi * q.mean(axis=0))
-        g["sf"] = 10 + 30 * np.sin(np.pi * q)
-    elif kind == "hip_abduction":
-        g["ha"] = 4 + rom * p
-        g["fixed"] = "auto"
-    elif kind == "lateral_raise":
-        g["sa"] = 8 + rom * p
-        g["el"] = np.full((2, T), 15.0)
-        g["plane"] = "front"
-    elif kind == "shoulder_flexion":
-        g["sf"] = 5 + rom * p
-        g["el"] = np.full((2, T), 10.0)
-    elif kind == "bicep_curl":
-        g["el"] = rng.uniform(5, 20) + rom * p
-        g["sf"] = 5 + 12 * p
-    elif kind == "shoulder_press":
-        q = np.minimum(p, 1.05)
-        g["el"] = (rom + 2) * (1 - q) + 8 * q
-        g["sa"] = 80 + 85 * q
-        g["plane"] = "front"
-    for k, v in _REST.items():  # blend towards the relaxed pre-position
-        g[k] = pre * v + (1 - pre) * g[k]
-    phase = 2 * np.pi * t_s / 1.1
-    gait = np.stack([phase, phase + np.pi])
-    g["kn"] = g["kn"] + walk * 50 * np.maximum(0, np.sin(gait)) ** 2
-    g["hf"] = g["hf"] + walk * 15 * np.cos(gait)
-    g["sf"] = g["sf"] - walk * 12 * np.cos(gait)
-    width = 8
-    for k in ("hf", "ha", "kn", "sf", "sa", "el"):
-        g[k] = g[k] + 1.5 * _smooth_noise(rng, (T, 2), width).T
-    g["lean"] = g["lean"] + 1.0 * _smooth_noise(rng, (T,), width)
-    return g
-
-
-def _dirs(flex: np.ndarray, abd: np.ndarray, sign: float) -> np.ndarray:
-    """Unit limb direction: down, flexed forward by ``flex`` then abducted by ``abd`` (deg)."""
-    f, a = np.radians(flex), np.radians(abd) * sign
-    c = np.cos(f)
-    return np.stack([-c * np.sin(a), c * np.cos(a), np.sin(f)], axis=-1)
-
-
-def _skeleton(g: dict, h: float) -> np.ndarray:
-    """Body-frame landmarks (T, 33, 3): x to the subject's left, y down, z forward."""
-    lean = np.radians(g["lean"])
-    T = lean.shape[0]
-    cl, sl = np.cos(lean), np.sin(lean)
-    up = np.stack([np.zeros(T), -cl, sl], axis=-1)
-    fwd = np.stack([np.zeros(T), sl, cl], axis=-1)
-    P = np.zeros((T, 33, 3))
-    C = 0.30 * h * up
-    hw, sw = 0.06 * h, 0.105 * h
-    for s, sign in ((0, -1.0), (1, 1.0)):
-        lat = np.array([1.0, 0, 0]) * (1 if s == 0 else -1)
-        hip = lat * hw
-        knee = hip + 0.245 * h * _dirs(g["hf"][s], g["ha"][s], sign)
-        ankle = knee + 0.246 * h * _dirs(g["hf"][s] - g["kn"][s], g["ha"][s], sign)
-        sh = C + lat * sw
-        ua = _dirs(g["sf"][s], g["sa"][s], sign)
-        if g["plane"] == "front":
-            fa = _dirs(g["sf"][s], g["sa"][s] + g["el"][s], sign)
-        else:
-            fa = _dirs(g["sf"][s] + g["el"][s], g["sa"][s], sign)
-        # arms hang from the trunk, so they lean with it
-        ua = np.stack([ua[:, 0], ua[:, 1] * cl + ua[:, 2] * sl, -ua[:, 1] * sl + ua[:, 2] * cl], -1)
-        fa = np.stack([fa[:, 0], fa[:, 1] * cl + fa[:, 2] * sl, -fa[:, 1] * sl + fa[:, 2] * cl], -1)
-        el = sh + 0.186 * h * ua
-        wr = el + 0.146 * h * fa
-        P[:, 11 + s], P[:, 13 + s], P[:, 15 + s] = sh, el, wr
-        P[:, 17 + s] = wr + h * (0.045 * fa + 0.02 * lat)
-        P[:, 19 + s] = wr + h * 0.055 * fa
-        P[:, 21 + s] = wr + h * (0.03 * fa - 0.015 * lat)
-        P[:, 23 + s], P[:, 25 + s], P[:, 27 + s] = hip, knee, ankle
-        P[:, 29 + s] = ankle + h * np.array([0, 0.025, -0.035])
-        P[:, 31 + s] = ankle + h * np.array([0, 0.035, 0.09])
-    head = C + 0.15 * h * up
-    face = _FACE * (h / 1.7)
-    P[:, :11] = (head[:, None] + face[None, :, 0:1] * np.array([1.0, 0, 0])
-                 - face[None, :, 1:2] * up[:, None] + face[None, :, 2:3] * fwd[:, None])
-    fixed = g["fixed"]
-    ref_l, ref_r = np.array([hw, 0.491 * h, 0]), np.array([-hw, 0.491 * h, 0])
-    if fixed == "auto":  # stand on whichever leg is less abducted at the moment
-        w = 1.0 / (1.0 + np.exp(-(g["ha"][0] - g["ha"][1]) / 3.0))  # 1: left leg raised
-        shift = w[:, None] * (ref_r - P[:, 28]) + (1 - w)[:, None] * (ref_l - P[:, 27])
-    else:
-        shift = (ref_l + ref_r) / 2 - (P[:, 27] + P[:, 28]) / 2
-    P += shift[:, None]
-    return P
-
-
-def _ik(S: np.ndarray, H: np.ndarray, u: float, f: float, hint: np.ndarray) -> np.ndarray:
-    """Elbow position for shoulder S and hand H, bending towards ``hint``."""
-    d_vec = H - S
-    d = np.linalg.norm(d_vec, axis=-1, keepdims=True)
-    e = d_vec / d
-    d = np.clip(d, abs(u - f) + 1e-6, u + f - 1e-6)
-    a = (u * u - f * f + d * d) / (2 * d)
-    hgt = np.sqrt(np.maximum(u * u - a * a, 0))
-    n = hint - (e @ hint)[:, None] * e
-    n /= np.linalg.norm(n, axis=-1, keepdims=True)
-    return S + a * e + hgt * n
-
-
-def _pushup(elbow_deg: np.ndarray, pre: np.ndarray, h: float, rng) -> np.ndarray:
-    """Push-up landmarks: straight body pivoting on the toes, hands on the floor.
-
-    ``pre`` cross-fades from a standing pose (getting down and back up).
-    """
-    T = elbow_deg.shape[1]
-    g = {k: np.full((2, T), v) if k != "lean" else np.full(T, v) for k, v in _REST.items()}
-    g["hf"] = g["hf"] + 6 * _smooth_noise(rng, (T,), 15)  # hips sag and pike a little
-    g.update(plane="sag", fixed="both")
-    stand = _skeleton(g, h)
-    toe = stand[:, 31:33].mean(axis=1)
-    q = stand - toe[:, None]
-    sc = (q[:, 11] + q[:, 12]) / 2
-    a, c = -sc[:, 1], -sc[:, 2]
-    u, f = 0.186 * h, 0.146 * h
-    e = np.radians(elbow_deg)
-    D = np.sqrt(u * u + f * f - 2 * u * f * np.cos(e))
-    beta = np.arcsin(np.clip(D.mean(axis=0) / np.hypot(a, c), -1, 1)) - np.arctan2(c, a)
-    sb, cb = np.sin(beta)[:, None], np.cos(beta)[:, None]
-    W = np.stack([q[..., 0], q[..., 1] * sb + q[..., 2] * cb, -q[..., 1] * cb + q[..., 2] * sb], -1)
-    for s in (0, 1):
-        side = 1.0 if s == 0 else -1.0
-        S = W[:, 11 + s]
-        direc = np.array([0.25 * side, 1.0, 0.15])
-        H = S + D[s][:, None] * direc / np.linalg.norm(direc)
-        E = _ik(S, H, u, f, np.array([0.7 * side, -0.3, -0.6]))
-        fa = (H - E) / f
-        W[:, 13 + s], W[:, 15 + s] = E, H
-        lat = np.array([side, 0, 0])
-        W[:, 17 + s] = H + h * (0.045 * fa + 0.02 * lat)
-        W[:, 19 + s] = H + h * 0.055 * fa
-        W[:, 21 + s] = H + h * (0.03 * fa - 0.015 * lat)
-    if np.any(pre > 0):
-        upright = stand.copy()
-        upright[..., 1] -= 0.491 * h + 0.035 * h
-        upright[..., 2] += W[:, 11:13, 2].mean() - 0.25 * h
-        W = pre[:, None, None] * upright + (1 - pre[:, None, None]) * W
-    return W
-
-
-def _rotate(P: np.ndarray, R: np.ndarray) -> np.ndarray:
-    """``P @ R.T`` for (..., 3) points, written out: BLAS is slow for 3x3 on loaded cores."""
-    x, y, z = P[..., 0], P[..., 1], P[..., 2]
-    return np.stack([R[i, 0] * x + R[i, 1] * y + R[i, 2] * z for i in range(3)], axis=-1)
-
-
-def _camera(P: np.ndarray, yaw_deg: float, aspect: float, walk: np.ndarray, rng,
-            want_world: bool):
-    """Project body-frame points; returns image (x, y, z), world (hip-centred) and facing."""
-    yaw, pitch = np.radians(-yaw_deg), np.radians(rng.uniform(-10, 10))
-    cy, sy, cp, sp = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch)
-    R_y = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    R_p = np.array([[1, 0, 0], [0, cp, -sp], [0, sp, cp]])
-    R = R_p @ np.diag([1.0, 1.0, -1.0]) @ R_y
-    hips = (P[:, 23] + P[:, 24]) / 2
-    still = walk < 0.5
-    centre = hips[still].mean(axis=0) if still.any() else hips.mean(axis=0)
-    dist = rng.uniform(2.5, 4.0)
-    xc, yc, zc = (R[i, 0] * (P[..., 0] - centre[0]) + R[i, 1] * (P[..., 1] - centre[1])
-                  + R[i, 2] * (P[..., 2] - centre[2]) for i in range(3))
-    # walking in: enter from one side of the frame
-    remaining = np.cumsum(walk[::-1])[::-1] / max(1.0, walk.sum())  # 1 -> 0 while walking
-    # about 1.2 m in 1-2.5 s: an unhurried walk
-    xc = xc + (walk * remaining * 1.2 * rng.choice([-1.0, 1.0]))[:, None]
-    zc = zc + dist
-    u, v = xc / zc, yc / zc
-    us, vs = u[still], v[still]
-    s = rng.uniform(0.55, 0.85) / max(np.ptp(us) / aspect, np.ptp(vs))
-    mu, mv = (us.max() + us.min()) / 2, (vs.max() + vs.min()) / 2
-    ox, oy = rng.uniform(-0.05, 0.05, 2)
-    hz = ((zc[:, 23] + zc[:, 24]) / 2)[:, None]
-    img = np.stack([0.5 + ox + (s / aspect) * (u - mu), 0.5 + oy + s * (v - mv),
-                    (s / aspect) * (zc - hz) / hz], axis=-1)
-    world = _rotate(P - hips[:, None], R) if want_world else None
-    facing_left = -R[2, 0]
-    return img, world, facing_left
-
-
 def _angles(pts: np.ndarray, tri: tuple[int, int, int]) -> np.ndarray:
     a, b, c = pts[:, tri[0]] - pts[:, tri[1]], pts[:, tri[1]], pts[:, tri[2]] - pts[:, tri[1]]
     del b
@@ -431,48 +209,6 @@ def _truth(pts: np.ndarray, kind: str, reps: list) -> list[tuple[float | None, f
 def _mean(sides: tuple) -> float:
     vals = [v for v in sides if v is not None]
     return float(np.mean(vals))
-
-
-def _degrade(rng: np.random.Generator, clean: np.ndarray, img: np.ndarray, facing: float,
-             space: str, aspect: float, fps: float, noise: float, vis_drops: float,
-             glitches: float, missing: float) -> tuple[np.ndarray, np.ndarray]:
-    """Tracking as MediaPipe delivers it: (T, 33, 4) float32 frames and the NaN-row mask."""
-    T = clean.shape[0]
-    # visibility: self-occlusion of the far side, out of frame, drop episodes
-    vis = np.clip(0.985 + 0.01 * _smooth_noise(rng, (T, 33), 5), 0, 0.9999)
-    occ = rng.uniform(0.4, 0.8)
-    far = _R_SIDE if facing > 0 else _L_SIDE
-    # the far side starts to hide behind the body past ~30 degrees of yaw
-    hidden = max(0.0, (abs(facing) - 0.5) / 0.5)
-    vis[:, far] -= occ * hidden + 0.05 * _smooth_noise(rng, (T, far.size), 10)
-    sigma = np.full((T, 33), 1.0)
-    sigma[:, far] = 1.0 + hidden
-    out = (img[..., 0] < 0) | (img[..., 0] > 1) | (img[..., 1] < 0) | (img[..., 1] > 1)
-    vis[out] = rng.uniform(0.02, 0.3, out.sum())
-    for _ in range(rng.poisson(vis_drops * T / fps / 15.0)):
-        k0, k = int(rng.integers(T)), int(rng.uniform(0.3, 1.5) * fps)
-        lim = _LIMBS[int(rng.integers(4))]
-        vis[k0:k0 + k, lim] *= rng.uniform(0.1, 0.45)
-        sigma[k0:k0 + k, lim] *= 4.0
-    scale = (0.006 if space == "world" else 0.002) * noise * np.exp(rng.uniform(-0.7, 0.7))
-    # uniform noise, 3-frame moving sum: cheap, and near-Gaussian after the sum
-    w = rng.random((T + 2, 33, 3), dtype=np.float32) - np.float32(0.5)
-    # jitter is isotropic in pixels, so normalised x (and z, same scale as x) shrink by aspect
-    axes = np.ones(3) if space == "world" else np.array([1.0 / aspect, 1.0, 1.0 / aspect])
-    jit = (w[:-2] + w[1:-1] + w[2:]) * (2.0 * scale * sigma[..., None] * axes).astype(np.float32)
-    for _ in range(rng.poisson(glitches * T / fps / 20.0)):
-        k0, k = int(rng.integers(T)), int(rng.integers(1, 4))
-        lim = _LIMBS[int(rng.integers(4))]
-        jit[k0:k0 + k, lim] += rng.normal(0, 0.08 if space == "world" else 0.03, 3) * axes
-    frames = np.empty((T, 33, 4), dtype=np.float32)
-    frames[..., :3] = clean + jit
-    frames[..., 3] = np.clip(vis, 0.0, 1.0)
-    nan_rows = rng.random(T) < missing
-    for _ in range(rng.poisson(missing * T / fps / 2.0)):
-        k0 = int(rng.integers(T))
-        nan_rows[k0:k0 + int(rng.integers(3, 12))] = True
-    frames[nan_rows] = np.nan
-    return frames, nan_rows
 
 
 def generate(kind: str, *, reps: int, seed: int, fps: float = 30.0, space: str = "image",
@@ -533,17 +269,17 @@ def generate(kind: str, *, reps: int, seed: int, fps: float = 30.0, space: str =
     t_s = np.arange(T) / fps
     if kind == "push_up":
         top = rng.uniform(160, 175)
-        elbow = top - rom * p + 2.0 * _smooth_noise(rng, (T, 2), 8).T
-        P = _pushup(np.minimum(elbow, 178.0), pre, h, rng)
+        elbow = top - rom * p + 2.0 * smooth_noise(rng, (T, 2), 8).T
+        P = pushup(np.minimum(elbow, 178.0), pre, h, rng)
     else:
-        P = _skeleton(_params(kind, p, pre, walk, t_s, rom, rng), h)
-    img, world, facing = _camera(P, yaw_deg, aspect, walk, rng, space == "world")
+        P = skeleton(joint_params(kind, p, pre, walk, t_s, rom, rng), h)
+    img, world, facing = camera_view(P, yaw_deg, aspect, walk, rng, space == "world")
     clean_2d = img[..., :2] * np.array([aspect, 1.0])
     rom3d = _truth(P, kind, rep_list)
     rom_space = _truth(clean_2d, kind, rep_list) if space == "image" else rom3d
 
     clean = world if space == "world" else img
-    frames, nan_rows = _degrade(rng, clean, img, facing, space, aspect, fps, noise, vis_drops,
+    frames, nan_rows = degrade(rng, clean, img, facing, space, aspect, fps, noise, vis_drops,
                                 glitches, missing)
     # capture-time jitter; the session starts at exactly 0 ms
     jitter = np.clip(rng.normal(0, 1.0, T), -0.3e3 / fps, 0.3e3 / fps)

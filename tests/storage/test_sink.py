@@ -11,6 +11,7 @@ import pytest
 import trio
 
 import storage.sink as sink_module
+import storage.sink_event as sink_event_module
 from actors.reps import RepEngine
 from storage.bus import BusError, EventRejected, InProcessBus
 from storage.outbox import Outbox
@@ -310,7 +311,7 @@ async def test_database_refusal_is_permanent_for_the_bus(
     """If such text slips past validation, Postgres (NUL: DataError) or psycopg (a lone
     surrogate: UnicodeEncodeError) refuses it, and the subscriber says so for good
     (EventRejected), not as a transient failure; a connection failure stays transient."""
-    monkeypatch.setattr(sink_module, "_UNSTORABLE", sink_module.re.compile("(?!)"))
+    monkeypatch.setattr(sink_event_module, "_UNSTORABLE", sink_event_module.re.compile("(?!)"))
     sink = AggregateSink(pg_db)
     bad = make_event()
     bad["patient_id"] = f"p{text}"

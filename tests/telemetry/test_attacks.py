@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 import telemetry.auth as auth
+import telemetry.auth.keys as auth_keys
 from domain.pose_batch import CONTENT_TYPE
 from storage.blobs import blob_key
 from telemetry.auth import (
@@ -663,8 +664,8 @@ def test_unknown_kid_is_a_dict_miss(
     def no_io(*args: object, **kw: object) -> None:
         raise AssertionError("verification must not load keys or open sockets")
 
-    monkeypatch.setattr(auth, "load_keyset", no_io)
-    monkeypatch.setattr(auth, "_read_keys_file", no_io)
+    monkeypatch.setattr(auth_keys, "load_keyset", no_io)
+    monkeypatch.setattr(auth_keys, "_read_keys_file", no_io)
     monkeypatch.setattr(socket.socket, "connect", no_io)
     c = session_claims(settings)
     t0 = time.perf_counter()

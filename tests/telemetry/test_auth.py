@@ -12,7 +12,7 @@ import pytest
 from joserfc import jwk
 from joserfc import jwt as jose_jwt
 
-from telemetry import auth
+import telemetry.auth.verify as auth_verify
 from telemetry.auth import (
     ADMIN_SCOPE,
     SESSION_CACHE_SIZE,
@@ -245,7 +245,7 @@ def test_bearer_header() -> None:
 
 
 class Clock:
-    """Wall-clock time as both checks see it: ``telemetry.auth`` (``time.time``) and
+    """Wall-clock time as both checks see it: ``telemetry.auth.verify`` (``time.time``) and
     PyJWT (``datetime.now``)."""
 
     def __init__(self, now: float) -> None:
@@ -261,7 +261,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
         def now(cls, tz: datetime.tzinfo | None = None) -> datetime.datetime:  # type: ignore[override]
             return datetime.datetime.fromtimestamp(c.now, tz)
 
-    monkeypatch.setattr(auth, "time", types.SimpleNamespace(time=lambda: c.now))
+    monkeypatch.setattr(auth_verify, "time", types.SimpleNamespace(time=lambda: c.now))
     monkeypatch.setattr(jwt.api_jwt, "datetime", FrozenDatetime)
     return c
 
