@@ -13,7 +13,7 @@ built, :data:`VARIABLES`, the README table, ``docs/configuration.md`` and
 ``telemetry config`` (telemetry/config_report.py).
 
 **Adding a setting** is a one-place edit: add its field below, in the group it belongs
-to, then run ``python -m telemetry.config --write`` to regenerate the README table and
+to, then run ``python -m telemetry.config_report --write`` to regenerate the README table and
 ``docs/configuration.md`` (a test fails until you do). Numbers and optional values have
 shorthands; for example hypercorn's graceful timeout would be::
 
@@ -361,15 +361,8 @@ VARIABLES: dict[str, tuple[str, str]] = {
 
 
 def markdown_table() -> str:
-    """The README's configuration table (``python -m telemetry.config --write`` puts it
+    """The README's configuration table (``python -m telemetry.config_report --write`` puts it
     there; ``telemetry config --markdown`` prints it)."""
     rows = [f"| `{k}` | {d} | {desc} |" for k, (d, desc) in VARIABLES.items()]
     return "\n".join(["| variable | default | meaning |", "|---|---|---|", *rows])
 
-
-if __name__ == "__main__":
-    import sys
-
-    from telemetry.config_report import write_main
-
-    sys.exit(write_main(sys.argv[1:]))

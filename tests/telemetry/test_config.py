@@ -136,7 +136,7 @@ def test_rules_linking_two_variables_apply_to_the_environment() -> None:
                          ids=[p.name for p in TARGETS])
 def test_generated_tables_match_the_declarations(path: Path, make: Any) -> None:
     assert generated(path.read_text()) == make(), (
-        f"{path.relative_to(ROOT)} is stale: run python -m telemetry.config --write")
+        f"{path.relative_to(ROOT)} is stale: run python -m telemetry.config_report --write")
 
 
 def test_markdown_table_is_the_readme_table() -> None:
