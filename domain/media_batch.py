@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from domain.errors import MediaBatchError, MediaBodyTooLarge
+
 MAX_BYTES = 256 * 1024
 T_MS_MAX = 86_400_000  # 24 h of client clock: anything later is a broken clock
 DURATION_MAX_S = 86_400.0
@@ -55,16 +57,6 @@ _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 _URL_TAIL = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#]*)[?#]\S*")
 _TOP_KEYS = frozenset({"media_id", "view_id", "media_duration_s", "events"})
 _COMMON = frozenset({"id", "type", "t_ms"})
-
-
-class MediaBatchError(ValueError):
-    """A media batch is malformed (HTTP 400). ``code`` is machine-readable,
-    ``path`` names the offending place (``""`` for the body itself), ``str()`` says why."""
-
-    def __init__(self, code: str, path: str, rule: str) -> None:
-        super().__init__(f"{path}: {rule}" if path else rule)
-        self.code = code
-        self.path = path
 
 
 @dataclass(frozen=True)
@@ -266,7 +258,7 @@ def decode_media_batch(body: bytes, *, max_events: int = 500,
     must fix and resend it (all codes map to HTTP 400; ``body_too_large`` may be 413).
     """
     if len(body) > max_bytes:
-        raise MediaBatchError("body_too_large", "", f"body of {len(body)} bytes exceeds the "
+        raise MediaBodyTooLarge("body_too_large", "", f"body of {len(body)} bytes exceeds the "
                               f"cap of {max_bytes}")
     doc = _parse(body)
     if not isinstance(doc, dict):

@@ -88,19 +88,7 @@ KEYS_FILE_POLL_S = 2.0
 SESSION_CACHE_SIZE = 65_536
 
 
-class AuthError(Exception):
-    """The request's credentials are not acceptable.
-
-    ``status`` is 401 for a missing, malformed, expired or badly signed token or one
-    whose scope does not match the resource, 403 for a valid token that lacks the
-    permission or consent the endpoint needs.
-    """
-
-    def __init__(self, reason: str, detail: str, status: int = 401) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-        self.status = status
+from domain.errors import AuthError  # noqa: E402  (the tree's credential refusal)
 
 
 class KeyStoreError(ConfigError):
