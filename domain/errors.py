@@ -181,6 +181,12 @@ class MediaBatchError(FixRequest, ValueError):
     """A media batch is malformed. ``code`` is machine-readable, ``path`` names the
     offending place (``""`` for the body itself), ``str()`` says why."""
 
+    def __new__(cls, code: str, path: str, rule: str) -> MediaBatchError:
+        # A body over its cap is also a BodyTooLarge (413), whoever raises it.
+        if cls is MediaBatchError and code == "body_too_large":
+            cls = MediaBodyTooLarge
+        return super().__new__(cls, code, path, rule)
+
     def __init__(self, code: str, path: str, rule: str) -> None:
         super().__init__(f"{path}: {rule}" if path else rule, code=code)
         self.path = path

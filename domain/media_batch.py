@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from domain.errors import MediaBatchError, MediaBodyTooLarge
+from domain.errors import MediaBatchError
 
 MAX_BYTES = 256 * 1024
 T_MS_MAX = 86_400_000  # 24 h of client clock: anything later is a broken clock
@@ -258,7 +258,7 @@ def decode_media_batch(body: bytes, *, max_events: int = 500,
     must fix and resend it (all codes map to HTTP 400; ``body_too_large`` may be 413).
     """
     if len(body) > max_bytes:
-        raise MediaBodyTooLarge("body_too_large", "", f"body of {len(body)} bytes exceeds the "
+        raise MediaBatchError("body_too_large", "", f"body of {len(body)} bytes exceeds the "
                               f"cap of {max_bytes}")
     doc = _parse(body)
     if not isinstance(doc, dict):
