@@ -27,12 +27,22 @@ from dataclasses import dataclass, field
 _MAX_SKIPPED_REMEMBERED = 4096
 
 
-class Verdict(enum.Enum):
+class Verdict(enum.StrEnum):
+    """What became of one batch. The first five are the sequencer's; the rest are
+    the session's admission's (:mod:`actors.admission`). A verdict says what
+    happened; the refusal the client gets is the offer's error
+    (:class:`actors.admission.Offer`)."""
+
     ACCEPT = "accept"
     DUPLICATE = "duplicate"
     SKIPPED = "skipped"
     AHEAD_OF_WINDOW = "ahead_of_window"
     OVERLAP = "overlap"
+    ENDED = "ended"
+    ENDING = "session_ending"
+    SPACE_CHANGED = "space_changed"
+    RATE_LIMITED = "rate_limited"
+    MAILBOX_FULL = "mailbox_full"
 
 
 @dataclass

@@ -2,9 +2,9 @@
 
 The actor owns everything about its session: the batch sequencer, tracking
 statistics, the repetition engine and the compressed replay being written. The
-HTTP handlers talk to it only through :meth:`SessionActor.offer` (synchronous,
-never blocks: it accepts, deduplicates or refuses a batch and queues it in the
-bounded mailbox) and :meth:`SessionActor.request_end`.
+HTTP handlers talk to it only through its admission methods (:mod:`actors.admission`:
+synchronous, never block: they accept, deduplicate or refuse a batch and queue it in
+the bounded mailbox) and :meth:`SessionActor.request_end`.
 
 Lifecycle: ``run`` applies queued batches in sequence order until the session is
 ended by the client, an operator, idle timeout, maximum duration or shutdown; then
@@ -12,9 +12,10 @@ it records the end durably (with a spool: retried until the disk takes it), drai
 the mailbox (everything acknowledged is applied), finalises (blob written and
 verified, summary event published; storage failures retried with backoff) and sets
 :attr:`finished`. Between the end request and the durable end mark the session is
-*ending*: new batches get :class:`SessionEnding` / verdict ``session_ending`` (503,
-retry), because a crash then would bring it back live; once the mark is durable
-they get ``ended`` (409), which a restart does not undo (``docs/durability.md``).
+*ending*: new batches get :class:`~domain.errors.SessionEnding` (503, retry),
+because a crash then would bring it back live; once the mark is durable they get
+:class:`~domain.errors.SessionEnded` (409), which a restart does not undo
+(``docs/durability.md``). Admission (the handler side) is :mod:`actors.admission`.
 
 Errors: an exception while applying a batch is a bug; the actor logs it, stops
 computing metrics, keeps appending the acknowledged frames to the replay, and
@@ -29,16 +30,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from actors.admission import Admission
 from actors.durable import POSE, START, encode_claims, session_key
-from actors.finalise import MAX_BACKOFF_S, Backoff, finalise, record_end
+from actors.finalise import Backoff, finalise, record_end
 from actors.media import MediaTracker
 from actors.media_correlate import pose_during_stalls, sink_view
 from actors.pose_stats import PoseStats
@@ -47,7 +46,6 @@ from actors.sequencer import Sequencer, Verdict
 from actors.summary import build_summary
 from actors.summary import iso_time as _iso
 from domain.claims import SessionClaims
-from domain.media_batch import MediaBatch
 from domain.pose_batch import PoseBatch
 from storage.blobs import BlobStore
 from storage.bus import Bus
@@ -57,40 +55,13 @@ from telemetry.config import Settings
 
 log = logging.getLogger("telemetry.actor")
 
-class SessionEnded(Exception):
-    """The session has ended (durably, with a spool); it takes nothing more."""
-
-
-class SessionEnding(Exception):
-    """The session is ending but its end is not durable yet: nothing was taken;
-    retry after ``retry_after`` seconds (then 409, or, after a restart that found no
-    end mark, the session carries on)."""
-
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
 # How long an ending session waits for batches already being made durable.
 ADMISSION_GRACE_S = 2.0
 
 END_REASONS = ("client_end", "admin", "idle_timeout", "max_duration", "shutdown", "actor_error")
 
 
-@dataclass(frozen=True)
-class Offer:
-    """The answer to one batch: what the handler tells the client."""
-
-    verdict: Verdict | str  # Verdict, or "ended" / "mailbox_full" / "space_changed"
-    message: str = ""
-    retry_after: float | None = None
-
-    @property
-    def accepted(self) -> bool:
-        return self.verdict in (Verdict.ACCEPT, Verdict.DUPLICATE)
-
-
-class SessionActor:
+class SessionActor(Admission):
     def __init__(
         self,
         claims: SessionClaims,
@@ -197,108 +168,6 @@ class SessionActor:
     def mark_end_recorded(self) -> None:
         """Recovery found the end mark on disk, or :func:`record_end` wrote it."""
         self._end_recorded = True
-
-    def retry_hint(self) -> float:
-        """Seconds a client should wait before asking again while the end is being
-        recorded or finalised: the current retry pause, within 1..30 s."""
-        return max(1.0, min(MAX_BACKOFF_S, self.backoff.delay or 1.0))
-
-    def ended_offer(self) -> Offer:
-        """The refusal of a batch once the session is ending: 409 once the end is
-        durable, 503 (retry) before."""
-        if self.end_recorded:
-            return Offer("ended", "session has ended")
-        return Offer("session_ending", "session is ending and its end is not stored yet",
-                     retry_after=self.retry_hint())
-
-    def offer(self, batch: PoseBatch) -> Offer:
-        """:meth:`check` then :meth:`accept`: the path without a spool. Never blocks."""
-        verdict = self.check(batch)
-        return self.accept(batch) if verdict.verdict is Verdict.ACCEPT else verdict
-
-    def check(self, batch: PoseBatch) -> Offer:
-        """Judge ``batch`` without taking it. ACCEPT means: make it durable, then call
-        :meth:`accept`. A new (non-duplicate) batch spends a rate-limit token here."""
-        if self.ending:
-            return self.ended_offer()
-        if self.space is not None and batch.space != self.space:
-            return Offer("space_changed", f"session streams {self.space!r} coordinates; "
-                         f"batch {batch.seq} is {batch.space!r}")
-        verdict, message = self._seq.check(batch.seq, batch.first_t, batch.last_t)
-        if verdict is Verdict.AHEAD_OF_WINDOW:
-            return Offer(verdict, message, retry_after=self.settings.gap_timeout_s)
-        if verdict is Verdict.DUPLICATE:
-            self.duplicates += 1
-        if verdict is not Verdict.ACCEPT:
-            return Offer(verdict, message)
-        now = trio.current_time()
-        self._tokens = min(2 * self._rate, self._tokens + (now - self._tokens_at) * self._rate)
-        self._tokens_at = now
-        if self._tokens < 1.0:
-            return Offer("rate_limited", f"more than {self._rate:g} batches per second",
-                         retry_after=(1.0 - self._tokens) / self._rate)
-        stats = self._tx.statistics()
-        if stats.current_buffer_used >= stats.max_buffer_size:
-            return Offer("mailbox_full", "session mailbox is full", retry_after=1.0)
-        self._tokens -= 1.0
-        return Offer(Verdict.ACCEPT)
-
-    @contextmanager
-    def admitting(self) -> Iterator[None]:
-        """Wrap check → persist → accept: a session ended meanwhile still takes the
-        batch (it came before the end call), because the actor waits for admissions
-        in flight before it drains and finalises."""
-        self._admitting += 1
-        try:
-            yield
-        finally:
-            self._admitting -= 1
-            if not self._admitting:
-                self._admissions_done.set()
-
-    def accept(self, batch: PoseBatch) -> Offer:
-        """Queue a batch that :meth:`check` accepted (and the caller made durable).
-
-        Judges again, because the session may have changed while the caller awaited
-        the spool: a concurrent retry of the same batch now reads as a duplicate."""
-        if self._draining or self._handover:
-            return self.ended_offer()
-        verdict, message = self._seq.check(batch.seq, batch.first_t, batch.last_t)
-        if verdict is Verdict.DUPLICATE:
-            self.duplicates += 1
-        if verdict is not Verdict.ACCEPT:
-            return Offer(verdict, message)
-        try:
-            self._tx.send_nowait(batch)
-        except trio.WouldBlock:
-            return Offer("mailbox_full", "session mailbox is full", retry_after=1.0)
-        if self.space is None:
-            self._start_pose(batch)
-        self._seq.accept(batch.seq, batch.first_t, batch.last_t)
-        self._touch(batch.first_t)
-        return Offer(Verdict.ACCEPT)
-
-    def offer_media(self, batch: MediaBatch) -> tuple[int, int]:
-        """Apply a media batch now: ``(applied, not_applied)``.
-
-        Media metrics are cheap, pure and independent of pose order, so they are
-        applied on the caller's task (no checkpoint: the actor cannot interleave),
-        and the client learns exactly what was taken. Raises
-        :class:`MediaTrackerError` for a batch the session refuses as a whole, and
-        :class:`SessionEnded` once the session is draining (:class:`SessionEnding`
-        while its end is not durable yet)."""
-        if self._draining:
-            self.refuse_media()
-        result = self.media.apply(batch)
-        self._touch(batch.events[0].t_ms)
-        return result
-
-    def refuse_media(self) -> None:
-        """Raise what a media batch gets once the session is ending."""
-        offer = self.ended_offer()
-        if offer.verdict == "ended":
-            raise SessionEnded("session has ended")
-        raise SessionEnding(offer.message, offer.retry_after or 1.0)
 
     @property
     def holds_nothing(self) -> bool:

@@ -25,18 +25,20 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
+from actors.admission import Offer, end_offer, end_refusal
 from actors.durable import MEDIA, POSE, session_key
 from actors.finalise import MAX_BACKOFF_S, Backoff, publish_and_close, retry
 from actors.pose_stats import PoseStats
 from actors.recovery import RecoveryReport, recover
 from actors.sequencer import Verdict
-from actors.session import Offer, SessionActor, SessionEnded, SessionEnding
+from actors.session import SessionActor
 from actors.summary import build_summary
 from domain.claims import SessionClaims
+from domain.errors import NotFinalised, SessionEnded, ShuttingDown, TooManySessions
 from domain.media_batch import MediaBatch
 from domain.pose_batch import PoseBatch
 from domain.privacy import Pseudonymiser
@@ -56,31 +58,9 @@ Key = tuple[str, str]
 END_WAIT_S = 15.0
 
 
-class SupervisorClosed(Exception):
-    """The supervisor is draining or stopped and admits no new session."""
-
-
-class NotFinalised(Exception):
-    """An end call's wait ran out before the session's summary was stored.
-
-    ``recorded``: the end itself is durable (the session refuses batches, and a
-    restart resumes its finalisation rather than bringing it back live). If False,
-    not even that is on disk yet, and after a restart the session would carry on.
-    Either way finalisation keeps retrying in the background; ask again after
-    ``retry_after`` seconds."""
-
-    def __init__(self, message: str, retry_after: float, *, recorded: bool) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-        self.recorded = recorded
-
-
-class TooManySessions(Exception):
-    """A live-session limit (per process or per organisation) is reached."""
-
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+# The refusals of this module, from the tree (domain.errors); SupervisorClosed is its
+# historical name for ShuttingDown.
+SupervisorClosed = ShuttingDown
 
 
 @dataclass
@@ -245,8 +225,8 @@ class Supervisor:
     def offer_media(self, claims: SessionClaims, batch: MediaBatch) -> tuple[int, int]:
         """Apply a media batch to the session's actor, starting it if needed.
 
-        Raises :class:`SessionEnded`, :class:`SessionEnding`,
-        :class:`MediaTrackerError` or :class:`SupervisorClosed`."""
+        Raises :class:`SessionEnded`, :class:`SessionEnding`, :class:`MediaRejected`,
+        :class:`MediaFinished` or :class:`SupervisorClosed` (all of domain.errors)."""
         actor = self._actor(claims)
         if actor is None:
             self._refuse_media((claims.org_id, claims.session_id))
@@ -281,9 +261,7 @@ class Supervisor:
         if actor is None:
             self._refuse_media((claims.org_id, claims.session_id))
         assert actor is not None
-        if actor.ending:
-            actor.refuse_media()
-        actor.media.check(batch)
+        actor.check_media(batch)
         with actor.admitting():
             await actor.persist(MEDIA, body)
             return actor.offer_media(batch)
@@ -314,17 +292,15 @@ class Supervisor:
     def _refusal(self, key: Key) -> Offer:
         """The answer to a batch for a session that is not live here but known as
         ended (or ended before a restart: its blob exists)."""
-        entry = self._entry(key)
-        if entry is not None and not entry.recorded:
-            return Offer("session_ending", "session is ending and its end is not stored yet",
-                         retry_after=1.0)
-        return Offer("ended", "session has ended")
+        return end_offer(self._recorded(key), 1.0)
 
-    def _refuse_media(self, key: Key) -> None:
-        offer = self._refusal(key)
-        if offer.verdict == "ended":
-            raise SessionEnded("session has ended")
-        raise SessionEnding(offer.message, offer.retry_after or 1.0)
+    def _refuse_media(self, key: Key) -> NoReturn:
+        raise end_refusal(self._recorded(key), 1.0, media=True)
+
+    def _recorded(self, key: Key) -> bool:
+        """Whether the end of a session that is not live here is durable."""
+        entry = self._entry(key)
+        return entry is None or entry.recorded
 
     async def end(self, claims: SessionClaims, reason: str = "client_end") -> dict[str, Any]:
         """End a session and return its summary; the same summary on repeated calls.

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from domain.errors import MediaBatchError
+
 MAX_BYTES = 256 * 1024
 T_MS_MAX = 86_400_000  # 24 h of client clock: anything later is a broken clock
 DURATION_MAX_S = 86_400.0
@@ -55,16 +57,6 @@ _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 _URL_TAIL = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#]*)[?#]\S*")
 _TOP_KEYS = frozenset({"media_id", "view_id", "media_duration_s", "events"})
 _COMMON = frozenset({"id", "type", "t_ms"})
-
-
-class MediaBatchError(ValueError):
-    """A media batch is malformed (HTTP 400). ``code`` is machine-readable,
-    ``path`` names the offending place (``""`` for the body itself), ``str()`` says why."""
-
-    def __init__(self, code: str, path: str, rule: str) -> None:
-        super().__init__(f"{path}: {rule}" if path else rule)
-        self.code = code
-        self.path = path
 
 
 @dataclass(frozen=True)

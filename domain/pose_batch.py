@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from domain.errors import BatchError
+
 MAGIC = b"RXPB"
 VERSION = 1
 CONTENT_TYPE = "application/x-restartix-pose"
@@ -59,14 +61,6 @@ def _float32_inside(lo: float, hi: float) -> tuple[np.float32, np.float32]:
 _VIS_LO, _VIS_HI = _float32_inside(_VIS_MIN, _VIS_MAX)
 _LOWER = np.tile(np.array([-_COORD_LIMIT] * 3 + [_VIS_LO], dtype=np.float32), LANDMARKS)
 _UPPER = np.tile(np.array([_COORD_LIMIT] * 3 + [_VIS_HI], dtype=np.float32), LANDMARKS)
-
-
-class BatchError(ValueError):
-    """A pose batch is malformed. ``code`` is machine-readable, ``str()`` says why."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True, eq=False)

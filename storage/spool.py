@@ -92,6 +92,7 @@ from typing import Any, Final
 
 import trio
 
+from domain.errors import StorageFull
 from storage.fsutil import fsync_dir, os_error_text
 
 __all__ = ["Record", "Spool", "SpoolClosed", "SpoolError", "SpoolFull"]
@@ -119,8 +120,9 @@ class SpoolError(Exception):
         self.key = key
 
 
-class SpoolFull(SpoolError):
-    """The disk budget would be exceeded; nothing was queued (answer 503 + Retry-After)."""
+class SpoolFull(SpoolError, StorageFull):
+    """The disk budget would be exceeded; nothing was queued (the tree's
+    :class:`~domain.errors.StorageFull`: wait and send it again)."""
 
 
 class SpoolClosed(SpoolError):

@@ -1,15 +1,16 @@
 """The HTTP API (quart-trio): ingest, session end, admin and health endpoints.
 
 Handlers authenticate, validate and hand work to the :class:`Supervisor`; they
-never touch storage clients directly. Every refusal is an :class:`ApiError` with
-a JSON body (see :mod:`telemetry.errors`).
+never touch storage clients directly. Every refusal is an error of the tree
+(:mod:`domain.errors`) answered with a JSON body (see :mod:`telemetry.errors`).
 
 Around every request (``before_request`` / ``after_request`` / ``teardown_request``):
 a request id (a safe incoming ``X-Request-Id`` or a fresh one) is put on every log
 line of the request and returned in the ``X-Request-Id`` response header; the
 answer is counted in the Prometheus metrics (:mod:`telemetry.metrics`, served at
 ``GET /metrics``) and logged as one ``request`` line whose level follows the
-status (see ``docs/operations.md``).
+status (see ``docs/operations.md``), by the same primitives the raw-ASGI pose
+routes use (:mod:`telemetry.http.pipeline`).
 """
 
 from __future__ import annotations
@@ -17,31 +18,38 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from quart import Response, g, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from actors.media_correlate import MediaTrackerError
-from actors.session import SessionEnded
-from actors.supervisor import Supervisor
-from domain.media_batch import MediaBatchError, decode_media_batch
-from domain.privacy import Pseudonymiser, truncate_ip
+from domain.claims import SessionClaims, is_safe_id
+from domain.errors import (
+    AmbiguousSession,
+    AuthError,
+    ConsentRequired,
+    InvalidSessionId,
+    SessionNotLive,
+    TelemetryError,
+    UnsupportedMediaType,
+)
+from domain.media_batch import decode_media_batch
+from domain.privacy import truncate_ip
 from storage.outbox import Outbox
 from telemetry import errors, logs
-from telemetry.auth import AuthError, SessionClaims, TokenVerifier, bearer_token, is_safe_id
-from telemetry.config import Settings
-from telemetry.errors import ApiError
-from telemetry.ingest import admission_errors
+from telemetry.auth import bearer_token
+from telemetry.http.answers import FRAMEWORK_CODES
+from telemetry.http.pipeline import check_body_head, observe
+from telemetry.http.state import AppState
+from telemetry.ingest import storage_boundary
 from telemetry.lean import LeanApp
-from telemetry.metrics import UNMATCHED, Metrics, StateCollector, StateSources, method_label
+from telemetry.metrics import UNMATCHED, StateCollector, StateSources, method_label
 
 if TYPE_CHECKING:
     from storage.spool import Spool
-    from telemetry.stream import PoseStream
-    from telemetry.wiring import Storage
+
+__all__ = ["AppState", "create_app"]
 
 log = logging.getLogger("telemetry.http")
 
@@ -49,25 +57,6 @@ log = logging.getLogger("telemetry.http")
 BATCH_ENDPOINTS = {"/v1/pose/frames": "pose", "/v1/media/events": "media"}
 # Routine successes are logged at debug; every other success at info.
 _QUIET_ENDPOINTS = frozenset({*BATCH_ENDPOINTS, "/v1/healthz", "/v1/readyz", "/metrics"})
-# The error codes of werkzeug's HTTP exceptions, as telemetry.errors answers them.
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
-               400: "bad_request"}
-
-
-@dataclass
-class AppState:
-    settings: Settings
-    supervisor: Supervisor
-    verifier: TokenVerifier
-    pseudonyms: Pseudonymiser
-    ready: bool = True
-    port: int = 0
-    metrics: Metrics = field(default_factory=Metrics)
-    # The storage the supervisor uses, for scrape-time spool and outbox figures; when
-    # None they are taken from the supervisor's own spool and bus.
-    storage: Storage | None = None
-    # The pose streams (WebSocket), so that shutdown can close them; set by create_app.
-    streams: PoseStream | None = None
 
 
 class TelemetryApp(QuartTrio):
@@ -75,10 +64,10 @@ class TelemetryApp(QuartTrio):
     line, and logs unhandled exceptions without the raw path (it holds ids)."""
 
     async def handle_user_exception(self, error: Exception) -> Any:
-        if isinstance(error, ApiError):
+        if isinstance(error, TelemetryError):
             g.error_code = error.code
         elif isinstance(error, HTTPException):
-            g.error_code = _HTTP_CODES.get(error.code or 500, "http_error")
+            g.error_code = FRAMEWORK_CODES.get(error.code or 500, "http_error")
         return await super().handle_user_exception(error)
 
     def log_exception(self, exc_info: Any) -> None:
@@ -116,7 +105,7 @@ def create_app(state: AppState) -> LeanApp:
 
     @app.after_request
     async def finish_request(response: Response) -> Response:
-        observe(response)
+        observe_response(response)
         ctx = logs.current_request()
         if ctx is not None:
             response.headers[logs.REQUEST_ID_HEADER] = ctx.request_id
@@ -126,23 +115,16 @@ def create_app(state: AppState) -> LeanApp:
     async def end_request(exc: BaseException | None) -> None:
         logs.end_request()
 
-    def observe(response: Response) -> None:
+    def observe_response(response: Response) -> None:
         """Count and log one answer (runs for handled errors and 500s alike)."""
         endpoint = _endpoint()
-        status = response.status_code
-        code = g.get("error_code")
-        elapsed = time.perf_counter() - g.get("t0", time.perf_counter())
-        method = method_label(request.method)
-        m.count_request(method, endpoint, status, elapsed)
-        kind = BATCH_ENDPOINTS.get(endpoint)
-        if kind is not None and g.get("authenticated"):
-            if status < 400:
-                m.count_batch(kind, g.get("batch_outcome", "accepted"))
-            else:
-                m.count_batch(kind, "rejected", code or _HTTP_CODES.get(status, "http_error"))
-        logs.log_request(log, _level(endpoint, status), method=method, endpoint=endpoint,
-                         status=status, seconds=elapsed, code=code,
-                         client=request.remote_addr)
+        kind = BATCH_ENDPOINTS.get(endpoint) if g.get("authenticated") else None
+        observe(m, log, method=method_label(request.method), endpoint=endpoint,
+                status=response.status_code,
+                seconds=time.perf_counter() - g.get("t0", time.perf_counter()),
+                code=g.get("error_code"), client=request.remote_addr,
+                quiet=endpoint in _QUIET_ENDPOINTS, batch=kind,
+                outcome=g.get("batch_outcome", "accepted"))
 
     def session_claims() -> SessionClaims:
         claims = ingest.claims(lambda: bearer_token(request.headers), request.remote_addr)
@@ -157,10 +139,9 @@ def create_app(state: AppState) -> LeanApp:
             log.info("auth failed", extra={"reason": exc.reason, "kind": "service",
                                            "client": truncate_ip(request.remote_addr)})
             # A valid session token here is a wrong kind of credential, not a bad one.
-            status = exc.status
             if exc.reason == "wrong_audience" and _is_session_token(state, request.headers):
-                status = 403
-            raise ApiError(status, exc.reason, exc.detail) from None
+                raise AuthError(exc.reason, exc.detail, 403) from None
+            raise
 
     async def timed_end(key: tuple[str, str], reason: str,
                         end: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
@@ -178,7 +159,7 @@ def create_app(state: AppState) -> LeanApp:
             # The blob store is asked whether an unknown session ended before a
             # restart; if it cannot answer, the client retries (503), not a 500.
             # Storage failing during finalisation is a 503 too (NotFinalised).
-            with admission_errors():
+            with storage_boundary():
                 summary = await end()
         finally:
             if first:
@@ -191,15 +172,9 @@ def create_app(state: AppState) -> LeanApp:
         return summary
 
     async def read_body() -> bytes:
-        encoding = (request.headers.get("Content-Encoding") or "identity").strip().lower()
-        if encoding != "identity":
-            # Compressed bodies are not accepted: nothing to decompress, nothing to bomb.
-            raise ApiError(415, "unsupported_content_encoding",
-                           f"Content-Encoding {encoding!r} is not accepted; send identity")
-        length = request.content_length
-        if length is not None and length > s.max_body_bytes:
-            raise ApiError(413, "body_too_large",
-                           f"body of {length} bytes exceeds the cap of {s.max_body_bytes}")
+        check_body_head(request.headers.get("Content-Encoding"), request.content_length,
+                        s.max_body_bytes)
+        # Quart enforces the cap (MAX_CONTENT_LENGTH) and the timeout (BODY_TIMEOUT).
         body = await request.get_data(cache=False)
         errors.mark_body_read()
         return body
@@ -208,28 +183,16 @@ def create_app(state: AppState) -> LeanApp:
     async def media_events() -> tuple[Response, int]:
         claims = session_claims()
         if not claims.analytics_consent:
-            raise ApiError(403, "consent_required",
-                           "media events need the patient's analytics consent")
+            raise ConsentRequired("media events need the patient's analytics consent")
         ctype = (request.mimetype or "").lower()
         if ctype != "application/json":
-            raise ApiError(415, "unsupported_media_type",
-                           f"Content-Type must be application/json, got {ctype or 'none'!r}")
+            raise UnsupportedMediaType(
+                f"Content-Type must be application/json, got {ctype or 'none'!r}")
         body = await read_body()
-        try:
-            batch = decode_media_batch(body, max_events=s.max_events_per_batch,
-                                       max_bytes=s.max_body_bytes)
-        except MediaBatchError as exc:
-            status = 413 if exc.code == "body_too_large" else 400
-            raise ApiError(status, exc.code, str(exc)) from None
-        try:
-            with admission_errors():
-                applied, not_applied = await state.supervisor.submit_media(claims, batch, body)
-        except SessionEnded:
-            raise ApiError(409, "session_ended", "session has ended; no more events accepted")\
-                from None
-        except MediaTrackerError as exc:
-            status = 409 if exc.code == "finished" else 400
-            raise ApiError(status, exc.code, str(exc)) from None
+        batch = decode_media_batch(body, max_events=s.max_events_per_batch,
+                                   max_bytes=s.max_body_bytes)
+        with storage_boundary():
+            applied, not_applied = await state.supervisor.submit_media(claims, batch, body)
         m.media_events.labels("applied").inc(applied)
         m.media_events.labels("not_applied").inc(not_applied)
         m.count_media_received(len(body))
@@ -241,13 +204,10 @@ def create_app(state: AppState) -> LeanApp:
         claims = session_claims()
         if session_id != claims.session_id:
             # The locked design answers a token used outside its scope with 401.
-            raise ApiError(401, "scope_mismatch", "token is not valid for this session")
-        try:
-            summary = await timed_end(
-                (claims.org_id, claims.session_id), "client_end",
-                lambda: state.supervisor.end(claims, reason="client_end"))
-        except SessionEnded as exc:
-            raise ApiError(409, "session_ended", str(exc)) from None
+            raise AuthError("scope_mismatch", "token is not valid for this session")
+        summary = await timed_end(
+            (claims.org_id, claims.session_id), "client_end",
+            lambda: state.supervisor.end(claims, reason="client_end"))
         return jsonify(summary)
 
     @app.get("/v1/healthz")
@@ -274,14 +234,13 @@ def create_app(state: AppState) -> LeanApp:
 
     def one(session_id: str) -> Any:
         if not is_safe_id(session_id):
-            raise ApiError(400, "invalid_session_id", "session id has invalid characters")
+            raise InvalidSessionId
         org = request.args.get("org_id")
         found = state.supervisor.find(session_id, org)
         if not found:
-            raise ApiError(404, "session_not_live", f"no live session {session_id!r}")
+            raise SessionNotLive(f"no live session {session_id!r}")
         if len(found) > 1:
-            raise ApiError(409, "ambiguous_session",
-                           "session id is live in several organisations; pass ?org_id=")
+            raise AmbiguousSession("session id is live in several organisations; pass ?org_id=")
         logs.set_session(found[0].log_id)
         return found[0]
 
@@ -319,10 +278,6 @@ def _endpoint() -> str:
     raw path, which holds ids."""
     rule = request.url_rule
     return rule.rule if rule is not None else UNMATCHED
-
-
-def _level(endpoint: str, status: int) -> int:
-    return logs.request_level(status, quiet=endpoint in _QUIET_ENDPOINTS)
 
 
 def _spool(state: AppState) -> Spool | None:

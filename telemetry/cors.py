@@ -40,13 +40,14 @@ pass-through (no preflight is answered, refused or counted).
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
+from domain.errors import OriginNotAllowed
 from telemetry.asgi import ASGIApp, Message, Receive, Scope, Send
+from telemetry.http.pipeline import error_json
 
 #: Methods a browser may use on this API.
 ALLOWED_METHODS: tuple[str, ...] = ("GET", "POST")
@@ -175,7 +176,8 @@ def cors(app: ASGIApp, allowed_origins: Iterable[str], *,
             "code": code, "origin_host": origin_host(_header(scope, b"origin"))})
         if on_refused is not None:
             on_refused(code)
-        body = json.dumps({"error": {"code": code, "message": message}}).encode()
+        # Every cors_* refusal is the browser being refused: 403, whatever was asked.
+        body = error_json(OriginNotAllowed(message, code=code))
         await send({"type": "http.response.start", "status": 403, "headers": _with_vary([
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),

@@ -12,6 +12,8 @@ Flow control instead of 503: a batch the session cannot take *yet* (its rate lim
 a full mailbox, a full spool) is held and retried, for up to
 :data:`FLOW_WAIT_MAX_S`, while the socket is not read; the client sees its acks
 slow down and TCP pushes back. Only past that wait is it refused like a POST.
+Which refusals are waited out, and which close the stream after their nack, is
+one table (:data:`telemetry.http.answers.STREAM`).
 
 The socket closes (codes in :data:`CLOSE_CODES`) when the client closes it, when
 the session ends (4409), when the token expires (4401: reconnect with a fresh one),
@@ -35,49 +37,57 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from actors.sequencer import Verdict
+from domain.claims import SessionClaims
+from domain.errors import (
+    AuthError,
+    MethodNotAllowed,
+    OriginNotAllowed,
+    ShuttingDown,
+    TelemetryError,
+    UpgradeRequired,
+)
 from domain.pose_batch import HEADER
 from telemetry import logs
-from telemetry.asgi import HeaderMap, Receive, Scope, Send, client_of, headers_of
-from telemetry.auth import AuthError, SessionClaims, bearer_token
+from telemetry.asgi import Receive, Scope, Send, client_of
+from telemetry.auth import bearer_token
 from telemetry.cors import CorsConfigError, normalise_origin
-from telemetry.errors import ApiError
-from telemetry.ingest import TRANSIENT, PoseIngest, refusal
-from telemetry.lean import STREAM_PATH, error_body, send_error
+from telemetry.http.answers import (
+    CLOSE_CODES,
+    CLOSE_ENDED,
+    CLOSE_IDLE,
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
+    CLOSE_RESTART,
+    CLOSE_TOKEN,
+    CLOSE_TRY_LATER,
+    CLOSE_UNSUPPORTED,
+    FLOW_WAIT_MAX_S,
+    http_status,
+    stream_answer,
+    stream_pause,
+)
+from telemetry.http.pipeline import (
+    Headers,
+    error_body,
+    retry_after_value,
+    send_error,
+)
+from telemetry.ingest import PoseIngest
 
 if TYPE_CHECKING:
-    from telemetry.app import AppState
+    from telemetry.http.state import AppState
+
+__all__ = ["CLOSE_CODES", "CLOSE_ENDED", "CLOSE_IDLE", "CLOSE_NORMAL", "CLOSE_RESTART",
+           "CLOSE_TOKEN", "CLOSE_TRY_LATER", "CLOSE_UNSUPPORTED", "FLOW_WAIT_MAX_S",
+           "STREAM_PATH", "SUBPROTOCOL", "PoseStream"]
 
 log = logging.getLogger("telemetry.stream")
 
+STREAM_PATH = "/v1/pose/stream"
 SUBPROTOCOL = "restartix.pose.v1"
 # Browsers cannot set headers on a WebSocket: they offer the token as a second
 # subprotocol, "bearer.<token>" (JWT characters are all valid in a subprotocol).
 BEARER_PREFIX = "bearer."
-# How long a batch may wait for capacity (rate limit, mailbox, spool) before it is
-# refused with the POST path's 429/503; the client sees slow acks meanwhile.
-FLOW_WAIT_MAX_S = 30.0
-# Retry pauses while waiting: short for a mailbox the actor is emptying, longer
-# for a spool that is full.
-MAILBOX_PAUSE_S = 0.02
-SPOOL_PAUSE_S = 1.0
-
-CLOSE_NORMAL = 1000
-CLOSE_UNSUPPORTED = 1003
-CLOSE_POLICY = 1008
-CLOSE_RESTART = 1012
-CLOSE_TRY_LATER = 1013
-CLOSE_TOKEN = 4401
-CLOSE_IDLE = 4408
-CLOSE_ENDED = 4409
-# Refusals after which the stream cannot go on: the session is over, or this
-# instance will not serve it.
-CLOSE_AFTER = {"session_ended": CLOSE_ENDED, "shutting_down": CLOSE_RESTART,
-               "too_many_sessions": CLOSE_TRY_LATER}
-CLOSE_CODES = {
-    CLOSE_UNSUPPORTED: "text_message", CLOSE_RESTART: "shutting_down",
-    CLOSE_TRY_LATER: "too_many_sessions", CLOSE_TOKEN: "token_expired",
-    CLOSE_IDLE: "idle_timeout", CLOSE_ENDED: "session_ended",
-}
 
 
 @dataclass(eq=False)
@@ -121,14 +131,14 @@ class PoseStream:
         message = await receive()
         if message["type"] != "websocket.connect":
             return
-        headers = headers_of(scope)
-        ctx = logs.begin_request(headers.get(logs.REQUEST_ID_HEADER.lower()))
+        headers = Headers.of(scope)
+        ctx = logs.begin_request(headers.get("x-request-id"))
         try:
             subprotocols = list(scope.get("subprotocols") or ())
             try:
                 claims = self._handshake(scope, headers, subprotocols)
-            except ApiError as exc:
-                self._count_handshake(exc.status)
+            except TelemetryError as exc:
+                self._count_handshake(http_status(exc))
                 await _deny(scope, send, exc, ctx.request_id)
                 return
             self._count_handshake(101)
@@ -139,24 +149,27 @@ class PoseStream:
         finally:
             logs.end_request()
 
-    def _handshake(self, scope: Scope, headers: dict[str, str],
+    def _handshake(self, scope: Scope, headers: Headers,
                    subprotocols: list[str]) -> SessionClaims:
         state = self._state
         if self._stopping or not state.ready or not state.supervisor.accepting:
-            raise ApiError(503, "shutting_down", "the service is shutting down; reconnect",
-                           retry_after=1)
+            raise ShuttingDown("the service is shutting down; reconnect", retry_after=1)
         origin = headers.get("origin")
         if self._origins and origin is not None and not self._origin_allowed(origin):
-            raise ApiError(403, "cors_origin_not_allowed",
-                           "this origin may not open a pose stream")
+            raise OriginNotAllowed("this origin may not open a pose stream")
 
         def token() -> str:
+            """The token from the Authorization header if there is one, else from the
+            one bearer subprotocol: taken as it is (the verifier checks its size)."""
             offered = [p for p in subprotocols if p.startswith(BEARER_PREFIX)]
             if "authorization" in headers or not offered:
-                return bearer_token(HeaderMap(headers))
+                return bearer_token(headers)
             if len(offered) > 1:
                 raise AuthError("malformed_token", "more than one bearer subprotocol")
-            return bearer_token({"Authorization": "Bearer " + offered[0][len(BEARER_PREFIX):]})
+            token = offered[0][len(BEARER_PREFIX):]
+            if not token:
+                raise AuthError("malformed_token", "the bearer subprotocol holds no token")
+            return token
 
         claims = self._ingest.claims(token, client_of(scope))
         self._ingest.require_consent(claims)
@@ -229,29 +242,28 @@ class PoseStream:
             while True:
                 try:
                     offer = await self._ingest.submit(conn.claims, batch, body)
-                except ApiError as exc:
-                    if exc.code != "spool_full" or waited >= FLOW_WAIT_MAX_S or conn.stop:
-                        raise
-                    await trio.sleep(SPOOL_PAUSE_S)
-                    waited += SPOOL_PAUSE_S
-                    continue
-                if offer.accepted:
-                    break
-                if offer.verdict not in TRANSIENT or waited >= FLOW_WAIT_MAX_S or conn.stop:
-                    raise refusal(offer)
-                pause = MAILBOX_PAUSE_S if offer.verdict == "mailbox_full" else \
-                    min(max(offer.retry_after or MAILBOX_PAUSE_S, 0.005), 1.0)
+                except TelemetryError as exc:
+                    refusal = exc
+                else:
+                    if offer.refusal is None:
+                        break
+                    refusal = offer.refusal
+                answer = stream_answer(refusal)
+                if not answer.wait or waited >= FLOW_WAIT_MAX_S or conn.stop:
+                    raise refusal
+                pause = stream_pause(answer, refusal)
                 await trio.sleep(pause)
                 waited += pause
-        except ApiError as exc:
+        except TelemetryError as exc:
             conn.refused += 1
+            status = http_status(exc)
             self._state.metrics.count_batch("pose", "rejected", exc.code)
-            level = logs.request_level(exc.status, quiet=True)
-            log.log(level, "stream batch refused", extra={"status": exc.status,
+            level = logs.request_level(status, quiet=True)
+            log.log(level, "stream batch refused", extra={"status": status,
                                                           "code": exc.code})
             seq = batch.seq if batch is not None else _peek_seq(body)
-            await send({"type": "websocket.send", "text": _nack(seq, exc)})
-            return CLOSE_AFTER.get(exc.code)
+            await send({"type": "websocket.send", "text": _nack(seq, exc, status)})
+            return stream_answer(exc).close
         duplicate = offer.verdict is Verdict.DUPLICATE
         conn.acked += 1
         self._state.metrics.count_batch("pose", "duplicate" if duplicate else "accepted")
@@ -265,23 +277,22 @@ class PoseStream:
     async def _not_upgraded(self, scope: Scope, send: Send) -> None:
         """A plain HTTP request on the stream's path: a GET is answered 426, saying how
         to upgrade; any other method 405 with ``Allow`` (the handshake is a GET)."""
-        ctx = logs.begin_request(headers_of(scope).get(logs.REQUEST_ID_HEADER.lower()))
+        ctx = logs.begin_request(Headers.of(scope).get("x-request-id"))
         try:
             get = scope.get("method") == "GET"
+            exc: TelemetryError
             if get:
-                exc = ApiError(426, "upgrade_required",
-                               f"{STREAM_PATH} is a WebSocket endpoint; connect with "
-                               "Upgrade: websocket")
+                exc = UpgradeRequired(f"{STREAM_PATH} is a WebSocket endpoint; connect with "
+                                      "Upgrade: websocket")
             else:
-                exc = ApiError(405, "method_not_allowed",
-                               "The method is not allowed for the requested URL.")
+                exc = MethodNotAllowed()
             await send_error(send, exc, ctx.request_id, close=True,
                              allow=None if get else b"GET")
             method = "GET" if get else "other"
-            status = str(exc.status)
-            self._state.metrics.requests.labels(method, STREAM_PATH, status).inc()
-            logs.log_request(log, logs.request_level(exc.status, quiet=False), method=method,
-                             endpoint=STREAM_PATH, status=exc.status, seconds=0.0,
+            status = http_status(exc)
+            self._state.metrics.requests.labels(method, STREAM_PATH, str(status)).inc()
+            logs.log_request(log, logs.request_level(status, quiet=False), method=method,
+                             endpoint=STREAM_PATH, status=status, seconds=0.0,
                              code=exc.code, client=client_of(scope))
         finally:
             logs.end_request()
@@ -299,10 +310,11 @@ def _ack(seq: int, duplicate: bool) -> str:
     return f'{{"seq":{seq},"status":202,"duplicate":{"true" if duplicate else "false"}}}'
 
 
-def _nack(seq: int | None, exc: ApiError) -> str:
-    out: dict[str, Any] = {"seq": seq, "status": exc.status, **error_body(exc)}
+def _nack(seq: int | None, exc: TelemetryError, status: int) -> str:
+    """The refusal of one batch: the status and error the POST path would answer."""
+    out: dict[str, Any] = {"seq": seq, "status": status, **error_body(exc)}
     if exc.retry_after is not None:
-        out["retry_after"] = max(1, int(round(exc.retry_after)))
+        out["retry_after"] = retry_after_value(exc.retry_after)
     return json.dumps(out, separators=(",", ":"))
 
 
@@ -311,18 +323,10 @@ async def _close(send: Send, code: int, reason: str) -> int:
     return code
 
 
-async def _deny(scope: Scope, send: Send, exc: ApiError, request_id: str) -> None:
+async def _deny(scope: Scope, send: Send, exc: TelemetryError, request_id: str) -> None:
     """Refuse the handshake with the JSON error an HTTP request would get, where the
     server supports it (hypercorn does); a bare 403 otherwise."""
     if "websocket.http.response" not in (scope.get("extensions") or {}):
         await send({"type": "websocket.close", "code": CLOSE_POLICY})
         return
-    body = json.dumps(error_body(exc), separators=(",", ":")).encode() + b"\n"
-    headers = [(b"content-type", b"application/json"),
-               (b"content-length", str(len(body)).encode()),
-               (b"x-request-id", request_id.encode())]
-    if exc.retry_after is not None:
-        headers.append((b"retry-after", str(max(1, int(round(exc.retry_after)))).encode()))
-    await send({"type": "websocket.http.response.start", "status": exc.status,
-                "headers": headers})
-    await send({"type": "websocket.http.response.body", "body": body})
+    await send_error(send, exc, request_id, kind="websocket.http")

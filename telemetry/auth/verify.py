@@ -37,6 +37,7 @@ from domain.claims import (
     SessionClaims,
     is_safe_id,
 )
+from domain.errors import AuthError
 from telemetry.auth.keys import KeyStore
 from telemetry.config import Settings
 
@@ -52,21 +53,6 @@ ADMIN_SCOPE = "telemetry:admin"
 # from the least recently used end, so the cache holds about the tokens used within
 # the last jwt_max_lifetime_s; a live session needs one entry.
 SESSION_CACHE_SIZE = 65_536
-
-
-class AuthError(Exception):
-    """The request's credentials are not acceptable.
-
-    ``status`` is 401 for a missing, malformed, expired or badly signed token or one
-    whose scope does not match the resource, 403 for a valid token that lacks the
-    permission or consent the endpoint needs.
-    """
-
-    def __init__(self, reason: str, detail: str, status: int = 401) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-        self.status = status
 
 
 # -- request helpers ---------------------------------------------------------------

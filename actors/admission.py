@@ -1,0 +1,242 @@
+"""Admission: how a live session judges the batches offered to it.
+
+The handler side of a :class:`actors.session.SessionActor` (which inherits
+:class:`Admission`): synchronous, no checkpoints, so a handler and the actor, on
+one Trio thread, always see one consistent state. A pose batch is judged by
+:meth:`Admission.check` (sequence, space, rate limit, mailbox), made durable by the
+caller, then queued by :meth:`Admission.accept`, all inside
+:meth:`Admission.admitting` so that a session that ends meanwhile still takes it.
+
+A refusal is an :class:`Offer` carrying an error of the tree
+(:mod:`domain.errors`), *returned*, not raised: a refused batch on the hot path
+costs no traceback. Media batches are applied at once and raise their refusal.
+Nothing here raises ``trio.Cancelled``: nothing here awaits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NoReturn
+
+import trio
+
+from actors.finalise import MAX_BACKOFF_S, Backoff
+from actors.media import MediaTrackerError
+from actors.sequencer import Sequencer, Verdict
+from domain.errors import (
+    MailboxFull,
+    MediaFinished,
+    MediaRejected,
+    RateLimited,
+    SequenceAheadOfWindow,
+    SequenceSkipped,
+    SessionEnded,
+    SessionEnding,
+    SpaceChanged,
+    TelemetryError,
+    TimestampsOverlap,
+)
+from domain.media_batch import MediaBatch
+from domain.pose_batch import PoseBatch
+
+if TYPE_CHECKING:
+    from actors.media import MediaTracker
+    from telemetry.config import Settings
+
+FRAMES_ENDED = "session has ended; no more frames accepted"
+EVENTS_ENDED = "session has ended; no more events accepted"
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """The answer to one pose batch: ``refusal`` is None when it was taken (new or a
+    duplicate), else the error the client is answered with."""
+
+    verdict: Verdict
+    refusal: TelemetryError | None = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.refusal is None
+
+
+# The two answers to a batch that is taken, shared: accepting allocates nothing.
+ACCEPTED = Offer(Verdict.ACCEPT)
+DUPLICATE = Offer(Verdict.DUPLICATE)
+
+
+def end_refusal(recorded: bool, retry_after: float, *, media: bool = False) -> TelemetryError:
+    """What data for an ending session gets: :class:`SessionEnded` once its end is
+    durable, :class:`SessionEnding` (retry) before."""
+    if recorded:
+        return SessionEnded(EVENTS_ENDED if media else FRAMES_ENDED)
+    return SessionEnding(retry_after=retry_after)
+
+
+def end_offer(recorded: bool, retry_after: float) -> Offer:
+    """:func:`end_refusal` for a pose batch, as an offer."""
+    return Offer(Verdict.ENDED if recorded else Verdict.ENDING,
+                 end_refusal(recorded, retry_after))
+
+
+def _sequence_offer(verdict: Verdict, message: str, retry_after: float | None) -> Offer:
+    """The refusal of a batch the sequencer did not take (SKIPPED, AHEAD, OVERLAP)."""
+    if verdict is Verdict.SKIPPED:
+        return Offer(verdict, SequenceSkipped(message))
+    if verdict is Verdict.AHEAD_OF_WINDOW:
+        return Offer(verdict, SequenceAheadOfWindow(message, retry_after))
+    return Offer(verdict, TimestampsOverlap(message))
+
+
+def media_refusal(exc: MediaTrackerError) -> TelemetryError:
+    """The tree's error for a media batch the tracker refused as a whole."""
+    if exc.code == "finished":
+        return MediaFinished(str(exc))
+    return MediaRejected(str(exc), code=exc.code)
+
+
+class Admission:
+    """The admission half of a session actor (see the module doc). The attributes
+    below are the actor's; :class:`~actors.session.SessionActor` sets them."""
+
+    settings: Settings
+    space: str | None
+    media: MediaTracker
+    duplicates: int
+    backoff: Backoff
+    _seq: Sequencer
+    _tx: trio.MemorySendChannel[PoseBatch]
+    _rate: float
+    _tokens: float
+    _tokens_at: float
+    _admitting: int
+    _admissions_done: trio.Event
+    _draining: bool
+    _handover: bool
+
+    @property
+    def ending(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def end_recorded(self) -> bool:
+        raise NotImplementedError
+
+    def _start_pose(self, first: PoseBatch) -> None:
+        raise NotImplementedError
+
+    def _touch(self, first_t_ms: int) -> None:
+        raise NotImplementedError
+
+    def retry_hint(self) -> float:
+        """Seconds a client should wait before asking again while the end is being
+        recorded or finalised: the current retry pause, within 1..30 s."""
+        return max(1.0, min(MAX_BACKOFF_S, self.backoff.delay or 1.0))
+
+    def ended_offer(self) -> Offer:
+        """The refusal of a batch once the session is ending: :class:`SessionEnded`
+        (409) once the end is durable, :class:`SessionEnding` (retry) before."""
+        return end_offer(self.end_recorded, self.retry_hint())
+
+    def offer(self, batch: PoseBatch) -> Offer:
+        """:meth:`check` then :meth:`accept`: the path without a spool. Never blocks."""
+        verdict = self.check(batch)
+        return self.accept(batch) if verdict.verdict is Verdict.ACCEPT else verdict
+
+    def check(self, batch: PoseBatch) -> Offer:
+        """Judge ``batch`` without taking it. ACCEPT means: make it durable, then call
+        :meth:`accept`. A new (non-duplicate) batch spends a rate-limit token here."""
+        if self.ending:
+            return self.ended_offer()
+        if self.space is not None and batch.space != self.space:
+            return Offer(Verdict.SPACE_CHANGED, SpaceChanged(
+                f"session streams {self.space!r} coordinates; "
+                f"batch {batch.seq} is {batch.space!r}"))
+        verdict, message = self._seq.check(batch.seq, batch.first_t, batch.last_t)
+        if verdict is Verdict.DUPLICATE:
+            self.duplicates += 1
+            return DUPLICATE
+        if verdict is not Verdict.ACCEPT:
+            return _sequence_offer(verdict, message, self.settings.gap_timeout_s)
+        now = trio.current_time()
+        self._tokens = min(2 * self._rate, self._tokens + (now - self._tokens_at) * self._rate)
+        self._tokens_at = now
+        if self._tokens < 1.0:
+            return Offer(Verdict.RATE_LIMITED, RateLimited(
+                f"more than {self._rate:g} batches per second",
+                (1.0 - self._tokens) / self._rate))
+        stats = self._tx.statistics()
+        if stats.current_buffer_used >= stats.max_buffer_size:
+            return Offer(Verdict.MAILBOX_FULL, MailboxFull())
+        self._tokens -= 1.0
+        return ACCEPTED
+
+    @contextmanager
+    def admitting(self) -> Iterator[None]:
+        """Wrap check → persist → accept: a session ended meanwhile still takes the
+        batch (it came before the end call), because the actor waits for admissions
+        in flight before it drains and finalises."""
+        self._admitting += 1
+        try:
+            yield
+        finally:
+            self._admitting -= 1
+            if not self._admitting:
+                self._admissions_done.set()
+
+    def accept(self, batch: PoseBatch) -> Offer:
+        """Queue a batch that :meth:`check` accepted (and the caller made durable).
+
+        Judges again, because the session may have changed while the caller awaited
+        the spool: a concurrent retry of the same batch now reads as a duplicate."""
+        if self._draining or self._handover:
+            return self.ended_offer()
+        verdict, message = self._seq.check(batch.seq, batch.first_t, batch.last_t)
+        if verdict is Verdict.DUPLICATE:
+            self.duplicates += 1
+            return DUPLICATE
+        if verdict is not Verdict.ACCEPT:
+            return _sequence_offer(verdict, message, None)
+        try:
+            self._tx.send_nowait(batch)
+        except trio.WouldBlock:
+            return Offer(Verdict.MAILBOX_FULL, MailboxFull())
+        if self.space is None:
+            self._start_pose(batch)
+        self._seq.accept(batch.seq, batch.first_t, batch.last_t)
+        self._touch(batch.first_t)
+        return ACCEPTED
+
+    def check_media(self, batch: MediaBatch) -> None:
+        """Raise what :meth:`offer_media` would refuse ``batch`` with, taking nothing
+        (the durable path checks before it spools)."""
+        if self.ending:
+            self.refuse_media()
+        try:
+            self.media.check(batch)
+        except MediaTrackerError as exc:
+            raise media_refusal(exc) from None
+
+    def offer_media(self, batch: MediaBatch) -> tuple[int, int]:
+        """Apply a media batch now: ``(applied, not_applied)``.
+
+        Media metrics are cheap, pure and independent of pose order, so they are
+        applied on the caller's task (no checkpoint: the actor cannot interleave),
+        and the client learns exactly what was taken. Raises :class:`MediaRejected`
+        or :class:`MediaFinished` for a batch the session refuses as a whole, and
+        :class:`SessionEnded` once the session is draining (:class:`SessionEnding`
+        while its end is not durable yet)."""
+        if self._draining:
+            self.refuse_media()
+        try:
+            result = self.media.apply(batch)
+        except MediaTrackerError as exc:
+            raise media_refusal(exc) from None
+        self._touch(batch.events[0].t_ms)
+        return result
+
+    def refuse_media(self) -> NoReturn:
+        """Raise what a media batch gets once the session is ending."""
+        raise end_refusal(self.end_recorded, self.retry_hint(), media=True)
