@@ -30,9 +30,8 @@ from storage.sink import AggregateSink
 from telemetry.auth import mint_service_token, mint_session_token
 from telemetry.config import Settings
 from telemetry.sink_app import EVENTS_PATH, MAX_EVENT_BYTES, SINK_SCOPE, create_sink_app
-from tests.pg_fixtures import *  # noqa: F403  (until tests/conftest.py registers the plugin)
-from tests.pg_fixtures import deliver_behind_a_poisoned_event, make_event
-from tests.wsclient import CLOSE_FRAME, refused_handshake_then
+from tests.support.pg import deliver_behind_a_poisoned_event, make_event
+from tests.support.wsclient import CLOSE_FRAME, refused_handshake_then
 
 ROOT = Path(__file__).resolve().parents[2]
 
