@@ -29,9 +29,9 @@ from storage.sink import AggregateSink
 from telemetry.config import Settings
 from telemetry.dev.demo import batches_of
 from telemetry.dev.synthetic import generate
-from tests.conftest import session_token
-from tests.service import running_service
-from tests.storage.conftest import S3Server, s3_server  # noqa: F401 - fixture
+from tests.support.payloads import session_token
+from tests.support.s3 import S3Server
+from tests.support.service import running_service
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -37,7 +37,6 @@ import httpx
 import numpy as np
 import pytest
 import trio
-from moto.server import ThreadedMotoServer
 
 from actors.faults import STEPS
 from actors.replay_metrics import recompute
@@ -50,8 +49,9 @@ from telemetry.config import Settings
 from telemetry.dev.demo import batches_of
 from telemetry.dev.synthetic import generate
 from telemetry.server import GRACEFUL_TIMEOUT_S, OUTBOX_FLUSH_S
-from tests import faultutil as fu
-from tests.conftest import batch_body, pose_frames, session_token
+from tests.support import faults as fu
+from tests.support.payloads import batch_body, pose_frames, session_token
+from tests.support.s3 import MotoServer, use_aws_env
 
 ORG = "org-f"
 
@@ -330,58 +330,11 @@ async def test_sink_down_then_up(settings: Settings, private_tmp: Path, pg_url: 
 # -- 4 -------------------------------------------------------------------------------
 
 
-class _Moto:
-    """A moto S3 server on a fixed port that can be stopped and started again
-    (its in-memory state is lost on stop: :meth:`start` creates the bucket)."""
-
-    def __init__(self, port: int, bucket: str) -> None:
-        self.port, self.bucket = port, bucket
-        self.server: ThreadedMotoServer | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def client(self) -> Any:
-        import boto3
-
-        return boto3.session.Session().client("s3", endpoint_url=self.url,
-                                              region_name="us-east-1")
-
-    def start(self) -> None:
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self.server.start()
-        client = self.client()
-        try:
-            client.create_bucket(Bucket=self.bucket)
-        finally:
-            client.close()
-
-    def stop(self) -> None:
-        server, self.server = self.server, None
-        if server is not None:
-            server.stop()
-            wsgi = getattr(server, "_server", None)  # stop() leaves the socket open
-            if wsgi is not None:
-                wsgi.server_close()
-
-    def get(self, key: str) -> bytes:
-        client = self.client()
-        try:
-            obj = client.get_object(Bucket=self.bucket, Key=key)
-            with obj["Body"] as body:
-                return bytes(body.read())
-        finally:
-            client.close()
-
-
 @asynccontextmanager
 async def _service_on_moto(data: Path, monkeypatch: pytest.MonkeyPatch
-                           ) -> AsyncIterator[tuple[fu.Child, _Moto]]:
-    for k, v in fu.AWS_ENV.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    moto = _Moto(fu.free_port(), "faults-test")
+                           ) -> AsyncIterator[tuple[fu.Child, MotoServer]]:
+    use_aws_env(monkeypatch)
+    moto = MotoServer(fu.free_port(), "faults-test")
     svc = fu.service(data, BLOB_STORE="s3", S3_BUCKET=moto.bucket, S3_PREFIX="f4",
                      S3_ENDPOINT_URL=moto.url, S3_REGION="us-east-1")
     try:

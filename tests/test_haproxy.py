@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import re
 import shutil
-import socket
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,8 +27,10 @@ from domain.pose_batch import CONTENT_TYPE
 from telemetry import logs
 from telemetry.asgi import parse_networks
 from telemetry.config import Settings
-from tests.conftest import batch_body, session_token
-from tests.service import running_service
+from tests.support.payloads import batch_body, session_token
+from tests.support.ports import free_port
+from tests.support.processes import running_process
+from tests.support.service import running_service
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
@@ -101,50 +102,15 @@ def loopback_config(listen: int, backend: int) -> str:
     return text
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @asynccontextmanager
 async def running_router(backend: int, tmp: Path) -> AsyncIterator[tuple[int, list[str]]]:
     """HAProxy in the foreground; yields its port and the log lines read so far."""
     port = free_port()
     cfg = tmp / "haproxy.cfg"
     cfg.write_text(loopback_config(port, backend), encoding="utf-8")
-    lines: list[str] = []
-    proc = await trio.lowlevel.open_process([haproxy_binary(), "-db", "-f", str(cfg)],
-                                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert proc.stdout is not None
-
-    async def read() -> None:
-        buf = b""
-        async for chunk in proc.stdout:  # type: ignore[union-attr]
-            buf += chunk
-            *done, buf = buf.split(b"\n")
-            lines.extend(x.decode("utf-8", "replace") for x in done)
-
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(read)
-            async with httpx.AsyncClient() as probe:
-                with trio.fail_after(10):
-                    while True:
-                        try:
-                            await probe.get(f"http://127.0.0.1:{port}/router/healthz")
-                            break
-                        except httpx.TransportError:
-                            await trio.sleep(0.05)
-            try:
-                yield port, lines
-            finally:
-                proc.terminate()
-                await proc.wait()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    async with running_process([haproxy_binary(), "-db", "-f", str(cfg)], any_answer=True,
+                               ready_url=f"http://127.0.0.1:{port}/router/healthz") as lines:
+        yield port, lines
 
 
 async def test_router_correlates_and_logs_no_ids(

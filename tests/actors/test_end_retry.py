@@ -29,8 +29,8 @@ from storage.replay import read_replay
 from storage.spool import Spool
 from telemetry.auth import SessionClaims, TokenVerifier
 from telemetry.config import Settings
-from tests import faultutil as fu
-from tests.conftest import batch_body, session_token
+from tests.support import faults as fu
+from tests.support.payloads import batch_body, session_token
 
 
 class Durable:

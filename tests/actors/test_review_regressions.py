@@ -19,10 +19,9 @@ from storage.bus import InProcessBus
 from storage.spool import Spool
 from telemetry.auth import TokenVerifier, is_safe_id
 from telemetry.config import Settings
-from tests.actors.test_supervisor import Harness
-from tests.conftest import batch_body, session_token
-from tests.service import running_service
-from tests.telemetry.test_http import hdr
+from tests.support.harness import Harness
+from tests.support.payloads import batch_body, hdr, session_token
+from tests.support.service import running_service
 
 
 class SlowExists(MemoryBlobStore):

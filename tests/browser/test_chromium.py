@@ -6,8 +6,8 @@ The page feeds recorded MediaPipe landmarks (``tests/data/pose/pushup``) at 30 f
 through the client's API and plays a WebM video that ffmpeg made for the test; then we
 check what the *service* computed: the session summary, the replay blob, the media view.
 
-Needs Debian's chromium, chromium-driver and ffmpeg (see ``helpers.APT_LINE``); a missing
-one fails the test with that line. Each test is bounded (``trio.fail_after``).
+Needs Debian's chromium, chromium-driver and ffmpeg (see ``support.browser.APT_LINE``); a
+missing one fails the test with that line. Each test is bounded (``trio.fail_after``).
 """
 
 from __future__ import annotations
@@ -28,20 +28,13 @@ from storage.bus import InProcessBus
 from storage.replay import read_replay
 from telemetry.config import Settings
 from telemetry.wiring import open_blob_store
-from tests.browser.helpers import (
-    WEB_CLIENT,
-    Browser,
-    Recording,
-    RequestLog,
-    ServiceProcess,
-    free_port,
-    load_recording,
-    make_video,
-    require_browser_tools,
-    running_cors_service,
-    static_server,
-)
-from tests.conftest import session_token
+from tests.support.browser import WEB_CLIENT, Browser, require_browser_tools
+from tests.support.media import Recording, load_recording, make_video
+from tests.support.payloads import session_token
+from tests.support.ports import free_port
+from tests.support.processes import ServiceProcess
+from tests.support.service import RequestLog, running_cors_service
+from tests.support.static_files import static_server
 
 VIDEO_S = 8.0
 STALL_HOLD_S = 3.5

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Mapping
@@ -30,9 +29,9 @@ from storage.sink import AggregateSink
 from telemetry.auth import mint_service_token, mint_session_token
 from telemetry.config import Settings
 from telemetry.sink_app import EVENTS_PATH, MAX_EVENT_BYTES, SINK_SCOPE, create_sink_app
-from tests.pg_fixtures import *  # noqa: F403  (until tests/conftest.py registers the plugin)
-from tests.pg_fixtures import deliver_behind_a_poisoned_event, make_event
-from tests.wsclient import CLOSE_FRAME, refused_handshake_then
+from tests.support.pg import deliver_behind_a_poisoned_event, make_event
+from tests.support.ports import free_port
+from tests.support.wsclient import CLOSE_FRAME, refused_handshake_then
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -190,9 +189,7 @@ async def test_tokens_are_checked(settings: Settings, pg_db: Database) -> None:
 
 
 async def test_connection_refused_is_retried_then_given_up() -> None:
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     b = HttpBus(url=f"http://127.0.0.1:{port}{EVENTS_PATH}", token_provider=lambda: "t",
                 max_attempts=3, base_delay_s=0.01)
     try:

@@ -27,7 +27,7 @@ from storage.blobs import blob_key
 from storage.migrate import ensure_partitions, migrate
 from storage.pg import SINK_ROLE, Database
 from storage.sink import INSERT_SESSION, AggregateSink, parse_event, set_org
-from tests.pg_fixtures import make_event
+from tests.support.pg import make_event
 
 TABLES = ("pose_session_metrics", "pose_rep_metrics", "media_session_metrics",
           "media_buffering_events")

@@ -26,8 +26,7 @@ from storage.migrate import (
 )
 from storage.pg import SINK_ROLE, Database, DatabaseError
 from storage.sink import AggregateSink
-from tests.pg_fixtures import *  # noqa: F403  (until tests/conftest.py registers the plugin)
-from tests.pg_fixtures import create_database, drop_database, make_event
+from tests.support.pg import create_database, drop_database, make_event
 
 NOW = dt.datetime(2026, 11, 22, 10, 0, tzinfo=dt.UTC)
 DATA_TABLES = ("pose_session_metrics", "pose_rep_metrics", "media_session_metrics",

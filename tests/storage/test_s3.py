@@ -19,8 +19,7 @@ import trio
 from storage.blobs import BlobNotFound, BlobStoreError, BlobVerifyError, blob_key
 from storage.replay import ReplayWriter, read_replay
 from storage.s3 import MIN_PART_SIZE, S3BlobStore, bucket_name, is_transient
-
-from .conftest import S3Server
+from tests.support.s3 import S3Server
 
 
 @asynccontextmanager

@@ -18,8 +18,7 @@ from storage.outbox import Outbox
 from storage.pg import Database
 from storage.sink import AggregateSink, SinkEventError, parse_event
 from telemetry.dev.synthetic import generate
-from tests.pg_fixtures import *  # noqa: F403  (until tests/conftest.py registers the plugin)
-from tests.pg_fixtures import deliver_behind_a_poisoned_event, make_event
+from tests.support.pg import deliver_behind_a_poisoned_event, make_event
 
 TABLES = ("pose_session_metrics", "pose_rep_metrics", "media_session_metrics",
           "media_buffering_events")

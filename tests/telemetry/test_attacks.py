@@ -50,8 +50,8 @@ from telemetry.auth import (
     TokenVerifier,
 )
 from telemetry.config import Settings
-from tests.conftest import batch_body
-from tests.service import Running, running_service
+from tests.support.payloads import batch_body
+from tests.support.service import Running, running_service
 
 ROOT = Path(__file__).resolve().parents[2]
 JSON = "application/json"

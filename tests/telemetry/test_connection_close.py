@@ -6,7 +6,7 @@ from __future__ import annotations
 import trio
 
 from telemetry.config import Settings
-from tests.service import running_service
+from tests.support.service import running_service
 
 
 async def _read_until_closed(stream: trio.SocketStream, limit_s: float = 3.0) -> tuple[bytes, bool]:

@@ -19,9 +19,9 @@ from domain.pose_batch import CONTENT_TYPE
 from telemetry.config import Settings
 from telemetry.connections import ConnectionGuard, _DeadlineStream
 from telemetry.server import GRACEFUL_TIMEOUT_S
-from tests.conftest import batch_body, session_token
-from tests.service import Running, running_service
-from tests.wsclient import CLOSE_FRAME, WsClient, WsClosed, refused_handshake_then
+from tests.support.payloads import batch_body, session_token
+from tests.support.service import Running, running_service
+from tests.support.wsclient import CLOSE_FRAME, WsClient, WsClosed, refused_handshake_then
 
 
 def metric(svc: Running, name: str, **labels: str) -> float:

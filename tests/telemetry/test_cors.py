@@ -21,10 +21,9 @@ from telemetry.cors import (
     origin_host,
     parse_origins,
 )
-from tests.browser.helpers import running_cors_service
-from tests.conftest import batch_body, session_token
-from tests.service import running_service
-from tests.telemetry.test_metrics import scrape
+from tests.support.metrics import scrape
+from tests.support.payloads import batch_body, session_token
+from tests.support.service import running_cors_service, running_service
 
 PORTAL = "https://portal.example"
 

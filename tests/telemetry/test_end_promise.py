@@ -27,10 +27,9 @@ import trio
 from actors.durable import session_key
 from storage.blobs import blob_key
 from telemetry.config import Settings
-from tests import faultutil as fu
-from tests.conftest import batch_body, session_token
-from tests.service import Running, running_service
-from tests.telemetry.test_http import hdr
+from tests.support import faults as fu
+from tests.support.payloads import batch_body, hdr, session_token
+from tests.support.service import Running, running_service
 
 ORG = "org-a"
 # Short, so a test sees the 503 quickly; the default (END_WAIT_S) is what clients get.
@@ -222,7 +221,7 @@ async def test_an_unrecorded_end_leaves_the_session_live_after_a_restart(
 async def test_admin_end_answers_503_then_the_summary(settings: Settings) -> None:
     """The admin end call keeps the same promise, and a repeated admin call finds
     the session after it has left the live registry."""
-    from tests.conftest import admin_token
+    from tests.support.payloads import admin_token
 
     sid = "admin-1"
     async with running_service(_settings(settings)) as svc:

@@ -49,8 +49,8 @@ from domain.pose_batch import (
 )
 from telemetry.auth import mint_session_token
 from telemetry.config import Settings
-from tests.conftest import batch_body
-from tests.service import running_service
+from tests.support.payloads import batch_body
+from tests.support.service import running_service
 
 MAX_FRAMES = 120
 RETRY_CODES = {"sequence_ahead_of_window", "mailbox_full", "spool_full", "shutting_down"}

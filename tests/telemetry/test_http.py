@@ -12,12 +12,8 @@ from domain.pose_batch import CONTENT_TYPE
 from storage.blobs import blob_key
 from storage.replay import read_replay
 from telemetry.config import Settings
-from tests.conftest import admin_token, batch_body, session_token
-from tests.service import running_service
-
-
-def hdr(token: str, ctype: str = CONTENT_TYPE) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}", "Content-Type": ctype}
+from tests.support.payloads import admin_token, batch_body, hdr, session_token
+from tests.support.service import running_service
 
 
 async def test_ingest_end_and_blob(settings: Settings) -> None:

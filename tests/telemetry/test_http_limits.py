@@ -9,9 +9,8 @@ import pytest
 import trio
 
 from telemetry.config import Settings
-from tests.conftest import batch_body, session_token
-from tests.service import running_service
-from tests.telemetry.test_http import hdr
+from tests.support.payloads import batch_body, hdr, session_token
+from tests.support.service import running_service
 
 
 async def test_batches_per_second_per_session(settings: Settings) -> None:

@@ -6,9 +6,8 @@ import json
 from typing import Any
 
 from telemetry.config import Settings
-from tests.conftest import admin_token, batch_body, session_token
-from tests.service import running_service
-from tests.telemetry.test_http import hdr
+from tests.support.payloads import admin_token, batch_body, hdr, session_token
+from tests.support.service import running_service
 
 JSON = "application/json"
 

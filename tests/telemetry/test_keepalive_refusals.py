@@ -10,8 +10,8 @@ import pytest
 
 from domain.pose_batch import CONTENT_TYPE
 from telemetry.config import Settings
-from tests.conftest import batch_body
-from tests.service import running_service
+from tests.support.payloads import batch_body
+from tests.support.service import running_service
 
 
 # Over-cap bodies are answered 413 and the connection closed without reading them (by

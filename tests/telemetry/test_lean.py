@@ -11,8 +11,8 @@ import trio
 
 from domain.pose_batch import CONTENT_TYPE
 from telemetry.config import Settings
-from tests.conftest import batch_body, session_token
-from tests.service import Running, running_service
+from tests.support.payloads import batch_body, session_token
+from tests.support.service import Running, running_service
 
 
 def pose_headers(settings: Settings) -> dict[str, str]:

@@ -43,8 +43,8 @@ from domain.pose_batch import CONTENT_TYPE
 from domain.privacy import Pseudonymiser
 from telemetry import logs
 from telemetry.config import Settings
-from tests.conftest import batch_body, session_token
-from tests.service import running_service
+from tests.support.payloads import batch_body, session_token
+from tests.support.service import running_service
 
 CLIENT_LOGGERS = ("httpx", "httpcore")
 PATIENTS = ["pt-QX7K2M-ana", "pt-QX7K2M-bob", "pt-QX7K2M-cyd"]

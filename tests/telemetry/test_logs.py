@@ -23,8 +23,8 @@ from domain.pose_batch import CONTENT_TYPE
 from domain.privacy import Pseudonymiser
 from telemetry import logs
 from telemetry.config import Settings
-from tests.conftest import admin_token, batch_body, session_token
-from tests.service import running_service
+from tests.support.payloads import admin_token, batch_body, session_token
+from tests.support.service import running_service
 
 ORG, SESSION, PATIENT = "org-private", "sess-private", "patient-private"
 ROOT = Path(__file__).resolve().parents[2]

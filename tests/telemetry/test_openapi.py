@@ -50,8 +50,8 @@ from telemetry.app import AppState, create_app
 from telemetry.auth import TokenVerifier, mint_service_token, mint_session_token
 from telemetry.config import Settings
 from telemetry.lean import ROUTES as LEAN_ROUTES
-from tests.conftest import pose_frames
-from tests.service import running_service
+from tests.support.payloads import pose_frames
+from tests.support.service import running_service
 
 SPEC_PATH = Path(__file__).parents[2] / "docs" / "openapi.yaml"
 # 503 answers the generated traffic may legitimately cause; any other 5xx is a fault.

@@ -15,8 +15,8 @@ import pytest
 from domain.pose_batch import CONTENT_TYPE
 from telemetry.asgi import forwarded_client, parse_networks, trusted_client
 from telemetry.config import ConfigError, Settings
-from tests.conftest import batch_body
-from tests.service import running_service
+from tests.support.payloads import batch_body
+from tests.support.service import running_service
 
 TRUSTED = parse_networks("127.0.0.0/8, 10.0.0.0/8, fd00::/8")
 BROWSER, SPOOFED = "203.0.113.77", "198.51.100.66"

@@ -32,8 +32,8 @@ from schemathesis.engine import Status, events
 
 from domain.pose_batch import CONTENT_TYPE, encode_batch
 from telemetry.config import Settings
-from tests.conftest import admin_token, pose_frames, session_token
-from tests.service import running_service
+from tests.support.payloads import admin_token, pose_frames, session_token
+from tests.support.service import running_service
 
 SPEC_PATH = Path(__file__).parents[2] / "docs" / "openapi.yaml"
 # Generated examples per operation and phase.

@@ -19,9 +19,9 @@ from telemetry.stream import (
     CLOSE_UNSUPPORTED,
     SUBPROTOCOL,
 )
-from tests.conftest import batch_body, session_token
-from tests.service import Running, running_service
-from tests.wsclient import WsClient, WsClosed, WsRefused
+from tests.support.payloads import batch_body, session_token
+from tests.support.service import Running, running_service
+from tests.support.wsclient import WsClient, WsClosed, WsRefused
 
 
 def bearer(token: str) -> list[tuple[str, str]]:

@@ -40,7 +40,7 @@ from telemetry.config import Settings
 from telemetry.connection_close import close_on_connection_close
 from telemetry.server import hypercorn_config
 from telemetry.tls import HSTS_VALUE, TLSConfigError, apply_tls, hsts
-from tests.conftest import batch_body, session_token
+from tests.support.payloads import batch_body, session_token
 
 
 def make_cert(directory: Path) -> tuple[Path, Path]:

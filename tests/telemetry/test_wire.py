@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from domain import pose_batch as wire
 from domain.pose_batch import HEADER, BatchError, decode_batch, encode_batch
-from tests.conftest import batch_body, pose_frames
+from tests.support.payloads import batch_body, pose_frames
 
 
 def test_round_trip_keeps_every_value() -> None:

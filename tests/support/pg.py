@@ -1,6 +1,7 @@
 """Postgres fixtures: one real server per test run, one fresh database per test.
 
-Register with ``pytest_plugins = ["tests.pg_fixtures"]`` in ``tests/conftest.py``.
+Registered by ``pytest_plugins`` in ``tests/conftest.py``; test modules never import
+the fixtures, only the helpers (:func:`make_event`, :func:`create_database`...).
 
 * ``pg_admin_url`` (session, sync): ``$DATABASE_URL`` if set (a role that may create
   databases and roles), else an embedded server from the ``pgserver`` wheel in a
@@ -31,8 +32,8 @@ from psycopg.conninfo import make_conninfo
 from storage.migrate import migrate
 from storage.pg import Database
 
-# One embedded server per process even if this module's fixtures are collected under
-# several names (registered as a plugin and star-imported by a test module).
+# One embedded server per process even if this module's fixtures are ever collected
+# under several names (a plugin, and a module that imports them).
 _shared: dict[str, object] = {}
 
 
