@@ -14,9 +14,14 @@ reach each other's session even if their ids collide.
 * Failure isolation: an actor never raises out of its task (see
   :mod:`actors.session`); a crash ends only that session, with reason ``actor_error``.
 
-Shutdown (:meth:`Supervisor.drain`): stop admitting sessions, ask every live actor
-to end with reason ``shutdown``, and wait for their finalisation up to a deadline.
-:meth:`run` returns once drained; cancelling it cancels any actor still running.
+Start-up (:meth:`Supervisor.run`): with a journal, carry out the recovery plan
+(:func:`actors.recovery.plan_recovery`) before admitting anything.
+
+Shutdown (:meth:`Supervisor.drain`): stop admitting sessions, hand every live actor
+over to the journal (or end it with reason ``shutdown``), and wait up to a deadline
+for them and for the summaries still being published (recovered at start-up, or of
+sessions ended empty). :meth:`run` returns once drained; cancelling it cancels any
+actor or publish still running (the journal keeps their step for the next start).
 """
 
 from __future__ import annotations
@@ -31,8 +36,18 @@ import trio
 
 from actors.durable import MEDIA, POSE, session_key
 from actors.finalise import MAX_BACKOFF_S, Backoff, publish_and_close, retry
+from actors.limits import ActorLimits
 from actors.pose_stats import PoseStats
-from actors.recovery import RecoveryReport, recover
+from actors.recovery import (
+    Forget,
+    KeepEnded,
+    RecoveryReport,
+    Resume,
+    ResumePublish,
+    plan_recovery,
+    restore,
+    session_start,
+)
 from actors.sequencer import Verdict
 from actors.session import Offer, SessionActor, SessionEnded, SessionEnding
 from actors.summary import build_summary
@@ -42,8 +57,7 @@ from domain.pose_batch import PoseBatch
 from domain.privacy import Pseudonymiser
 from storage.blobs import BlobStore, blob_key
 from storage.bus import Bus
-from storage.spool import Spool
-from telemetry.config import Settings
+from storage.journal import Journal
 
 log = logging.getLogger("telemetry.supervisor")
 
@@ -83,7 +97,7 @@ class TooManySessions(Exception):
         self.retry_after = retry_after
 
 
-@dataclass
+@dataclass(eq=False)
 class _Ended:
     """A session that ended here (or is being finished without an actor)."""
 
@@ -102,10 +116,10 @@ class _Ended:
 
 class Supervisor:
     def __init__(
-        self, settings: Settings, *, store: BlobStore, bus: Bus, pseudonyms: Pseudonymiser,
-        spool: Spool | None = None,
+        self, settings: ActorLimits, *, store: BlobStore, bus: Bus, pseudonyms: Pseudonymiser,
+        journal: Journal | None = None,
     ) -> None:
-        self._spool = spool
+        self._journal = journal
         self._settings = settings
         self.settings = settings
         self.recovered: RecoveryReport | None = None
@@ -118,6 +132,9 @@ class Supervisor:
         self._nursery: trio.Nursery | None = None
         self._closed = False
         self._stopped = trio.Event()
+        # Summaries being published by a task of their own (recovered at ``publish``,
+        # or of sessions ended empty): drain() waits for them as for the actors.
+        self._publishing: set[_Ended] = set()
         self.crashed = 0
         # Cumulative figures for the metrics (read at scrape time, as ``crashed``):
         # sessions ended by end reason, and batches the ended ones skipped.
@@ -131,13 +148,63 @@ class Supervisor:
         """Host the actors until :meth:`drain` has finished."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            if self._spool is not None:
-                report = await recover(self, self._spool)
+            if self._journal is not None:
+                report = await self._recover(self._journal)
                 log.info("recovered from spool", extra=vars(report))
                 self.recovered = report
             task_status.started()
             await self._stopped.wait()
             nursery.cancel_scope.cancel()
+
+    async def _recover(self, journal: Journal) -> RecoveryReport:
+        """Carry out the journal's recovery plan (see :mod:`actors.recovery`). A log
+        that cannot be replayed is left alone and counted, never fatal."""
+        retention = self.settings.ended_retention_s
+        plan = await plan_recovery(journal, retention)
+        report = RecoveryReport(unrecoverable=plan.unrecoverable)
+        for step in plan.steps:
+            if isinstance(step, Forget):
+                await journal.remove(step.key)
+            elif isinstance(step, KeepEnded):
+                self.remember(step.org_id, step.session_id, step.summary, step.ttl_s)
+                report.ended_kept += 1
+            elif isinstance(step, ResumePublish):
+                self.resume_publish(step.key, step.summary)
+                report.finalising += 1
+            else:
+                try:
+                    actor, records = await self._rebuild(journal, step)
+                except Exception:  # one bad log must not keep the service from starting
+                    log.exception("spool log could not be replayed; left alone")
+                    report.unrecoverable += 1
+                    continue
+                if actor is None:
+                    continue
+                report.records += records
+                if step.ended:
+                    # The end mark is on disk: batches get 409 at once, as before.
+                    actor.mark_end_recorded()
+                    actor.request_end(step.end_reason)
+                    report.finalising += 1
+                else:
+                    report.resumed += 1
+                self.launch(actor)
+        return report
+
+    async def _rebuild(self, journal: Journal,
+                       step: Resume) -> tuple[SessionActor | None, int]:
+        records = await journal.replay(step.key)
+        if not records:
+            await journal.remove(step.key)  # nothing was ever acknowledged
+            return None, 0
+        claims, started_wall = session_start(records)
+        actor = self.adopt(claims, started_wall)
+        try:
+            restore(actor, records)
+        except Exception:
+            self.abandon(actor)
+            raise
+        return actor, len(records)
 
     # -- used by recovery -------------------------------------------------------------
 
@@ -174,43 +241,56 @@ class Supervisor:
     def resume_publish(self, key: str, summary: dict[str, Any]) -> None:
         """Recovery of a session found at ``publish``: its end is durable (batches get
         409 at once); end calls get its summary once the event is in the outbox."""
-        assert self._nursery is not None and self._spool is not None
+        assert self._nursery is not None and self._journal is not None
         org_id, session_id = key.split("/")
         entry = _Ended(summary, trio.current_time() + self._settings.ended_retention_s,
                        trio.Event())
         self._put((org_id, session_id), entry)
+        self._publishing.add(entry)
         self._nursery.start_soon(self._publish_recovered, key, entry)
 
     async def _publish_recovered(self, key: str, entry: _Ended) -> None:
-        assert self._spool is not None and entry.summary is not None
+        assert self._journal is not None and entry.summary is not None
         org_id, session_id = key.split("/")
-        # Retries every step until done; only Cancelled (shutdown) escapes, and then
-        # the state file still says ``publish`` for the next start.
-        await publish_and_close(self._bus, self._spool, key, entry.summary,
-                                self._pseudonyms.session(org_id, session_id), entry.backoff)
-        entry.stored.set()
+        try:
+            # Retries every step until done; only Cancelled (shutdown) escapes, and
+            # then the state file still says ``publish`` for the next start.
+            await publish_and_close(self._bus, self._journal, key, entry.summary,
+                                    self._pseudonyms.session(org_id, session_id),
+                                    entry.backoff)
+            entry.stored.set()
+        finally:
+            self._publishing.discard(entry)
 
     async def drain(self, deadline_s: float | None = None) -> int:
         """Hand every live session over to the spool (``shutdown_mode=flush``, the
         default with a spool) or end it (reason ``shutdown``), waiting up to
         ``deadline_s``.
 
-        Returns how many sessions were still unfinished at the deadline; those are
-        cancelled when :meth:`run` exits. Safe to call more than once.
+        Summaries still being published by a task of their own (recovered at
+        ``publish``, or of sessions ended empty) get the same deadline.
+
+        Returns how many sessions were still unfinished at the deadline (actors and
+        publishes); those are cancelled when :meth:`run` exits, and the journal
+        keeps their step for the next start. Safe to call more than once.
         """
         self._closed = True
         deadline_s = self._settings.shutdown_deadline_s if deadline_s is None else deadline_s
         actors = list(self._live.values())
-        hand_over = self._spool is not None and self._settings.shutdown_mode == "flush"
+        hand_over = self._journal is not None and self._settings.shutdown_mode == "flush"
         for actor in actors:
             if hand_over:
                 actor.hand_over()
             else:
                 actor.request_end("shutdown")
+        publishing = list(self._publishing)
         with trio.move_on_after(deadline_s):
             for actor in actors:
                 await actor.finished.wait()
+            for entry in publishing:
+                await entry.stored.wait()
         left = sum(1 for a in actors if not a.finished.is_set())
+        left += sum(1 for e in publishing if not e.stored.is_set())
         if left:
             log.error("shutdown deadline passed with %d sessions unfinished", left)
         self._stopped.set()
@@ -435,7 +515,7 @@ class Supervisor:
         log_id = self._pseudonyms.session(claims.org_id, claims.session_id)
         actor = SessionActor(
             claims, settings=self._settings, store=self._store, bus=self._bus, log_id=log_id,
-            spool=self._spool,
+            journal=self._journal,
         )
         self._live[(claims.org_id, claims.session_id)] = actor
         return actor
@@ -444,7 +524,7 @@ class Supervisor:
         key = (actor.org_id, actor.session_id)
         try:
             await actor.run()
-            if actor.summary is None and not actor.handed_over and self._spool is not None:
+            if actor.summary is None and not actor.handed_over and self._journal is not None:
                 # Finalisation raised (a bug). Until the next start resumes it from
                 # disk, the session must neither start afresh nor claim a summary.
                 self._put(key, _Ended(None, trio.current_time()
@@ -500,8 +580,9 @@ class Supervisor:
         entry = _Ended(summary, trio.current_time() + self._settings.ended_retention_s,
                        trio.Event(), recorded=False)
         self._put(key, entry)
-        if self._spool is not None:
+        if self._journal is not None:
             assert self._nursery is not None
+            self._publishing.add(entry)
             self._nursery.start_soon(self._finish_empty, session_key(*key), entry, log_id)
             return await self._await_entry(entry)
         ok = False
@@ -527,13 +608,17 @@ class Supervisor:
         """Record, publish and keep an empty session's summary, retrying every step
         until done; only ``trio.Cancelled`` escapes (then the next start resumes it
         from the ``publish`` state, or it was never recorded)."""
-        assert self._spool is not None and entry.summary is not None
-        spool, state = self._spool, {"step": "publish", "summary": entry.summary}
-        await retry(lambda: spool.set_state(key, state), "recording the end", log_id, None,
-                    entry.backoff)
-        entry.recorded = True
-        await publish_and_close(self._bus, spool, key, entry.summary, log_id, entry.backoff)
-        entry.stored.set()
+        assert self._journal is not None and entry.summary is not None
+        journal, state = self._journal, {"step": "publish", "summary": entry.summary}
+        try:
+            await retry(lambda: journal.set_state(key, state), "recording the end", log_id,
+                        None, entry.backoff)
+            entry.recorded = True
+            await publish_and_close(self._bus, journal, key, entry.summary, log_id,
+                                    entry.backoff)
+            entry.stored.set()
+        finally:
+            self._publishing.discard(entry)
 
     def _remember(self, key: Key, summary: dict[str, Any]) -> None:
         self._put(key, _Ended(summary, trio.current_time() + self._settings.ended_retention_s,

@@ -93,6 +93,7 @@ from typing import Any, Final
 import trio
 
 from storage.fsutil import fsync_dir, os_error_text
+from storage.journal import Record
 
 __all__ = ["Record", "Spool", "SpoolClosed", "SpoolError", "SpoolFull"]
 
@@ -125,12 +126,6 @@ class SpoolFull(SpoolError):
 
 class SpoolClosed(SpoolError):
     """The committer is not running (not started yet, or stopped)."""
-
-
-@dataclass(frozen=True)
-class Record:
-    kind: int
-    payload: bytes
 
 
 def encode_record(kind: int, payload: bytes, compress_level: int = 1) -> bytes:
@@ -575,6 +570,20 @@ class Spool:
         if reader.exists:
             self._log_bytes += reader.good - self._sizes.get(key, 0)
             self._sizes[key] = reader.good
+
+    # -- the Journal interface (storage.journal) ---------------------------------------
+
+    async def state(self, key: str) -> dict[str, Any] | None:
+        """:meth:`get_state`, on the event loop (one small file read)."""
+        return self.get_state(key)
+
+    async def replay(self, key: str) -> list[Record]:
+        """:meth:`aread`."""
+        return await self.aread(key)
+
+    async def sessions(self) -> list[str]:
+        """:meth:`keys` in a worker thread (a directory walk)."""
+        return await trio.to_thread.run_sync(self.keys)
 
     def get_state(self, key: str) -> dict[str, Any] | None:
         """``key``'s state, or None if it has none. A state file that does not parse

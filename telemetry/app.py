@@ -24,7 +24,7 @@ from quart import Response, g, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from actors.media_correlate import MediaTrackerError
+from actors.media_tracker import MediaTrackerError
 from actors.session import SessionEnded
 from actors.supervisor import Supervisor
 from domain.media_batch import MediaBatchError, decode_media_batch

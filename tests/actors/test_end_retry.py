@@ -29,6 +29,7 @@ from storage.replay import read_replay
 from storage.spool import Spool
 from telemetry.auth import SessionClaims, TokenVerifier
 from telemetry.config import Settings
+from telemetry.wiring import actor_limits
 from tests import faultutil as fu
 from tests.conftest import batch_body, session_token
 
@@ -43,8 +44,8 @@ class Durable:
         self.bus = InProcessBus()
         self.events: list[dict[str, Any]] = []
         self.bus.subscribe(self._collect)
-        self.sup = Supervisor(settings, store=self.store, bus=self.bus,
-                              pseudonyms=Pseudonymiser(b"k" * 32), spool=spool)
+        self.sup = Supervisor(actor_limits(settings), store=self.store, bus=self.bus,
+                              pseudonyms=Pseudonymiser(b"k" * 32), journal=spool)
         self.sup.end_wait_s = 1.0
 
     async def _collect(self, event: Any) -> None:

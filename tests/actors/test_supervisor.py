@@ -18,6 +18,7 @@ from storage.bus import InProcessBus
 from storage.replay import read_replay
 from telemetry.auth import SessionClaims, TokenVerifier
 from telemetry.config import Settings
+from telemetry.wiring import actor_limits
 from tests.conftest import batch_body, session_token
 
 
@@ -28,7 +29,7 @@ class Harness:
         self.bus = InProcessBus()
         self.events: list[dict[str, Any]] = []
         self.bus.subscribe(self._collect)
-        self.sup = Supervisor(settings, store=self.store, bus=self.bus,
+        self.sup = Supervisor(actor_limits(settings), store=self.store, bus=self.bus,
                               pseudonyms=Pseudonymiser(b"k" * 32))
 
     async def _collect(self, event: Any) -> None:

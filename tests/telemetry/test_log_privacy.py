@@ -216,10 +216,10 @@ async def test_no_ids_in_error_lines_or_tracebacks(
         # The disk fills up as the session finalises: its state write fails for real.
         # Done here rather than left to finalise(), whose policy for storage failures
         # (give up, or retry until the disk has room) is not what this test is about.
-        if actor.session_id == live and actor.spool is not None:
+        if actor.session_id == live and actor.journal is not None:
             disk.full = True
             try:
-                await actor.spool.set_state(session_key(actor.org_id, actor.session_id),
+                await actor.journal.set_state(session_key(actor.org_id, actor.session_id),
                                             {"step": "upload", "end_reason": actor.end_reason})
             finally:
                 disk.full = False
