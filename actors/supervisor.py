@@ -28,14 +28,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
 from actors.durable import MEDIA, POSE, session_key
-from actors.finalise import MAX_BACKOFF_S, Backoff, publish_and_close, retry
+from actors.ended import Ended as _Ended
+from actors.ended import EndedRegistry, Key
+from actors.ended import stored_event as _set_event
+from actors.finalise import MAX_BACKOFF_S, publish_and_close, retry
 from actors.limits import ActorLimits
 from actors.pose_stats import PoseStats
 from actors.recovery import (
@@ -60,8 +61,6 @@ from storage.bus import Bus
 from storage.journal import Journal
 
 log = logging.getLogger("telemetry.supervisor")
-
-Key = tuple[str, str]
 
 # How long an end call waits for finalisation before answering 503 + Retry-After.
 # Finalisation takes milliseconds to a few seconds when storage is healthy; past
@@ -97,23 +96,6 @@ class TooManySessions(Exception):
         self.retry_after = retry_after
 
 
-@dataclass(eq=False)
-class _Ended:
-    """A session that ended here (or is being finished without an actor)."""
-
-    # None: its finalisation failed with a bug; the next start resumes it from disk.
-    summary: dict[str, Any] | None
-    expires: float
-    # Set once ``summary`` may be answered with 200: blob stored, event in the outbox.
-    stored: trio.Event
-    # The end is durable: batches are refused with 409 (else 503, retry).
-    recorded: bool = True
-    # Set with ``stored`` when finishing it failed and nothing was recorded.
-    failed: bool = False
-    # Paces a task still finishing it; an end call kicks it (storage may be back).
-    backoff: Backoff = field(default_factory=Backoff)
-
-
 class Supervisor:
     def __init__(
         self, settings: ActorLimits, *, store: BlobStore, bus: Bus, pseudonyms: Pseudonymiser,
@@ -128,7 +110,7 @@ class Supervisor:
         self._pseudonyms = pseudonyms
         self._live: dict[Key, SessionActor] = {}
         self._per_org: dict[str, int] = {}
-        self._ended: OrderedDict[Key, _Ended] = OrderedDict()
+        self._ended = EndedRegistry()
         self._nursery: trio.Nursery | None = None
         self._closed = False
         self._stopped = trio.Event()
@@ -312,9 +294,7 @@ class Supervisor:
 
     def find_ended(self, session_id: str, org_id: str | None = None) -> list[Key]:
         """Keys of sessions held as ended here (for the admin end call)."""
-        self._expire()
-        return [k for k in self._ended if k[1] == session_id
-                and (org_id is None or k[0] == org_id)]
+        return self._ended.find(session_id, org_id)
 
     def offer(self, claims: SessionClaims, batch: PoseBatch) -> Offer:
         actor = self._actor(claims)
@@ -596,8 +576,7 @@ class Supervisor:
                 entry.recorded = True
             else:
                 entry.failed = True
-                if self._ended.get(key) is entry:
-                    del self._ended[key]
+                self._ended.discard(key, entry)
             entry.stored.set()
         if not ok:
             raise NotFinalised("the session's end could not be stored; try again", 5.0,
@@ -625,24 +604,7 @@ class Supervisor:
                               _set_event()))
 
     def _put(self, key: Key, entry: _Ended) -> None:
-        self._ended[key] = entry
-        self._ended.move_to_end(key)
-        self._expire()
+        self._ended.put(key, entry)
 
     def _entry(self, key: Key) -> _Ended | None:
-        self._expire()
         return self._ended.get(key)
-
-    def _expire(self) -> None:
-        now = trio.current_time()
-        while self._ended:
-            key, ended = next(iter(self._ended.items()))
-            if ended.expires > now:
-                break
-            del self._ended[key]
-
-
-def _set_event() -> trio.Event:
-    event = trio.Event()
-    event.set()
-    return event
