@@ -11,33 +11,6 @@ Files under ``root``, for a key ``"org-a/sess-1"`` (1-4 safe path segments)::
     org-a/sess-1.state.json    the finalisation state (set_state), replaced atomically
     org-a/.sess-1.state.json.tmp   only ever seen after a crash; removed on start-up
 
-Record format (all integers little-endian; header 16 bytes)::
-
-    offset size  field
-    0      4     magic  b"RXS1"
-    4      4     u32    stored payload length L (after compression)
-    8      2     u16    kind (the caller's record type)
-    10     2     u16    flags: bit 0 = payload is zlib-compressed (zlib.compress format);
-                        other bits must be 0
-    12     4     u32    CRC-32 (zlib.crc32, ISO-HDLC polynomial) of bytes 0..11 then
-                        the L stored payload bytes
-    16     L            stored payload
-
-CRC-32C would be the usual choice but needs a third-party package; the stdlib CRC-32
-is as strong for this purpose and costs ~6 us per 16 KB here. A payload of 64 bytes
-or more is stored compressed (zlib, level ``compress_level``, default 1; 0 = never)
-if that makes it smaller, unless ``append(..., compress=False)``. Compression runs in
-the committer's worker threads, not on the event loop.
-
-Reading (:meth:`Spool.read`) stops at the first record that is short, has a wrong
-magic, an impossible length, unknown flags, a bad CRC or an undecompressable
-payload: the file is truncated to the last good record and fsynced, and the cut is
-counted (``torn_tails``). A crash can only damage bytes written after the log's
-last fsync, and no append returns before its fsync, so nothing acknowledged is cut.
-The converse does not hold: a record whose append failed or was in flight at a
-crash may survive intact, so whoever replays a log must tolerate records that were
-never acknowledged (the session sequencer drops duplicates by sequence number).
-
 Commit round (the committer): take every operation queued since the last round;
 for each key, in queue order, append records / replace the state file / delete
 the files; fsync each dirty log; then fsync the directories whose entries changed
@@ -78,34 +51,39 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import logging
 import os
-import re
-import struct
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import trio
 
 from storage.fsutil import fsync_dir, os_error_text
 from storage.journal import Record
+from storage.spool_files import (
+    LOG_SUFFIX,
+    STATE_SUFFIX,
+    Chunk,
+    KeyResult,
+    LogReader,
+    Op,
+    commit_key,
+    fsync_dirs,
+    log_path,
+    rollback,
+    state_path,
+)
+from storage.spool_format import HEADER, MAGIC, MAX_PAYLOAD, check_key, encode_record, tag
 
-__all__ = ["Record", "Spool", "SpoolClosed", "SpoolError", "SpoolFull"]
+# HEADER, MAGIC, encode_record and fsync_dir: for the tests and bench/bench_spool.py.
+__all__ = ["HEADER", "MAGIC", "Record", "Spool", "SpoolClosed", "SpoolError", "SpoolFull",
+           "encode_record", "fsync_dir"]
 
 log = logging.getLogger("telemetry.spool")
 
-MAGIC: Final = b"RXS1"
-HEADER: Final = struct.Struct("<4sIHHI")  # magic, length, kind, flags, crc
-FLAG_ZLIB: Final = 0x1
-MAX_PAYLOAD: Final = 64 * 1024 * 1024
-_SEGMENT: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_RESERVED_SUFFIXES: Final = (".log", ".json", ".tmp")
-_LOG, _STATE = ".log", ".state.json"
 
 
 class SpoolError(Exception):
@@ -128,44 +106,9 @@ class SpoolClosed(SpoolError):
     """The committer is not running (not started yet, or stopped)."""
 
 
-def encode_record(kind: int, payload: bytes, compress_level: int = 1) -> bytes:
-    """One record, header and stored payload (compressed if that is smaller)."""
-    flags, stored = 0, payload
-    if compress_level > 0 and len(payload) >= 64:
-        packed = zlib.compress(payload, compress_level)
-        if len(packed) < len(payload):
-            flags, stored = FLAG_ZLIB, packed
-    head = HEADER.pack(MAGIC, len(stored), kind, flags, 0)[:12]
-    crc = zlib.crc32(stored, zlib.crc32(head))
-    return head + struct.pack("<I", crc) + stored
-
-
-def _check_key(key: str) -> list[str]:
-    parts = key.split("/") if isinstance(key, str) else []
-    if not 1 <= len(parts) <= 4 or any(
-        not _SEGMENT.fullmatch(p) or p.endswith(_RESERVED_SUFFIXES) for p in parts
-    ):
-        raise ValueError(
-            "bad spool key: want 1-4 '/'-separated segments of A-Z a-z 0-9 . _ - "
-            "(not starting with . _ -, not ending in .log/.json/.tmp)"
-        )
-    return parts
-
-
-@dataclass(eq=False)
-class _Op:
-    key: str
-    what: str  # "append" | "state" | "remove"
-    kind: int = 0
-    data: bytes = b""
-    need: int = 0  # bytes reserved against the budget
-    level: int = 0  # zlib level for an append; 0 = store as is
-    cancelled: bool = False
-
-
 @dataclass(eq=False)
 class _Round:
-    ops: list[_Op] = field(default_factory=list)
+    ops: list[Op] = field(default_factory=list)
     done: trio.Event = field(default_factory=trio.Event)
     errors: dict[str, BaseException] = field(default_factory=dict)
 
@@ -180,23 +123,6 @@ class _Round:
         for op in self.ops:
             self.errors.setdefault(op.key, exc)
         self.done.set()
-
-
-@dataclass
-class _KeyResult:
-    size: int | None  # log size on disk after the round; None = no log
-    error: BaseException | None = None
-    dirent: bool = False  # a directory entry changed: the directory needs an fsync
-    broken: bool = False
-
-
-@dataclass
-class _Chunk:
-    keys: dict[str, _KeyResult] = field(default_factory=dict)
-    new_dirs: list[Path] = field(default_factory=list)
-    records: int = 0
-    bytes: int = 0
-    fsyncs: int = 0
 
 
 class Spool:
@@ -285,7 +211,7 @@ class Spool:
 
     async def _commit(self, rnd: _Round) -> None:
         ops = [op for op in rnd.ops if not op.cancelled]
-        by_key: dict[str, list[_Op]] = {}
+        by_key: dict[str, list[Op]] = {}
         for op in ops:
             by_key.setdefault(op.key, []).append(op)
         if not by_key:  # everything in it was cancelled before the round began
@@ -293,7 +219,7 @@ class Spool:
             return
         items = [(k, v, self._sizes.get(k)) for k, v in by_key.items()]
         n = min(self._threads, max(1, len(items) // 8))
-        chunks: list[_Chunk | None] = [None] * n
+        chunks: list[Chunk | None] = [None] * n
         dirs_done = False
 
         async def part(i: int) -> None:
@@ -318,7 +244,7 @@ class Spool:
                 try:
                     if self._unsynced:
                         errors = await trio.to_thread.run_sync(
-                            _fsync_dirs, sorted(self._unsynced), limiter=self._limiter)
+                            fsync_dirs, sorted(self._unsynced), limiter=self._limiter)
                         self._unsynced = set(errors)
                     dirs_done = True
                 except Exception:
@@ -326,20 +252,20 @@ class Spool:
             self._reserved -= sum(op.need for op in ops)
             self._finish_round(rnd, by_key, chunks, dirs_done)
 
-    def _collect_dirs(self, chunks: list[_Chunk | None]) -> None:
+    def _collect_dirs(self, chunks: list[Chunk | None]) -> None:
         for ch in chunks:
             if ch is not None:
                 self._unsynced.update(ch.new_dirs)
                 self._unsynced.update(
                     self._log_path(k).parent for k, r in ch.keys.items() if r.dirent)
 
-    def _finish_round(self, rnd: _Round, by_key: dict[str, list[_Op]],
-                      chunks: list[_Chunk | None], dirs_done: bool) -> None:
+    def _finish_round(self, rnd: _Round, by_key: dict[str, list[Op]],
+                      chunks: list[Chunk | None], dirs_done: bool) -> None:
         """Apply what the threads did and wake the round's waiters (no checkpoint).
         A key succeeds only if its thread committed it and its directory is synced."""
         c = self._counts
         c["rounds"] += 1
-        results: dict[str, _KeyResult] = {}
+        results: dict[str, KeyResult] = {}
         for ch in chunks:
             if ch is not None:
                 results.update(ch.keys)
@@ -349,7 +275,7 @@ class Spool:
         for key in by_key:
             r = results.get(key)
             if r is None:  # its thread never ran (cancelled waiting for the limiter, or a bug)
-                rnd.errors[key] = SpoolClosed(f"commit of {_tag(key)} did not run", key=key)
+                rnd.errors[key] = SpoolClosed(f"commit of {tag(key)} did not run", key=key)
                 continue
             self._log_bytes += (r.size or 0) - self._sizes.pop(key, 0)
             if r.size is not None:
@@ -360,89 +286,33 @@ class Spool:
                 rnd.errors[key] = r.error
             elif self._log_path(key).parent in self._unsynced:
                 what = "was not" if not dirs_done else "could not be"
-                rnd.errors[key] = SpoolError(f"directory of {_tag(key)} {what} fsynced",
+                rnd.errors[key] = SpoolError(f"directory of {tag(key)} {what} fsynced",
                                              key=key)
         c["failed"] += len(rnd.errors)
         rnd.done.set()
 
-    def _commit_keys(self, items: list[tuple[str, list[_Op], int | None]]) -> _Chunk:
+    def _commit_keys(self, items: list[tuple[str, list[Op], int | None]]) -> Chunk:
         """Worker thread: commit a chunk of keys. Never raises for one key's failure."""
-        chunk = _Chunk()
+        chunk = Chunk()
         for key, ops, start in items:
             path = self._log_path(key)
-            res = chunk.keys[key] = _KeyResult(start)
+            res = chunk.keys[key] = KeyResult(start)
             try:
                 self._commit_key(key, path, ops, res, chunk)
             except Exception as e:
-                res.broken = not _rollback(path, res.size)
-                log.error("spool commit of %s failed: %s %s%s", _tag(key), type(e).__name__,
+                res.broken = not rollback(path, res.size)
+                log.error("spool commit of %s failed: %s %s%s", tag(key), type(e).__name__,
                           getattr(e, "strerror", ""), " (log broken)" if res.broken else "")
-                res.error = SpoolError(f"commit of {_tag(key)} failed: {os_error_text(e)}",
+                res.error = SpoolError(f"commit of {tag(key)} failed: {os_error_text(e)}",
                                        key=key)
                 res.error.__cause__ = e
         return chunk
 
-    def _commit_key(self, key: str, path: Path, ops: list[_Op], res: _KeyResult,
-                    chunk: _Chunk) -> None:
-        """Apply one key's operations in order. ``res.size`` is kept at the size known
-        to be fsynced, which is what a failure rolls back to."""
-        fd = -1
-        dirty = False
-
-        def sync() -> None:
-            nonlocal dirty
-            os.fsync(fd)
-            chunk.fsyncs += 1
-            dirty = False
-            res.size = os.fstat(fd).st_size
-
-        try:
-            for op in ops:
-                if op.what == "append":
-                    if fd < 0:
-                        self._ensure_dir(path.parent, chunk)
-                        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                                     0o600)
-                        res.dirent |= res.size is None
-                    rec = encode_record(op.kind, op.data, op.level)
-                    _write_all(fd, rec)
-                    dirty = True
-                    chunk.records += 1
-                    chunk.bytes += len(rec)
-                elif op.what == "state":
-                    if dirty:  # the log before the state that may refer to it
-                        sync()
-                    self._ensure_dir(path.parent, chunk)
-                    _atomic_write(self._state_path(key), op.data)
-                    res.dirent = True
-                else:  # remove
-                    if fd >= 0:
-                        os.close(fd)
-                        fd, dirty = -1, False
-                    for p in (path, self._state_path(key)):
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(p)
-                    res.size, res.dirent = None, True
-            if dirty:
-                sync()
-        finally:
-            if fd >= 0:
-                os.close(fd)
-
-    def _ensure_dir(self, d: Path, chunk: _Chunk) -> None:
-        """Create ``d`` and missing parents below root; their parents need an fsync."""
-        if d in self._known_dirs:
-            return
-        missing = []
-        p = d
-        while p != self.root and not p.is_dir():
-            missing.append(p)
-            p = p.parent
-        for m in reversed(missing):
-            with contextlib.suppress(FileExistsError):
-                m.mkdir(mode=0o700)
-            chunk.new_dirs.append(m.parent)
-        self._known_dirs.add(d)
+    def _commit_key(self, key: str, path: Path, ops: list[Op], res: KeyResult,
+                    chunk: Chunk) -> None:
+        """One key's operations, in order (a method, so that a test can make one
+        spool's commits fail)."""
+        commit_key(self.root, self._known_dirs, key, path, ops, res, chunk)
 
     # -- operations ------------------------------------------------------------------
 
@@ -456,7 +326,7 @@ class Spool:
         :class:`SpoolFull` (budget; nothing queued), :class:`SpoolClosed`
         (committer not running) or :class:`SpoolError` (the commit failed; the
         record is not durable and the log is back at its previous length)."""
-        _check_key(key)
+        check_key(key)
         if not 0 <= kind <= 0xFFFF:
             raise ValueError(f"record kind {kind} outside 0..65535")
         data = bytes(payload)
@@ -467,32 +337,32 @@ class Spool:
             raise SpoolClosed("spool committer is not running")
         if self.bytes_used + need > self.max_bytes:
             raise SpoolFull(f"spool budget of {self.max_bytes} bytes reached")
-        await self._submit(_Op(key, "append", kind, data, need, self._level if compress else 0))
+        await self._submit(Op(key, "append", kind, data, need, self._level if compress else 0))
 
     async def set_state(self, key: str, state: dict[str, Any]) -> None:
         """Replace ``key``'s state file atomically (temp, fsync, rename, directory
         fsync), committed in order with the key's appends (the log is fsynced
         first). Errors and cancellation as for :meth:`append`; TypeError/ValueError
         if ``state`` is not a JSON object."""
-        _check_key(key)
+        check_key(key)
         if not isinstance(state, dict):
             raise TypeError("state must be a dict")
         data = json.dumps(state, sort_keys=True, separators=(",", ":")).encode()
-        await self._submit(_Op(key, "state", data=data))
+        await self._submit(Op(key, "state", data=data))
 
     async def remove(self, key: str) -> None:
         """Delete ``key``'s log and state file (in order with its queued appends)
         and fsync the directory. Errors and cancellation as for :meth:`append`."""
-        _check_key(key)
-        await self._submit(_Op(key, "remove"))
+        check_key(key)
+        await self._submit(Op(key, "remove"))
 
-    async def _submit(self, op: _Op) -> None:
+    async def _submit(self, op: Op) -> None:
         if not self._running:
             raise SpoolClosed("spool committer is not running")
         if op.key in self._reading:
-            raise RuntimeError(f"spool key {_tag(op.key)} is being read")
+            raise RuntimeError(f"spool key {tag(op.key)} is being read")
         if op.what == "append" and op.key in self._broken:
-            raise SpoolError(f"log of {_tag(op.key)} is broken after a failed write",
+            raise SpoolError(f"log of {tag(op.key)} is broken after a failed write",
                              key=op.key)
         if op.what == "remove":
             self._broken.discard(op.key)
@@ -519,11 +389,11 @@ class Spool:
         for dirpath, _dirs, files in os.walk(self.root):
             rel = Path(dirpath).relative_to(self.root)
             for name in files:
-                for suffix in (_LOG, _STATE):
+                for suffix in (LOG_SUFFIX, STATE_SUFFIX):
                     if name.endswith(suffix) and not name.startswith("."):
                         key = (rel / name[: -len(suffix)]).as_posix()
                         with contextlib.suppress(ValueError):
-                            _check_key(key)
+                            check_key(key)
                             found.add(key)
         return sorted(found)
 
@@ -535,7 +405,7 @@ class Spool:
         has queued operations or is being read."""
         self._begin_read(key)
         try:
-            reader = _LogReader(key, self._log_path(key))
+            reader = LogReader(key, self._log_path(key))
             yield from reader
             self._account(key, reader)
         finally:
@@ -550,7 +420,7 @@ class Spool:
         cancellation: the read, and any cut, completes before Cancelled is raised."""
         self._begin_read(key)
         try:
-            reader = _LogReader(key, self._log_path(key))
+            reader = LogReader(key, self._log_path(key))
             records = await trio.to_thread.run_sync(list, reader, limiter=self._limiter)
             self._account(key, reader)
             return records
@@ -558,12 +428,12 @@ class Spool:
             self._reading.discard(key)
 
     def _begin_read(self, key: str) -> None:
-        _check_key(key)
+        check_key(key)
         if key in self._reading or any(op.key == key for op in self._pending_ops()):
-            raise RuntimeError(f"spool key {_tag(key)} is busy")
+            raise RuntimeError(f"spool key {tag(key)} is busy")
         self._reading.add(key)
 
-    def _account(self, key: str, reader: _LogReader) -> None:
+    def _account(self, key: str, reader: LogReader) -> None:
         if reader.cut:
             self._counts["torn_tails"] += 1
             self._counts["torn_bytes"] += reader.cut
@@ -590,7 +460,7 @@ class Spool:
         (it cannot be torn: it is renamed into place) is logged, counted
         (``corrupt_states``) and read as None: every finalisation step is
         idempotent, so starting it over is safe."""
-        _check_key(key)
+        check_key(key)
         try:
             raw = self._state_path(key).read_bytes()
         except FileNotFoundError:
@@ -601,20 +471,20 @@ class Spool:
                 return state
         except ValueError:
             pass
-        log.error("spool %s: state file does not parse; ignored", _tag(key))
+        log.error("spool %s: state file does not parse; ignored", tag(key))
         self._counts["corrupt_states"] += 1
         return None
 
     # -- internals ---------------------------------------------------------------------
 
-    def _pending_ops(self) -> list[_Op]:
+    def _pending_ops(self) -> list[Op]:
         return self._round.ops + (self._inflight.ops if self._inflight else [])
 
     def _log_path(self, key: str) -> Path:
-        return self.root.joinpath(key + _LOG)
+        return log_path(self.root, key)
 
     def _state_path(self, key: str) -> Path:
-        return self.root.joinpath(key + _STATE)
+        return state_path(self.root, key)
 
     def _scan(self) -> dict[str, int]:
         """Worker thread: sizes of every log; stale temp files removed."""
@@ -629,118 +499,3 @@ class Spool:
         return sizes
 
 
-class _LogReader:
-    """Iterates a log's intact records; at the end, cuts a bad tail (truncate + fsync).
-    ``good`` is the length kept, ``cut`` the bytes cut, ``exists`` whether the file was there."""
-
-    def __init__(self, key: str, path: Path) -> None:
-        self.key, self.path = key, path
-        self.good = self.cut = 0
-        self.exists = False
-
-    def __iter__(self) -> Iterator[Record]:
-        try:
-            f = open(self.path, "rb")
-        except FileNotFoundError:
-            return
-        self.exists = True
-        with f:
-            size = os.fstat(f.fileno()).st_size
-            while True:
-                rec, problem = _read_one(f, size - self.good)
-                if rec is None:
-                    break
-                self.good += HEADER.size + rec[1]
-                yield rec[0]
-        if problem is not None:
-            log.warning("spool %s: %s at offset %d; cutting %d bytes", _tag(self.key),
-                        problem, self.good, size - self.good)
-            _rollback(self.path, self.good, strict=True)
-            self.cut = size - self.good
-
-
-def _read_one(f: Any, left: int) -> tuple[tuple[Record, int] | None, str | None]:
-    """The next record and its stored length, or (None, problem; None at a clean end)."""
-    head = f.read(HEADER.size)
-    if not head:
-        return None, None
-    if len(head) < HEADER.size:
-        return None, "torn header"
-    magic, length, kind, flags, crc = HEADER.unpack(head)
-    if magic != MAGIC:
-        return None, "bad magic"
-    if length > left - HEADER.size or length > MAX_PAYLOAD:
-        return None, "torn payload"
-    body = f.read(length)
-    if len(body) < length:
-        return None, "torn payload"
-    if zlib.crc32(body, zlib.crc32(head[:12])) != crc:
-        return None, "bad crc"
-    if flags & ~FLAG_ZLIB:
-        return None, "unknown flags"
-    if flags & FLAG_ZLIB:
-        try:
-            body = zlib.decompress(body)
-        except zlib.error:
-            return None, "bad compressed payload"
-    return (Record(kind, body), length), None
-
-
-def _tag(key: str) -> str:
-    """What log lines carry instead of a key: keys join to a patient in the Core API."""
-    return "k_" + hashlib.sha256(key.encode()).hexdigest()[:12]
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _rollback(path: Path, size: int | None, *, strict: bool = False) -> bool:
-    """Truncate ``path`` to ``size`` (0 if None) and fsync it. False if that failed
-    (raises instead with ``strict``)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.ftruncate(fd, size or 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return True
-    except FileNotFoundError:
-        return True
-    except OSError:
-        if strict:
-            raise
-        log.exception("spool: could not truncate a log back to %s bytes", size)
-        return False
-
-
-def _fsync_dirs(dirs: list[Path]) -> dict[Path, BaseException]:
-    """Worker thread: fsync each directory; the failures."""
-    errors: dict[Path, BaseException] = {}
-    for d in dirs:
-        try:
-            fsync_dir(d)
-        except FileNotFoundError:
-            pass  # removed since; nothing to make durable
-        except OSError as e:
-            errors[d] = e
-    return errors

@@ -205,10 +205,12 @@ async def test_no_ids_in_error_lines_or_tracebacks(
     show them."""
     import actors.session
     import storage.spool
+    import storage.spool_files
     from actors.durable import session_key
 
     disk = _FullDisk()
     monkeypatch.setattr(storage.spool, "os", disk)
+    monkeypatch.setattr(storage.spool_files, "os", disk)
     live, broken, fresh = ERR_SESSIONS
     real_finalise = actors.session.finalise
 
