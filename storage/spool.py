@@ -5,27 +5,8 @@ returned, and ``append`` returns only once the record is written *and fsynced*.
 Appends from all sessions are committed together by one committer task
 (:meth:`Spool.run`, started in the root nursery): group commit.
 
-Files under ``root``, for a key ``"org-a/sess-1"`` (1-4 safe path segments)::
-
-    org-a/sess-1.log           the records, appended in order
-    org-a/sess-1.state.json    the finalisation state (set_state), replaced atomically
-    org-a/.sess-1.state.json.tmp   only ever seen after a crash; removed on start-up
-
-Commit round (the committer): take every operation queued since the last round;
-for each key, in queue order, append records / replace the state file / delete
-the files; fsync each dirty log; then fsync the directories whose entries changed
-(new files, renames, deletions, new directories); then wake every waiter of the
-round. Files are opened and closed within the round: open+close costs ~3 us per
-file against 80-300 us for its fsync on this machine, and with thousands of
-sessions each appending about once a second an LRU of handles would miss on
-nearly every round anyway; it would also keep handles on files being deleted.
-Rounds start as soon as there is work, at most once per ``fsync_interval_s``.
-A round's keys are split over up to ``fsync_threads`` concurrent worker-thread
-calls (under ``limiter``; default: the spool's own limiter of that size): fsyncs of
-different files in parallel were 2-5x faster than in sequence on this machine's
-ext4 (see ``bench/bench_spool.py``); ``fsync_threads=1`` commits each round in one
-thread call. Group commit saves thread hops and batches directory fsyncs; each
-dirty file still costs one fsync per round, since fsync is per file.
+How a round is committed, and the files it writes, are described in
+:mod:`storage.spool_files`; the record format in :mod:`storage.spool_format`.
 
 Errors: an OSError while committing a key fails only that key's operations in the
 round (their waiters get :class:`SpoolError`); its log is truncated back to the
@@ -49,11 +30,9 @@ not fsynced.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,16 +43,16 @@ import trio
 from storage.fsutil import fsync_dir, os_error_text
 from storage.journal import Record
 from storage.spool_files import (
-    LOG_SUFFIX,
-    STATE_SUFFIX,
     Chunk,
     KeyResult,
     LogReader,
     Op,
     commit_key,
     fsync_dirs,
+    keys_on_disk,
     log_path,
     rollback,
+    scan,
     state_path,
 )
 from storage.spool_format import HEADER, MAGIC, MAX_PAYLOAD, check_key, encode_record, tag
@@ -385,17 +364,7 @@ class Spool:
         """Keys with a log or a state file on disk, sorted (blocking directory walk;
         meant for start-up). A key with only a state file is one whose
         :meth:`remove` was cut short: finish it."""
-        found: set[str] = set()
-        for dirpath, _dirs, files in os.walk(self.root):
-            rel = Path(dirpath).relative_to(self.root)
-            for name in files:
-                for suffix in (LOG_SUFFIX, STATE_SUFFIX):
-                    if name.endswith(suffix) and not name.startswith("."):
-                        key = (rel / name[: -len(suffix)]).as_posix()
-                        with contextlib.suppress(ValueError):
-                            check_key(key)
-                            found.add(key)
-        return sorted(found)
+        return keys_on_disk(self.root)
 
     def iter_records(self, key: str) -> Iterator[Record]:
         """Stream ``key``'s intact records in order (blocking reads: for start-up).
@@ -488,14 +457,4 @@ class Spool:
 
     def _scan(self) -> dict[str, int]:
         """Worker thread: sizes of every log; stale temp files removed."""
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        sizes: dict[str, int] = {}
-        for key in self.keys():
-            with contextlib.suppress(FileNotFoundError):
-                sizes[key] = self._log_path(key).stat().st_size
-        for tmp in self.root.rglob(".*.tmp"):
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-        return sizes
-
-
+        return scan(self.root)

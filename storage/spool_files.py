@@ -5,6 +5,28 @@ creating directories, reading a log back and cutting a torn tail, and the
 fsync-before-acknowledge primitives. Everything here blocks: the spool
 (:mod:`storage.spool`) calls it in worker threads. See that module for the
 guarantees these pieces add up to.
+
+Files under ``root``, for a key ``"org-a/sess-1"`` (1-4 safe path segments)::
+
+    org-a/sess-1.log           the records, appended in order
+    org-a/sess-1.state.json    the finalisation state (set_state), replaced atomically
+    org-a/.sess-1.state.json.tmp   only ever seen after a crash; removed on start-up
+
+Commit round (the committer): take every operation queued since the last round;
+for each key, in queue order, append records / replace the state file / delete
+the files; fsync each dirty log; then fsync the directories whose entries changed
+(new files, renames, deletions, new directories); then wake every waiter of the
+round. Files are opened and closed within the round: open+close costs ~3 us per
+file against 80-300 us for its fsync on this machine, and with thousands of
+sessions each appending about once a second an LRU of handles would miss on
+nearly every round anyway; it would also keep handles on files being deleted.
+Rounds start as soon as there is work, at most once per ``fsync_interval_s``.
+A round's keys are split over up to ``fsync_threads`` concurrent worker-thread
+calls (under ``limiter``; default: the spool's own limiter of that size): fsyncs of
+different files in parallel were 2-5x faster than in sequence on this machine's
+ext4 (see ``bench/bench_spool.py``); ``fsync_threads=1`` commits each round in one
+thread call. Group commit saves thread hops and batches directory fsyncs; each
+dirty file still costs one fsync per round, since fsync is per file.
 """
 
 from __future__ import annotations
@@ -18,7 +40,7 @@ from pathlib import Path
 
 from storage.fsutil import fsync_dir
 from storage.journal import Record
-from storage.spool_format import HEADER, encode_record, read_one, tag
+from storage.spool_format import HEADER, check_key, encode_record, read_one, tag
 
 log = logging.getLogger("telemetry.spool")
 
@@ -53,6 +75,37 @@ class Chunk:
     records: int = 0
     bytes: int = 0
     fsyncs: int = 0
+
+
+def keys_on_disk(root: Path) -> list[str]:
+    """Keys with a log or a state file under ``root``, sorted (a blocking
+    directory walk). A key with only a state file is one whose removal was cut
+    short."""
+    found: set[str] = set()
+    for dirpath, _dirs, files in os.walk(root):
+        rel = Path(dirpath).relative_to(root)
+        for name in files:
+            for suffix in (LOG_SUFFIX, STATE_SUFFIX):
+                if name.endswith(suffix) and not name.startswith("."):
+                    key = (rel / name[: -len(suffix)]).as_posix()
+                    with contextlib.suppress(ValueError):
+                        check_key(key)
+                        found.add(key)
+    return sorted(found)
+
+
+def scan(root: Path) -> dict[str, int]:
+    """The size of every log under ``root`` (created if missing); stale temp files
+    (of a state replacement a crash cut short) removed."""
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    sizes: dict[str, int] = {}
+    for key in keys_on_disk(root):
+        with contextlib.suppress(FileNotFoundError):
+            sizes[key] = log_path(root, key).stat().st_size
+    for tmp in root.rglob(".*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return sizes
 
 
 def log_path(root: Path, key: str) -> Path:
