@@ -2,7 +2,7 @@
 
 :func:`plan_recovery` reads the journal's keys and states and returns a
 :class:`RecoveryPlan`, one step per key, in key order; it changes nothing. The
-supervisor carries the plan out (:meth:`actors.supervisor.Supervisor.run`), with
+supervisor carries the plan out (:meth:`actors.hosting.ActorHost.run`), with
 :func:`session_start` and :func:`restore` to rebuild a session from its records.
 For each key (see :mod:`actors.durable` for what is kept):
 
