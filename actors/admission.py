@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, NoReturn
 import trio
 
 from actors.finalise import MAX_BACKOFF_S, Backoff
-from actors.media import MediaTrackerError
+from actors.media_tracker import MediaTrackerError
 from actors.sequencer import Sequencer, Verdict
 from domain.errors import (
     MailboxFull,
@@ -42,8 +42,8 @@ from domain.media_batch import MediaBatch
 from domain.pose_batch import PoseBatch
 
 if TYPE_CHECKING:
+    from actors.limits import ActorLimits
     from actors.media import MediaTracker
-    from telemetry.config import Settings
 
 FRAMES_ENDED = "session has ended; no more frames accepted"
 EVENTS_ENDED = "session has ended; no more events accepted"
@@ -101,7 +101,7 @@ class Admission:
     """The admission half of a session actor (see the module doc). The attributes
     below are the actor's; :class:`~actors.session.SessionActor` sets them."""
 
-    settings: Settings
+    settings: ActorLimits
     space: str | None
     media: MediaTracker
     duplicates: int

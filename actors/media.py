@@ -2,11 +2,12 @@
 
 Definitions (Mux Data / CTA-5004 CMCD vocabulary), the dedupe policy and a worked
 example are in ``docs/media-metrics.md``; ``tests/actors/test_media.py`` checks the
-same example field by field. Everything here is pure and synchronous: the session
-actor calls :meth:`MediaTracker.apply` with each decoded batch, :meth:`MediaTracker.finish`
-when the exercise session ends, then puts :meth:`MediaTracker.summaries` into the
-end-of-session event (via :func:`sink_view`) and correlates :meth:`MediaTracker.stalls`
-with the rep list (:func:`pose_during_stalls`).
+same example field by field. Everything here is pure and synchronous: the session's
+:class:`actors.media_tracker.MediaTracker` calls :meth:`MediaView.apply` with each
+event, :meth:`MediaView.finish` when the exercise session ends, then puts
+:meth:`MediaView.summary` into the end-of-session event (via
+:func:`actors.media_correlate.sink_view`) and correlates :meth:`MediaView.stalls` with
+the rep list (:func:`actors.media_correlate.pose_during_stalls`).
 
 State per view is O(1) apart from two bounded structures: the buffering-event records
 (:data:`MAX_BUFFERING_EVENTS`, overflow counted) and the remembered event ids
@@ -20,10 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from actors.media_correlate import MediaTracker, MediaTrackerError, pose_during_stalls, sink_view
 from domain.media_batch import MediaEvent
-
-__all__ = ["MediaTracker", "MediaTrackerError", "MediaView", "pose_during_stalls", "sink_view"]
 
 SEEK_WINDOW_MS = 2_000  # a stall starting this soon after a seek is seek-induced
 # A stall shorter than this (3 frames at 30 fps) is not a rebuffer: browsers fire

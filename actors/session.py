@@ -37,9 +37,9 @@ import trio
 
 from actors.admission import Admission
 from actors.durable import POSE, START, encode_claims, session_key
-from actors.finalise import Backoff, finalise, record_end
-from actors.media import MediaTracker
-from actors.media_correlate import pose_during_stalls, sink_view
+from actors.finalise import Backoff, Finalisation, finalise, record_end
+from actors.limits import ActorLimits
+from actors.media_tracker import MediaTracker
 from actors.pose_stats import PoseStats
 from actors.reps import RepEngine
 from actors.sequencer import Sequencer, Verdict
@@ -49,9 +49,8 @@ from domain.claims import SessionClaims
 from domain.pose_batch import PoseBatch
 from storage.blobs import BlobStore
 from storage.bus import Bus
+from storage.journal import Journal
 from storage.replay import ReplayWriter
-from storage.spool import Spool
-from telemetry.config import Settings
 
 log = logging.getLogger("telemetry.actor")
 
@@ -66,17 +65,17 @@ class SessionActor(Admission):
         self,
         claims: SessionClaims,
         *,
-        settings: Settings,
+        settings: ActorLimits,
         store: BlobStore,
         bus: Bus,
         log_id: str,
-        spool: Spool | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self.claims = claims
         self.settings = settings
         self.store = store
         self.bus = bus
-        self.spool = spool
+        self.journal = journal
         self.key = session_key(claims.org_id, claims.session_id)
         self.spill_path = Path(settings.data_dir) / "replay" / f"{self.key}.part"
         self.start_written = False
@@ -160,10 +159,10 @@ class SessionActor(Admission):
 
     @property
     def end_recorded(self) -> bool:
-        """The end is durable (its mark is in the spool), so a restart cannot bring
-        the session back live. Always true without a spool: nothing survives a
+        """The end is durable (its mark is in the journal), so a restart cannot bring
+        the session back live. Always true without a journal: nothing survives a
         restart there anyway."""
-        return self._end_recorded or self.spool is None
+        return self._end_recorded or self.journal is None
 
     def mark_end_recorded(self) -> None:
         """Recovery found the end mark on disk, or :func:`record_end` wrote it."""
@@ -187,28 +186,28 @@ class SessionActor(Admission):
         return self._handover
 
     def hand_over(self) -> None:
-        """Stop without finalising (shutdown in flush mode; needs a spool)."""
-        assert self.spool is not None
+        """Stop without finalising (shutdown in flush mode; needs a journal)."""
+        assert self.journal is not None
         self._handover = True
         self.request_end("shutdown")
 
     async def persist(self, kind: int, body: bytes) -> None:
-        """Make a record durable before it is acknowledged; no-op without a spool.
+        """Make a record durable before it is acknowledged; no-op without a journal.
 
         The session's START record (its claims) goes first, once. Raises the
-        spool's errors (``SpoolFull``, ``OSError``); cancellation propagates and the
-        record may or may not be on disk (it was not acknowledged either way)."""
-        if self.spool is None:
+        journal's errors (``SpoolFull``, ``OSError``); cancellation propagates and the
+        record may or may not be durable (it was not acknowledged either way)."""
+        if self.journal is None:
             return
         if not self.start_written:
             async with self._start_lock:
                 if not self.start_written:
-                    await self.spool.append(
+                    await self.journal.append(
                         self.key, START, encode_claims(self.claims, self.started_wall))
                     self.start_written = True
         # Pose floats barely compress (about 11% for 0.5 ms of CPU a batch, measured by
         # bench/bench_spool.py); media JSON does.
-        await self.spool.append(self.key, kind, body, compress=kind != POSE)
+        await self.journal.append(self.key, kind, body, compress=kind != POSE)
 
     def restore_pose(self, batch: PoseBatch) -> None:
         """Recovery: re-apply a spooled batch through the live ordering logic. A
@@ -281,9 +280,16 @@ class SessionActor(Admission):
             # The end mark goes first: from here on the session refuses batches for
             # good (409), so a restart must find it ended too. Storage failures are
             # retried inside (the end call answers 503 meanwhile).
-            await record_end(self)
+            if not self.end_recorded:
+                assert self.journal is not None
+                await record_end(self.journal, self.key, self.end_reason, self.log_id,
+                                 self.backoff)
+            self.mark_end_recorded()
             self._drain()
-            self.summary = await finalise(self)
+            self.summary = await finalise(self.finalisation())
+            # Finalisation may have found the rep engine broken at its finish.
+            self.end_reason = self.summary["end_reason"]
+            self.error = self.summary["error"]
         except Exception as exc:
             # A bug here must cost this session at most: the others run on. With a
             # spool the session stays on disk at its finalisation step, the next
@@ -291,10 +297,21 @@ class SessionActor(Admission):
             # answers 503, never a 200 for a blob that was not stored).
             log.exception("finalisation failed", extra={"session": self.log_id})
             self.error = f"finalisation failed: {type(exc).__name__}"
-            if self.spool is None:
+            if self.journal is None:
                 self.summary = self.failure_summary()
         finally:
             self.finished.set()
+
+    def finalisation(self) -> Finalisation:
+        """What finalisation takes: this session as it stands, once drained."""
+        return Finalisation(
+            claims=self.claims, log_id=self.log_id, end_reason=self.end_reason,
+            error=self.error, space=self.space, started_wall=self.started_wall,
+            t0_wall=self.t0_wall, stats=self.stats, skipped=self.skipped,
+            duplicates=self.duplicates, reps=self.reps, replay=self.replay, media=self.media,
+            spill_path=self.spill_path, store=self.store, bus=self.bus, journal=self.journal,
+            backoff=self.backoff, deadline_s=self.settings.shutdown_deadline_s,
+        )
 
     def failure_summary(self) -> dict[str, Any]:
         """What the end call answers when an ephemeral (spool-less) finalisation
@@ -382,19 +399,3 @@ class SessionActor(Admission):
             self.error = f"{type(exc).__name__}: {exc}"
             self.reps = None
             self.end_reason = "actor_error"
-
-    def add_media(self, summary: dict[str, Any], reps: dict[str, Any] | None) -> None:
-        """Media view summaries, and what the pose stream did while the video stalled."""
-        try:
-            self.media.finish(self.stats.last_t)
-            t0 = self.t0_wall if self.t0_wall is not None else self.started_wall
-            summary["media"] = [sink_view(v, t0) for v in self.media.summaries()]
-            stalls = self.media.stalls()
-            if stalls and self.stats.first_t is not None:
-                activity = (float(self.stats.first_t), float(self.stats.last_t or 0))
-                summary["media_pose"] = pose_during_stalls(
-                    stalls, (reps or {}).get("reps", []), activity)
-        except Exception as exc:  # a bug here must not cost the pose summary
-            log.exception("media summary failed", extra={"session": self.log_id})
-            self.error = self.error or f"media: {type(exc).__name__}: {exc}"
-            summary["error"] = self.error

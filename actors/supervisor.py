@@ -1,7 +1,9 @@
-"""The session supervisor: owns the actors' nursery and the registry of sessions.
+"""The session supervisor: admission of batches and end calls.
 
-Sessions are keyed by ``(org_id, session_id)``, so two organisations can never
-reach each other's session even if their ids collide.
+It hosts the actors through :class:`actors.hosting.ActorHost` (their nursery, the
+registry of live and ended sessions, recovery at start-up, :meth:`drain` at
+shutdown). Sessions are keyed by ``(org_id, session_id)``, so two organisations can
+never reach each other's session even if their ids collide.
 
 * A session's actor starts on its first pose batch or media batch.
 * An ended session's summary is kept for ``ended_retention_s`` to answer repeated
@@ -11,29 +13,24 @@ reach each other's session even if their ids collide.
   actor keeps retrying; a repeated end call returns the summary once it is stored.
   A 200 is only ever answered for a summary whose blob is stored and whose event is
   in the outbox (``docs/durability.md``).
-* Failure isolation: an actor never raises out of its task (see
-  :mod:`actors.session`); a crash ends only that session, with reason ``actor_error``.
-
-Shutdown (:meth:`Supervisor.drain`): stop admitting sessions, ask every live actor
-to end with reason ``shutdown``, and wait for their finalisation up to a deadline.
-:meth:`run` returns once drained; cancelling it cancels any actor still running.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import trio
 
 from actors.admission import Offer, end_offer, end_refusal
 from actors.durable import MEDIA, POSE, session_key
-from actors.finalise import MAX_BACKOFF_S, Backoff, publish_and_close, retry
+from actors.ended import Ended as _Ended
+from actors.ended import Key
+from actors.finalise import MAX_BACKOFF_S, retry
+from actors.hosting import ActorHost
+from actors.limits import ActorLimits
 from actors.pose_stats import PoseStats
-from actors.recovery import RecoveryReport, recover
 from actors.sequencer import Verdict
 from actors.session import SessionActor
 from actors.summary import build_summary
@@ -44,12 +41,9 @@ from domain.pose_batch import PoseBatch
 from domain.privacy import Pseudonymiser
 from storage.blobs import BlobStore, blob_key
 from storage.bus import Bus
-from storage.spool import Spool
-from telemetry.config import Settings
+from storage.journal import Journal
 
 log = logging.getLogger("telemetry.supervisor")
-
-Key = tuple[str, str]
 
 # How long an end call waits for finalisation before answering 503 + Retry-After.
 # Finalisation takes milliseconds to a few seconds when storage is healthy; past
@@ -63,158 +57,18 @@ END_WAIT_S = 15.0
 SupervisorClosed = ShuttingDown
 
 
-@dataclass
-class _Ended:
-    """A session that ended here (or is being finished without an actor)."""
+class Supervisor(ActorHost):
+    """Admission and end calls on top of :class:`actors.hosting.ActorHost`."""
 
-    # None: its finalisation failed with a bug; the next start resumes it from disk.
-    summary: dict[str, Any] | None
-    expires: float
-    # Set once ``summary`` may be answered with 200: blob stored, event in the outbox.
-    stored: trio.Event
-    # The end is durable: batches are refused with 409 (else 503, retry).
-    recorded: bool = True
-    # Set with ``stored`` when finishing it failed and nothing was recorded.
-    failed: bool = False
-    # Paces a task still finishing it; an end call kicks it (storage may be back).
-    backoff: Backoff = field(default_factory=Backoff)
-
-
-class Supervisor:
     def __init__(
-        self, settings: Settings, *, store: BlobStore, bus: Bus, pseudonyms: Pseudonymiser,
-        spool: Spool | None = None,
+        self, settings: ActorLimits, *, store: BlobStore, bus: Bus, pseudonyms: Pseudonymiser,
+        journal: Journal | None = None,
     ) -> None:
-        self._spool = spool
-        self._settings = settings
-        self.settings = settings
-        self.recovered: RecoveryReport | None = None
-        self._store = store
-        self._bus = bus
-        self._pseudonyms = pseudonyms
-        self._live: dict[Key, SessionActor] = {}
-        self._per_org: dict[str, int] = {}
-        self._ended: OrderedDict[Key, _Ended] = OrderedDict()
-        self._nursery: trio.Nursery | None = None
-        self._closed = False
-        self._stopped = trio.Event()
-        self.crashed = 0
-        # Cumulative figures for the metrics (read at scrape time, as ``crashed``):
-        # sessions ended by end reason, and batches the ended ones skipped.
-        self.ended_by_reason: dict[str, int] = {}
-        self.skipped_ended = 0
+        super().__init__(settings, store=store, bus=bus, pseudonyms=pseudonyms, journal=journal)
         self.end_wait_s = END_WAIT_S
 
-    # -- lifecycle ------------------------------------------------------------------
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Host the actors until :meth:`drain` has finished."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            if self._spool is not None:
-                report = await recover(self, self._spool)
-                log.info("recovered from spool", extra=vars(report))
-                self.recovered = report
-            task_status.started()
-            await self._stopped.wait()
-            nursery.cancel_scope.cancel()
-
-    # -- used by recovery -------------------------------------------------------------
-
-    def adopt(self, claims: SessionClaims, started_wall: float) -> SessionActor:
-        """A recovered session's actor, registered but not started (no limits apply:
-        it was admitted before)."""
-        actor = self._new_actor(claims)
-        actor.started_wall = started_wall
-        actor.start_written = True
-        return actor
-
-    def abandon(self, actor: SessionActor) -> None:
-        """Unregister an adopted actor that will not be launched."""
-        self._unregister(actor)
-
-    def _unregister(self, actor: SessionActor) -> None:
-        """Drop ``actor`` from the registry (idempotent; never a newer actor of the
-        same session that took its place)."""
-        key = (actor.org_id, actor.session_id)
-        if self._live.get(key) is actor:
-            del self._live[key]
-            self._release_org(actor.org_id)
-
-    def launch(self, actor: SessionActor) -> None:
-        assert self._nursery is not None
-        self._nursery.start_soon(self._host, actor)
-
-    def remember(self, org_id: str, session_id: str, summary: dict[str, Any],
-                 ttl_s: float) -> None:
-        """Keep a finished session's summary (recovery: from the spool) for ``ttl_s``."""
-        self._put((org_id, session_id), _Ended(summary, trio.current_time() + ttl_s,
-                                               _set_event()))
-
-    def resume_publish(self, key: str, summary: dict[str, Any]) -> None:
-        """Recovery of a session found at ``publish``: its end is durable (batches get
-        409 at once); end calls get its summary once the event is in the outbox."""
-        assert self._nursery is not None and self._spool is not None
-        org_id, session_id = key.split("/")
-        entry = _Ended(summary, trio.current_time() + self._settings.ended_retention_s,
-                       trio.Event())
-        self._put((org_id, session_id), entry)
-        self._nursery.start_soon(self._publish_recovered, key, entry)
-
-    async def _publish_recovered(self, key: str, entry: _Ended) -> None:
-        assert self._spool is not None and entry.summary is not None
-        org_id, session_id = key.split("/")
-        # Retries every step until done; only Cancelled (shutdown) escapes, and then
-        # the state file still says ``publish`` for the next start.
-        await publish_and_close(self._bus, self._spool, key, entry.summary,
-                                self._pseudonyms.session(org_id, session_id), entry.backoff)
-        entry.stored.set()
-
-    async def drain(self, deadline_s: float | None = None) -> int:
-        """Hand every live session over to the spool (``shutdown_mode=flush``, the
-        default with a spool) or end it (reason ``shutdown``), waiting up to
-        ``deadline_s``.
-
-        Returns how many sessions were still unfinished at the deadline; those are
-        cancelled when :meth:`run` exits. Safe to call more than once.
-        """
-        self._closed = True
-        deadline_s = self._settings.shutdown_deadline_s if deadline_s is None else deadline_s
-        actors = list(self._live.values())
-        hand_over = self._spool is not None and self._settings.shutdown_mode == "flush"
-        for actor in actors:
-            if hand_over:
-                actor.hand_over()
-            else:
-                actor.request_end("shutdown")
-        with trio.move_on_after(deadline_s):
-            for actor in actors:
-                await actor.finished.wait()
-        left = sum(1 for a in actors if not a.finished.is_set())
-        if left:
-            log.error("shutdown deadline passed with %d sessions unfinished", left)
-        self._stopped.set()
-        return left
-
-    @property
-    def accepting(self) -> bool:
-        return not self._closed
 
     # -- used by the HTTP handlers ----------------------------------------------------
-
-    def ended_summary(self, org_id: str, session_id: str) -> dict[str, Any] | None:
-        """The summary of a session that ended here, once it is stored (blob and
-        event); None while it is still being finished, or unknown here."""
-        ended = self._entry((org_id, session_id))
-        if ended is None or not ended.stored.is_set() or ended.failed:
-            return None
-        return ended.summary
-
-    def find_ended(self, session_id: str, org_id: str | None = None) -> list[Key]:
-        """Keys of sessions held as ended here (for the admin end call)."""
-        self._expire()
-        return [k for k in self._ended if k[1] == session_id
-                and (org_id is None or k[0] == org_id)]
 
     def offer(self, claims: SessionClaims, batch: PoseBatch) -> Offer:
         actor = self._actor(claims)
@@ -376,15 +230,6 @@ class Supervisor:
         raise NotFinalised("the session has ended; its summary is not stored yet and is "
                            "being retried", 5.0, recorded=entry.recorded)
 
-    def live(self) -> list[SessionActor]:
-        return list(self._live.values())
-
-    def find(self, session_id: str, org_id: str | None = None) -> list[SessionActor]:
-        return [
-            a for (o, s), a in self._live.items()
-            if s == session_id and (org_id is None or o == org_id)
-        ]
-
     # -- internals ------------------------------------------------------------------
 
     def _start(self, claims: SessionClaims) -> SessionActor:
@@ -405,50 +250,6 @@ class Supervisor:
             "exercise": claims.exercise.kind,
         })
         return actor
-
-    def _new_actor(self, claims: SessionClaims) -> SessionActor:
-        self._per_org[claims.org_id] = self._per_org.get(claims.org_id, 0) + 1
-        log_id = self._pseudonyms.session(claims.org_id, claims.session_id)
-        actor = SessionActor(
-            claims, settings=self._settings, store=self._store, bus=self._bus, log_id=log_id,
-            spool=self._spool,
-        )
-        self._live[(claims.org_id, claims.session_id)] = actor
-        return actor
-
-    async def _host(self, actor: SessionActor) -> None:
-        key = (actor.org_id, actor.session_id)
-        try:
-            await actor.run()
-            if actor.summary is None and not actor.handed_over and self._spool is not None:
-                # Finalisation raised (a bug). Until the next start resumes it from
-                # disk, the session must neither start afresh nor claim a summary.
-                self._put(key, _Ended(None, trio.current_time()
-                                      + self._settings.ended_retention_s, trio.Event(),
-                                      recorded=actor.end_recorded))
-        finally:
-            # Runs on cancellation too, so the registry never keeps a dead actor.
-            self._unregister(actor)
-            # No checkpoint since leaving the live set: a scrape never sees its
-            # skipped batches twice or not at all.
-            self.skipped_ended += actor.skipped
-            if actor.summary is not None:
-                self._remember(key, actor.summary)
-                if actor.end_reason == "actor_error":
-                    self.crashed += 1
-                reason = str(actor.summary["end_reason"])
-                self.ended_by_reason[reason] = self.ended_by_reason.get(reason, 0) + 1
-                log.info("session ended", extra={
-                    "session": actor.log_id, "end_reason": actor.summary["end_reason"],
-                    "frames": actor.stats.frames, "published": actor.summary.get("published"),
-                })
-
-    def _release_org(self, org_id: str) -> None:
-        left = self._per_org[org_id] - 1
-        if left:
-            self._per_org[org_id] = left
-        else:
-            del self._per_org[org_id]
 
     async def _end_empty(self, claims: SessionClaims, reason: str) -> dict[str, Any]:
         """End a session that holds nothing: publish an empty summary.
@@ -476,8 +277,9 @@ class Supervisor:
         entry = _Ended(summary, trio.current_time() + self._settings.ended_retention_s,
                        trio.Event(), recorded=False)
         self._put(key, entry)
-        if self._spool is not None:
+        if self._journal is not None:
             assert self._nursery is not None
+            self._publishing.add(entry)
             self._nursery.start_soon(self._finish_empty, session_key(*key), entry, log_id)
             return await self._await_entry(entry)
         ok = False
@@ -491,49 +293,9 @@ class Supervisor:
                 entry.recorded = True
             else:
                 entry.failed = True
-                if self._ended.get(key) is entry:
-                    del self._ended[key]
+                self._ended.discard(key, entry)
             entry.stored.set()
         if not ok:
             raise NotFinalised("the session's end could not be stored; try again", 5.0,
                                recorded=False)
         return summary
-
-    async def _finish_empty(self, key: str, entry: _Ended, log_id: str) -> None:
-        """Record, publish and keep an empty session's summary, retrying every step
-        until done; only ``trio.Cancelled`` escapes (then the next start resumes it
-        from the ``publish`` state, or it was never recorded)."""
-        assert self._spool is not None and entry.summary is not None
-        spool, state = self._spool, {"step": "publish", "summary": entry.summary}
-        await retry(lambda: spool.set_state(key, state), "recording the end", log_id, None,
-                    entry.backoff)
-        entry.recorded = True
-        await publish_and_close(self._bus, spool, key, entry.summary, log_id, entry.backoff)
-        entry.stored.set()
-
-    def _remember(self, key: Key, summary: dict[str, Any]) -> None:
-        self._put(key, _Ended(summary, trio.current_time() + self._settings.ended_retention_s,
-                              _set_event()))
-
-    def _put(self, key: Key, entry: _Ended) -> None:
-        self._ended[key] = entry
-        self._ended.move_to_end(key)
-        self._expire()
-
-    def _entry(self, key: Key) -> _Ended | None:
-        self._expire()
-        return self._ended.get(key)
-
-    def _expire(self) -> None:
-        now = trio.current_time()
-        while self._ended:
-            key, ended = next(iter(self._ended.items()))
-            if ended.expires > now:
-                break
-            del self._ended[key]
-
-
-def _set_event() -> trio.Event:
-    event = trio.Event()
-    event.set()
-    return event

@@ -206,7 +206,8 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     # protocol, which hands them to its WSStream (wsproto).
     ("hypercorn + wsproto (WebSocket)", ("(hypercorn/protocol/ws_stream.py)", "(wsproto/")),
     ("hypercorn + h11 (HTTP/1.1)", ("(hypercorn/", "(h11/")),
-    ("spool committer (loop side)", ("Spool.", "(storage/spool.py)")),
+    ("spool committer (loop side)", ("Spool.", "GroupCommit.", "(storage/spool.py)",
+                                    "(storage/spool_commit.py)")),
     ("trio scheduler, sockets, epoll", ("(trio/", "(outcome/")),
 )
 

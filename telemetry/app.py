@@ -283,7 +283,7 @@ def _endpoint() -> str:
 def _spool(state: AppState) -> Spool | None:
     if state.storage is not None:
         return state.storage.spool
-    return getattr(state.supervisor, "_spool", None)
+    return getattr(state.supervisor, "_journal", None)
 
 
 def _outbox(state: AppState) -> Outbox | None:

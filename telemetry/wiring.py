@@ -23,6 +23,7 @@ from pathlib import Path
 
 import trio
 
+from actors.limits import ActorLimits
 from storage.blobs import BlobStore, FilesystemBlobStore
 from storage.bus import Bus, InProcessBus
 from storage.outbox import Outbox
@@ -77,6 +78,20 @@ class Storage:
             await self.store.aclose()
             if self.db is not None:
                 await self.db.aclose()  # type: ignore[attr-defined]
+
+
+def actor_limits(settings: Settings) -> ActorLimits:
+    """The supervisor's and actors' share of the configuration."""
+    return ActorLimits(
+        data_dir=Path(settings.data_dir), mailbox_size=settings.mailbox_size,
+        reorder_window=settings.reorder_window, max_batches_per_s=settings.max_batches_per_s,
+        gap_timeout_s=settings.gap_timeout_s, idle_timeout_s=settings.idle_timeout_s,
+        max_session_s=settings.max_session_s, ended_retention_s=settings.ended_retention_s,
+        shutdown_deadline_s=settings.shutdown_deadline_s, shutdown_mode=settings.shutdown_mode,
+        max_live_sessions=settings.max_live_sessions,
+        max_sessions_per_org=settings.max_sessions_per_org,
+        blob_encoding=settings.blob_encoding,
+    )
 
 
 def open_blob_store(settings: Settings) -> BlobStore:

@@ -620,9 +620,11 @@ async def test_compose_health_checks_hit_real_routes(settings: Settings) -> None
     from telemetry.app import AppState, create_app
     from telemetry.auth import TokenVerifier
     from telemetry.sink_app import create_sink_app
+    from telemetry.wiring import actor_limits
 
     pseudonyms = Pseudonymiser(settings.pseudonym_key)
-    supervisor = Supervisor(settings, store=FilesystemBlobStore(settings.data_dir / "blobs"),
+    supervisor = Supervisor(actor_limits(settings),
+                            store=FilesystemBlobStore(settings.data_dir / "blobs"),
                             bus=InProcessBus(), pseudonyms=pseudonyms)
     app = create_app(AppState(settings, supervisor, TokenVerifier(settings), pseudonyms))
     _, path = compose_health_url("telemetry")

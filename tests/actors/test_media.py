@@ -12,13 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import actors.media as media
-from actors.media import (
-    MediaTracker,
-    MediaTrackerError,
-    MediaView,
-    pose_during_stalls,
-    sink_view,
-)
+from actors.media import MediaView
+from actors.media_correlate import pose_during_stalls, sink_view
+from actors.media_tracker import MediaTracker, MediaTrackerError
 from domain.media_batch import MediaBatch, MediaEvent, decode_media_batch
 
 # The worked example of docs/media-metrics.md, event for event (a 120 s exercise video).

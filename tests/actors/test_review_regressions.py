@@ -19,6 +19,7 @@ from storage.bus import InProcessBus
 from storage.spool import Spool
 from telemetry.auth import TokenVerifier, is_safe_id
 from telemetry.config import Settings
+from telemetry.wiring import actor_limits
 from tests.support.harness import Harness
 from tests.support.payloads import batch_body, hdr, session_token
 from tests.support.service import running_service
@@ -121,8 +122,8 @@ async def test_recovery_skips_a_media_record_refused_live(
     await spool.append(key, START, encode_claims(claims, 1.0))
     await spool.append(key, MEDIA, media("video-a"))
     await spool.append(key, MEDIA, media("video-b"))  # same view, other video: refused live
-    sup = Supervisor(settings, store=MemoryBlobStore(), bus=InProcessBus(),
-                     pseudonyms=Pseudonymiser(b"k" * 32), spool=spool)
+    sup = Supervisor(actor_limits(settings), store=MemoryBlobStore(), bus=InProcessBus(),
+                     pseudonyms=Pseudonymiser(b"k" * 32), journal=spool)
     await nursery.start(sup.run)
     assert sup.recovered is not None and sup.recovered.resumed == 1
     (actor,) = sup.live()

@@ -12,6 +12,7 @@ from storage.blobs import MemoryBlobStore
 from storage.bus import InProcessBus
 from telemetry.auth import TokenVerifier
 from telemetry.config import Settings
+from telemetry.wiring import actor_limits
 from tests.support.payloads import batch_body, session_token
 
 
@@ -22,7 +23,7 @@ class Harness:
         self.bus = InProcessBus()
         self.events: list[dict[str, Any]] = []
         self.bus.subscribe(self._collect)
-        self.sup = Supervisor(settings, store=self.store, bus=self.bus,
+        self.sup = Supervisor(actor_limits(settings), store=self.store, bus=self.bus,
                               pseudonyms=Pseudonymiser(b"k" * 32))
 
     async def _collect(self, event: Any) -> None:

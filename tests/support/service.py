@@ -49,8 +49,14 @@ class Running:
 
 
 @asynccontextmanager
-async def running_service(settings: Settings) -> AsyncIterator[Running]:
-    """Serve until the block exits, then shut down in order and wait for it."""
+async def running_service(settings: Settings, *,
+                          websocket_ping_s: float | None = 0.25) -> AsyncIterator[Running]:
+    """Serve until the block exits, then shut down in order and wait for it.
+
+    WebSocket pings every 0.25 s by default, not the service's 20 s: hypercorn's
+    ping task sleeps a whole interval and holds its connection open at shutdown
+    until the graceful timeout (5 s) cancels it, which cost every stream test 5 s.
+    ``None``: no pings."""
     async with open_storage(settings) as storage, trio.open_nursery() as nursery:
         run: Running | None = None
         done = trio.Event()
@@ -58,7 +64,8 @@ async def running_service(settings: Settings) -> AsyncIterator[Running]:
         async def host(*, task_status: trio.TaskStatus[AppState]) -> None:
             try:
                 assert run is not None
-                await serve(settings, storage, stop=run.stop, task_status=task_status)
+                await serve(settings, storage, stop=run.stop,
+                            websocket_ping_s=websocket_ping_s, task_status=task_status)
             finally:
                 done.set()
 

@@ -165,7 +165,7 @@ ERR_SESSIONS = ["sx-VB3N6T-010", "sx-VB3N6T-011", "sx-VB3N6T-012"]
 
 
 class _FullDisk:
-    """``storage.spool``'s view of :mod:`os` with the disk filling up on demand: the
+    """``storage.spool_files``'s view of :mod:`os` with the disk filling up on demand: the
     spool's real code runs, only its system calls fail, the way they do on a full
     disk (failure injection only). Creating a file fails with ENOSPC naming the path
     (``os.open`` does), a write fails without one; with ``no_truncate`` the rollback
@@ -204,11 +204,11 @@ async def test_no_ids_in_error_lines_or_tracebacks(
     old spool put the key in its message, and an OSError names the file); none may
     show them."""
     import actors.session
-    import storage.spool
+    import storage.spool_files
     from actors.durable import session_key
 
     disk = _FullDisk()
-    monkeypatch.setattr(storage.spool, "os", disk)
+    monkeypatch.setattr(storage.spool_files, "os", disk)
     live, broken, fresh = ERR_SESSIONS
     real_finalise = actors.session.finalise
 
@@ -216,10 +216,10 @@ async def test_no_ids_in_error_lines_or_tracebacks(
         # The disk fills up as the session finalises: its state write fails for real.
         # Done here rather than left to finalise(), whose policy for storage failures
         # (give up, or retry until the disk has room) is not what this test is about.
-        if actor.session_id == live and actor.spool is not None:
+        if actor.session_id == live and actor.journal is not None:
             disk.full = True
             try:
-                await actor.spool.set_state(session_key(actor.org_id, actor.session_id),
+                await actor.journal.set_state(session_key(actor.org_id, actor.session_id),
                                             {"step": "upload", "end_reason": actor.end_reason})
             finally:
                 disk.full = False

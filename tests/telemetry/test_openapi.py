@@ -50,6 +50,7 @@ from telemetry.app import AppState, create_app
 from telemetry.auth import TokenVerifier, mint_service_token, mint_session_token
 from telemetry.config import Settings
 from telemetry.lean import ROUTES as LEAN_ROUTES
+from telemetry.wiring import actor_limits
 from tests.support.payloads import pose_frames
 from tests.support.service import running_service
 
@@ -453,7 +454,8 @@ def test_spec_is_valid_openapi() -> None:
 def test_spec_covers_every_route(settings: Settings) -> None:
     """Every route the app serves is in the spec, and nothing else is."""
     pseudonyms = Pseudonymiser(settings.pseudonym_key)
-    supervisor = Supervisor(settings, store=FilesystemBlobStore(settings.data_dir / "blobs"),
+    supervisor = Supervisor(actor_limits(settings),
+                            store=FilesystemBlobStore(settings.data_dir / "blobs"),
                             bus=InProcessBus(), pseudonyms=pseudonyms)
     app = create_app(AppState(settings, supervisor, TokenVerifier(settings), pseudonyms))
     served = set(LEAN_ROUTES)

@@ -40,6 +40,7 @@ from telemetry.config import Settings
 from telemetry.connection_close import close_on_connection_close
 from telemetry.server import hypercorn_config
 from telemetry.tls import HSTS_VALUE, TLSConfigError, apply_tls, hsts
+from telemetry.wiring import actor_limits
 from tests.support.payloads import batch_body, session_token
 
 
@@ -79,7 +80,7 @@ async def tls_service(settings: Settings) -> AsyncIterator[int]:
     store = FilesystemBlobStore(Path(settings.data_dir) / "blobs")
     bus = InProcessBus()
     pseudonyms = Pseudonymiser(settings.pseudonym_key)
-    supervisor = Supervisor(settings, store=store, bus=bus, pseudonyms=pseudonyms)
+    supervisor = Supervisor(actor_limits(settings), store=store, bus=bus, pseudonyms=pseudonyms)
     state = AppState(settings, supervisor, TokenVerifier(settings), pseudonyms)
     config = hypercorn_config(settings)
     assert apply_tls(config, settings) is True
