@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import trio
 
-from actors.finalise import MAX_BACKOFF_S, Backoff
+from actors.backoff import MAX_BACKOFF_S, Backoff
 from actors.media_tracker import MediaTrackerError
 from actors.sequencer import Sequencer, Verdict
 from domain.errors import (
@@ -43,7 +43,7 @@ from domain.pose_batch import PoseBatch
 
 if TYPE_CHECKING:
     from actors.limits import ActorLimits
-    from actors.media import MediaTracker
+    from actors.media_tracker import MediaTracker
 
 FRAMES_ENDED = "session has ended; no more frames accepted"
 EVENTS_ENDED = "session has ended; no more events accepted"

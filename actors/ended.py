@@ -15,7 +15,7 @@ from typing import Any
 
 import trio
 
-from actors.finalise import Backoff
+from actors.backoff import Backoff
 
 Key = tuple[str, str]  # (org_id, session_id)
 

@@ -18,10 +18,7 @@ instead, and gives up after a few attempts, saying so in the summary.
 from __future__ import annotations
 
 import logging
-import math
-import random
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +26,7 @@ from typing import Any
 import trio
 from trio.lowlevel import RunVar
 
+from actors.backoff import Backoff, retry
 from actors.durable import ended_key, session_key
 from actors.faults import maybe_die
 from actors.media_correlate import pose_during_stalls, sink_view
@@ -44,7 +42,6 @@ from storage.replay import ReplayWriter
 
 log = logging.getLogger("telemetry.finalise")
 
-MAX_BACKOFF_S = 30.0
 # Blobs built and stored at once, per process. A finalisation holds its whole blob
 # in memory (about 2 MB per 30 minutes of frames) while it is built, stored and
 # verified; a mass end (shutdown with TELEMETRY_SHUTDOWN_MODE=finalise, or hundreds
@@ -64,62 +61,6 @@ def blob_slots() -> trio.CapacityLimiter:
         limiter = trio.CapacityLimiter(FINALISE_CONCURRENCY)
         _BLOB_SLOTS.set(limiter)
         return limiter
-
-
-class Backoff:
-    """The pauses between attempts of one session's finalisation steps.
-
-    Shared by the steps so that an end call can read how long the current pause is
-    (its ``Retry-After`` hint) and cut it short (:meth:`kick`: the client is asking
-    again, so storage may well be back). A kick during an attempt makes the next
-    pause end at once; kicks never start a second attempt in parallel."""
-
-    def __init__(self) -> None:
-        self.delay = 0.0  # the pause in progress or last taken; 0 before any failure
-        self._kick = trio.Event()
-
-    def kick(self) -> None:
-        self._kick.set()
-
-    async def pause(self, delay: float) -> None:
-        """Sleep ``delay`` seconds or until kicked. Cancellation propagates."""
-        self.delay = delay
-        with trio.move_on_after(delay):
-            await self._kick.wait()
-        if self._kick.is_set():
-            self._kick = trio.Event()
-
-    def succeeded(self) -> None:
-        self.delay = 0.0
-
-
-async def retry(fn: Callable[[], Awaitable[Any]], what: str, log_id: str,
-                attempts: int | None, backoff: Backoff | None = None) -> tuple[bool, Any]:
-    """Call ``fn`` until it succeeds (``attempts=None``: forever) with capped
-    exponential backoff and jitter, paced by ``backoff`` if given (so a kick ends a
-    pause early). Returns ``(ok, result)``. An exception of ``fn`` counts as a failed
-    attempt and is logged by type only (messages may name the session);
-    cancellation propagates, whether raised by ``fn`` or during a pause."""
-    attempt = 0
-    while True:
-        try:
-            result = await fn()
-        except Exception as exc:
-            attempt += 1
-            log.warning("%s failed (attempt %d): %s", what, attempt, type(exc).__name__,
-                        extra={"session": log_id})
-            if attempts is not None and attempt >= attempts:
-                return False, None
-            delay = min(MAX_BACKOFF_S, 0.25 * math.pow(2, attempt - 1))
-            delay *= random.uniform(0.8, 1.2)
-            if backoff is None:
-                await trio.sleep(delay)
-            else:
-                await backoff.pause(delay)
-            continue
-        if backoff is not None:
-            backoff.succeeded()
-        return True, result
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,9 @@ from typing import Any
 
 import trio
 
+from actors.backoff import retry
 from actors.ended import Ended, EndedRegistry, Key, stored_event
-from actors.finalise import publish_and_close, retry
+from actors.finalise import publish_and_close
 from actors.limits import ActorLimits
 from actors.recovery import (
     Forget,

@@ -1,6 +1,6 @@
-"""Session level of the media metrics: all views of a session, and the pose side of stalls.
+"""Session level of the media metrics: view summaries for the sink, and the pose side
+of stalls (the views themselves are held by :class:`actors.media_tracker.MediaTracker`).
 
-:class:`MediaTracker` holds one :class:`actors.media.MediaView` per ``view_id``;
 :func:`sink_view` reshapes a view summary for ``storage/sink.py``;
 :func:`pose_during_stalls` answers what no video-analytics product can, because none
 sees the camera: did the patient keep exercising while the video froze? That answer is

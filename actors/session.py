@@ -36,8 +36,9 @@ from typing import Any
 import trio
 
 from actors.admission import Admission
+from actors.backoff import Backoff
 from actors.durable import POSE, START, encode_claims, session_key
-from actors.finalise import Backoff, Finalisation, finalise, record_end
+from actors.finalise import Finalisation, finalise, record_end
 from actors.limits import ActorLimits
 from actors.media_tracker import MediaTracker
 from actors.pose_stats import PoseStats

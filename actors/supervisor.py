@@ -24,10 +24,10 @@ from typing import Any, NoReturn
 import trio
 
 from actors.admission import Offer, end_offer, end_refusal
+from actors.backoff import MAX_BACKOFF_S, retry
 from actors.durable import MEDIA, POSE, session_key
 from actors.ended import Ended as _Ended
 from actors.ended import Key
-from actors.finalise import MAX_BACKOFF_S, retry
 from actors.hosting import ActorHost
 from actors.limits import ActorLimits
 from actors.pose_stats import PoseStats
@@ -50,11 +50,6 @@ log = logging.getLogger("telemetry.supervisor")
 # this, storage is failing, and a client (or a load balancer's idle timeout) should
 # not be left hanging while it is retried.
 END_WAIT_S = 15.0
-
-
-# The refusals of this module, from the tree (domain.errors); SupervisorClosed is its
-# historical name for ShuttingDown.
-SupervisorClosed = ShuttingDown
 
 
 class Supervisor(ActorHost):
@@ -80,7 +75,7 @@ class Supervisor(ActorHost):
         """Apply a media batch to the session's actor, starting it if needed.
 
         Raises :class:`SessionEnded`, :class:`SessionEnding`, :class:`MediaRejected`,
-        :class:`MediaFinished` or :class:`SupervisorClosed` (all of domain.errors)."""
+        :class:`MediaFinished` or :class:`ShuttingDown` (all of domain.errors)."""
         actor = self._actor(claims)
         if actor is None:
             self._refuse_media((claims.org_id, claims.session_id))
@@ -89,7 +84,7 @@ class Supervisor(ActorHost):
 
     async def submit(self, claims: SessionClaims, batch: PoseBatch, body: bytes) -> Offer:
         """The durable ingest path: judge, spool (fsync), then accept. The answer is
-        ACCEPT only once the batch is on disk. Raises :class:`SupervisorClosed`,
+        ACCEPT only once the batch is on disk. Raises :class:`ShuttingDown`,
         :class:`TooManySessions` and the spool's ``SpoolFull``/``OSError``."""
         fresh = (claims.org_id, claims.session_id) not in self._live
         actor = await self._live_or_new(claims)
@@ -163,7 +158,7 @@ class Supervisor(ActorHost):
         outbox), waiting at most :attr:`end_wait_s` for it; then raises
         :class:`NotFinalised` while finalisation carries on retrying (a repeated
         call also cuts its retry pause short). Also raises :class:`SessionEnded`
-        (ended before a restart, summary no longer held), :class:`SupervisorClosed`
+        (ended before a restart, summary no longer held), :class:`ShuttingDown`
         (handed over at shutdown) and the blob store's errors (its lookup of an
         unknown session). Cancellation of the caller never cancels finalisation.
 
@@ -201,7 +196,7 @@ class Supervisor(ActorHost):
         if actor.summary is not None:
             return actor.summary
         if actor.finished.is_set() and actor.handed_over:
-            raise SupervisorClosed("the session was handed over; end it again later")
+            raise ShuttingDown("the session was handed over; end it again later")
         if actor.finished.is_set():
             # Finalisation raised (a bug); the session waits on disk for the next start.
             raise NotFinalised("the session's finalisation failed; it resumes when the "
@@ -234,7 +229,7 @@ class Supervisor(ActorHost):
 
     def _start(self, claims: SessionClaims) -> SessionActor:
         if self._closed or self._nursery is None:
-            raise SupervisorClosed("service is shutting down")
+            raise ShuttingDown("service is shutting down")
         s = self._settings
         # A new session must wait for another to end: a few seconds is a fair hint.
         if len(self._live) >= s.max_live_sessions:

@@ -17,7 +17,7 @@ the same module), never by comparing strings.
     ├── RetryLater                    the service cannot answer now; ask again later
     │   ├── StorageUnavailable        storage_unavailable
     │   ├── NotFinalised              finalising | storage_unavailable (end calls)
-    │   ├── ShuttingDown              shutting_down (actors: SupervisorClosed)
+    │   ├── ShuttingDown              shutting_down
     │   ├── TooManySessions           too_many_sessions
     │   └── InternalError             internal_error
     ├── FixRequest                    the request is wrong; sending it again fails again

@@ -12,8 +12,9 @@ adapter; a replicated one (NATS JetStream) is to follow. An adapter satisfies
 Contract shared by every adapter:
 
 * a method returns only once what it was asked to make durable is durable; else it
-  raises (the adapter's own errors; a full budget is told apart so callers can ask
-  the client to retry later) and nothing is claimed durable;
+  raises a :class:`JournalError` (a full budget is also a
+  :class:`domain.errors.StorageFull`, so callers can ask the client to retry later)
+  and nothing is claimed durable;
 * cancellation propagates (``trio.Cancelled``); the cancelled operation may or may
   not have taken effect, so every writer is idempotent on replay (the session
   sequencer drops duplicates by sequence number);
@@ -26,6 +27,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+
+class JournalError(Exception):
+    """A journal operation failed; nothing it was asked to make durable is durable.
+    Every adapter's own errors derive from it, so callers map one class."""
 
 
 @dataclass(frozen=True)

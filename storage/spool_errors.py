@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from domain.errors import StorageFull
+from storage.journal import JournalError
 
 
-class SpoolError(Exception):
+class SpoolError(JournalError):
     """A spool operation failed; nothing it was asked to make durable is durable.
 
     ``key`` is the key it concerns (None if it concerns no one key). It is kept out

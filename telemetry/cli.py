@@ -82,7 +82,7 @@ Each command reads its configuration from the environment once at start-up; a
 malformed variable stops it with exit status 2 and a message naming the variable.
 """
 CONFIG_TABLE = ("The variables, with their defaults and meaning, are in the Configuration "
-                "table of README.md (print it with: python -m telemetry.config); the "
+                "table of README.md (print it with: python -m telemetry.config_report); the "
                 "effective values with: telemetry config.")
 # The variables a command depends on most, shown in its help with their defaults.
 COMMAND_VARIABLES = {

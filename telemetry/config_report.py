@@ -140,11 +140,11 @@ TARGETS = {README: markdown_table, DOC: doc_table}
 
 
 def write_main(argv: list[str]) -> int:
-    """``python -m telemetry.config [--write]``: print the README table, or rewrite the
+    """``python -m telemetry.config_report [--write]``: print the README table, or rewrite the
     generated blocks of README.md and docs/configuration.md in place."""
     if argv != ["--write"]:
         if argv:
-            print("usage: python -m telemetry.config [--write]", file=sys.stderr)
+            print("usage: python -m telemetry.config_report [--write]", file=sys.stderr)
             return 2
         print(markdown_table())
         return 0

@@ -30,7 +30,7 @@ from domain.errors import AuthError, ConsentRequired, StorageUnavailable, Teleme
 from domain.pose_batch import PoseBatch, decode_batch
 from domain.privacy import truncate_ip
 from storage.blobs import BlobStoreError
-from storage.spool import SpoolError
+from storage.journal import JournalError
 from telemetry import logs
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ log = logging.getLogger("telemetry.http")
 # The storage failures admission can meet that are not refusals of the tree: the
 # spool could not make it durable, or the blob store could not say whether the
 # session ended before. Nothing was acknowledged; the client retries.
-STORAGE_ERRORS = (SpoolError, OSError, BlobStoreError)
+STORAGE_ERRORS = (JournalError, OSError, BlobStoreError)
 
 
 def storage_unavailable(exc: BaseException) -> StorageUnavailable:

@@ -10,7 +10,7 @@ import trio
 
 from actors.reps import RepEngine
 from actors.sequencer import Verdict
-from actors.supervisor import SupervisorClosed
+from domain.errors import ShuttingDown
 from storage.blobs import MemoryBlobStore, blob_key
 from storage.replay import read_replay
 from telemetry.config import Settings
@@ -104,7 +104,7 @@ async def test_drain_finalises_every_acknowledged_batch(h: Harness) -> None:
         e = h.event(c.session_id)
         assert e["end_reason"] == "shutdown"
         assert e["pose"]["frames"] == 90 and e["pose"]["batches_skipped"] == 1
-    with pytest.raises(SupervisorClosed):
+    with pytest.raises(ShuttingDown):
         h.offer(h.claims("late"), 0)
 
 
