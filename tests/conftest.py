@@ -2,7 +2,8 @@
 
 Helpers live in ``tests/support/`` (never in a test module, never here); this file
 only provides fixtures: ``settings`` below, and through ``pytest_plugins`` the
-Postgres (:mod:`tests.support.pg`) and S3 (:mod:`tests.support.s3`) fixtures.
+Postgres (:mod:`tests.support.pg`), S3 (:mod:`tests.support.s3`) and NATS
+(:mod:`tests.support.nats`) fixtures.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 
 from telemetry.config import Settings
 
-pytest_plugins = ["tests.support.pg", "tests.support.s3"]
+pytest_plugins = ["tests.support.pg", "tests.support.s3", "tests.support.nats"]
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ The rules the tests follow are in ``tests/README.md``. Modules:
 * :mod:`.ports` - the one ``free_port``;
 * :mod:`.ready` - the one readiness wait, and ``poll`` for any other condition;
 * :mod:`.s3` - the AWS environment and the moto S3 server (fixtures ``s3_server``...);
+* :mod:`.nats` - a real 3-node NATS JetStream cluster (fixture ``nats_cluster``);
 * :mod:`.pg` - real Postgres (fixtures ``pg_admin_url``, ``pg_url``, ``pg_db``) and events;
 * :mod:`.wsclient` - the WebSocket client; :mod:`.rawhttp` - a raw HTTP/1.1 client;
 * :mod:`.faults` - failure injection, and everything a fault test needs as ``fu``;
@@ -16,5 +17,5 @@ The rules the tests follow are in ``tests/README.md``. Modules:
 * :mod:`.harness` - a supervisor with in-memory storage, no HTTP;
 * :mod:`.browser`, :mod:`.media`, :mod:`.static_files` - Chromium, test media, a file server.
 
-``tests/conftest.py`` registers the fixtures of :mod:`.pg` and :mod:`.s3`.
+``tests/conftest.py`` registers the fixtures of :mod:`.pg`, :mod:`.s3` and :mod:`.nats`.
 """

@@ -1,0 +1,344 @@
+"""The asyncio half of the JetStream journal: everything here runs on the bridge's
+asyncio loop (:mod:`storage.jetstream_bridge`), never on the Trio loop.
+
+:class:`AsyncJournal` holds the nats-py connection, the stream and the KV bucket.
+Writes arrive as :class:`Op` values through :meth:`AsyncJournal.submit` (posted in
+call order); each becomes an asyncio task chained behind the key's previous op:
+
+* an append waits only until the key's previous op has been *issued* (written to the
+  connection's buffer, or finished if it was a state/remove), then publishes with
+  ``publish_async``: appends of one key go out in call order and many are in flight
+  at once, across keys and within a key (pipelining);
+* ``set_state`` and ``remove`` wait until every earlier op of the key has *finished*
+  (they touch the KV bucket, another stream, so wire order is not enough).
+
+Every op is bounded by ``timeout_s`` (no ack in time: :class:`JetStreamError`), and
+its outcome is put in the op's :class:`concurrent.futures.Future`, which the Trio
+side waits on. An op whose future was cancelled before it was issued is skipped.
+nats-py's errors become :class:`JetStreamError`; a stream at its byte limit is
+:class:`JetStreamFull` (also a :class:`domain.errors.StorageFull`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import zlib
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.js import api
+
+from domain.errors import StorageFull
+from storage.journal import JournalError, Record
+
+T = TypeVar("T")
+
+# JetStream's "insufficient resources", "maximum bytes exceeded", "storage full".
+FULL_CODES = (10047, 10077, 10078)
+KIND = "Tj-Kind"  # header: the record's kind, decimal
+ZLIB = "Tj-Zlib"  # header present: the payload is zlib-compressed
+
+
+class JetStreamError(JournalError):
+    """A JetStream journal operation failed or was not acknowledged in time; nothing
+    it was asked to make durable is known to be durable."""
+
+
+class JetStreamFull(JetStreamError, StorageFull):
+    """The journal stream is at its byte limit: wait and send it again."""
+
+
+# -- keys <-> subject tokens -----------------------------------------------------------
+
+def encode_key(key: str) -> str:
+    """``org/session`` -> ``org.session``; ``_`` and ``.`` inside a segment are escaped
+    (``_u``, ``_d``) since ``.`` separates NATS tokens. Reversible."""
+    return ".".join(p.replace("_", "_u").replace(".", "_d") for p in key.split("/"))
+
+
+def decode_key(tokens: str) -> str:
+    parts = []
+    for tok in tokens.split("."):
+        out, i = [], 0
+        while i < len(tok):
+            if tok[i] == "_" and i + 1 < len(tok):
+                out.append({"u": "_", "d": "."}.get(tok[i + 1], "?"))
+                i += 2
+            else:
+                out.append(tok[i])
+                i += 1
+        parts.append("".join(out))
+    return "/".join(parts)
+
+
+def _is_full(exc: BaseException) -> bool:
+    if isinstance(exc, nats.js.errors.APIError):
+        text = str(getattr(exc, "description", "") or "").lower()
+        code = getattr(exc, "err_code", None)
+        return "maximum bytes" in text or "resource limits" in text or code in FULL_CODES
+    return False
+
+
+def _mapped(exc: BaseException, what: str) -> JetStreamError:
+    if _is_full(exc):
+        return JetStreamFull(f"journal {what}: the stream is full")
+    if isinstance(exc, asyncio.TimeoutError | nats.errors.TimeoutError):
+        return JetStreamError(f"journal {what}: not acknowledged in time")
+    return JetStreamError(f"journal {what} failed: {type(exc).__name__}: {exc}")
+
+
+async def guarded(what: str, coro: Awaitable[T]) -> T:
+    """``await coro`` with nats-py's errors mapped to :class:`JetStreamError`."""
+    try:
+        return await coro
+    except (JetStreamError, asyncio.CancelledError):
+        raise
+    except Exception as exc:
+        raise _mapped(exc, what) from exc
+
+
+@dataclass
+class Op:
+    """One write, created on the Trio side; ``result`` carries its outcome back."""
+
+    key: str
+    what: str  # "append" | "state" | "remove"
+    payload: bytes = b""
+    headers: dict[str, str] | None = None
+    result: concurrent.futures.Future[None] | None = None
+
+
+def _settled(loop: asyncio.AbstractEventLoop, *futs: asyncio.Future[Any] | None
+             ) -> asyncio.Future[None]:
+    """A future resolved once every one of ``futs`` is done, whatever its outcome."""
+    out: asyncio.Future[None] = loop.create_future()
+    pending = [f for f in futs if f is not None and not f.done()]
+    left = [len(pending)]
+
+    def one(_: object) -> None:
+        left[0] -= 1
+        if left[0] == 0 and not out.done():
+            out.set_result(None)
+
+    if not pending:
+        out.set_result(None)
+    for f in pending:
+        f.add_done_callback(one)
+    return out
+
+
+class AsyncJournal:
+    """The connection, the stream and the bucket (see the module docstring)."""
+
+    def __init__(self, *, servers: list[str], stream: str, subject_root: str, bucket: str,
+                 replicas: int, max_bytes: int, timeout_s: float) -> None:
+        self.servers, self.stream, self.root, self.bucket = servers, stream, subject_root, bucket
+        self.replicas, self.max_bytes, self.timeout_s = replicas, max_bytes, timeout_s
+        self.nc: Any = None
+        self.js: Any = None
+        self.kv: Any = None
+        self._chains: dict[str, tuple[asyncio.Future[None], asyncio.Future[None]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def subject(self, key: str) -> str:
+        return f"{self.root}.{encode_key(key)}"
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def open(self, *, ready_timeout_s: float) -> None:
+        """Connect, then create (or update) the stream and the bucket, retrying while
+        the cluster has no JetStream leader yet, up to ``ready_timeout_s``."""
+        self.nc = await guarded("connect", asyncio.wait_for(nats.connect(
+            servers=self.servers, connect_timeout=2, reconnect_time_wait=0.25,
+            max_reconnect_attempts=-1, allow_reconnect=True, name="telemetry-journal",
+            error_cb=_ignore, disconnected_cb=_none, reconnected_cb=_none, closed_cb=_none),
+            ready_timeout_s))
+        self.js = self.nc.jetstream(timeout=self.timeout_s)
+        await self.js._init_async_reply()  # its reply subscription, before any publish
+        stream = api.StreamConfig(
+            name=self.stream, subjects=[f"{self.root}.>"], storage=api.StorageType.FILE,
+            num_replicas=self.replicas, discard=api.DiscardPolicy.NEW,
+            max_bytes=self.max_bytes, retention=api.RetentionPolicy.LIMITS)
+        kv = api.KeyValueConfig(bucket=self.bucket, history=1, replicas=self.replicas,
+                                storage=api.StorageType.FILE)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ready_timeout_s
+        while True:
+            try:
+                try:
+                    await self.js.add_stream(stream)
+                except nats.js.errors.BadRequestError:  # exists with another config
+                    await self.js.update_stream(stream)
+                self.kv = await self.js.create_key_value(kv)
+                return
+            except Exception as exc:
+                if loop.time() > deadline:
+                    raise _mapped(exc, "setting up the stream") from exc
+                await asyncio.sleep(0.25)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self.nc is not None and not self.nc.is_closed:
+            try:
+                await asyncio.wait_for(self.nc.close(), 5)
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
+
+    async def delete_everything(self) -> None:
+        """Delete the stream and the bucket (tests, bench)."""
+        await guarded("delete", self.js.delete_stream(self.stream))
+        await guarded("delete", self.js.delete_key_value(self.bucket))
+
+    # -- writes ----------------------------------------------------------------------
+
+    def submit(self, op: Op) -> None:
+        """Start ``op`` behind the key's previous op (call on the loop, in call order)."""
+        loop = asyncio.get_running_loop()
+        prev = self._chains.get(op.key)
+        issued: asyncio.Future[None] = loop.create_future()
+        task = loop.create_task(self._run(op, prev, issued))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        done = _settled(loop, prev[1] if prev else None, task)
+        chain = (issued, done)
+        self._chains[op.key] = chain
+
+        def forget(_: object) -> None:
+            if self._chains.get(op.key) is chain:
+                del self._chains[op.key]
+
+        done.add_done_callback(forget)
+
+    async def _run(self, op: Op, prev: tuple[asyncio.Future[None], asyncio.Future[None]] | None,
+                   issued: asyncio.Future[None]) -> None:
+        assert op.result is not None
+        try:
+            if prev is not None:
+                await _settled(asyncio.get_running_loop(),
+                               prev[0] if op.what == "append" else prev[1])
+            if not op.result.set_running_or_notify_cancel():
+                return  # cancelled by its caller before it was issued
+            try:
+                await asyncio.wait_for(self._issue(op, issued), self.timeout_s)
+            except asyncio.CancelledError:
+                op.result.set_exception(JetStreamError("journal closed"))
+                raise
+            except Exception as exc:
+                op.result.set_exception(
+                    exc if isinstance(exc, JetStreamError) else _mapped(exc, op.what))
+            else:
+                op.result.set_result(None)
+        finally:
+            if not issued.done():
+                issued.set_result(None)
+
+    async def _issue(self, op: Op, issued: asyncio.Future[None]) -> None:
+        if op.what == "append":
+            ack = await self.js.publish_async(self.subject(op.key), op.payload,
+                                              headers=op.headers, stream=self.stream)
+            issued.set_result(None)
+            await ack
+        elif op.what == "state":
+            await self.kv.put(encode_key(op.key), op.payload)
+        else:
+            await self.js.purge_stream(self.stream, subject=self.subject(op.key))
+            try:
+                await self.kv.purge(encode_key(op.key))
+            except nats.js.errors.KeyNotFoundError:
+                pass
+
+    # -- reads -------------------------------------------------------------------------
+
+    async def state(self, key: str) -> dict[str, Any] | None:
+        try:
+            entry = await guarded("state", self.kv.get(encode_key(key)))
+        except JetStreamError as exc:
+            if isinstance(exc.__cause__, nats.js.errors.KeyNotFoundError):
+                return None
+            raise
+        try:
+            state = json.loads(entry.value or b"")
+        except ValueError:
+            return None
+        return state if isinstance(state, dict) else None
+
+    async def replay(self, key: str) -> tuple[list[Record], int]:
+        """``key``'s records in stream order, and how many were unreadable (skipped)."""
+        subject = self.subject(key)
+        info = await guarded("replay", self.js.stream_info(self.stream,
+                                                           subjects_filter=subject))
+        if not (info.state.subjects or {}).get(subject):
+            return [], 0
+        config = api.ConsumerConfig(ack_policy=api.AckPolicy.NONE,
+                                    deliver_policy=api.DeliverPolicy.ALL,
+                                    inactive_threshold=60.0, mem_storage=True, num_replicas=1)
+        sub = await guarded("replay", self.js.pull_subscribe(
+            subject, stream=self.stream, config=config))
+        records, bad = [], 0
+        try:
+            while True:
+                msgs = await guarded("replay", sub.fetch(batch=256, timeout=self.timeout_s))
+                for msg in msgs:
+                    rec = _record(msg)
+                    if rec is None:
+                        bad += 1
+                    else:
+                        records.append(rec)
+                if msgs and msgs[-1].metadata.num_pending == 0:
+                    return records, bad
+        finally:
+            try:
+                name = (await sub.consumer_info()).name
+                await sub.unsubscribe()
+                await self.js.delete_consumer(self.stream, name)
+            except Exception:  # noqa: BLE001 - the ephemeral consumer expires anyway
+                pass
+
+    async def sessions(self) -> list[str]:
+        info = await guarded("sessions", self.js.stream_info(
+            self.stream, subjects_filter=f"{self.root}.>"))
+        prefix = len(self.root) + 1
+        keys = {decode_key(s[prefix:]) for s, n in (info.state.subjects or {}).items() if n}
+        try:
+            keys.update(decode_key(k) for k in await guarded("sessions", self.kv.keys()))
+        except JetStreamError as exc:
+            if not isinstance(exc.__cause__, nats.js.errors.NoKeysError):
+                raise
+        return sorted(keys)
+
+
+def _record(msg: Any) -> Record | None:
+    try:
+        headers = msg.headers or {}
+        kind = int(headers[KIND])
+        data = zlib.decompress(msg.data) if ZLIB in headers else bytes(msg.data)
+        return Record(kind, data)
+    except (KeyError, ValueError, zlib.error):
+        return None
+
+
+def encode(kind: int, payload: bytes, level: int) -> tuple[bytes, dict[str, str]]:
+    """The stored payload and headers of a record: compressed if that is smaller."""
+    headers = {KIND: str(kind)}
+    if level:
+        packed = zlib.compress(payload, level)
+        if len(packed) < len(payload):
+            headers[ZLIB] = "1"
+            return packed, headers
+    return payload, headers
+
+
+async def _ignore(exc: Exception) -> None:
+    return None
+
+
+async def _none() -> None:
+    return None
+
