@@ -79,7 +79,9 @@ class ThreadBridge:
     """A private asyncio loop in a daemon thread (see the module docstring)."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        # The class, not asyncio.new_event_loop(): once trio_asyncio is imported, that
+        # refuses to run inside a Trio thread.
+        self.loop: asyncio.AbstractEventLoop = asyncio.SelectorEventLoop()
         self._thread = threading.Thread(target=self._run, name="nats-asyncio", daemon=True)
 
     def _run(self) -> None:

@@ -143,6 +143,9 @@ class AsyncJournal:
         self.nc: Any = None
         self.js: Any = None
         self.kv: Any = None
+        self._inbox = ""
+        self._next = 0
+        self._acks: dict[str, asyncio.Future[None]] = {}
         self._chains: dict[str, tuple[asyncio.Future[None], asyncio.Future[None]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -160,7 +163,12 @@ class AsyncJournal:
             error_cb=_ignore, disconnected_cb=_none, reconnected_cb=_none, closed_cb=_none),
             ready_timeout_s))
         self.js = self.nc.jetstream(timeout=self.timeout_s)
-        await self.js._init_async_reply()  # its reply subscription, before any publish
+        # Publish acks come to one wildcard inbox, matched to their futures by token.
+        # Not nats-py's publish_async: its reply handler raises (instead of failing
+        # the future) on a 503 API error such as "maximum bytes exceeded", so the
+        # caller would wait for its timeout and see no StorageFull.
+        self._inbox = self.nc.new_inbox()
+        await guarded("connect", self.nc.subscribe(f"{self._inbox}.*", cb=self._on_ack))
         stream = api.StreamConfig(
             name=self.stream, subjects=[f"{self.root}.>"], storage=api.StorageType.FILE,
             num_replicas=self.replicas, discard=api.DiscardPolicy.NEW,
@@ -241,10 +249,19 @@ class AsyncJournal:
 
     async def _issue(self, op: Op, issued: asyncio.Future[None]) -> None:
         if op.what == "append":
-            ack = await self.js.publish_async(self.subject(op.key), op.payload,
-                                              headers=op.headers, stream=self.stream)
-            issued.set_result(None)
-            await ack
+            self._next += 1
+            token = str(self._next)
+            ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._acks[token] = ack
+            try:
+                await self.nc.publish(self.subject(op.key), op.payload,
+                                      reply=f"{self._inbox}.{token}",
+                                      headers={**(op.headers or {}),
+                                               "Nats-Expected-Stream": self.stream})
+                issued.set_result(None)
+                await ack
+            finally:
+                self._acks.pop(token, None)
         elif op.what == "state":
             await self.kv.put(encode_key(op.key), op.payload)
         else:
@@ -253,6 +270,27 @@ class AsyncJournal:
                 await self.kv.purge(encode_key(op.key))
             except nats.js.errors.KeyNotFoundError:
                 pass
+
+    async def _on_ack(self, msg: Any) -> None:
+        ack = self._acks.pop(msg.subject.rsplit(".", 1)[-1], None)
+        if ack is None or ack.done():
+            return
+        if msg.headers and msg.headers.get("Status") == "503":
+            ack.set_exception(JetStreamError("journal append: no stream answered"))
+            return
+        try:
+            resp = json.loads(msg.data)
+        except ValueError:
+            ack.set_exception(JetStreamError("journal append: unreadable acknowledgement"))
+            return
+        err = resp.get("error") if isinstance(resp, dict) else {"description": "bad ack"}
+        if not err:
+            ack.set_result(None)
+        elif err.get("err_code") in FULL_CODES or "maximum bytes" in str(err.get("description")):
+            ack.set_exception(JetStreamFull("journal append: the stream is full"))
+        else:
+            ack.set_exception(JetStreamError(
+                f"journal append refused: {err.get('err_code')} {err.get('description')}"))
 
     # -- reads -------------------------------------------------------------------------
 
@@ -276,30 +314,23 @@ class AsyncJournal:
                                                            subjects_filter=subject))
         if not (info.state.subjects or {}).get(subject):
             return [], 0
-        config = api.ConsumerConfig(ack_policy=api.AckPolicy.NONE,
-                                    deliver_policy=api.DeliverPolicy.ALL,
-                                    inactive_threshold=60.0, mem_storage=True, num_replicas=1)
-        sub = await guarded("replay", self.js.pull_subscribe(
-            subject, stream=self.stream, config=config))
-        records, bad = [], 0
-        try:
-            while True:
-                msgs = await guarded("replay", sub.fetch(batch=256, timeout=self.timeout_s))
-                for msg in msgs:
-                    rec = _record(msg)
-                    if rec is None:
-                        bad += 1
-                    else:
-                        records.append(rec)
-                if msgs and msgs[-1].metadata.num_pending == 0:
-                    return records, bad
-        finally:
+        # One leader-served get per record (read-your-writes after a fail-over, no
+        # consumer to create and clean up). A batched get is the speed-up for long
+        # sessions' take-over (a later step).
+        records, bad, seq = [], 0, max(1, int(info.state.first_seq or 1))
+        while True:
             try:
-                name = (await sub.consumer_info()).name
-                await sub.unsubscribe()
-                await self.js.delete_consumer(self.stream, name)
-            except Exception:  # noqa: BLE001 - the ephemeral consumer expires anyway
-                pass
+                raw = await self.js.get_msg(self.stream, seq=seq, subject=subject, next=True)
+            except nats.js.errors.NotFoundError:
+                return records, bad
+            except Exception as exc:
+                raise _mapped(exc, "replay") from exc
+            rec = _record(raw)
+            if rec is None:
+                bad += 1
+            else:
+                records.append(rec)
+            seq = int(raw.seq) + 1
 
     async def sessions(self) -> list[str]:
         info = await guarded("sessions", self.js.stream_info(
