@@ -103,6 +103,7 @@ WIRING_MODULES = (
 HANDLER_FORBIDDEN_PACKAGES = DRIVERS
 HANDLER_FORBIDDEN_MODULES = (
     "storage.s3", "storage.pg", "storage.sink", "storage.http_bus", "storage.migrate",
+    "storage.jetstream", "storage.jetstream_client", "storage.jetstream_bridge",
 )
 
 # --- The machinery -------------------------------------------------------------------

@@ -117,6 +117,14 @@ def _networks(name: str, raw: str) -> tuple[Network, ...]:
         raise ConfigError(f"{name}: {exc}") from None
 
 
+def _urls(name: str, raw: str) -> tuple[str, ...]:
+    urls = tuple(u.strip() for u in raw.split(",") if u.strip())
+    bad = [u for u in urls if not u.startswith(("nats://", "tls://"))]
+    if bad:
+        raise ConfigError(f"{name}: not a nats:// or tls:// URL: {', '.join(bad)}")
+    return urls
+
+
 def _on_off(name: str, raw: str) -> bool:
     OneOf(("on", "off"))(name, raw)
     return raw == "on"
@@ -246,6 +254,19 @@ class Settings:
                                      "Minimum time between fsync rounds; 0 = a round starts "
                                      "as soon as there is work (what arrives during a round "
                                      "is committed together in the next).")
+    # -- the journal: where acknowledged batches are kept (docs/durability.md, docs/fleet.md)
+    journal: str = setting(
+        "TELEMETRY_JOURNAL", "spool", check=OneOf(("spool", "jetstream")),
+        doc="`spool` (local disk, this instance only) or `jetstream` (a replicated stream "
+            "on the NATS cluster at TELEMETRY_NATS_URLS; see docs/fleet.md).")
+    nats_urls: tuple[str, ...] = setting(
+        "TELEMETRY_NATS_URLS", (), shown="(none)", parse=_urls, allowed="`nats://host:port`, ...",
+        doc="Comma-separated NATS servers of the JetStream cluster, for "
+            "`TELEMETRY_JOURNAL=jetstream`.")
+    journal_replicas: int = _count("TELEMETRY_JOURNAL_REPLICAS", 3, 1,
+                                   "Replication factor of the JetStream journal's stream and "
+                                   "state bucket; a batch is acknowledged once a majority "
+                                   "holds it.")
     shutdown_mode: str = setting(
         "TELEMETRY_SHUTDOWN_MODE", "flush", check=OneOf(("flush", "finalise")),
         doc="On SIGTERM: `flush` (leave live sessions in the spool for the next start) or "
@@ -350,6 +371,8 @@ def _cross_checks(s: Settings) -> None:
                           "TELEMETRY_JWT_KEYS")
     if (s.tls_cert is None) != (s.tls_key is None):
         raise ConfigError("TELEMETRY_TLS_CERT and TELEMETRY_TLS_KEY go together")
+    if s.journal == "jetstream" and not s.nats_urls:
+        raise ConfigError("TELEMETRY_JOURNAL=jetstream needs TELEMETRY_NATS_URLS")
     if s.bus == "http" and s.bus_url is None:
         raise ConfigError("TELEMETRY_BUS=http needs TELEMETRY_BUS_URL")
 

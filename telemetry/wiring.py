@@ -1,7 +1,9 @@
 """Builds the storage side from configuration: blob store, bus, and embedded sink.
 
-Always: the spool (acknowledged batches on local disk) and the outbox (events on
-local disk until the bus takes them). Embedded defaults (no configuration):
+Always: the journal (acknowledged batches: the spool on local disk by default, or
+with ``TELEMETRY_JOURNAL=jetstream`` a replicated stream on NATS JetStream,
+:mod:`storage.jetstream`) and the outbox (events on local disk until the bus takes
+them). Embedded defaults (no configuration):
 filesystem blobs under the data dir, the in-process bus, and the aggregate sink in
 this process writing to an embedded Postgres (``pgserver``) or ``DATABASE_URL``.
 Production: ``TELEMETRY_BLOB_STORE=s3`` and ``TELEMETRY_BUS=http`` (the sink then
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,7 @@ import trio
 from actors.limits import ActorLimits
 from storage.blobs import BlobStore, FilesystemBlobStore
 from storage.bus import Bus, InProcessBus
+from storage.journal import Journal
 from storage.outbox import Outbox
 from storage.spool import Spool
 from telemetry.auth import mint_service_token
@@ -39,7 +42,8 @@ class Storage:
     store: BlobStore
     bus: Bus  # what the actors publish to: the durable outbox, in front of `transport`
     transport: Bus | None = None  # the bus the outbox delivers to (in-process or HTTP)
-    spool: Spool | None = None
+    spool: Spool | None = None  # the local journal (its committer runs in serve)
+    journal: Journal | None = None  # what the supervisor journals to: the spool or JetStream
     sink: object | None = None  # storage.sink.AggregateSink in embedded mode
     db: object | None = None  # storage.pg.Database in embedded mode
 
@@ -138,8 +142,17 @@ async def open_storage(settings: Settings) -> AsyncIterator[Storage]:
     spool = Spool(data / "spool", max_bytes=settings.spool_max_bytes,
                   fsync_interval_s=settings.spool_fsync_ms / 1000.0) if settings.spool_enabled \
         else None
-    storage = Storage(store=store, bus=Outbox(data / "outbox", bus), transport=bus, spool=spool)
+    if settings.journal == "jetstream":
+        spool = None
+    storage = Storage(store=store, bus=Outbox(data / "outbox", bus), transport=bus, spool=spool,
+                      journal=spool)
+    exits = AsyncExitStack()
     try:
+        if settings.journal == "jetstream":
+            from storage.jetstream import open_jetstream_journal
+
+            storage.journal = await exits.enter_async_context(open_jetstream_journal(
+                list(settings.nats_urls), replicas=settings.journal_replicas))
         if settings.bus == "inprocess" and settings.sink == "embedded":
             from storage.migrate import migrate
             from storage.pg import Database
@@ -155,4 +168,7 @@ async def open_storage(settings: Settings) -> AsyncIterator[Storage]:
             bus.subscribe(sink.handle)
         yield storage
     finally:
-        await storage.aclose()
+        try:
+            await storage.aclose()
+        finally:
+            await exits.aclose()

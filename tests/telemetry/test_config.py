@@ -114,7 +114,8 @@ def test_every_lower_bound_holds_from_env_and_directly(
 def test_every_enumeration_holds_from_env_and_directly(
     attr: str, variable: str, check: OneOf
 ) -> None:
-    companions = {"TELEMETRY_BUS_URL": "http://core.internal/events"}
+    companions = {"TELEMETRY_BUS_URL": "http://core.internal/events",
+                  "TELEMETRY_NATS_URLS": "nats://nats-1:4222"}
     for value in check.allowed:
         assert getattr(Settings.from_env({variable: value, **companions}), attr) == value
     with pytest.raises(ConfigError, match=f"(?i){variable}='bogus': must be one of"):
@@ -128,6 +129,12 @@ def test_rules_linking_two_variables_apply_to_the_environment() -> None:
         Settings.from_env({"TELEMETRY_TLS_CERT": "/c.pem"})
     with pytest.raises(ConfigError, match="TELEMETRY_BUS_URL"):
         Settings.from_env({"TELEMETRY_BUS": "http"})
+    with pytest.raises(ConfigError, match="TELEMETRY_NATS_URLS"):
+        Settings.from_env({"TELEMETRY_JOURNAL": "jetstream"})
+    with pytest.raises(ConfigError, match="TELEMETRY_NATS_URLS: not a nats"):
+        Settings.from_env({"TELEMETRY_NATS_URLS": "http://nats-1:4222"})
+    assert Settings.from_env({"TELEMETRY_NATS_URLS": "nats://a:4222, tls://b:4222"}
+                             ).nats_urls == ("nats://a:4222", "tls://b:4222")
     # Built directly, a partial TLS pair is left for the TLS loader to refuse (test_tls).
     assert Settings(tls_cert=Path("/c.pem")).tls_key is None
 
