@@ -14,7 +14,8 @@ WORKDIR /src
 # Dependencies first, in their own layer: it is rebuilt only when pyproject.toml or
 # constraints.txt change, not on every source edit. Exactly the versions in
 # constraints.txt (the ones the tests ran with), and only the runtime dependencies: the
-# extras (embedded = pgserver, plot = matplotlib, test) stay out of the image.
+# extras (embedded = pgserver, plot = matplotlib, nats-server = the NATS binary, test)
+# stay out of the image.
 COPY pyproject.toml constraints.txt ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt \
  && pip install --prefix=/install -c constraints.txt -r requirements.txt

