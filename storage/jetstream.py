@@ -30,13 +30,14 @@ later replay may contain that record; a message is whole or absent, never torn).
 **The asyncio bridge** (nats-py is asyncio-only; :mod:`storage.jetstream_bridge`):
 both trio-asyncio and a dedicated asyncio loop in a thread are implemented. The
 default is the **thread**: measured with ``python -m bench.bench_journal`` (64
-sessions appending 16 KB records, R3 on 3 local nodes, 2 CPUs), the thread bridge
-acknowledged 4,900 appends/s at p50 12 ms / p99 30 ms, trio-asyncio 3,200 appends/s
-at p50 19 ms / p99 46 ms (the local spool: 6,200/s, 10 / 12 ms). The thread also
-keeps nats-py's parsing, flushing and reconnect loop off the Trio loop, so a slow
-or reconnecting cluster cannot stall request handling, and it needs no extra
-dependency in the production image (trio-asyncio is a test dependency, kept so the
-measurement can be repeated).
+sessions appending 16 KB records back to back, R3 on 3 local nodes, everything on
+2 shared CPUs; three runs), the thread bridge acknowledged 4,600-4,900 appends/s at
+p50 12-13 ms / p99 23-30 ms, trio-asyncio 2,300-3,200 appends/s at p50 19-27 ms /
+p99 37-46 ms (the local spool in the same runs: 4,600-6,200/s, p50 10-14 ms, p99
+12-17 ms). The thread also keeps nats-py's parsing, flushing and reconnect loop off
+the Trio loop, so a slow or reconnecting cluster cannot stall request handling, and
+it needs no extra dependency in the production image (trio-asyncio is a test
+dependency, kept so the measurement can be repeated).
 """
 
 from __future__ import annotations
