@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -103,8 +104,6 @@ class JetStreamJournal:
 
     async def set_state(self, key: str, state: dict[str, Any]) -> None:
         """Put ``key``'s state in the bucket, after the key's earlier operations."""
-        import json
-
         check_key(key)
         if not isinstance(state, dict):
             raise TypeError("state must be a dict")

@@ -229,14 +229,19 @@ class AsyncJournal:
         assert op.result is not None
         try:
             if prev is not None:
-                await _settled(asyncio.get_running_loop(),
-                               prev[0] if op.what == "append" else prev[1])
+                try:
+                    await _settled(asyncio.get_running_loop(),
+                                   prev[0] if op.what == "append" else prev[1])
+                except asyncio.CancelledError:  # closing before it was issued
+                    if op.result.set_running_or_notify_cancel():
+                        op.result.set_exception(JetStreamError("the journal closed"))
+                    raise
             if not op.result.set_running_or_notify_cancel():
                 return  # cancelled by its caller before it was issued
             try:
                 await asyncio.wait_for(self._issue(op, issued), self.timeout_s)
-            except asyncio.CancelledError:
-                op.result.set_exception(JetStreamError("journal closed"))
+            except asyncio.CancelledError:  # the journal is closing
+                op.result.set_exception(JetStreamError("the journal closed"))
                 raise
             except Exception as exc:
                 op.result.set_exception(
