@@ -259,8 +259,10 @@ class Settings:
         "TELEMETRY_JOURNAL", "spool", check=OneOf(("spool", "jetstream")),
         doc="`spool` (local disk, this instance only) or `jetstream` (a replicated stream "
             "on the NATS cluster at TELEMETRY_NATS_URLS; see docs/fleet.md).")
+    # Secret for the credentials a URL may hold (nats://user:pw@host): printed masked.
     nats_urls: tuple[str, ...] = setting(
         "TELEMETRY_NATS_URLS", (), shown="(none)", parse=_urls, allowed="`nats://host:port`, ...",
+        secret=True, show=lambda urls: ",".join(masked_url(u) for u in urls) or "(none)",
         doc="Comma-separated NATS servers of the JetStream cluster, for "
             "`TELEMETRY_JOURNAL=jetstream`.")
     journal_replicas: int = _count("TELEMETRY_JOURNAL_REPLICAS", 3, 1,
