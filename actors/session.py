@@ -355,12 +355,6 @@ class SessionActor(Admission, ChunkedApply):
             with trio.CancelScope(deadline=self._deadline()) as self._wake:
                 batch = await self._rx.receive()
                 self._take(batch)
-                # whatever else is queued goes into the same chunk
-                while True:
-                    try:
-                        self._take(self._rx.receive_nowait())
-                    except trio.WouldBlock:
-                        break
                 continue
             self._wake = None
             if self.end_reason is not None:
