@@ -1,12 +1,14 @@
 """Running tracking-quality statistics of a pose stream, in O(1) state.
 
-Fed one batch at a time in timeline order; never keeps frames. "Gap" means a hole
+Fed batches in timeline order, one or several consecutive ones per call (the same
+result either way); never keeps frames. "Gap" means a hole
 in the frame timeline longer than :data:`GAP_FACTOR` nominal frame intervals, whether
 the frames were lost in transit (a skipped batch) or never sent.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,10 +32,17 @@ class PoseStats:
     _vis_sum: float = 0.0
     _vis_n: int = 0
 
-    def add(self, t_ms: np.ndarray, frames: np.ndarray) -> None:
+    def add(self, t_ms: np.ndarray, frames: np.ndarray,
+            sizes: Sequence[int] | None = None) -> None:
+        """Count one batch, or with ``sizes`` (frame counts summing to ``len(t_ms)``)
+        several consecutive batches concatenated: the result is bit-for-bit what
+        one call per batch gives (the session actor applies batches in chunks,
+        ``docs/rep-engine.md``). Frames must come in timeline order across calls."""
         n = len(t_ms)
+        if sizes is None:
+            sizes = (n,)
         no_pose = np.isnan(frames[:, 0, 0])
-        self.batches += 1
+        self.batches += len(sizes)
         self.frames += n
         n_no_pose = int(np.count_nonzero(no_pose))
         self.frames_no_pose += n_no_pose
@@ -44,9 +53,23 @@ class PoseStats:
         # the correctly rounded float32 quotient: 53 >= 2 * 24 + 2).
         vis = frames[~no_pose, :, 3] if n_no_pose else np.ascontiguousarray(frames[:, :, 3])
         if vis.size:
+            # row sums do not depend on how many rows there are; the sum over frames
+            # is taken per batch, as it always was (pairwise summation over a longer
+            # run would round differently)
             per_frame = np.add.reduce(vis, axis=1)
             np.true_divide(per_frame, vis.shape[1], out=per_frame)
-            self._vis_sum += float(np.add.reduce(per_frame))
+            if len(sizes) == 1:
+                self._vis_sum += float(np.add.reduce(per_frame))
+            else:
+                kept = np.cumsum(~no_pose) if n_no_pose else None
+                start = end = 0
+                for size in sizes:
+                    end += size
+                    a, b = (start, end) if kept is None else (
+                        int(kept[start - 1]) if start else 0, int(kept[end - 1]))
+                    if b > a:
+                        self._vis_sum += float(np.add.reduce(per_frame[a:b]))
+                    start = end
             self._vis_n += int(vis.shape[0])
         t = t_ms.astype(np.int64)
         limit = GAP_FACTOR * 1000.0 / NOMINAL_FPS

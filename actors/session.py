@@ -6,7 +6,8 @@ HTTP handlers talk to it only through its admission methods (:mod:`actors.admiss
 synchronous, never block: they accept, deduplicate or refuse a batch and queue it in
 the bounded mailbox) and :meth:`SessionActor.request_end`.
 
-Lifecycle: ``run`` applies queued batches in sequence order until the session is
+Lifecycle: ``run`` applies queued batches in sequence order (in chunks:
+:mod:`actors.chunks`) until the session is
 ended by the client, an operator, idle timeout, maximum duration or shutdown; then
 it records the end durably (with a spool: retried until the disk takes it), drains
 the mailbox (everything acknowledged is applied), finalises (blob written and
@@ -37,6 +38,7 @@ import trio
 
 from actors.admission import Admission
 from actors.backoff import Backoff
+from actors.chunks import CHUNK_BATCHES, CHUNK_DELAY_S, ChunkedApply
 from actors.durable import POSE, START, encode_claims, session_key
 from actors.finalise import Finalisation, finalise, record_end
 from actors.limits import ActorLimits
@@ -61,7 +63,7 @@ ADMISSION_GRACE_S = 2.0
 END_REASONS = ("client_end", "admin", "idle_timeout", "max_duration", "shutdown", "actor_error")
 
 
-class SessionActor(Admission):
+class SessionActor(Admission, ChunkedApply):
     def __init__(
         self,
         claims: SessionClaims,
@@ -92,6 +94,12 @@ class SessionActor(Admission):
         self._seq = Sequencer(window=settings.reorder_window)
         self._held: dict[int, PoseBatch] = {}  # out-of-order batches awaiting their turn
         self._gap_since: float | None = None
+        # in-order batches in the replay whose metrics are not computed yet:
+        # (t_ms, frames as stored), and when the oldest of them became ready
+        self._pending: list[tuple[Any, Any]] = []
+        self._pending_since: float | None = None
+        self.chunk_batches = CHUNK_BATCHES
+        self.chunk_delay_s = CHUNK_DELAY_S
         self.stats = PoseStats()
         # Pose state starts with the first pose batch (its space and image size); a
         # session may also carry only media events (analytics consent without biometric).
@@ -174,6 +182,7 @@ class SessionActor(Admission):
         """Nothing accepted, queued, being made durable or applied: safe to discard."""
         return (not self.start_written and not self._admitting and self.stats.frames == 0
                 and self._tx.statistics().current_buffer_used == 0 and not self._held
+                and not self._pending
                 and not self.media.summaries())
 
     def discard(self) -> None:
@@ -237,7 +246,11 @@ class SessionActor(Admission):
         self.backoff.kick()
 
     def snapshot(self) -> dict[str, Any]:
-        """The supervisor's admin view of this session (no personal data)."""
+        """The supervisor's admin view of this session (no personal data). Applies
+        the pending chunk first, so the figures are those of every batch applied in
+        order so far (a failure there ends the session as ``actor_error``, as it
+        would in the actor's loop)."""
+        self.apply_pending()
         return {
             "session_id": self.session_id,
             "org_id": self.org_id,
@@ -333,6 +346,8 @@ class SessionActor(Admission):
         )
         if self._gap_since is not None:
             deadline = min(deadline, self._gap_since + s.gap_timeout_s)
+        if self._pending_since is not None:
+            deadline = min(deadline, self._pending_since + self.chunk_delay_s)
         return deadline
 
     async def _loop(self) -> None:
@@ -352,9 +367,11 @@ class SessionActor(Admission):
                 self.end_reason = "idle_timeout"
             elif self._gap_since is not None and now >= self._gap_since + s.gap_timeout_s:
                 self._skip_gap()
+            self._apply_due()
 
     def _drain(self) -> None:
-        """Apply everything acknowledged: the mailbox, then held batches past any gap."""
+        """Apply everything acknowledged: the mailbox, then held batches past any
+        gap, then the pending chunk."""
         while True:
             try:
                 self._take(self._rx.receive_nowait())
@@ -362,6 +379,7 @@ class SessionActor(Admission):
                 break
         while self._held:
             self._skip_gap()
+        self._apply_chunk()
 
     def _skip_gap(self) -> None:
         log.warning("batch %d never arrived; skipped", self._seq.next_seq,
@@ -377,26 +395,10 @@ class SessionActor(Admission):
     def _apply_ready(self) -> None:
         while self._seq.next_seq in self._held:
             batch = self._held.pop(self._seq.next_seq)
-            self._apply(batch)
+            self._record(batch)
             self._seq.applied(batch.seq, batch.last_t)
+            self._apply_due()
         if not self._held:
             self._gap_since = None
         elif self._gap_since is None:
             self._gap_since = trio.current_time()
-
-    def _apply(self, batch: PoseBatch) -> None:
-        # The replay first: it is the record of what was acknowledged, and must
-        # survive a failure in the metrics below. Metrics are computed on the frames
-        # as stored, so `telemetry replay` reproduces them exactly.
-        assert self.replay is not None
-        frames = self.replay.append(batch.t_ms, batch.frames)
-        self.stats.add(batch.t_ms, frames)
-        if self.reps is None:
-            return
-        try:
-            self.reps.feed(batch.t_ms, frames)  # feed converts to float64 once
-        except Exception as exc:
-            log.exception("rep engine failed; session ends", extra={"session": self.log_id})
-            self.error = f"{type(exc).__name__}: {exc}"
-            self.reps = None
-            self.end_reason = "actor_error"

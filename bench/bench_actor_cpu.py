@@ -36,7 +36,13 @@ whole-pool totals):
   settings, alone;
 * ``stats.add``, ``reps.feed``: the rest of ``_apply`` (reps with the session's
   profile, image space, 1280x720);
-* ``actor _apply total``: all three together, as the actor runs them.
+* ``actor _apply total``: all three together, one batch at a time, as the actor
+  ran them before chunked application;
+* ``actor chunks of N``: the actor's code as it runs now (``actors/chunks.py``):
+  ``replay.append`` per batch, then ``stats.add`` and ``reps.feed`` once per N
+  consecutive batches (``--chunk``, repeatable; default 1 and the actor's
+  ``CHUNK_BATCHES``). A session's last chunk may be shorter, as at the end of a
+  live session.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from typing import Any
 if __package__ in (None, ""):  # allow `python bench/bench_actor_cpu.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from actors.chunks import CHUNK_BATCHES, ChunkedApply  # noqa: E402
 from actors.pose_stats import PoseStats  # noqa: E402
 from actors.reps import RepEngine  # noqa: E402
 from domain.pose_batch import PoseBatch, decode_batch  # noqa: E402
@@ -162,6 +169,30 @@ def run_apply(level: ZlibSetting) -> Callable[[int, Any], None]:
     return run
 
 
+class _Applier(ChunkedApply):
+    """The actor's chunk state and code, without the actor (no Trio needed: the
+    bench calls ``_apply_chunk`` itself every N batches)."""
+
+    def __init__(self, kind: str, replay: ReplayWriter) -> None:
+        self.stats = PoseStats()
+        self.reps = RepEngine(kind, space="image", aspect=ASPECT)
+        self.replay = replay
+        self.log_id, self.error, self.end_reason = "bench", None, None
+        self._pending, self._pending_since = [], None
+
+
+def run_chunks(level: ZlibSetting, n: int) -> Callable[[int, Any], None]:
+    def run(i: int, sess: Any) -> None:
+        a = _Applier(sess[0], _writer(level, f"s{i}"))
+        assert a.replay is not None
+        for b in sess[1]:
+            a._pending.append((b.t_ms, a.replay.append(b.t_ms, b.frames)))
+            if len(a._pending) >= n:
+                a._apply_chunk()
+        a._apply_chunk()
+    return run
+
+
 def run_zlib(streams: list[list[bytes]], level: ZlibSetting) -> Callable[[int, Any], None]:
     def run(i: int, sess: Any) -> None:
         z = zlib.compressobj(level[0], zlib.DEFLATED, 16 + replay_mod.ZLIB_WBITS,
@@ -203,8 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=12, help="repetitions per session")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--chunk", type=int, action="append",
+                    help=f"batches per chunk; repeatable (default 1 and {CHUNK_BATCHES})")
     ap.add_argument("--only", default="", help="comma-separated stage names to run "
-                    "(replay,codec,zlib,stats,reps,apply); default all")
+                    "(replay,codec,zlib,stats,reps,apply,chunks); default all")
     args = ap.parse_args(argv)
     defaults = ReplayWriter.__init__.__kwdefaults__
     levels = args.zlib or [(defaults["level"], defaults["strategy"])]
@@ -243,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     if want("apply"):
         for level in levels:
             stages.append((f"actor _apply total ({zlib_label(level)})", run_apply(level)))
+    if want("chunks"):
+        for c in args.chunk or [1, CHUNK_BATCHES]:
+            stages.append((f"actor chunks of {c} ({zlib_label(levels[0])})",
+                           run_chunks(levels[0], c)))
     for name, best, med in timed_all(stages, sessions, args.repeat, n):
         print(f"{name:<34}{best:9.1f} ({med:7.1f})")
     return 0
