@@ -245,6 +245,11 @@ class SessionActor(Admission, ChunkedApply):
             self._wake.cancel()
         self.backoff.kick()
 
+    def queued(self) -> tuple[int, int]:
+        """(batches in the mailbox, batches held out of order): what a metrics scrape
+        reads, without applying the pending chunk as :meth:`snapshot` does."""
+        return self._rx.statistics().current_buffer_used, len(self._held)
+
     def snapshot(self) -> dict[str, Any]:
         """The supervisor's admin view of this session (no personal data). Applies
         the pending chunk first, so the figures are those of every batch applied in
