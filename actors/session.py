@@ -84,6 +84,7 @@ class SessionActor(Admission):
         self._handover = False
         self._admitting = 0
         self._admissions_done = trio.Event()
+        self._accepted = 0  # batches the sequencer took (see Admission._mark)
         self._draining = False
         self.org_id = claims.org_id
         self.session_id = claims.session_id
@@ -220,6 +221,7 @@ class SessionActor(Admission):
         if self.space is None:
             self._start_pose(batch)
         self._seq.accept(batch.seq, batch.first_t, batch.last_t)
+        self._accepted += 1
         self._take(batch)
 
     @property
