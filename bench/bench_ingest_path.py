@@ -11,8 +11,12 @@ running, and driven through ASGI directly: no sockets, no hypercorn. ``sessions`
 sessions each send ``batches`` realistic 1-second batches (``bench.loadgen``'s
 pool), one at a time, each answered before the next (closed loop); the first
 ``WARMUP`` of each session are not timed (actor start, the replay writer's file).
-The figure is ``time.process_time`` (every thread of the process, the spool's
-fsync thread included) per acknowledged batch.
+The figures are ``time.process_time`` (every thread of the process, the spool's
+fsync thread included) and Trio task steps (switches into a task: the handlers',
+the actors', the spool committer's) per acknowledged batch. On a shared machine the
+CPU figure is noisy (the actor's computation dominates it); for a difference of a
+few microseconds count instructions instead, e.g. ``valgrind --tool=callgrind`` on
+two runs of ``--child`` with different ``batches``, differenced.
 """
 
 from __future__ import annotations
@@ -48,7 +52,19 @@ def _child(transport: str, sessions: int, batches: int) -> dict[str, float]:
     from telemetry.wiring import actor_limits, open_storage
 
     pool = make_pool(sessions=min(sessions, 8), reps=12)
-    timed = {"cpu": 0.0, "wall": 0.0, "acks": 0}
+    timed = {"cpu": 0.0, "wall": 0.0, "acks": 0, "steps": 0}
+
+    class Steps(trio.abc.Instrument):
+        """Counts task steps (each a switch into a task) while ``on``."""
+
+        on = False
+        n = 0
+
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            if self.on:
+                self.n += 1
+
+    steps = Steps()
 
     async def main(data_dir: Path) -> None:
         settings = dataclasses.replace(
@@ -84,16 +100,20 @@ def _child(transport: str, sessions: int, batches: int) -> dict[str, float]:
                 for _ in range(sessions):
                     await warm.acquire()
                 c0, w0 = time.process_time(), time.perf_counter()
+                steps.on = True
                 go.set()
             timed["cpu"] = time.process_time() - c0
             timed["wall"] = time.perf_counter() - w0
+            steps.on = False
+            timed["steps"] = steps.n
             timed["acks"] = sessions * (batches - WARMUP)
             nursery.cancel_scope.cancel()
 
     with tempfile.TemporaryDirectory(prefix="bench-path-") as tmp:
-        trio.run(main, Path(tmp))
+        trio.run(main, Path(tmp), instruments=[steps])
     return {"cpu_us": 1e6 * timed["cpu"] / timed["acks"],
-            "wall_us": 1e6 * timed["wall"] / timed["acks"]}
+            "wall_us": 1e6 * timed["wall"] / timed["acks"],
+            "steps": timed["steps"] / timed["acks"]}
 
 
 async def http_session(app: Any, token: bytes, bodies: list[bytes], warm: Any, go: Any,
@@ -193,12 +213,16 @@ def compare_trees(other: str | None, *, rounds: int, sessions: int, batches: int
           f"({WARMUP} untimed each), process CPU per acknowledged batch")
     for transport in TRANSPORTS:
         per: dict[str, list[float]] = {name: [] for name in trees}
+        steps: dict[str, list[float]] = {name: [] for name in trees}
         for _ in range(rounds):
             for name, tree in trees.items():
-                per[name].append(measure(tree, transport, sessions, batches)["cpu_us"])
+                m = measure(tree, transport, sessions, batches)
+                per[name].append(m["cpu_us"])
+                steps[name].append(m["steps"])
         for name, us in per.items():
             print(f"  {transport:>4} {name:>24}: best {min(us):7.1f} us  "
-                  f"median {statistics.median(us):7.1f} us per batch", flush=True)
+                  f"median {statistics.median(us):7.1f} us per batch; "
+                  f"{statistics.median(steps[name]):.2f} task steps per batch", flush=True)
 
 
 if __name__ == "__main__":
