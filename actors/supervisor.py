@@ -87,10 +87,12 @@ class Supervisor(ActorHost):
         (:meth:`SessionActor.admit_checked`), all on the caller's task. The answer is
         ACCEPT only once the batch is on disk. Raises :class:`ShuttingDown`,
         :class:`TooManySessions` and the spool's ``SpoolFull``/``OSError``."""
-        fresh = (claims.org_id, claims.session_id) not in self._live
-        actor = await self._live_or_new(claims)
+        actor = self._live.get((claims.org_id, claims.session_id))
+        fresh = actor is None
         if actor is None:
-            return self._refusal((claims.org_id, claims.session_id))
+            actor = await self._live_or_new(claims)
+            if actor is None:
+                return self._refusal((claims.org_id, claims.session_id))
         offer = actor.check(batch)
         if offer.verdict is not Verdict.ACCEPT:
             if fresh and actor.holds_nothing:

@@ -99,11 +99,13 @@ def _child(transport: str, sessions: int, batches: int) -> dict[str, float]:
                     clients.start_soon(session, i)
                 for _ in range(sessions):
                     await warm.acquire()
+                _callgrind("on")
                 c0, w0 = time.process_time(), time.perf_counter()
                 steps.on = True
                 go.set()
             timed["cpu"] = time.process_time() - c0
             timed["wall"] = time.perf_counter() - w0
+            _callgrind("off")
             steps.on = False
             timed["steps"] = steps.n
             timed["acks"] = sessions * (batches - WARMUP)
@@ -114,6 +116,15 @@ def _child(transport: str, sessions: int, batches: int) -> dict[str, float]:
     return {"cpu_us": 1e6 * timed["cpu"] / timed["acks"],
             "wall_us": 1e6 * timed["wall"] / timed["acks"],
             "steps": timed["steps"] / timed["acks"]}
+
+
+def _callgrind(state: str) -> None:
+    """Under ``valgrind --tool=callgrind --instr-atstart=no`` with ``BENCH_CALLGRIND=1``
+    in the environment: instrument the timed window only (``callgrind_control -i``),
+    so the instruction count is of the acknowledged batches alone."""
+    if os.environ.get("BENCH_CALLGRIND"):
+        subprocess.run(["callgrind_control", "-i", state, str(os.getpid())], check=True,
+                       capture_output=True)
 
 
 async def http_session(app: Any, token: bytes, bodies: list[bytes], warm: Any, go: Any,
