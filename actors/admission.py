@@ -3,14 +3,17 @@
 The handler side of a :class:`actors.session.SessionActor` (which inherits
 :class:`Admission`): synchronous, no checkpoints, so a handler and the actor, on
 one Trio thread, always see one consistent state. A pose batch is judged by
-:meth:`Admission.check` (sequence, space, rate limit, mailbox), made durable by the
-caller, then queued by :meth:`Admission.accept`, all inside
-:meth:`Admission.admitting` so that a session that ends meanwhile still takes it.
+:meth:`Admission.check` (sequence, space, rate limit, mailbox), then
+:meth:`Admission.admit_checked` makes it durable and queues it, counted as an
+admission in flight so that a session that ends meanwhile still takes it. The
+sequencer judges a batch once: its verdict is judged again after the spool's await
+only if the sequencer took or skipped a batch meanwhile (:meth:`Admission._mark`).
 
 A refusal is an :class:`Offer` carrying an error of the tree
 (:mod:`domain.errors`), *returned*, not raised: a refused batch on the hot path
 costs no traceback. Media batches are applied at once and raise their refusal.
-Nothing here raises ``trio.Cancelled``: nothing here awaits.
+Only :meth:`Admission.admit_checked` awaits (the journal): it passes
+``trio.Cancelled`` on, and the batch is then not queued (nor acknowledged).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import TYPE_CHECKING, NoReturn
 import trio
 
 from actors.backoff import MAX_BACKOFF_S, Backoff
+from actors.durable import POSE
 from actors.media_tracker import MediaTrackerError
 from actors.sequencer import Sequencer, Verdict
 from domain.errors import (
@@ -113,6 +117,7 @@ class Admission:
     _tokens_at: float
     _admitting: int
     _admissions_done: trio.Event
+    _accepted: int
     _draining: bool
     _handover: bool
 
@@ -128,6 +133,9 @@ class Admission:
         raise NotImplementedError
 
     def _touch(self, first_t_ms: int) -> None:
+        raise NotImplementedError
+
+    async def persist(self, kind: int, body: bytes) -> None:
         raise NotImplementedError
 
     def retry_hint(self) -> float:
@@ -177,10 +185,37 @@ class Admission:
     def admitting(self) -> Iterator[None]:
         """Wrap check → persist → accept: a session ended meanwhile still takes the
         batch (it came before the end call), because the actor waits for admissions
-        in flight before it drains and finalises."""
+        in flight before it drains and finalises. (:meth:`admit_checked` counts its
+        own, without a context manager: it runs for every batch.)"""
         self._admitting += 1
         try:
             yield
+        finally:
+            self._admitting -= 1
+            if not self._admitting:
+                self._admissions_done.set()
+
+    def _mark(self) -> tuple[int, int]:
+        """What must stay the same for a batch :meth:`check` accepted to still be
+        accepted by the sequencer: the batches it took (:meth:`accept`, recovery)
+        and the gaps it skipped. Batches applied meanwhile change nothing: only a
+        batch taken earlier is applied, and its place and times stay as they were."""
+        return self._accepted, self._seq.skipped_count
+
+    async def admit_checked(self, batch: PoseBatch, body: bytes) -> Offer:
+        """Make a batch :meth:`check` accepted durable (``body``, to the journal), then
+        queue it: the durable path's accept. Counted as an admission in flight
+        meanwhile (see :meth:`admitting`). The sequencer judges it again only if it
+        took or skipped a batch during the await (a concurrent retry of the same batch
+        then reads as a duplicate). Raises the journal's errors; passes
+        ``trio.Cancelled`` on (nothing queued)."""
+        mark = self._mark()
+        self._admitting += 1
+        try:
+            await self.persist(POSE, body)
+            if mark != self._mark() or self._draining or self._handover:
+                return self.accept(batch)
+            return self._queue(batch)
         finally:
             self._admitting -= 1
             if not self._admitting:
@@ -199,6 +234,10 @@ class Admission:
             return DUPLICATE
         if verdict is not Verdict.ACCEPT:
             return _sequence_offer(verdict, message, None)
+        return self._queue(batch)
+
+    def _queue(self, batch: PoseBatch) -> Offer:
+        """Queue a batch the sequencer accepts now, and take it into the sequence."""
         try:
             self._tx.send_nowait(batch)
         except trio.WouldBlock:
@@ -206,6 +245,7 @@ class Admission:
         if self.space is None:
             self._start_pose(batch)
         self._seq.accept(batch.seq, batch.first_t, batch.last_t)
+        self._accepted += 1
         self._touch(batch.first_t)
         return ACCEPTED
 

@@ -57,9 +57,6 @@ from storage.replay import ReplayWriter
 
 log = logging.getLogger("telemetry.actor")
 
-# How long an ending session waits for batches already being made durable.
-ADMISSION_GRACE_S = 2.0
-
 END_REASONS = ("client_end", "admin", "idle_timeout", "max_duration", "shutdown", "actor_error")
 
 
@@ -86,6 +83,7 @@ class SessionActor(Admission, ChunkedApply):
         self._handover = False
         self._admitting = 0
         self._admissions_done = trio.Event()
+        self._accepted = 0  # batches the sequencer took (see Admission._mark)
         self._draining = False
         self.org_id = claims.org_id
         self.session_id = claims.session_id
@@ -229,6 +227,7 @@ class SessionActor(Admission, ChunkedApply):
         if self.space is None:
             self._start_pose(batch)
         self._seq.accept(batch.seq, batch.first_t, batch.last_t)
+        self._accepted += 1
         self._take(batch)
 
     @property
@@ -290,10 +289,12 @@ class SessionActor(Admission, ChunkedApply):
             return
         # A batch that passed its check before the end was asked for may still be
         # waiting on the spool's fsync; it was sent first, so it belongs in the session.
-        with trio.move_on_after(ADMISSION_GRACE_S):
-            while self._admitting:
-                self._admissions_done = trio.Event()
-                await self._admissions_done.wait()
+        # No timer: it waits on the same journal the end mark below is written to, so
+        # the end could not be recorded any sooner (and a batch made durable must not
+        # be refused after the end mark: a restart would find it before the mark).
+        while self._admitting:
+            self._admissions_done = trio.Event()
+            await self._admissions_done.wait()
         self._draining = True
         try:
             # The end mark goes first: from here on the session refuses batches for

@@ -25,7 +25,7 @@ import trio
 
 from actors.admission import Offer, end_offer, end_refusal
 from actors.backoff import MAX_BACKOFF_S, retry
-from actors.durable import MEDIA, POSE, session_key
+from actors.durable import MEDIA, session_key
 from actors.ended import Ended as _Ended
 from actors.ended import Key
 from actors.hosting import ActorHost
@@ -83,13 +83,16 @@ class Supervisor(ActorHost):
         return actor.offer_media(batch)
 
     async def submit(self, claims: SessionClaims, batch: PoseBatch, body: bytes) -> Offer:
-        """The durable ingest path: judge, spool (fsync), then accept. The answer is
+        """The durable ingest path: judge, spool (fsync), then accept
+        (:meth:`SessionActor.admit_checked`), all on the caller's task. The answer is
         ACCEPT only once the batch is on disk. Raises :class:`ShuttingDown`,
         :class:`TooManySessions` and the spool's ``SpoolFull``/``OSError``."""
-        fresh = (claims.org_id, claims.session_id) not in self._live
-        actor = await self._live_or_new(claims)
+        actor = self._live.get((claims.org_id, claims.session_id))
+        fresh = actor is None
         if actor is None:
-            return self._refusal((claims.org_id, claims.session_id))
+            actor = await self._live_or_new(claims)
+            if actor is None:
+                return self._refusal((claims.org_id, claims.session_id))
         offer = actor.check(batch)
         if offer.verdict is not Verdict.ACCEPT:
             if fresh and actor.holds_nothing:
@@ -99,9 +102,7 @@ class Supervisor(ActorHost):
                 self._unregister(actor)  # at once: the next request starts afresh
                 actor.discard()
             return offer
-        with actor.admitting():
-            await actor.persist(POSE, body)
-            return actor.accept(batch)
+        return await actor.admit_checked(batch, body)
 
     async def submit_media(self, claims: SessionClaims, batch: MediaBatch,
                            body: bytes) -> tuple[int, int]:

@@ -1,11 +1,12 @@
-"""CPU per ingested pose batch, for the two fixed costs on the ingest path: the
-session-token check (``TokenVerifier.verify_session``) and the batch decoder
-(``domain.pose_batch.decode_batch``).
+"""CPU per ingested pose batch: the two fixed costs on the ingest path (the
+session-token check, ``TokenVerifier.verify_session``, and the batch decoder,
+``domain.pose_batch.decode_batch``) and the whole in-process ingest path.
 
-Run from the repository root (about 10 s)::
+Run from the repository root (about 10 s; ``path`` about 30 s)::
 
     .venv/bin/python -m bench.bench_ingest_cpu
     .venv/bin/python -m bench.bench_ingest_cpu --rounds 21 --only decode --against HEAD~1
+    .venv/bin/python -m bench.bench_ingest_cpu --only path --tree /tmp/old-worktree
 
 * **verify_session**: one minted session token (HS256, the dev key), *cold* (the
   full signature and claims check: the verified-token cache is emptied before every
@@ -18,6 +19,16 @@ Run from the repository root (about 10 s)::
   With ``--against REV``, ``domain/pose_batch.py`` as of git revision ``REV`` is timed
   too, in alternating rounds on the same batches (its ``decode_batch`` only: the
   module is loaded from ``git show``, nothing is checked out).
+
+* **path**: the whole ingest path of the service in one process, without sockets:
+  the app ``telemetry serve`` runs (CORS and connection-close wrappers, the lean
+  ASGI app), its supervisor and actors, and the spool (fsync included) in a
+  temporary directory, driven through the ASGI interface by ``--sessions``
+  concurrent closed-loop sessions (:mod:`bench.bench_ingest_path`). The figure is
+  process CPU (all threads) per acknowledged batch: the handler, the actor's
+  computation and the spool, but not hypercorn, h11/wsproto or the kernel's
+  sockets. With ``--tree DIR`` (a worktree of another commit) that tree is timed
+  too, in alternating child processes.
 
 Each figure is per call, in microseconds: the best and the median of ``--rounds``
 timed rounds (the machine is shared; the best is the least disturbed). Rerun to
@@ -117,10 +128,20 @@ def bench_decode(rounds: int, against: str | None) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--only", choices=["verify", "decode"])
+    ap.add_argument("--only", choices=["verify", "decode", "path"])
     ap.add_argument("--against", metavar="REV",
                     help="also time decode_batch of domain/pose_batch.py at this git revision")
+    ap.add_argument("--tree", metavar="DIR",
+                    help="path: also time the service of this worktree (another commit)")
+    ap.add_argument("--sessions", type=int, default=16, help="path: concurrent sessions")
+    ap.add_argument("--batches", type=int, default=60, help="path: batches per session")
     args = ap.parse_args()
+    if args.only == "path":
+        from bench.bench_ingest_path import compare_trees
+
+        compare_trees(args.tree, rounds=args.rounds, sessions=args.sessions,
+                      batches=args.batches)
+        return
     if args.only in (None, "verify"):
         bench_verify(args.rounds)
     if args.only in (None, "decode"):

@@ -172,6 +172,12 @@ def print_profile(r: Result, top: int, brief: bool = False) -> None:
 
 
 
+HANDLER = "handler: lean ASGI path / stream (own code)"
+SERVER_IO = "hypercorn + h11/wsproto: the handler's sends and reads"
+# Frames of the server's protocol code: a handler sample with one of these deeper in
+# its stack is the server's work (framing, masking, flow control), not the handler's.
+_SERVER_MARKERS = ("(hypercorn/", "(h11/", "(wsproto/")
+
 # Each event-loop sample counts for the first component of this list that has a
 # frame anywhere on its stack (markers are substrings of py-spy's "function (file)"
 # frames). So a component's share includes the numpy, trio and socket work it
@@ -184,21 +190,27 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("actor: pose stats", ("PoseStats.", "(actors/pose_stats.py)")),
     ("handler: JWT verification", ("verify_session", "(jwt/", "(telemetry/auth/")),
     ("handler: decode + validate batch", ("(domain/pose_batch.py)",)),
-    ("handler: spool append (await)", ("Supervisor.submit", "Spool.append",
-                                        "SessionActor.persist")),
+    # The journal's own code only: the admission around it (Supervisor.submit,
+    # Admission.admit_checked) is bookkeeping below.
+    ("handler: spool append (await)", ("Spool.append", "SessionActor.persist",
+                                        "(storage/journal.py)")),
     ("handler: metrics, request id, access log", (
         "begin_request", "finish_request", "end_request", "observe (telemetry/app.py)",
+        "observe (telemetry/http/pipeline.py)", "(domain/privacy.py)",
         "(prometheus_client/", "(telemetry/logs.py)", "(telemetry/metrics.py)", "(logging/")),
     ("handler: jsonify (response body)", ("jsonify",)),
-    ("actor: bookkeeping (check/accept, mailbox, sequencer)", (
-        "SessionActor.", "Supervisor.", "(actors/sequencer.py)")),
+    # Admission runs on the handler's task (py-spy names its methods Admission.*),
+    # the rest on the actor's.
+    ("admission + actor bookkeeping (check/accept, mailbox, sequencer)", (
+        "SessionActor.", "Supervisor.", "Admission.", "(actors/admission.py)",
+        "(actors/sequencer.py)")),
     ("finalisation", ("(actors/finalise.py)", "(actors/summary.py)")),
     ("handler: rest of the endpoint code", ("(telemetry/app.py)", "pose_frames",
                                              "(telemetry/errors.py)")),
-    # The lean POST path and the stream, with the hypercorn sends and receives they
-    # make (those would otherwise count under the wrappers around them).
-    ("handler: lean ASGI path / stream (incl. its sends)", (
-        "(telemetry/lean.py)", "(telemetry/stream.py)", "(telemetry/ingest.py)")),
+    # The lean POST path and the stream, their own code. The hypercorn sends and
+    # receives they make count under SERVER_IO (see categorise).
+    (HANDLER, ("(telemetry/lean.py)", "(telemetry/stream.py)", "(telemetry/ingest.py)",
+               "(telemetry/http/pipeline.py)")),
     ("quart-trio request/response machinery", ("(quart/", "(quart_trio/", "(werkzeug/")),
     ("ASGI wrappers (CORS, connection close)", ("(telemetry/cors.py)",
                                                 "(telemetry/connection_close.py)")),
@@ -213,9 +225,17 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 
 def categorise(frames: Sequence[str]) -> str:
+    """The component of one stack (outermost frame first). A stack in the handler's
+    code that went on into hypercorn, h11 or wsproto (an ASGI send or receive) is
+    :data:`SERVER_IO`: the handler merely called it."""
     for name, markers in CATEGORIES:
-        if any(m in f for f in frames for m in markers):
-            return name
+        hits = [i for i, f in enumerate(frames) if any(m in f for m in markers)]
+        if not hits:
+            continue
+        if name == HANDLER and any(m in f for f in frames[hits[-1] + 1:]
+                                   for m in _SERVER_MARKERS):
+            return SERVER_IO
+        return name
     return "other"
 
 

@@ -43,6 +43,10 @@ log = logging.getLogger("telemetry.http")
 # session ended before. Nothing was acknowledged; the client retries.
 STORAGE_ERRORS = (JournalError, OSError, BlobStoreError)
 
+# Session pseudonyms kept for the log lines (about 100 bytes each); past this many
+# the whole map is dropped and refilled by the sessions still sending.
+PSEUDONYMS_KEPT = 20_000
+
 
 def storage_unavailable(exc: BaseException) -> StorageUnavailable:
     """The tree's answer to a storage failure; logs it with its traceback (call it
@@ -69,6 +73,7 @@ class PoseIngest:
     def __init__(self, state: AppState) -> None:
         self._state = state
         self._max_frames = state.settings.max_frames_per_batch
+        self._pseudonyms: dict[tuple[str, str], str] = {}
 
     def claims(self, get_token: Callable[[], str], client: str | None) -> SessionClaims:
         """The verified session claims of the token ``get_token`` returns; the
@@ -84,8 +89,20 @@ class PoseIngest:
             log.info("auth failed", extra={"reason": exc.reason, "kind": "session",
                                            "client": truncate_ip(client)})
             raise
-        logs.set_session(state.pseudonyms.session(claims.org_id, claims.session_id))
+        if logs.current_request() is not None:
+            logs.set_session(self._pseudonym(claims))
         return claims
+
+    def _pseudonym(self, claims: SessionClaims) -> str:
+        """The session's pseudonym (an HMAC), kept per session: a session sends a
+        batch a second, and its pseudonym never changes. The bound only caps memory."""
+        key = (claims.org_id, claims.session_id)
+        pseudonym = self._pseudonyms.get(key)
+        if pseudonym is None:
+            if len(self._pseudonyms) >= PSEUDONYMS_KEPT:
+                self._pseudonyms.clear()
+            pseudonym = self._pseudonyms[key] = self._state.pseudonyms.session(*key)
+        return pseudonym
 
     @staticmethod
     def require_consent(claims: SessionClaims) -> None:

@@ -155,6 +155,7 @@ class Metrics:
             ["endpoint"], registry=r)
 
         self._batch_children: dict[tuple[str, str], Any] = {}
+        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.streams_open = Gauge(
             f"{PREFIX}_pose_streams_open", "Pose WebSocket streams open now.", registry=r)
         self.streams_closed = Counter(
@@ -207,9 +208,17 @@ class Metrics:
         self._media_bytes.inc(nbytes)
 
     def count_request(self, method: str, endpoint: str, status: int, seconds: float) -> None:
-        """One answered request (``method`` already through :func:`method_label`)."""
-        self.requests.labels(method, endpoint, str(status)).inc()
-        self.request_seconds.labels(endpoint).observe(seconds)
+        """One answered request (``method`` already through :func:`method_label`).
+        Its two children are kept per (method, endpoint, status): the labels are
+        bounded (methods by :func:`method_label`, endpoints are route templates), so a
+        request costs one dict lookup here, not two label lookups."""
+        children = self._request_children.get((method, endpoint, status))
+        if children is None:
+            children = self._request_children[(method, endpoint, status)] = (
+                self.requests.labels(method, endpoint, str(status)),
+                self.request_seconds.labels(endpoint))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def count_batch(self, kind: str, outcome: str, reason: str | None = None) -> None:
         """One authenticated ingest batch (``pose``/``media``): ``accepted``,
