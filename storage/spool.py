@@ -219,6 +219,13 @@ class Spool(GroupCommit):
         states, _logs = keys_on_disk(self.root)
         return sorted(set(states) | set(self._view().log_keys()))
 
+    def log_keys(self) -> list[str]:
+        """Keys with a log (records in the segments, or an old-layout log), sorted.
+        On a spool whose committer is not running this is a read-only scan of the
+        disk, safe while another process writes to it (blocking: for start-up and
+        tests)."""
+        return self._view().log_keys()
+
     def iter_records(self, key: str) -> Iterator[Record]:
         """``key``'s intact records in order (see :meth:`read`)."""
         yield from self.read(key)

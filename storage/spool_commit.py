@@ -165,10 +165,16 @@ class GroupCommit:
         res.broken = key in w.broken_keys
         log.error("spool commit of %s failed: %s %s%s", tag(key), type(e).__name__,
                   getattr(e, "strerror", ""), " (log broken)" if res.broken else "")
+        res.fail(self._spool_error(key, e), restore=False)
+        w.after_sync = [(k, p) for k, p in w.after_sync if k != key]
+
+    @staticmethod
+    def _spool_error(key: str, e: BaseException) -> BaseException:
+        if isinstance(e, SpoolError):
+            return e
         err = SpoolError(f"commit of {tag(key)} failed: {os_error_text(e)}", key=key)
         err.__cause__ = e
-        res.fail(err, restore=False)
-        w.after_sync = [(k, p) for k, p in w.after_sync if k != key]
+        return err
 
     def _commit_key(self, key: str, ops: list[Op], res: KeyResult, w: Writer) -> None:
         """One key's operations, in order (a method, so that a test can make one
@@ -197,7 +203,7 @@ class GroupCommit:
             if res.broken:
                 self._broken.add(key)
             if res.error is not None:
-                rnd.errors[key] = res.error
+                rnd.errors[key] = self._spool_error(key, res.error)
             elif self._unsynced:  # a new segment or state file may not be found
                 rnd.errors[key] = SpoolError(f"directory of {tag(key)} could not be fsynced",
                                              key=key)

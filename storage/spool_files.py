@@ -124,8 +124,8 @@ class Writer:
         or it is full); (segment id, offset). A failed write is cut back; if even
         that fails the segment is abandoned and the key is in ``broken_keys``."""
         seg = self.active
-        if seg is None or seg.size >= self.segment_bytes:
-            seg = self._roll()
+        if seg is None or (seg.size >= self.segment_bytes and not self.dirty):
+            seg = self._roll()  # rolled between fsyncs only: one fsync covers a round
         off = seg.size
         self.dirty[seg.sid] = self.seen[seg.sid] = seg
         self.unsynced_keys.add(key)
