@@ -138,7 +138,7 @@ class Spool(GroupCommit):
         c["fsyncs_per_round"] = c["fsyncs"] / c["rounds"] if c["rounds"] else 0.0
         c["bytes_used"] = self.bytes_used
         idx = self._index
-        c["sessions"] = len(idx.log_keys()) if idx is not None else 0
+        c["sessions"] = idx.count_logs() if idx is not None else 0
         c["segments"] = len(idx.segs) if idx is not None else 0
         c["live_bytes"] = idx.live_bytes if idx is not None else 0
         return c
@@ -264,6 +264,9 @@ class Spool(GroupCommit):
             idx = scan(self.root, cut=False)
             _states, logs = keys_on_disk(self.root)
             for key in logs:
+                ki = idx.keys.get(key)
+                if ki is not None and ki.gen > 0:
+                    continue  # removed; start-up deletes it
                 with contextlib.suppress(FileNotFoundError):
                     idx.set_legacy(key, log_path(self.root, key).stat().st_size)
             if self._running or self._closed:

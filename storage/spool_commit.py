@@ -30,6 +30,7 @@ from storage.spool_files import (
     commit_key,
     fsync_dirs,
     keys_on_disk,
+    log_path,
     remove_temp_files,
     unlink_all,
 )
@@ -284,11 +285,15 @@ class GroupCommit:
         idx = scan(self.root, cut=True)
         _states, logs = keys_on_disk(self.root)
         for key in logs:
+            path = log_path(self.root, key)
+            ki = idx.keys.get(key)
+            if ki is not None and ki.gen > 0:  # its removal was cut short: finish it
+                unlink_all([path], self._unsynced)
+                continue
             try:
-                size = (self.root / f"{key}.log").stat().st_size
+                idx.set_legacy(key, path.stat().st_size)
             except FileNotFoundError:
                 continue
-            idx.set_legacy(key, size)
         remove_temp_files(self.root)
         return idx
 

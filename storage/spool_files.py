@@ -145,7 +145,9 @@ class Writer:
         return seg.sid, off
 
     def _roll(self) -> SegmentFile:
-        self.active = None
+        old, self.active = self.active, None
+        if old is not None and old.sid not in self.dirty:
+            close_segment(old)  # else closed once fsynced
         path = self.seg_dir / f"{self.next_sid:012d}.seg"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
                      0o600)

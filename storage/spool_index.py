@@ -22,6 +22,12 @@ segment and is then deleted; past 3/4 of the budget any closed segment with dead
 records is, and the active segment is closed early if half of it is dead. Closed
 segments are at least half live, so the disk holds at most about twice the live
 data plus the active segment, and one copy of at most one segment is in flight.
+(Under pressure a segment is compacted only if at least 1/8 of it is dead, so a
+budget full of live data is not copied round after round.)
+
+**Old-layout logs** (``org/session.log``) are generation 0 of their key: a key
+with a tombstone and such a log is one whose removal a crash cut short between
+the tombstone and the deletion of the log; start-up finishes it.
 """
 
 from __future__ import annotations
@@ -108,6 +114,9 @@ class Index:
     def log_keys(self) -> list[str]:
         return sorted(k for k, ki in self.keys.items() if ki.has_log)
 
+    def count_logs(self) -> int:
+        return sum(1 for ki in self.keys.values() if ki.has_log)
+
     def segment(self, sid: int) -> Segment:
         seg = self.segs.get(sid)
         if seg is None:
@@ -184,7 +193,8 @@ class Index:
         closed = [s for s in self.segs.values() if s.sid != act]
         plan = Upkeep(delete=[s for s in closed if s.live == 0])
         pressed = self.disk_bytes > max_bytes * 3 // 4
-        worth = [s for s in closed if 0 < s.live and (s.live * 2 < s.size or pressed)]
+        worth = [s for s in closed if 0 < s.live and (
+            s.live * 2 < s.size or (pressed and (s.size - s.live) * 8 >= s.size))]
         if worth:
             src = max(worth, key=lambda s: s.size - s.live)
             plan.copy_from = src.sid

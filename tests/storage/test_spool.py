@@ -839,3 +839,17 @@ async def test_old_layout_is_recovered_continued_and_removed(tmp_path: Path) -> 
         await spool.remove("org-a/s1")
         assert not log_file(tmp_path, "org-a/s1").exists()
     assert Spool(tmp_path).keys() == ["ended/org-c/s4", "org-a/s2"]
+
+
+async def test_old_layout_log_of_a_removed_key_is_deleted_at_start_up(tmp_path: Path) -> None:
+    """A crash between a removal's tombstone and the deletion of the key's old log:
+    the next start finishes the removal instead of bringing the key back."""
+    _write_log(log_file(tmp_path, "o/gone"), [b"old"])
+    _write_log(log_file(tmp_path, "o/kept"), [b"kept"])
+    _write_segment(tmp_path, 1, [encode_seg_record("o/gone", 0, 0, 0, b"", tomb=True)])
+    assert Spool(tmp_path).log_keys() == ["o/kept"]  # a read-only view agrees
+    async with running(tmp_path) as spool:
+        assert spool.log_keys() == ["o/kept"]
+        assert await spool.aread("o/gone") == []
+    assert not log_file(tmp_path, "o/gone").exists()
+    assert Spool(tmp_path).read("o/kept") == [Record(0, b"kept")]
