@@ -154,9 +154,9 @@ class GroupCommit:
                 w.sync()
             except OSError as e:
                 log.error("spool: segment fsync failed: %s", os_error_text(e))
-        for key, res in w.results.items():
-            if res.error is None and key in w.broken_keys:
-                res.broken = True
+        for key in w.broken_keys:  # a cut-back failed: what its segment holds is unknown
+            if key in w.results:
+                w.results[key].broken = True
         if self._unsynced or w.new_dirs:
             dirs = sorted(self._unsynced | w.new_dirs)
             self._unsynced = set(fsync_dirs(dirs))

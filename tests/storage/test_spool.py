@@ -853,3 +853,44 @@ async def test_old_layout_log_of_a_removed_key_is_deleted_at_start_up(tmp_path: 
         assert await spool.aread("o/gone") == []
     assert not log_file(tmp_path, "o/gone").exists()
     assert Spool(tmp_path).read("o/kept") == [Record(0, b"kept")]
+
+
+async def test_failed_fsync_fails_the_whole_round_and_puts_each_key_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One fsync covers a round, so its failure fails every key in it: a removal in
+    it did not happen (the key keeps its records, in memory as on disk), and the
+    keys carry on."""
+    real_fsync = os.fsync
+    fail = {"left": 0}
+
+    def flaky(fd: int) -> None:
+        if fail["left"] and _fd_path(fd).endswith(".seg"):
+            fail["left"] -= 1
+            raise OSError(errno.EIO, "injected")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", flaky)
+    async with running(tmp_path, fsync_interval_s=0.05) as spool:
+        await spool.append("o/r", 1, b"r0")
+        await spool.append("o/s", 1, b"s0")
+        fail["left"] = 1
+        outcomes: dict[str, str] = {}
+
+        async def attempt(name: str, op: Callable[[], object]) -> None:
+            try:
+                await op()  # type: ignore[misc]
+                outcomes[name] = "ok"
+            except SpoolError:
+                outcomes[name] = "failed"
+
+        async with trio.open_nursery() as nursery:  # one round
+            nursery.start_soon(attempt, "remove", lambda: spool.remove("o/r"))
+            nursery.start_soon(attempt, "append", lambda: spool.append("o/s", 1, b"s1"))
+        assert outcomes == {"remove": "failed", "append": "failed"}
+        assert spool.log_keys() == ["o/r", "o/s"]
+        assert spool.read("o/r") == [Record(1, b"r0")]
+        await spool.append("o/s", 1, b"s2")
+        await spool.remove("o/r")
+    reader = Spool(tmp_path)
+    assert reader.log_keys() == ["o/s"]
+    assert [r.payload for r in reader.read("o/s")] == [b"s0", b"s2"]
