@@ -214,23 +214,28 @@ class GroupCommit:
     # -- compaction --------------------------------------------------------------------
 
     async def _upkeep(self) -> None:
-        """One compaction step if one is due (:meth:`Index.upkeep`), in a worker
-        thread; its failure is logged and retried after the next round."""
-        for _ in range(3):  # closing the active segment, then compacting it
-            if not await self._upkeep_step():
+        """Compaction steps (:meth:`Index.upkeep`), each in a worker thread: one
+        if operations are waiting for the next round, else while one is due (at
+        most 64 before the committer looks for work again). A failed step is
+        logged and tried again after the next round."""
+        for _ in range(64):
+            if not await self._upkeep_step() or self._work.is_set():
                 return
 
     async def _upkeep_step(self) -> bool:
+        """One step; False if there was none or it failed."""
         idx = self._index
         assert idx is not None
         plan = idx.upkeep(self.max_bytes, bool(self._reading))
         if plan is None:
             return False
+        ok = True
         w = Writer(idx.seg_dir, idx.active, idx.next_sid, self.segment_bytes)
         try:
             await trio.to_thread.run_sync(self._upkeep_thread, plan, w, limiter=self._limiter)
         except Exception as e:
             log.error("spool compaction failed: %s", os_error_text(e))
+            ok = False
             plan.moved.clear()
             plan.carried.clear()
             plan.deleted.clear()
@@ -239,7 +244,7 @@ class GroupCommit:
         idx.apply_upkeep(plan)
         self._counts["compacted_bytes"] += sum(sz for m in plan.moved.values() for *_, sz in m)
         self._counts["segments_deleted"] += len(plan.deleted)
-        return bool(plan.deleted) or plan.close_active
+        return ok
 
     def _upkeep_thread(self, plan: Upkeep, w: Writer) -> None:
         """Worker thread: copy, copy tombstones forward, fsync, delete."""

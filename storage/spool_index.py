@@ -21,7 +21,9 @@ a closed segment less than half live has its live records copied to the active
 segment and is then deleted; past 3/4 of the budget any closed segment with dead
 records is, and the active segment is closed early if half of it is dead. Closed
 segments are at least half live, so the disk holds at most about twice the live
-data plus the active segment, and one copy of at most one segment is in flight.
+data plus the active segment. A step copies at most about ``COPY_STEP`` (4 MiB, or one
+key's records in the segment if more), so a round never waits behind a long copy; a
+segment is deleted at the step that moves its last live records.
 (Under pressure a segment is compacted only if at least 1/8 of it is dead, so a
 budget full of live data is not copied round after round.)
 
@@ -47,6 +49,7 @@ log = logging.getLogger("telemetry.spool")
 SEG_DIR = ".segments"
 SEG_SUFFIX = ".seg"
 SHIFT = 40  # a position is sid << SHIFT | offset
+COPY_STEP = 4 * 1024 * 1024  # live bytes a compaction step copies (at least one key's)
 
 
 @dataclass(eq=False)
@@ -198,9 +201,14 @@ class Index:
         if worth:
             src = max(worth, key=lambda s: s.size - s.live)
             plan.copy_from = src.sid
-            plan.copy = [(k, [p for p in self.keys[k].pos if p >> SHIFT == src.sid])
-                         for k in src.keys]
-            plan.delete.append(src)
+            budget = 0
+            for k in sorted(src.keys, key=lambda k: self.keys[k].segs.get(src.sid, 0)):
+                if plan.copy and budget >= COPY_STEP:
+                    break  # the rest at the next steps: a round waits for this one
+                plan.copy.append((k, [p for p in self.keys[k].pos if p >> SHIFT == src.sid]))
+                budget += self.keys[k].segs.get(src.sid, 0)
+            if len(plan.copy) == len(src.keys):
+                plan.delete.append(src)
         act_seg = self.segs.get(act) if act is not None else None
         if pressed and act_seg is not None and act_seg.size > 0 \
                 and act_seg.live * 2 <= act_seg.size:
@@ -213,7 +221,7 @@ class Index:
                 # hide, or its live ones whose generation it defines)
                 if ki is not None and (ki.pos or ki.touched - gone):
                     plan.carry.append((key, gen))
-        if not plan.delete and not plan.close_active:
+        if not plan.delete and not plan.close_active and not plan.copy:
             return None
         return plan
 
