@@ -24,10 +24,11 @@ Two workloads, each on a fresh directory:
   one second of frames) at a random phase, ``--seconds`` times: production-like
   load; its rec/s is the offered load, the latencies are what matters.
 
-Modes: the :class:`~storage.spool.Spool` (group commit, ``fsync_threads`` 4, or
-1: one thread call per round) against a baseline that writes and fsyncs each
-record in its own worker-thread call (open, append, fsync, close; plus a directory
-fsync for a new file) under a limiter of the same size; each without compression
+Modes: the :class:`~storage.spool.Spool` (group commit into the shared segment
+log; one thread call per round, so its limiter size, ``fsync_threads`` 4 or 1,
+only matters to reads) against a baseline that writes and fsyncs each record, one
+file per session, in its own worker-thread call (open, append, fsync, close; plus
+a directory fsync for a new file) under a limiter of the same size; each without compression
 (``append(..., compress=False)``) and with the spool's default zlib level 1.
 Payloads are real pose batches (``domain.pose_batch``) from the synthetic
 generator, so compression sees realistic data. Latency is from calling
