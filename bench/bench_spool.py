@@ -1,5 +1,15 @@
 """Cost of making every 202 durable: spool append throughput and latency.
 
+Old against new, in the same run (``--compare``): each figure from a child process
+importing the spool of one tree (``--old``: a worktree of the commit before the
+shared segment log, e.g. ``git worktree add /tmp/segments-old edbaecf``; the new
+one is this tree), alternating old and new per load, 64/256/1000 concurrent
+sessions; fsyncs are every ``os.fsync`` call of the process (logs, segments,
+directories), divided by the spool's commit rounds; CPU is the process's (every
+thread) per append::
+
+    .venv/bin/python bench/bench_spool.py --compare --old /tmp/segments-old --reps 2
+
 Run from the repository root (about 30 s; files go to a temporary directory on
 the filesystem of ``--dir``, removed afterwards)::
 
@@ -14,10 +24,11 @@ Two workloads, each on a fresh directory:
   one second of frames) at a random phase, ``--seconds`` times: production-like
   load; its rec/s is the offered load, the latencies are what matters.
 
-Modes: the :class:`~storage.spool.Spool` (group commit, ``fsync_threads`` 4, or
-1: one thread call per round) against a baseline that writes and fsyncs each
-record in its own worker-thread call (open, append, fsync, close; plus a directory
-fsync for a new file) under a limiter of the same size; each without compression
+Modes: the :class:`~storage.spool.Spool` (group commit into the shared segment
+log; one thread call per round, so its limiter size, ``fsync_threads`` 4 or 1,
+only matters to reads) against a baseline that writes and fsyncs each record, one
+file per session, in its own worker-thread call (open, append, fsync, close; plus
+a directory fsync for a new file) under a limiter of the same size; each without compression
 (``append(..., compress=False)``) and with the spool's default zlib level 1.
 Payloads are real pose batches (``domain.pose_batch``) from the synthetic
 generator, so compression sees realistic data. Latency is from calling
@@ -42,6 +53,8 @@ import trio
 
 if __package__ in (None, ""):  # allow `python bench/bench_spool.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if "--tree" in sys.argv:  # a --compare child: the spool of that tree
+    sys.path.insert(0, sys.argv[sys.argv.index("--tree") + 1])
 
 from domain.pose_batch import encode_batch  # noqa: E402
 from storage.spool import Spool, encode_record, fsync_dir  # noqa: E402
@@ -183,6 +196,69 @@ async def main(args: argparse.Namespace) -> None:
         await run_mode(mode, "paced", args, payloads, base)
 
 
+async def child(args: argparse.Namespace) -> None:
+    """One --compare figure: group commit (no compression, as pose batches are
+    spooled), every fsync of the process counted; one JSON line on stdout."""
+    import json
+
+    calls = [0]
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        calls[0] += 1
+        real_fsync(fd)
+
+    os.fsync = counting_fsync  # type: ignore[assignment]
+    payloads = pose_batches()
+    root = Path(tempfile.mkdtemp(prefix="spool-cmp-", dir=args.dir))
+    try:
+        spool = Spool(root, fsync_interval_s=args.interval_ms / 1000)
+
+        async def append(key: str, kind: int, payload: bytes) -> None:
+            await spool.append(key, kind, payload, compress=False)
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(spool.run)
+            calls[0] = 0
+            cpu0 = time.process_time()
+            elapsed, lat = await _drive(args.workload, append, args, payloads)
+            cpu = time.process_time() - cpu0
+            nursery.cancel_scope.cancel()
+        s = spool.stats()
+        print(json.dumps(dict(n=len(lat), rate=len(lat) / elapsed, p50=pct(lat, 50) * 1e3,
+                              p99=pct(lat, 99) * 1e3, rounds=s["rounds"], fsyncs=calls[0],
+                              cpu_us=cpu / len(lat) * 1e6)))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def compare(args: argparse.Namespace) -> None:
+    import json
+    import subprocess
+
+    new_tree = str(Path(__file__).resolve().parents[1])
+    trees = {"old": str(Path(args.old).resolve()), "new": new_tree}
+    print(f"old {trees['old']} vs new {new_tree}; fsync interval {args.interval_ms} ms, "
+          f"{args.reps} reps, {os.cpu_count()} CPUs, dir {args.dir}", flush=True)
+    print(f"{'workload':8} {'sessions':>8} {'tree':4} {'rec/s':>8} {'p50 ms':>8} "
+          f"{'p99 ms':>8} {'rounds':>7} {'fsyncs/round':>12} {'CPU us/rec':>10}", flush=True)
+    for workload in ("burst", "paced"):
+        for n in args.loads:
+            for rep in range(args.reps):
+                for name in (("old", "new") if rep % 2 == 0 else ("new", "old")):
+                    cmd = [sys.executable, __file__, "--child", "--tree", trees[name],
+                           "--workload", workload, "--sessions", str(n),
+                           "--records", str(args.records), "--seconds", str(args.seconds),
+                           "--interval-ms", str(args.interval_ms), "--dir", str(args.dir)]
+                    out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                         cwd=trees[name]).stdout
+                    r = json.loads(out.strip().splitlines()[-1])
+                    print(f"{workload:8} {n:8d} {name:4} {r['rate']:8.0f} {r['p50']:8.1f} "
+                          f"{r['p99']:8.1f} {r['rounds']:7d} "
+                          f"{r['fsyncs'] / max(1, r['rounds']):12.1f} "
+                          f"{r.get('cpu_us', 0):10.0f}", flush=True)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sessions", type=int, default=1000)
@@ -191,6 +267,19 @@ if __name__ == "__main__":
     p.add_argument("--interval-ms", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=4, help="fsync threads / baseline limiter")
     p.add_argument("--dir", default=tempfile.gettempdir(), help="where the temp dirs go")
+    p.add_argument("--compare", action="store_true", help="old against new (see above)")
+    p.add_argument("--old", default="/tmp/segments-old", help="the old tree (--compare)")
+    p.add_argument("--loads", type=lambda v: [int(x) for x in v.split(",")],
+                   default=[64, 256, 1000], help="sessions per --compare figure")
+    p.add_argument("--reps", type=int, default=1, help="--compare repetitions")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--tree", help=argparse.SUPPRESS)
+    p.add_argument("--workload", default="burst", help=argparse.SUPPRESS)
     parsed = p.parse_args()
     parsed.dir = Path(parsed.dir).absolute()
-    trio.run(main, parsed)
+    if parsed.child:
+        trio.run(child, parsed)
+    elif parsed.compare:
+        compare(parsed)
+    else:
+        trio.run(main, parsed)

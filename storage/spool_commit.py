@@ -2,10 +2,12 @@
 
 :class:`GroupCommit` is the half of :class:`storage.spool.Spool` that runs as its
 committer task (:meth:`GroupCommit.run`): it takes every operation queued since the
-last round, commits each key's in worker threads (:mod:`storage.spool_files`),
-fsyncs the directories whose entries changed, then wakes the round's waiters with
-their true outcome. The spool's module docstring gives the guarantees; this module
-holds the rounds. State is the spool's own (set up by ``Spool.__init__``).
+last round, commits them in one worker-thread call (:mod:`storage.spool_files`:
+records of every key into the shared segment, one fsync), then wakes the round's
+waiters with their true outcome, applies the round to the index
+(:mod:`storage.spool_index`), and does one compaction step if one is due. The
+spool's module docstring gives the guarantees. State is the spool's own (set up by
+``Spool.__init__``).
 """
 
 from __future__ import annotations
@@ -18,19 +20,22 @@ from typing import Any
 
 import trio
 
-from storage.fsutil import os_error_text
+from storage.fsutil import fsync_dir, os_error_text
 from storage.spool_errors import SpoolClosed, SpoolError
 from storage.spool_files import (
-    Chunk,
     KeyResult,
     Op,
+    Writer,
+    close_segment,
     commit_key,
     fsync_dirs,
+    keys_on_disk,
     log_path,
-    rollback,
-    scan,
+    remove_temp_files,
+    unlink_all,
 )
-from storage.spool_format import tag
+from storage.spool_format import encode_seg_record, read_seg_one, tag
+from storage.spool_index import SHIFT, Index, Upkeep, scan
 
 log = logging.getLogger("telemetry.spool")
 
@@ -58,11 +63,11 @@ class GroupCommit:
     """The committer of :class:`storage.spool.Spool` (its base class)."""
 
     root: Path
+    max_bytes: int
+    segment_bytes: int
     _interval: float
-    _threads: int
     _limiter: trio.CapacityLimiter
-    _sizes: dict[str, int]
-    _log_bytes: int
+    _index: Index | None
     _reserved: int
     _round: Round
     _inflight: Round | None
@@ -70,6 +75,7 @@ class GroupCommit:
     _running: bool
     _closed: bool
     _broken: set[str]
+    _reading: set[str]
     _unsynced: set[Path]
     _known_dirs: set[Path]
     _counts: dict[str, Any]
@@ -77,14 +83,15 @@ class GroupCommit:
     # -- committer -------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The committer. Scans the spool (sizes, stale temp files), calls
-        ``started()``, then commits rounds until cancelled; see the module
-        docstring for what waiters get on cancellation. Never returns normally."""
+        """The committer. Scans the spool (segments, torn tails cut, old-layout logs,
+        stale temp files), calls ``started()``, then commits rounds until cancelled;
+        see the module docstring for what waiters get on cancellation. Never
+        returns normally."""
         if self._running or self._closed:
             raise RuntimeError("Spool.run may be started once")
-        sizes = await trio.to_thread.run_sync(self._scan, limiter=self._limiter)
-        self._sizes.update(sizes)
-        self._log_bytes = sum(self._sizes.values())
+        self._index = await trio.to_thread.run_sync(self._scan, limiter=self._limiter)
+        self._counts["torn_tails"] += self._index.torn_tails
+        self._counts["torn_bytes"] += self._index.torn_bytes
         self._running = True
         task_status.started()
         last = -float("inf")
@@ -97,6 +104,7 @@ class GroupCommit:
                 self._inflight = rnd
                 await self._commit(rnd)
                 self._inflight = None
+                await self._upkeep()
         finally:
             self._running, self._closed = False, True
             closed = SpoolClosed("spool committer stopped")
@@ -104,6 +112,8 @@ class GroupCommit:
                 if rnd is not None and not rnd.done.is_set():
                     rnd.fail(closed)
             self._reserved = 0
+            if self._index is not None and self._index.active is not None:
+                close_segment(self._index.active)
 
     async def _commit(self, rnd: Round) -> None:
         ops = [op for op in rnd.ops if not op.cancelled]
@@ -113,106 +123,182 @@ class GroupCommit:
         if not by_key:  # everything in it was cancelled before the round began
             rnd.done.set()
             return
-        items = [(k, v, self._sizes.get(k)) for k, v in by_key.items()]
-        n = min(self._threads, max(1, len(items) // 8))
-        chunks: list[Chunk | None] = [None] * n
-        dirs_done = False
-
-        async def part(i: int) -> None:
-            chunks[i] = await trio.to_thread.run_sync(
-                self._commit_keys, items[i::n], limiter=self._limiter)
-
+        idx = self._index
+        assert idx is not None
+        w = Writer(idx.seg_dir, idx.active, idx.next_sid, self.segment_bytes)
+        for key in by_key:
+            ki = idx.keys.get(key)
+            w.results[key] = KeyResult(ki.gen, ki.next_seq, ki.legacy is not None) if ki \
+                else KeyResult(0, 0, False)
+        ran = False
         try:
-            if n == 1:
-                await part(0)
-            else:
-                async with trio.open_nursery() as nursery:
-                    for i in range(n):
-                        nursery.start_soon(part, i)
+            await trio.to_thread.run_sync(self._commit_round, by_key, w, limiter=self._limiter)
+            ran = True
         except Exception:  # a bug: fail what is not known durable, keep committing
             log.exception("spool commit round failed")
         finally:
-            # Directory entries of what the threads did, shielded (and bounded) so a
-            # round stopped by shutdown still gives its waiters a "durable" if true.
-            self._collect_dirs(chunks)
-            with trio.move_on_after(5) as scope:
-                scope.shield = True
-                try:
-                    if self._unsynced:
-                        errors = await trio.to_thread.run_sync(
-                            fsync_dirs, sorted(self._unsynced), limiter=self._limiter)
-                        self._unsynced = set(errors)
-                    dirs_done = True
-                except Exception:
-                    log.exception("spool directory fsync failed")
             self._reserved -= sum(op.need for op in ops)
-            self._finish_round(rnd, by_key, chunks, dirs_done)
+            self._finish_round(rnd, by_key, w, ran)
 
-    def _collect_dirs(self, chunks: list[Chunk | None]) -> None:
-        for ch in chunks:
-            if ch is not None:
-                self._unsynced.update(ch.new_dirs)
-                self._unsynced.update(
-                    self._log_path(k).parent for k, r in ch.keys.items() if r.dirent)
+    def _commit_round(self, by_key: dict[str, list[Op]], w: Writer) -> None:
+        """Worker thread: every key's operations, one fsync, the directories."""
+        for key, ops in by_key.items():
+            res = w.results[key]
+            res.save()
+            try:
+                self._commit_key(key, ops, res, w)
+            except Exception as e:
+                self._key_failed(key, res, e, w)
+        if w.dirty:
+            try:
+                w.sync()
+            except OSError as e:
+                log.error("spool: segment fsync failed: %s", os_error_text(e))
+        for key in w.broken_keys:  # a cut-back failed: what its segment holds is unknown
+            if key in w.results:
+                w.results[key].broken = True
+        if self._unsynced or w.new_dirs:
+            dirs = sorted(self._unsynced | w.new_dirs)
+            self._unsynced = set(fsync_dirs(dirs))
+            w.fsyncs += len(dirs)
 
-    def _finish_round(self, rnd: Round, by_key: dict[str, list[Op]],
-                      chunks: list[Chunk | None], dirs_done: bool) -> None:
-        """Apply what the threads did and wake the round's waiters (no checkpoint).
-        A key succeeds only if its thread committed it and its directory is synced."""
+    def _key_failed(self, key: str, res: KeyResult, e: Exception, w: Writer) -> None:
+        res.broken = key in w.broken_keys
+        log.error("spool commit of %s failed: %s %s%s", tag(key), type(e).__name__,
+                  getattr(e, "strerror", ""), " (log broken)" if res.broken else "")
+        res.fail(self._spool_error(key, e), restore=False)
+        w.after_sync = [(k, p) for k, p in w.after_sync if k != key]
+
+    @staticmethod
+    def _spool_error(key: str, e: BaseException) -> BaseException:
+        if isinstance(e, SpoolError):
+            return e
+        err = SpoolError(f"commit of {tag(key)} failed: {os_error_text(e)}", key=key)
+        err.__cause__ = e
+        return err
+
+    def _commit_key(self, key: str, ops: list[Op], res: KeyResult, w: Writer) -> None:
+        """One key's operations, in order (a method, so that a test can make one
+        spool's commits fail)."""
+        commit_key(self.root, self._known_dirs, key, ops, res, w)
+
+    def _finish_round(self, rnd: Round, by_key: dict[str, list[Op]], w: Writer,
+                      ran: bool) -> None:
+        """Apply what the thread did and wake the round's waiters (no checkpoint).
+        A key succeeds only if it was committed, fsynced, and its directories are."""
+        idx = self._index
+        assert idx is not None
         c = self._counts
         c["rounds"] += 1
-        results: dict[str, KeyResult] = {}
-        for ch in chunks:
-            if ch is not None:
-                results.update(ch.keys)
-                c["records"] += ch.records
-                c["bytes"] += ch.bytes
-                c["fsyncs"] += ch.fsyncs
+        c["records"] += w.records
+        c["bytes"] += w.bytes
+        c["fsyncs"] += w.fsyncs
+        idx.active, idx.next_sid = w.active, max(idx.next_sid, w.next_sid)
+        idx.written([*w.created, *w.seen.values()], w.touched)
         for key in by_key:
-            r = results.get(key)
-            if r is None:  # its thread never ran (cancelled waiting for the limiter, or a bug)
+            res = w.results[key]
+            idx.apply(key, res)
+            if not ran:
                 rnd.errors[key] = SpoolClosed(f"commit of {tag(key)} did not run", key=key)
                 continue
-            self._log_bytes += (r.size or 0) - self._sizes.pop(key, 0)
-            if r.size is not None:
-                self._sizes[key] = r.size
-            if r.broken:
+            if res.broken:
                 self._broken.add(key)
-            if r.error is not None:
-                rnd.errors[key] = r.error
-            elif self._log_path(key).parent in self._unsynced:
-                what = "was not" if not dirs_done else "could not be"
-                rnd.errors[key] = SpoolError(f"directory of {tag(key)} {what} fsynced",
+            if res.error is not None:
+                rnd.errors[key] = self._spool_error(key, res.error)
+            elif self._unsynced:  # a new segment or state file may not be found
+                rnd.errors[key] = SpoolError(f"directory of {tag(key)} could not be fsynced",
                                              key=key)
         c["failed"] += len(rnd.errors)
         rnd.done.set()
 
-    def _commit_keys(self, items: list[tuple[str, list[Op], int | None]]) -> Chunk:
-        """Worker thread: commit a chunk of keys. Never raises for one key's failure."""
-        chunk = Chunk()
-        for key, ops, start in items:
-            path = self._log_path(key)
-            res = chunk.keys[key] = KeyResult(start)
+    # -- compaction --------------------------------------------------------------------
+
+    async def _upkeep(self) -> None:
+        """Compaction steps (:meth:`Index.upkeep`), each in a worker thread: one
+        if operations are waiting for the next round, else while one is due (at
+        most 64 before the committer looks for work again). A failed step is
+        logged and tried again after the next round."""
+        for _ in range(64):
+            if not await self._upkeep_step() or self._work.is_set():
+                return
+
+    async def _upkeep_step(self) -> bool:
+        """One step; False if there was none or it failed."""
+        idx = self._index
+        assert idx is not None
+        plan = idx.upkeep(self.max_bytes, bool(self._reading))
+        if plan is None:
+            return False
+        ok = True
+        w = Writer(idx.seg_dir, idx.active, idx.next_sid, self.segment_bytes)
+        try:
+            await trio.to_thread.run_sync(self._upkeep_thread, plan, w, limiter=self._limiter)
+        except Exception as e:
+            log.error("spool compaction failed: %s", os_error_text(e))
+            ok = False
+            plan.moved.clear()
+            plan.carried.clear()
+            plan.deleted.clear()
+        idx.active, idx.next_sid = w.active, max(idx.next_sid, w.next_sid)
+        idx.written([*w.created, *w.seen.values()], w.touched)
+        idx.apply_upkeep(plan)
+        self._counts["compacted_bytes"] += sum(sz for m in plan.moved.values() for *_, sz in m)
+        self._counts["segments_deleted"] += len(plan.deleted)
+        return ok
+
+    def _upkeep_thread(self, plan: Upkeep, w: Writer) -> None:
+        """Worker thread: copy, copy tombstones forward, fsync, delete."""
+        if plan.close_active and w.active is not None:
+            close_segment(w.active)
+            w.active = None
+        if plan.copy_from is not None:
+            src = self._index.segs[plan.copy_from]  # type: ignore[union-attr]
+            with open(src.path, "rb") as f:
+                for key, positions in plan.copy:
+                    moved = plan.moved.setdefault(key, [])
+                    for p in positions:
+                        f.seek(p & ((1 << SHIFT) - 1))
+                        rec, problem = read_seg_one(f, src.size - (p & ((1 << SHIFT) - 1)))
+                        if rec is None or rec.key != key:
+                            raise OSError(f"segment record unreadable: {problem}")
+                        f.seek(p & ((1 << SHIFT) - 1))
+                        raw = f.read(rec.size)
+                        sid, off = w.write(key, raw)
+                        moved.append((sid, off, len(raw)))
+        carried = []
+        for key, gen in plan.carry:
+            sid, _ = w.write(key, encode_seg_record(key, gen, 0, 0, b"", tomb=True))
+            carried.append((key, gen, sid))
+        if w.dirty:
+            w.sync()
+        plan.carried = carried
+        if w.new_dirs:
+            fsync_dir(w.seg_dir)
+        unlink_all([s.path for s in plan.delete], set())
+        plan.deleted = [s.sid for s in plan.delete]
+        fsync_dir(w.seg_dir)
+
+    # -- start-up ----------------------------------------------------------------------
+
+    def _scan(self) -> Index:
+        """Worker thread: the index; old-layout logs; stale temp files removed."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        seg_dir = self.root / ".segments"
+        if not seg_dir.is_dir():
+            seg_dir.mkdir(mode=0o700)
+            fsync_dir(self.root)
+        idx = scan(self.root, cut=True)
+        _states, logs = keys_on_disk(self.root)
+        for key in logs:
+            path = log_path(self.root, key)
+            ki = idx.keys.get(key)
+            if ki is not None and ki.gen > 0:  # its removal was cut short: finish it
+                unlink_all([path], self._unsynced)
+                continue
             try:
-                self._commit_key(key, path, ops, res, chunk)
-            except Exception as e:
-                res.broken = not rollback(path, res.size)
-                log.error("spool commit of %s failed: %s %s%s", tag(key), type(e).__name__,
-                          getattr(e, "strerror", ""), " (log broken)" if res.broken else "")
-                res.error = SpoolError(f"commit of {tag(key)} failed: {os_error_text(e)}",
-                                       key=key)
-                res.error.__cause__ = e
-        return chunk
+                idx.set_legacy(key, path.stat().st_size)
+            except FileNotFoundError:
+                continue
+        remove_temp_files(self.root)
+        return idx
 
-    def _commit_key(self, key: str, path: Path, ops: list[Op], res: KeyResult,
-                    chunk: Chunk) -> None:
-        """One key's operations, in order (a method, so that a test can make one
-        spool's commits fail)."""
-        commit_key(self.root, self._known_dirs, key, path, ops, res, chunk)
-
-    def _log_path(self, key: str) -> Path:
-        return log_path(self.root, key)
-
-    def _scan(self) -> dict[str, int]:
-        """Worker thread: sizes of every log; stale temp files removed."""
-        return scan(self.root)

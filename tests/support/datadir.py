@@ -11,12 +11,14 @@ def outbox_pending(data_dir: Path) -> list[str]:
 
 
 def spool_keys(data_dir: Path) -> list[str]:
-    """Session logs left in the spool, as ``org/session`` (excludes kept summaries)."""
+    """Session logs left in the spool, as ``org/session`` (excludes kept summaries).
+    Asks the spool (a read-only scan): its records share segment files."""
+    from storage.spool import Spool
+
     root = data_dir / "spool"
     if not root.is_dir():
         return []
-    return sorted(str(p.relative_to(root))[: -len(".log")] for p in root.rglob("*.log")
-                  if not str(p.relative_to(root)).startswith("ended/"))
+    return [k for k in Spool(root).log_keys() if not k.startswith("ended/")]
 
 
 def files_under(root: Path) -> list[str]:
