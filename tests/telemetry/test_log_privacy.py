@@ -44,6 +44,7 @@ from domain.privacy import Pseudonymiser
 from telemetry import logs
 from telemetry.config import Settings
 from tests.support.payloads import batch_body, session_token
+from tests.support.ready import poll
 from tests.support.service import running_service
 
 CLIENT_LOGGERS = ("httpx", "httpcore")
@@ -127,8 +128,16 @@ async def test_no_personal_data_in_any_log_line(
         adm = {"Authorization": "Bearer " + _admin(s)}
         assert (await client.get(f"/v1/admin/sessions/{SESSIONS[0]}",
                                  headers=adm)).status_code == 404
-        rows = await svc.storage.sink.session_rows("org-north")  # type: ignore[union-attr]
-        assert {r["session_id"] for r in rows} == {SESSIONS[0], SESSIONS[2]}
+        # The end call's 200 promises the event is in the outbox, not yet in the sink:
+        # wait for its delivery (the outbox delivers in the background).
+        sink = svc.storage.sink
+        assert sink is not None
+
+        async def both_rows() -> set[str] | None:
+            ids = {r["session_id"] for r in await sink.session_rows("org-north")}
+            return ids if ids >= {SESSIONS[0], SESSIONS[2]} else None
+
+        assert await poll(both_rows, 20) == {SESSIONS[0], SESSIONS[2]}
 
     lines = [line for line in log_buffer.getvalue().splitlines() if line.strip()]
     records = [json.loads(line) for line in lines]  # every line is one JSON object
