@@ -12,7 +12,8 @@ from typing import Any
 
 EXERCISE_KINDS_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-# The spool stores a session as "{org}/{session}.log" and ".state.json", and keeps
+# The spool keeps a session's state as "{org}/{session}.state.json" (and read logs of
+# the older layout as "{org}/{session}.log"), and keeps
 # temp files as ".tmp": an id ending so could collide with those names.
 _RESERVED_ID_SUFFIXES = (".log", ".json", ".tmp")
 
