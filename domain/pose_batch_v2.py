@@ -10,11 +10,12 @@ version 1's with version 2; :mod:`domain.pose_batch` parses it and calls
     R bytes    remainder stream: each value's low k bits, LSB first, values in order
     rest       unary stream: each value's high part h as h zero bits then a one bit
 
-Values, in order, in 137 groups (each group one k):
-  0      N - 1 timestamp deltas minus 1 (unsigned);
-  1..4   the first pose frame, channel c (x, y, z, visibility), 33 landmarks, zig-zag q;
-  5..136 one group per series s = landmark * 4 + channel: the M - 1 zig-zag differences
-         of q between consecutive pose frames (M = frames with a pose).
+Values, in this order (the same order in both streams): the N - 1 timestamp deltas
+minus 1 (unsigned, group 0); the first pose frame's 132 grid values q, landmark-major
+(value s = landmark * 4 + channel in group 1 + channel); then, for each later frame
+with a pose, its 132 differences of q from the previous pose frame (value s in group
+5 + s). Grid values and differences are zig-zag coded (0, -1, 1, -2 ... -> 0, 1, 2, 3
+...). M frames with a pose give N - 1 + 132 * M values.
 
 ``q = rint(x / STEPS[c])`` in float64, the grid of the replay codec's ``q16delta`` with
 its default bounds (``storage/replay_codec.py``), and a value decodes to
@@ -52,6 +53,9 @@ K_BYTES: Final = (GROUPS + 1) // 2  # 69
 _STEP_S = np.tile(np.array(STEPS, dtype=np.float64), LANDMARKS)  # (132,) landmark-major
 _IS_VIS = np.tile(np.array([False, False, False, True]), LANDMARKS)
 _T_MAX = 0xFFFFFFFF
+_Q_LO = np.where(_IS_VIS, 0, 1 - COORD_Q_LIMIT)  # per series, the grid values accepted
+_Q_HI = np.where(_IS_VIS, VIS_Q_MAX, COORD_Q_LIMIT - 1)
+_MASKS = (1 << np.arange(K_MAX + 1, dtype=np.int64)) - 1
 
 
 def quantise(frames: np.ndarray) -> np.ndarray:
@@ -63,15 +67,11 @@ def quantise(frames: np.ndarray) -> np.ndarray:
 
 def dequantise(q: np.ndarray) -> np.ndarray:
     """(m, 132) integer grid values -> float32 values, as the decoder returns them."""
-    return (q.astype(np.float64) * _STEP_S).astype(np.float32)
+    return np.multiply(q, _STEP_S, dtype=np.float64).astype(np.float32)
 
 
 def _zigzag(v: np.ndarray) -> np.ndarray:
     return (v << 1) ^ (v >> 63)
-
-
-def _unzigzag(z: np.ndarray) -> np.ndarray:
-    return (z >> 1) ^ -(z & 1)
 
 
 def _best_k(v: np.ndarray) -> np.ndarray:
@@ -115,16 +115,18 @@ def encode_body(t_ms: np.ndarray, frames: np.ndarray) -> bytes:
     if vis.size and (vis.min() < 0 or vis.max() > VIS_Q_MAX):
         raise ValueError("a visibility is outside [0, 1]")
     m = len(qi)
-    rows = [np.diff(t64)[None, :] - 1]  # group 0; then 1..4 and 5..136 if m >= 1
-    if m:
-        rows.append(_zigzag(qi[0].reshape(LANDMARKS, CHANNELS).T))  # (4, 33)
-        rows.append(_zigzag(np.diff(qi, axis=0).T))  # (132, m - 1)
-    row_ks = [_best_k(r) for r in rows]
     ks = np.zeros(2 * K_BYTES, dtype=np.int64)
-    used = np.concatenate(row_ks)
-    ks[: len(used)] = used
-    values = np.concatenate([r.ravel() for r in rows])
-    kv = np.concatenate([np.repeat(k, r.shape[1]) for k, r in zip(row_ks, rows, strict=True)])
+    tz = np.diff(t64) - 1
+    ks[0] = _best_k(tz[None, :])[0]
+    if m:
+        first = _zigzag(qi[0])
+        ks[1:1 + CHANNELS] = _best_k(first.reshape(LANDMARKS, CHANNELS).T)
+        deltas = _zigzag(np.diff(qi, axis=0))  # (m - 1, 132)
+        ks[1 + CHANNELS:GROUPS] = _best_k(deltas.T)
+        values = np.concatenate([tz, first, deltas.ravel()])
+    else:
+        values = tz
+    kv = _per_value_k(ks, n, m)
     nib = ks.astype(np.uint8)
     k_table = (nib[0::2] | (nib[1::2] << 4)).tobytes()
     # remainder stream: k low bits of each value, LSB first
@@ -172,46 +174,52 @@ def decode_body(data: bytes, n: int) -> tuple[np.ndarray, np.ndarray]:
         raise BatchError("bad_padding", "the Rice parameter table's last nibble is not 0")
     pos += K_BYTES
     m = n - int(nopose.sum())
-    counts = np.empty(GROUPS, dtype=np.int64)
-    counts[0] = n - 1
-    counts[1:1 + CHANNELS] = LANDMARKS if m else 0
-    counts[1 + CHANNELS:] = max(m - 1, 0)
-    total = int(counts.sum())
-    kv = np.repeat(ks[:GROUPS], counts)
+    total = n - 1 + SERIES * m
+    kv = _per_value_k(ks, n, m)
     ends = np.cumsum(kv)
-    rbits = int(ends[-1]) if total else 0
+    rbits = int(ends[-1]) if total else 0  # < 2**31: at most 15 bits * 65535 * 133
     rlen = (rbits + 7) // 8
     if len(data) < pos + rlen:
         raise BatchError("truncated", f"the remainder stream needs {rlen} bytes, "
                          f"{len(data) - pos} are left")
-    rbuf = np.zeros(rlen + 4, dtype=np.uint8)
-    rbuf[:rlen] = buf[pos:pos + rlen]
-    if rbits % 8 and rbuf[rlen - 1] >> (rbits % 8):
+    rb = np.zeros(rlen + 3, dtype=np.int64)
+    rb[:rlen] = buf[pos:pos + rlen]
+    if rbits % 8 and rb[rlen - 1] >> (rbits % 8):
         raise BatchError("bad_padding", "the remainder stream's padding bits are not 0")
+    # 24-bit little-endian windows at every byte: a value (k <= 15) plus its bit offset
+    # (<= 7) fits in one, so each remainder is one gather, a shift and a mask.
+    win = rb[:-2] | (rb[1:-1] << 8) | (rb[2:] << 16)
     off = ends - kv
-    byte = off >> 3
-    win = (rbuf[byte].astype(np.int64) | (rbuf[byte + 1].astype(np.int64) << 8)
-           | (rbuf[byte + 2].astype(np.int64) << 16))
-    rem = (win >> (off & 7)) & ((1 << kv) - 1)
+    rem = win[off >> 3]
+    rem >>= off & 7
+    rem &= _MASKS[kv]
     pos += rlen
-    ubits = np.unpackbits(buf[pos:], bitorder="little")
-    ones = np.flatnonzero(ubits)
+    ones = np.unpackbits(buf[pos:], bitorder="little").view(bool).nonzero()[0]
     if len(ones) < total:
         raise BatchError("truncated", f"the unary stream holds {len(ones)} of the {total} "
                          "values the header and bitmap declare")
-    used = (int(ones[total - 1]) + 8) // 8 if total else 0
     if len(ones) > total:
         raise BatchError("count_mismatch", f"the unary stream holds {len(ones)} values, "
                          f"the header and bitmap declare {total}")
+    used = (int(ones[-1]) + 8) // 8 if total else 0
     if len(data) - pos > used:
         raise BatchError("trailing_bytes", f"{len(data) - pos - used} bytes after the last "
                          "value")
-    high = np.diff(ones, prepend=-1) - 1
-    values = (high << kv) | rem
+    values = np.empty(total, dtype=np.int64)  # the unary parts: gaps between one bits
+    if total:
+        values[0] = ones[0]
+        np.subtract(ones[1:], ones[:-1], out=values[1:])
+        values[1:] -= 1
+        values <<= kv
+        values |= rem
     t_ms = _timestamps(t0, values[: n - 1])
+    if not m:
+        return t_ms, np.full((n, LANDMARKS, CHANNELS), np.nan, dtype=np.float32)
+    q = _grid(values[n - 1:], m)
+    if m == n:
+        return t_ms, dequantise(q).reshape(n, LANDMARKS, CHANNELS)
     frames = np.full((n, SERIES), np.nan, dtype=np.float32)
-    if m:
-        frames[~nopose] = dequantise(_grid(values[n - 1:], m))
+    frames[~nopose] = dequantise(q)
     return t_ms, frames.reshape(n, LANDMARKS, CHANNELS)
 
 
@@ -227,17 +235,28 @@ def _timestamps(t0: int, deltas_minus_1: np.ndarray) -> np.ndarray:
 
 
 def _grid(values: np.ndarray, m: int) -> np.ndarray:
-    """(m, 132) int64 grid values from the first-frame and delta groups."""
-    q = np.empty((m, SERIES), dtype=np.int64)
-    q[0] = _unzigzag(values[:SERIES]).reshape(CHANNELS, LANDMARKS).T.ravel()
-    if m > 1:
-        q[1:] = _unzigzag(values[SERIES:]).reshape(SERIES, m - 1).T
-    np.cumsum(q, axis=0, out=q)
-    coords = q[:, ~_IS_VIS]
-    if coords.size and np.abs(coords).max() >= COORD_Q_LIMIT:
-        raise BatchError("coordinate_out_of_range", f"a coordinate's grid value reaches "
-                         f"2**23 (about {COORD_Q_LIMIT * STEPS[0]:.0f} units)")
-    vis = q[:, _IS_VIS]
-    if vis.min() < 0 or vis.max() > VIS_Q_MAX:
+    """(m, 132) int64 grid values from the first frame's values and the differences
+    (zig-zag); ``coordinate_out_of_range`` or ``visibility_out_of_range`` if one is off."""
+    g = values.reshape(m, SERIES)
+    sign = g & 1
+    g >>= 1
+    np.negative(sign, out=sign)
+    g ^= sign
+    np.cumsum(g, axis=0, out=g)
+    lo, hi = g.min(axis=0), g.max(axis=0)
+    if (lo < _Q_LO).any() or (hi > _Q_HI).any():
+        bad = (lo < _Q_LO) | (hi > _Q_HI)
+        if (bad & ~_IS_VIS).any():
+            raise BatchError("coordinate_out_of_range", f"a coordinate's grid value reaches "
+                             f"2**23 (about {COORD_Q_LIMIT * STEPS[0]:.0f} units)")
         raise BatchError("visibility_out_of_range", "visibility must be within [0, 1]")
-    return q
+    return g
+
+
+def _per_value_k(ks: np.ndarray, n: int, m: int) -> np.ndarray:
+    """The Rice parameter of each value, in stream order, for N frames, M with a pose."""
+    parts = [np.full(n - 1, ks[0], dtype=np.int64)]
+    if m:
+        parts.append(np.tile(ks[1:1 + CHANNELS], LANDMARKS))
+        parts.append(np.tile(ks[1 + CHANNELS:GROUPS], m - 1))
+    return np.concatenate(parts)

@@ -198,34 +198,36 @@ export function encodeBatchV2({ seq, space = 'image', width = 0, height = 0, fra
     }
     q.push(row);
   }
-  // the groups of values, in order: timestamp deltas, first frame by channel, series
-  /** @type {number[][]} */ const groups = [tDeltas];
+  // groups (one Rice parameter each): 0 timestamp deltas, 1..4 the first frame's values by
+  // channel, 5..136 the differences by series; values go out in frame order
   const m = q.length;
-  if (m) {
-    for (let c = 0; c < CHANNELS; c++) {
-      const g = [];
-      for (let lm = 0; lm < LANDMARKS; lm++) g.push(zigzag(q[0][lm * CHANNELS + c]));
-      groups.push(g);
-    }
+  /** @type {number[][]} */ const groups = Array.from({ length: V2_GROUPS }, () => []);
+  groups[0] = tDeltas;
+  for (let j = 0; j < m; j++) {
     for (let s = 0; s < FRAME_VALUES; s++) {
-      const g = [];
-      for (let j = 1; j < m; j++) g.push(zigzag(q[j][s] - q[j - 1][s]));
-      groups.push(g);
+      if (j) groups[1 + CHANNELS + s].push(zigzag(q[j][s] - q[j - 1][s]));
+      else groups[1 + (s % CHANNELS)].push(zigzag(q[0][s]));
     }
   }
+  const ks = groups.map(bestK);
   const kTable = new Uint8Array(V2_K_BYTES);
+  ks.forEach((k, g) => { kTable[g >> 1] |= k << ((g & 1) * 4); });
   const rem = new BitWriter(1024);
   const una = new BitWriter(2048);
-  groups.forEach((g, gi) => {
-    const k = bestK(g);
-    kTable[gi >> 1] |= k << ((gi & 1) * 4);
+  /** @param {number} v @param {number} k */
+  const put = (v, k) => {
     const p = 2 ** k;
-    for (const v of g) {
-      const h = Math.floor(v / p);
-      rem.bits(v - h * p, k);
-      una.unary(h);
+    const h = Math.floor(v / p);
+    rem.bits(v - h * p, k);
+    una.unary(h);
+  };
+  for (const v of tDeltas) put(v, ks[0]);
+  for (let j = 0; j < m; j++) {
+    for (let s = 0; s < FRAME_VALUES; s++) {
+      if (j) put(zigzag(q[j][s] - q[j - 1][s]), ks[1 + CHANNELS + s]);
+      else put(zigzag(q[0][s]), ks[1 + (s % CHANNELS)]);
     }
-  });
+  }
   const r = rem.bytes();
   const u = una.bytes();
   const buf = new ArrayBuffer(HEADER_BYTES + 4 + bitmap.length + V2_K_BYTES + r.length + u.length);

@@ -164,7 +164,7 @@ def _zz(v: int) -> int:
     return 2 * v if v >= 0 else -2 * v - 1
 
 
-FIRST_OK = [_zz(500)] * 33 + [_zz(500)] * 33 + [0] * 33 + [_zz(90)] * 33  # x, y, z, vis
+FIRST_OK = [_zz(500), _zz(500), 0, _zz(90)] * 33  # x, y, z, visibility per landmark
 
 
 @pytest.mark.parametrize(

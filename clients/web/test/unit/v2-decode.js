@@ -32,13 +32,17 @@ export function decodeV2(body) {
   const ks = Array.from({ length: GROUPS }, (_, g) => (bytes[pos + (g >> 1)] >> ((g & 1) * 4)) & 15);
   pos += (GROUPS + 1) >> 1;
   const m = nopose.filter((x) => !x).length;
-  const counts = [n - 1, ...Array(CHANNELS).fill(m ? LANDMARKS : 0),
-    ...Array(SERIES).fill(Math.max(m - 1, 0))];
-  const rbits = counts.reduce((a, c, g) => a + c * ks[g], 0);
+  // value order: n - 1 timestamp deltas (group 0), the first pose frame's 132 values
+  // (value s in group 1 + s % 4), then 132 differences per later pose frame (group 5 + s)
+  const groupOf = [...Array(n - 1).fill(0)];
+  for (let j = 0; j < m; j++) {
+    for (let s = 0; s < SERIES; s++) groupOf.push(j ? 1 + CHANNELS + s : 1 + (s % CHANNELS));
+  }
+  const rbits = groupOf.reduce((a, g) => a + ks[g], 0);
   let rpos = pos * 8;
   let upos = (pos + ((rbits + 7) >> 3)) * 8;
   const bit = (p) => (bytes[p >> 3] >> (p & 7)) & 1;
-  const values = counts.map((c, g) => Array.from({ length: c }, () => {
+  const values = groupOf.map((g) => {
     let r = 0;
     for (let i = 0; i < ks[g]; i++) r += bit(rpos++) * 2 ** i;
     let h = 0;
@@ -49,21 +53,15 @@ export function decodeV2(body) {
     }
     upos++;
     return h * 2 ** ks[g] + r;
-  }));
+  });
   if (((upos + 7) >> 3) !== bytes.length) throw new Error('trailing bytes');
   const unzz = (z) => (z % 2 ? -(z + 1) / 2 : z / 2);
   const t = [t0];
-  for (const d of values[0]) t.push(t[t.length - 1] + d + 1);
+  for (const d of values.slice(0, n - 1)) t.push(t[t.length - 1] + d + 1);
   /** @type {number[][]} */ const q = [];
-  if (m) {
-    const first = Array(SERIES);
-    for (let c = 0; c < CHANNELS; c++) {
-      for (let lm = 0; lm < LANDMARKS; lm++) first[lm * CHANNELS + c] = unzz(values[1 + c][lm]);
-    }
-    q.push(first);
-    for (let j = 1; j < m; j++) {
-      q.push(first.map((_, s) => q[j - 1][s] + unzz(values[1 + CHANNELS + s][j - 1])));
-    }
+  for (let j = 0; j < m; j++) {
+    const row = values.slice(n - 1 + j * SERIES, n - 1 + (j + 1) * SERIES).map(unzz);
+    q.push(j ? row.map((d, s) => q[j - 1][s] + d) : row);
   }
   let j = 0;
   const frames = [];
