@@ -23,8 +23,9 @@ its default bounds (``storage/replay_codec.py``), and a value decodes to
 (:meth:`storage.replay.ReplayWriter.append`), so a batch's metrics are the same sent as
 v1 or v2. Decoding is vectorised: remainder offsets are a prefix sum of the k's; the
 unary parts are the gaps between the one bits. Any fault raises
-:class:`~domain.errors.BatchError`, and nothing is allocated beyond a small multiple of
-the body's own size.
+:class:`~domain.errors.BatchError`; a body is checked to hold at least one bit per
+value its header and bitmap declare before any per-value array is made, so the
+arrays are bounded by the body's own size.
 """
 
 from __future__ import annotations
@@ -175,6 +176,9 @@ def decode_body(data: bytes, n: int) -> tuple[np.ndarray, np.ndarray]:
     pos += K_BYTES
     m = n - int(nopose.sum())
     total = n - 1 + SERIES * m
+    if (len(data) - pos) * 8 < total:  # each value takes at least its one bit
+        raise BatchError("truncated", f"{n} frames, {m} with a pose, need {total} values: "
+                         f"at least {(total + 7) // 8} more bytes, {len(data) - pos} are left")
     kv = _per_value_k(ks, n, m)
     ends = np.cumsum(kv)
     rbits = int(ends[-1]) if total else 0  # < 2**31: at most 15 bits * 65535 * 133

@@ -276,3 +276,12 @@ def test_random_frames_round_trip(n: int, seed: int, scale: float) -> None:
     # the v2 values re-quantise to themselves: the replay stores them unchanged
     np.testing.assert_array_equal(v2.dequantise(v2.quantise(b.frames)).reshape(f.shape),
                                   b.frames)
+
+
+def test_a_short_body_declaring_many_frames_is_refused_before_allocating() -> None:
+    n = 60000
+    head = HEADER.pack(b"RXPB", 2, 0, 33, 4, 0, n, 0, 0, 0)
+    body = head + bytes(4 + (n + 7) // 8 + 69) + b"\xff"
+    with pytest.raises(BatchError) as info:
+        decode_batch(body, max_frames=65535)
+    assert info.value.code == "truncated" and "need 7979999 values" in str(info.value)
