@@ -57,6 +57,7 @@ _T_MAX = 0xFFFFFFFF
 _Q_LO = np.where(_IS_VIS, 0, 1 - COORD_Q_LIMIT)  # per series, the grid values accepted
 _Q_HI = np.where(_IS_VIS, VIS_Q_MAX, COORD_Q_LIMIT - 1)
 _MASKS = (1 << np.arange(K_MAX + 1, dtype=np.int64)) - 1
+_FIRST_GROUP = 1 + np.arange(SERIES) % CHANNELS  # the first frame's value s: group 1 + c
 
 
 def quantise(frames: np.ndarray) -> np.ndarray:
@@ -162,25 +163,24 @@ def decode_body(data: bytes, n: int) -> tuple[np.ndarray, np.ndarray]:
                          f"bytes before its streams, got {len(data)}")
     t0 = int.from_bytes(data[pos:pos + 4], "little")
     pos += 4
-    bitmap = np.unpackbits(buf[pos:pos + nb], bitorder="little")
-    if bitmap[n:].any():
+    bitmap = int.from_bytes(data[pos:pos + nb], "little")
+    if bitmap >> n:
         raise BatchError("bad_padding", "no-pose bitmap has bits set past the frame count")
-    nopose = bitmap[:n].astype(bool)
+    m = n - bitmap.bit_count()
     pos += nb
+    if data[pos + K_BYTES - 1] >> 4:
+        raise BatchError("bad_padding", "the Rice parameter table's last nibble is not 0")
     kb = buf[pos:pos + K_BYTES]
     ks = np.empty(2 * K_BYTES, dtype=np.int64)
     ks[0::2] = kb & 15
     ks[1::2] = kb >> 4
-    if ks[GROUPS:].any():
-        raise BatchError("bad_padding", "the Rice parameter table's last nibble is not 0")
     pos += K_BYTES
-    m = n - int(nopose.sum())
     total = n - 1 + SERIES * m
     if (len(data) - pos) * 8 < total:  # each value takes at least its one bit
         raise BatchError("truncated", f"{n} frames, {m} with a pose, need {total} values: "
                          f"at least {(total + 7) // 8} more bytes, {len(data) - pos} are left")
     kv = _per_value_k(ks, n, m)
-    ends = np.cumsum(kv)
+    ends = np.add.accumulate(kv)
     rbits = int(ends[-1]) if total else 0  # < 2**31: at most 15 bits * 65535 * 133
     rlen = (rbits + 7) // 8
     if len(data) < pos + rlen:
@@ -222,6 +222,8 @@ def decode_body(data: bytes, n: int) -> tuple[np.ndarray, np.ndarray]:
     q = _grid(values[n - 1:], m)
     if m == n:
         return t_ms, dequantise(q).reshape(n, LANDMARKS, CHANNELS)
+    nopose = np.unpackbits(buf[HEADER_BYTES + 4:HEADER_BYTES + 4 + nb], count=n,
+                           bitorder="little").view(bool)
     frames = np.full((n, SERIES), np.nan, dtype=np.float32)
     frames[~nopose] = dequantise(q)
     return t_ms, frames.reshape(n, LANDMARKS, CHANNELS)
@@ -230,7 +232,7 @@ def decode_body(data: bytes, n: int) -> tuple[np.ndarray, np.ndarray]:
 def _timestamps(t0: int, deltas_minus_1: np.ndarray) -> np.ndarray:
     t = np.empty(len(deltas_minus_1) + 1, dtype=np.int64)
     t[0] = t0
-    np.cumsum(deltas_minus_1 + 1, out=t[1:])
+    np.add.accumulate(deltas_minus_1 + 1, out=t[1:])
     t[1:] += t0
     if t[-1] > _T_MAX:
         raise BatchError("timestamp_out_of_range", f"timestamps run to {int(t[-1])} ms, "
@@ -246,8 +248,8 @@ def _grid(values: np.ndarray, m: int) -> np.ndarray:
     g >>= 1
     np.negative(sign, out=sign)
     g ^= sign
-    np.cumsum(g, axis=0, out=g)
-    lo, hi = g.min(axis=0), g.max(axis=0)
+    np.add.accumulate(g, axis=0, out=g)
+    lo, hi = np.minimum.reduce(g, axis=0), np.maximum.reduce(g, axis=0)
     if (lo < _Q_LO).any() or (hi > _Q_HI).any():
         bad = (lo < _Q_LO) | (hi > _Q_HI)
         if (bad & ~_IS_VIS).any():
@@ -259,8 +261,9 @@ def _grid(values: np.ndarray, m: int) -> np.ndarray:
 
 def _per_value_k(ks: np.ndarray, n: int, m: int) -> np.ndarray:
     """The Rice parameter of each value, in stream order, for N frames, M with a pose."""
-    parts = [np.full(n - 1, ks[0], dtype=np.int64)]
+    kv = np.empty(n - 1 + SERIES * m, dtype=np.int64)
+    kv[:n - 1] = ks[0]
     if m:
-        parts.append(np.tile(ks[1:1 + CHANNELS], LANDMARKS))
-        parts.append(np.tile(ks[1 + CHANNELS:GROUPS], m - 1))
-    return np.concatenate(parts)
+        kv[n - 1:n - 1 + SERIES] = ks[_FIRST_GROUP]
+        kv[n - 1 + SERIES:].reshape(m - 1, SERIES)[:] = ks[1 + CHANNELS:GROUPS]
+    return kv
