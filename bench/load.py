@@ -268,6 +268,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--transports", default="http,ws",
                    help="comma-separated: http (a POST per batch), ws (a WebSocket per "
                         "session, a message per batch)")
+    p.add_argument("--wire", choices=("v1", "v2"), default="v1",
+                   help="pose batch wire format the generators send (passed as $BENCH_WIRE)")
     p.add_argument("--window", type=int, default=1, metavar="K",
                    help="ws: batches in flight per session (acks pending)")
     p.add_argument("--generators", type=int, default=1, help="load generator processes")
@@ -332,9 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     print(f"bench.load: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
           f"sections {','.join(sections)}; transports {','.join(a.transport_list)}"
-          f"{f' (ws window {a.window})' if 'ws' in a.transport_list else ''}; nice {a.nice}; "
+          f"{f' (ws window {a.window})' if 'ws' in a.transport_list else ''}; wire {a.wire}; "
+          f"nice {a.nice}; "
           f"{'server on CPU 0, generators on CPU 1; ' if a.pin else ''}"
           f"server logs in {log_dir}", flush=True)
+    os.environ["BENCH_WIRE"] = a.wire  # the generators inherit it (bench/loadgen.py --wire)
     env: dict[str, str] = {}
     if "max" in sections:
         section_max(a, log_dir, env)

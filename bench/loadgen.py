@@ -20,7 +20,10 @@ split into 1-second batches by :func:`telemetry.dev.demo.batches_of`, so about 2
 frames are dropped in transit and some frames are all-NaN) is made once; each
 simulated session streams one pool session's batches in order, wrapping around,
 with the sequence number and the timestamps rewritten in place (one ``pack_into``
-and one strided numpy store per batch: a few microseconds).
+and one strided numpy store per batch: a few microseconds). ``--wire v2`` (default:
+``$BENCH_WIRE``, else ``v1``) re-encodes the pool as wire format version 2, which
+carries the first timestamp absolute and the rest as differences, so there the
+rewrite is one ``pack_into`` of that first timestamp.
 
 Modes:
 
@@ -51,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import struct
@@ -69,7 +73,14 @@ if __package__ in (None, ""):  # allow `python bench/loadgen.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.loadws import TRANSPORT_ERRORS, Event, WsConn, WsRefused, int_after  # noqa: E402
-from domain.pose_batch import CONTENT_TYPE, FRAME_BYTES, HEADER  # noqa: E402
+from domain.pose_batch import (  # noqa: E402
+    CONTENT_TYPE,
+    FRAME_BYTES,
+    HEADER,
+    VERSION_2,
+    decode_batch,
+    encode_batch_v2,
+)
 from telemetry.auth import mint_session_token  # noqa: E402
 from telemetry.config import Settings  # noqa: E402
 from telemetry.dev.demo import EXERCISES, batches_of  # noqa: E402
@@ -81,6 +92,7 @@ RETRY_PAUSE_S = 0.1
 KIND_BATCH, KIND_END, KIND_CONNECT = 0, 1, 2
 _SEQ = struct.Struct("<I")
 _TS_DTYPE = np.dtype("<u4")
+WIRES = ("v1", "v2")
 
 
 # -- realistic batches ------------------------------------------------------------------
@@ -99,8 +111,10 @@ class PoolSession:
     batches: list[PoolBatch]
 
 
-def make_pool(sessions: int = 8, reps: int = 20, seed: int = 11) -> list[PoolSession]:
-    """``sessions`` synthetic exercise sessions (about a minute each) in 1-s batches."""
+def make_pool(sessions: int = 8, reps: int = 20, seed: int = 11, wire: str = "v1"
+              ) -> list[PoolSession]:
+    """``sessions`` synthetic exercise sessions (about a minute each) in 1-s batches, in
+    wire format ``wire`` (``v2``: a batch v2 cannot carry stays v1, as in the browser)."""
     rng = random.Random(seed)
     pool = []
     for j in range(sessions):
@@ -111,15 +125,29 @@ def make_pool(sessions: int = 8, reps: int = 20, seed: int = 11) -> list[PoolSes
             n = struct.unpack_from("<H", body, 12)[0]
             ts = np.ndarray((n,), _TS_DTYPE, body, HEADER.size, (FRAME_BYTES,)).copy()
             base = (int(ts[0]) // 1000) * 1000
+            if wire == "v2":
+                body = _as_v2(body)
             out.append(PoolBatch(body, (ts - base).astype(np.uint32), n))
         pool.append(PoolSession(kind, out))
     return pool
+
+
+def _as_v2(body: bytes) -> bytes:
+    b = decode_batch(body, max_frames=0xFFFF)
+    try:
+        return encode_batch_v2(b.seq, b.t_ms, b.frames, space=b.space,
+                               image_width=b.image_width, image_height=b.image_height)
+    except ValueError:
+        return body
 
 
 def batch_body(pb: PoolBatch, seq: int) -> bytearray:
     """The pool batch as batch ``seq`` of a session: second ``seq`` of its clock."""
     buf = bytearray(pb.template)
     _SEQ.pack_into(buf, 8, seq)
+    if buf[4] == VERSION_2:  # timestamps after the first are differences
+        _SEQ.pack_into(buf, HEADER.size, int(pb.rel_ms[0]) + 1000 * seq)
+        return buf
     np.ndarray((pb.n,), _TS_DTYPE, buf, HEADER.size, (FRAME_BYTES,))[:] = pb.rel_ms + 1000 * seq
     return buf
 
@@ -603,7 +631,7 @@ async def prime(port: int, settings: Settings, pool: list[PoolSession], transpor
 
 async def main(a: argparse.Namespace) -> None:
     settings = Settings.from_env()
-    pool = make_pool()
+    pool = make_pool(wire=a.wire)
     sessions = make_sessions(settings, a.run_id, range(a.index_from, a.index_to), pool, a.orgs)
     if a.prime:
         await prime(a.port, settings, pool, a.transport)
@@ -650,6 +678,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--mode", choices=("paced", "closed"), required=True)
     p.add_argument("--transport", choices=("http", "ws"), default="http")
+    p.add_argument("--wire", choices=WIRES, default=os.environ.get("BENCH_WIRE", "v1"),
+                   help="pose batch wire format (default: $BENCH_WIRE, else v1)")
     p.add_argument("--window", type=int, default=1,
                    help="ws: batches in flight per session (acks pending)")
     p.add_argument("--run-id", required=True)

@@ -4,7 +4,7 @@ Byte layout (little-endian), specified in ``docs/pose-batch-format.md``::
 
     offset size  field
     0      4     magic b"RXPB"
-    4      1     version (1)
+    4      1     version (1, or 2: see domain/pose_batch_v2.py)
     5      1     space: 0 = normalised image coordinates, 1 = world metres
     6      1     landmark count (33)
     7      1     channels (4: x, y, z, visibility)
@@ -18,6 +18,10 @@ Byte layout (little-endian), specified in ``docs/pose-batch-format.md``::
 :func:`decode_batch` raises :class:`BatchError` naming the first fault it finds. It
 never trusts a count in the header before checking it against the body length, so
 a hostile header cannot make it allocate more than the body it was given.
+
+Version 2 (:mod:`domain.pose_batch_v2`: quantised deltas, about 1/7 of the bytes)
+shares the header; :func:`decode_batch` accepts both and returns the same
+:class:`PoseBatch`; :func:`encode_batch_v2` writes it.
 """
 
 from __future__ import annotations
@@ -27,10 +31,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from domain import pose_batch_v2
 from domain.errors import BatchError
 
 MAGIC = b"RXPB"
 VERSION = 1
+VERSION_2 = pose_batch_v2.VERSION_2
+VERSIONS = (VERSION, VERSION_2)
 CONTENT_TYPE = "application/x-restartix-pose"
 HEADER = struct.Struct("<4sBBBBIHHHH")
 LANDMARKS = 33
@@ -111,6 +118,25 @@ def encode_batch(
     return header + body.tobytes()
 
 
+def encode_batch_v2(
+    seq: int,
+    t_ms: np.ndarray,
+    frames: np.ndarray,
+    *,
+    space: str = "image",
+    image_width: int = 0,
+    image_height: int = 0,
+) -> bytes:
+    """Pack frames into a version 2 body (quantised: see :mod:`domain.pose_batch_v2`).
+
+    Raises ``ValueError`` if the batch is not representable in v2 (then send v1)."""
+    header = HEADER.pack(
+        MAGIC, VERSION_2, SPACES.index(space), LANDMARKS, CHANNELS, seq, len(t_ms),
+        image_width, image_height, 0,
+    )
+    return header + pose_batch_v2.encode_body(t_ms, frames)
+
+
 def decode_batch(data: bytes, *, max_frames: int) -> PoseBatch:
     """Parse and validate one batch body; raise :class:`BatchError` on any fault."""
     if len(data) < HEADER.size:
@@ -121,9 +147,9 @@ def decode_batch(data: bytes, *, max_frames: int) -> PoseBatch:
     )
     if magic != MAGIC:
         raise BatchError("bad_magic", f"magic is {magic!r}, expected {MAGIC!r}")
-    if version != VERSION:
+    if version not in VERSIONS:
         raise BatchError("unsupported_version", f"version {version} is not supported "
-                         f"(supported: {VERSION})")
+                         f"(supported: {', '.join(map(str, VERSIONS))})")
     if space >= len(SPACES):
         raise BatchError("bad_space", f"coordinate space {space} is not 0 (image) or 1 (world)")
     if landmarks != LANDMARKS:
@@ -138,14 +164,17 @@ def decode_batch(data: bytes, *, max_frames: int) -> PoseBatch:
         raise BatchError("empty_batch", "frame count is 0")
     if n > max_frames:
         raise BatchError("too_many_frames", f"frame count {n} exceeds the cap of {max_frames}")
+    if version == VERSION_2:
+        _check_image_size(width, height)
+        t_ms, frames = pose_batch_v2.decode_body(data, n)
+        return PoseBatch(seq, SPACES[space], t_ms, frames, width, height)
     expected = HEADER.size + n * FRAME_BYTES
     if len(data) != expected:
         raise BatchError(
             "length_mismatch" if len(data) > expected else "truncated",
             f"header says {n} frames ({expected} bytes) but body is {len(data)} bytes",
         )
-    if (width == 0) != (height == 0):
-        raise BatchError("bad_image_size", "image width and height must both be set or both 0")
+    _check_image_size(width, height)
     rec = np.frombuffer(data, dtype=FRAME_DTYPE, offset=HEADER.size, count=n)
     t_ms = rec["t"].copy()
     frames = rec["v"].copy()
@@ -155,6 +184,11 @@ def decode_batch(data: bytes, *, max_frames: int) -> PoseBatch:
                          f"is not after frame {i - 1} ({int(t_ms[i - 1])} ms)")
     _check_values(frames)
     return PoseBatch(seq, SPACES[space], t_ms, frames, width, height)
+
+
+def _check_image_size(width: int, height: int) -> None:
+    if (width == 0) != (height == 0):
+        raise BatchError("bad_image_size", "image width and height must both be set or both 0")
 
 
 def _check_values(frames: np.ndarray) -> None:

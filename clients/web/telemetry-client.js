@@ -86,6 +86,184 @@ export function encodeBatch({ seq, space = 'image', width = 0, height = 0, frame
   return buf;
 }
 
+// -- wire format version 2: quantised deltas, Rice codes (docs/pose-batch-format.md) ---
+
+/** The grid of version 2, per channel (x, y, z, visibility): the replay codec's steps. */
+export const V2_STEPS = Object.freeze([5e-4, 5e-4, 5e-4, 5e-3].map((e) => 2.0 * e * (1 - 2 ** -10)));
+const V2_COORD_LIMIT = 2 ** 23; // |q| below this
+const V2_VIS_MAX = 100;
+const V2_K_MAX = 15;
+const V2_GROUPS = 1 + CHANNELS + FRAME_VALUES; // 137
+const V2_K_BYTES = (V2_GROUPS + 1) >> 1; // 69
+
+/** numpy's rint: to the nearest integer, ties to even. @param {number} v */
+function rint(v) {
+  const r = Math.round(v); // ties toward +inf
+  return r - v === 0.5 && r % 2 !== 0 ? r - 1 : r;
+}
+
+/** @param {number} v an integer, |v| < 2**52 */
+function zigzag(v) {
+  return v >= 0 ? 2 * v : -2 * v - 1;
+}
+
+/** Little-endian bit writer (least significant bit of each byte first). */
+class BitWriter {
+  constructor(bytes = 256) {
+    this.buf = new Uint8Array(bytes);
+    this.bit = 0;
+  }
+
+  /** @private @param {number} bits */
+  _room(bits) {
+    const need = (this.bit + bits + 7) >> 3;
+    if (need <= this.buf.length) return;
+    const next = new Uint8Array(Math.max(need, this.buf.length * 2));
+    next.set(this.buf);
+    this.buf = next;
+  }
+
+  /** The low `k` bits of `v` (k <= 15), least significant first. @param {number} v @param {number} k */
+  bits(v, k) {
+    this._room(k);
+    for (let i = 0; i < k; i++, this.bit++) {
+      if ((v >> i) & 1) this.buf[this.bit >> 3] |= 1 << (this.bit & 7);
+    }
+  }
+
+  /** `h` zero bits, then a one. @param {number} h */
+  unary(h) {
+    this._room(h + 1);
+    this.bit += h;
+    this.buf[this.bit >> 3] |= 1 << (this.bit & 7);
+    this.bit++;
+  }
+
+  bytes() {
+    return this.buf.subarray(0, (this.bit + 7) >> 3);
+  }
+}
+
+/** The Rice parameter in 0..15 with the fewest bits, the smallest on a tie. @param {number[]} vals */
+function bestK(vals) {
+  if (!vals.length) return 0;
+  let best = 0;
+  let bestCost = Infinity;
+  for (let k = 0; k <= V2_K_MAX; k++) {
+    const p = 2 ** k;
+    let cost = vals.length * (1 + k);
+    for (const v of vals) cost += Math.floor(v / p);
+    if (cost < bestCost) { best = k; bestCost = cost; }
+  }
+  return best;
+}
+
+/**
+ * Encode one batch as version 2 (docs/pose-batch-format.md): every value on the grid of
+ * `V2_STEPS` (at most 5e-4 off for a coordinate, 5e-3 for a visibility), the first frame
+ * with a pose absolute, then differences along time; about 2 KB for a 30-frame batch
+ * instead of 16 KB. Returns null if the batch does not fit version 2 (send `encodeBatch`'s
+ * version 1 instead): timestamps not strictly increasing whole ms, a value that is not
+ * finite, a coordinate beyond about +/-8,380 or a visibility outside [0, 1].
+ * @param {{ seq: number, space?: 'image' | 'world', width?: number, height?: number,
+ *           frames: Frame[] }} batch
+ * @returns {ArrayBuffer | null}
+ */
+export function encodeBatchV2({ seq, space = 'image', width = 0, height = 0, frames }) {
+  if (!(space in SPACES)) throw new RangeError(`unknown coordinate space ${space}`);
+  const n = frames.length;
+  if (!n || n > 0xffff) throw new RangeError('1..65535 frames per batch');
+  if (!width || !height) { width = 0; height = 0; }
+  /** @type {number[]} */ const tDeltas = [];
+  for (let i = 0; i < n; i++) {
+    const t = frames[i].t;
+    if (!Number.isInteger(t) || t < 0 || t > MAX_U32) return null;
+    if (i) {
+      if (!(t > frames[i - 1].t)) return null;
+      tDeltas.push(t - frames[i - 1].t - 1);
+    }
+  }
+  /** @type {Int32Array[]} */ const q = []; // grid values of the frames with a pose
+  const bitmap = new Uint8Array((n + 7) >> 3);
+  for (let i = 0; i < n; i++) {
+    const values = frames[i].values;
+    if (!values) { bitmap[i >> 3] |= 1 << (i & 7); continue; }
+    const row = new Int32Array(FRAME_VALUES);
+    for (let s = 0; s < FRAME_VALUES; s++) {
+      const c = s % CHANNELS;
+      const v = rint(values[s] / V2_STEPS[c]);
+      if (!Number.isFinite(v)) return null;
+      if (c === 3 ? v < 0 || v > V2_VIS_MAX : Math.abs(v) >= V2_COORD_LIMIT) return null;
+      row[s] = v;
+    }
+    q.push(row);
+  }
+  // groups (one Rice parameter each): 0 timestamp deltas, 1..4 the first frame's values by
+  // channel, 5..136 the differences by series; values go out in frame order
+  const m = q.length;
+  /** @type {number[][]} */ const groups = Array.from({ length: V2_GROUPS }, () => []);
+  groups[0] = tDeltas;
+  for (let j = 0; j < m; j++) {
+    for (let s = 0; s < FRAME_VALUES; s++) {
+      if (j) groups[1 + CHANNELS + s].push(zigzag(q[j][s] - q[j - 1][s]));
+      else groups[1 + (s % CHANNELS)].push(zigzag(q[0][s]));
+    }
+  }
+  const ks = groups.map(bestK);
+  const kTable = new Uint8Array(V2_K_BYTES);
+  ks.forEach((k, g) => { kTable[g >> 1] |= k << ((g & 1) * 4); });
+  const rem = new BitWriter(1024);
+  const una = new BitWriter(2048);
+  /** @param {number} v @param {number} k */
+  const put = (v, k) => {
+    const p = 2 ** k;
+    const h = Math.floor(v / p);
+    rem.bits(v - h * p, k);
+    una.unary(h);
+  };
+  for (const v of tDeltas) put(v, ks[0]);
+  for (let j = 0; j < m; j++) {
+    for (let s = 0; s < FRAME_VALUES; s++) {
+      if (j) put(zigzag(q[j][s] - q[j - 1][s]), ks[1 + CHANNELS + s]);
+      else put(zigzag(q[0][s]), ks[1 + (s % CHANNELS)]);
+    }
+  }
+  const r = rem.bytes();
+  const u = una.bytes();
+  const buf = new ArrayBuffer(HEADER_BYTES + 4 + bitmap.length + V2_K_BYTES + r.length + u.length);
+  const view = new DataView(buf);
+  MAGIC.forEach((b, i) => view.setUint8(i, b));
+  view.setUint8(4, 2);
+  view.setUint8(5, SPACES[space]);
+  view.setUint8(6, LANDMARKS);
+  view.setUint8(7, CHANNELS);
+  view.setUint32(8, seq >>> 0, true);
+  view.setUint16(12, n, true);
+  view.setUint16(14, Math.min(0xffff, width), true);
+  view.setUint16(16, Math.min(0xffff, height), true);
+  view.setUint16(18, 0, true);
+  view.setUint32(HEADER_BYTES, frames[0].t, true);
+  const bytes = new Uint8Array(buf);
+  let off = HEADER_BYTES + 4;
+  for (const part of [bitmap, kTable, r, u]) {
+    bytes.set(part, off);
+    off += part.length;
+  }
+  return buf;
+}
+
+/**
+ * Encode one batch in the wire format asked for: `v2` (falling back to version 1 for a
+ * batch that version 2 cannot carry) or `v1`.
+ * @param {{ seq: number, space?: 'image' | 'world', width?: number, height?: number,
+ *           frames: Frame[] }} batch
+ * @param {'v1' | 'v2'} [wire='v2']
+ * @returns {ArrayBuffer}
+ */
+export function encodeBatchAs(batch, wire = 'v2') {
+  return (wire === 'v2' && encodeBatchV2(batch)) || encodeBatch(batch);
+}
+
 /**
  * Landmarks as MediaPipe gives them (`[{x, y, z, visibility}, ...]`, 33 of them) to the
  * 132 values of a frame, or null for "no pose". A frame with any value the service
@@ -825,6 +1003,8 @@ function ended(message) {
  *   `websocket` transport (`window`, `maxOpenFailures`, `ackTimeoutMs`, ...)
  * @property {SessionClock} [clock] defaults to a clock started now
  * @property {'image' | 'world'} [space='image'] which landmarks to send
+ * @property {'v1' | 'v2'} [wire='v2'] the pose batch wire format: `v2` quantised (about
+ *   2 KB a second, coordinates within 5e-4), or `v1` float32 (16 KB a second, exact)
  * @property {any} [imageSource] video/canvas/`{width, height}` giving the camera image size
  * @property {number} [batchMs=1000] a batch is closed when its first frame is this old
  * @property {number} [maxFramesPerBatch=120] the service's TELEMETRY_MAX_FRAMES_PER_BATCH
@@ -858,12 +1038,13 @@ export class TelemetryClient {
   constructor(opts) {
     const {
       sessionId, baseUrl, token, getToken, transport = 'fetch', websocket = {}, clock,
-      space = 'image',
+      space = 'image', wire = 'v2',
       imageSource = null, batchMs = 1000, maxFramesPerBatch = 120, maxBufferedBatches = 60,
       retry = {}, endOnPageHide = true, onError = () => {}, random = Math.random,
     } = opts;
     if (!sessionId) throw new TypeError('sessionId is required');
     if (!(space in SPACES)) throw new RangeError(`space must be 'image' or 'world'`);
+    if (wire !== 'v1' && wire !== 'v2') throw new RangeError(`wire must be 'v1' or 'v2'`);
     const named = typeof transport === 'string';
     if (named && transport !== 'fetch' && transport !== 'websocket') {
       throw new RangeError(`transport must be 'fetch', 'websocket' or a Transport`);
@@ -879,6 +1060,8 @@ export class TelemetryClient {
     /** @type {SessionClock} */
     this.clock = clock ?? new SessionClock();
     this.space = space;
+    /** The wire format of the pose batches: `v2` (quantised, the default) or `v1`. */
+    this.wire = wire;
     this.imageSource = imageSource;
     /** @private */ this._batchMs = batchMs;
     /** @private */ this._maxFrames = Math.max(1, Math.min(maxFramesPerBatch, 0xffff));
@@ -1098,7 +1281,7 @@ export class TelemetryClient {
     this._open = [];
     const seq = this._nextSeq++;
     const { width, height } = this._openSize;
-    const body = encodeBatch({ seq, space: this.space, width, height, frames });
+    const body = encodeBatchAs({ seq, space: this.space, width, height, frames }, this.wire);
     this.counters.batchesSealed++;
     if (this._serverEnded) {
       this.counters.framesLost += frames.length;

@@ -125,3 +125,20 @@ def test_values_at_the_bounds(channel: int, value: float) -> None:
     in_range = (abs(value) <= 1e4 if channel < 3
                 else np.float32(-1e-3) <= np.float32(value) <= np.float32(1.001))
     assert (_outcome(wire._check_values, f) is None) == bool(in_range)
+
+
+def test_versions_1_and_2_decode_to_the_same_structure() -> None:
+    """Version 2 (domain/pose_batch_v2.py, tested in test_pose_batch_v2.py) is accepted
+    beside version 1 and decodes to the same PoseBatch: dtypes, shapes, header fields."""
+    t, f = pose_frames(30, t0=5000)
+    f[3] = np.nan
+    kw = dict(space="world", image_width=640, image_height=480)
+    one = decode_batch(encode_batch(7, t, f, **kw), max_frames=120)
+    two = decode_batch(wire.encode_batch_v2(7, t, f, **kw), max_frames=120)
+    for b in (one, two):
+        assert (b.seq, b.space, b.n, b.image_width, b.image_height) == (7, "world", 30, 640, 480)
+        assert b.t_ms.dtype == np.uint32 and b.frames.dtype == np.float32
+        assert b.frames.shape == (30, 33, 4) and b.frames.flags.c_contiguous
+    np.testing.assert_array_equal(one.t_ms, two.t_ms)
+    np.testing.assert_allclose(two.frames, one.frames, atol=5e-3)
+    assert wire.VERSIONS == (1, 2)

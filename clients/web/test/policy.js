@@ -55,7 +55,8 @@ function client(transport, opts = {}) {
   const errors = [];
   const c = new TelemetryClient({
     sessionId: 's-1', transport, endOnPageHide: false, retry: { baseMs: 50, capMs: 100 },
-    onError: (e) => errors.push(e), ...opts,
+    // v1: the checks compare bytes with domain.pose_batch.encode_batch and count 16 KB batches
+    wire: 'v1', onError: (e) => errors.push(e), ...opts,
   });
   return [c, errors];
 }

@@ -7,6 +7,7 @@ import test from 'node:test';
 import {
   FRAME_BYTES, HEADER_BYTES, SessionClock, TelemetryClient,
 } from '../../telemetry-client.js';
+import { decodeV2 } from './v2-decode.js';
 
 /** A TransportResult. */
 const R = (status, extra = {}) => ({ status, code: null, message: null, retryAfterMs: null,
@@ -15,6 +16,10 @@ const R = (status, extra = {}) => ({ status, code: null, message: null, retryAft
 /** The header and timestamps of an encoded batch. */
 function decode(body) {
   const v = new DataView(body);
+  if (v.getUint8(4) === 2) {
+    const { seq, n, width, height, t } = decodeV2(body);
+    return { seq, n, width, height, t };
+  }
   const n = v.getUint16(12, true);
   assert.equal(body.byteLength, HEADER_BYTES + n * FRAME_BYTES);
   const t = Array.from({ length: n }, (_, i) => v.getUint32(HEADER_BYTES + i * FRAME_BYTES, true));
@@ -65,14 +70,14 @@ async function until(cond, what) {
   }
 }
 
-/** A client on a scripted transport and a clock the test moves; closed after the test. */
+/** A client on a scripted transport (sending v1, whose bytes these tests read) and a clock the test moves; closed after the test. */
 function client(t, opts = {}) {
   const clock = { now: 0 };
   const transport = scripted();
   const errors = [];
   const c = new TelemetryClient({
     sessionId: 's-1', transport, clock: new SessionClock({ now: () => clock.now, startedAt: 0 }),
-    onError: (e) => errors.push(e), random: () => 0.5, ...opts,
+    onError: (e) => errors.push(e), random: () => 0.5, wire: 'v1', ...opts,
   });
   t.after(() => c.pageHide()); // stops its timers
   return { c, clock, transport, errors };
@@ -229,4 +234,18 @@ test('page hide hands what is left to keepalive sends, then ends the session', a
   assert.equal(transport.ends, 1);
   c.addFrame(frame(), 20);
   assert.equal(c.stats().framesAdded, 2);
+});
+
+test('the wire format is v2 unless asked for v1', async (t) => {
+  const lm = Array.from({ length: 33 }, (_, i) => ({ x: i / 40, y: 0.5, z: 0, visibility: 1 }));
+  for (const [opts, version] of [[{ wire: undefined }, 2], [{ wire: 'v2' }, 2], [{ wire: 'v1' }, 1]]) {
+    const { c, transport } = client(t, opts);
+    c.addResult({ poseLandmarks: lm }, { timestampMs: 0 });
+    c.addResult(null, { timestampMs: 40 });
+    c.flush();
+    await settle();
+    assert.equal(transport.sent[0].bytes[4], version, JSON.stringify(opts));
+    assert.deepEqual(transport.sent[0].t, [0, 40]);
+  }
+  assert.throws(() => client(t, { wire: 'v3' }), RangeError);
 });

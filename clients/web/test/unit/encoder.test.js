@@ -6,9 +6,10 @@ import { readFileSync } from 'node:fs';
 import test from 'node:test';
 
 import {
-  CHANNELS, FRAME_BYTES, FRAME_VALUES, HEADER_BYTES, LANDMARKS, encodeBatch, landmarksToValues,
-  sanitise,
+  CHANNELS, FRAME_BYTES, FRAME_VALUES, HEADER_BYTES, LANDMARKS, V2_STEPS, encodeBatch,
+  encodeBatchAs, encodeBatchV2, landmarksToValues, sanitise,
 } from '../../telemetry-client.js';
+import { decodeV2 } from './v2-decode.js';
 
 const DOC = new URL('../../../../docs/pose-batch-format.md', import.meta.url);
 
@@ -132,4 +133,71 @@ test('sanitise: a frame the service would refuse becomes no pose', () => {
     bad[i] = x;
     assert.equal(sanitise(bad), null, `value ${x} at ${i}`);
   }
+});
+
+// -- version 2 -------------------------------------------------------------------------
+
+/** A plausible 30 fps pose: landmarks drifting a little from frame to frame. */
+function moving(k) {
+  const v = new Float32Array(FRAME_VALUES);
+  for (let i = 0; i < FRAME_VALUES; i++) {
+    const lm = Math.floor(i / CHANNELS);
+    v[i] = i % CHANNELS === 3 ? 0.9 + 0.003 * Math.sin(k + lm)
+      : 0.5 + 0.3 * Math.sin(lm + i % CHANNELS) + 0.01 * k * Math.cos(lm);
+  }
+  return v;
+}
+
+test('v2: the v1 header with version 2; the frames come back within the bound', () => {
+  const frames = Array.from({ length: 30 }, (_, i) => ({ t: 1000 + i * 33 + (i % 3),
+    values: i === 4 || i === 17 ? null : moving(i) }));
+  const body = encodeBatchV2({ seq: 0x01020304, space: 'world', width: 640, height: 480, frames });
+  assert.ok(body);
+  const d = decodeV2(body);
+  assert.deepEqual([d.version, d.space, d.seq, d.n, d.width, d.height],
+    [2, 1, 0x01020304, 30, 640, 480]);
+  assert.equal(new DataView(body).getUint16(18, true), 0, 'reserved');
+  assert.deepEqual(d.t, frames.map((f) => f.t));
+  frames.forEach(({ values }, i) => {
+    if (!values) { assert.equal(d.frames[i], null, `frame ${i}: no pose`); return; }
+    for (let s = 0; s < FRAME_VALUES; s++) {
+      const bound = s % CHANNELS === 3 ? 5e-3 : 5e-4;
+      assert.ok(Math.abs(d.frames[i][s] - values[s]) <= bound, `frame ${i} value ${s}`);
+      assert.equal(d.q[i][s], Math.round(values[s] / V2_STEPS[s % CHANNELS]) + 0); // no -0
+    }
+  });
+  assert.ok(body.byteLength < 2500, `${body.byteLength} bytes, v1 takes 15,980`);
+});
+
+test('v2: one frame, no pose at all, timestamps far apart', () => {
+  const one = decodeV2(encodeBatchV2({ seq: 1, frames: [{ t: 0xffffffff, values: moving(0) }] }));
+  assert.deepEqual(one.t, [0xffffffff]);
+  const none = encodeBatchV2({ seq: 2, frames: [{ t: 5, values: null }, { t: 0xfffffff0, values: null }] });
+  assert.deepEqual(decodeV2(none).t, [5, 0xfffffff0]);
+  assert.deepEqual(decodeV2(none).frames, [null, null]);
+});
+
+test('v2: the grid steps are the replay codec\'s', () => {
+  assert.deepEqual(V2_STEPS, [5e-4, 5e-4, 5e-4, 5e-3].map((e) => 2 * e * (1 - 2 ** -10)));
+  assert.ok(Math.abs(V2_STEPS[0] / 2 - 5e-4) < 1e-6);
+});
+
+test('v2: what it cannot carry is null; encodeBatchAs then sends version 1', () => {
+  const far = moving(0);
+  far[0] = 9000; // |q| >= 2**23: beyond v2, fine for v1
+  const cases = [
+    [{ t: 0, values: far }],
+    [{ t: 5, values: moving(0) }, { t: 5, values: moving(1) }],
+    [{ t: 1.5, values: moving(0) }],
+    [{ t: 0, values: Float32Array.from(moving(0), (x, i) => (i === 7 ? NaN : x)) }],
+    [{ t: 0, values: Float32Array.from(moving(0), (x, i) => (i === 3 ? 1.2 : x)) }],
+  ];
+  for (const frames of cases) {
+    assert.equal(encodeBatchV2({ seq: 0, frames }), null);
+    assert.equal(new DataView(encodeBatchAs({ seq: 0, frames })).getUint8(4), 1);
+  }
+  const frames = [{ t: 0, values: moving(0) }];
+  assert.equal(new DataView(encodeBatchAs({ seq: 0, frames })).getUint8(4), 2);
+  assert.equal(new DataView(encodeBatchAs({ seq: 0, frames }, 'v1')).getUint8(4), 1);
+  assert.throws(() => encodeBatchV2({ seq: 0, frames: [] }), RangeError);
 });
