@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
 import subprocess
 import tarfile
@@ -21,19 +20,12 @@ import numpy as np
 import pytest
 
 from domain.pose_batch import decode_batch, encode_batch
+from tests.support.node import TIMEOUT_S, WEB
+from tests.support.node import run_tool as _run
+from tests.support.node import tool as _tool
 
 ROOT = Path(__file__).resolve().parents[1]
-WEB = ROOT / "clients" / "web"
 PACKAGE = json.loads((WEB / "package.json").read_text())
-TIMEOUT_S = 180
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"`{name}` is missing: install Node.js 18+ and npm (Debian: apt-get install "
-                    "nodejs npm), or run `python3 dev.py test`", pytrace=False)
-    return path
 
 
 def _tsc() -> Path:
@@ -42,18 +34,6 @@ def _tsc() -> Path:
         pytest.fail("TypeScript is not installed: run `npm ci` in clients/web "
                     "(`python3 dev.py test` does)", pytrace=False)
     return tsc
-
-
-def _run(cmd: list[str], cwd: Path, *, stdin: str | None = None) -> str:
-    """Run ``cmd``; on failure, fail with everything it printed."""
-    env = {**os.environ, "NO_COLOR": "1", "npm_config_update_notifier": "false",
-           "npm_config_fund": "false", "npm_config_audit": "false"}
-    done = subprocess.run(cmd, cwd=cwd, input=stdin, capture_output=True, text=True,
-                          timeout=TIMEOUT_S, env=env, check=False)
-    if done.returncode != 0:
-        pytest.fail(f"`{' '.join(cmd)}` in {cwd} exited {done.returncode}\n"
-                    f"--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}", pytrace=False)
-    return done.stdout
 
 
 def test_node_unit_tests_pass() -> None:

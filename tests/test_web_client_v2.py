@@ -17,7 +17,9 @@ import numpy as np
 from domain import pose_batch_v2 as v2
 from domain.pose_batch import decode_batch, encode_batch, encode_batch_v2
 from tests.data import LOWER_BODY, PUSHUP
-from tests.test_web_client import WEB, _run, _tool
+from tests.support.node import WEB
+from tests.support.node import run_tool as _run
+from tests.support.node import tool as _tool
 
 ENCODE = """
 import { encodeBatchAs } from %s;
