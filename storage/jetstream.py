@@ -61,7 +61,7 @@ from storage.jetstream_client import (
     encode_key,
 )
 from storage.journal import Record
-from storage.spool_format import MAX_PAYLOAD, check_key
+from storage.spool_format import check_append, check_key
 
 __all__ = ["DEFAULT_BRIDGE", "JetStreamError", "JetStreamFull", "JetStreamJournal",
            "encode_key", "open_jetstream_journal"]
@@ -91,12 +91,7 @@ class JetStreamJournal:
         """Publish one record; returns once the stream acknowledged it (quorum).
         ValueError for a bad key, a kind outside 0..65535 or a payload over 64 MiB
         (the server's ``max_payload`` is lower: that is a JetStreamError)."""
-        check_key(key)
-        if not 0 <= kind <= 0xFFFF:
-            raise ValueError(f"record kind {kind} outside 0..65535")
-        data = bytes(payload)
-        if len(data) > MAX_PAYLOAD:
-            raise ValueError(f"record payload of {len(data)} bytes exceeds {MAX_PAYLOAD}")
+        data = check_append(key, kind, payload)
         stored, headers = encode(kind, data, self._level if compress else 0)
         await self._write(Op(key, "append", stored, headers))
         self._counts["appends"] += 1

@@ -58,8 +58,8 @@ from storage.spool_files import LogReader, Op, keys_on_disk, log_path, state_pat
 from storage.spool_format import (
     HEADER,
     MAGIC,
-    MAX_PAYLOAD,
     SEG_PREFIX,
+    check_append,
     check_key,
     encode_record,
     read_seg_one,
@@ -155,12 +155,7 @@ class Spool(GroupCommit):
         :class:`SpoolFull` (budget; nothing queued), :class:`SpoolClosed`
         (committer not running) or :class:`SpoolError` (the commit failed; the
         record is not durable and the log is back at its previous length)."""
-        check_key(key)
-        if not 0 <= kind <= 0xFFFF:
-            raise ValueError(f"record kind {kind} outside 0..65535")
-        data = bytes(payload)
-        if len(data) > MAX_PAYLOAD:
-            raise ValueError(f"record payload of {len(data)} bytes exceeds {MAX_PAYLOAD}")
+        data = check_append(key, kind, payload)
         need = HEADER.size + SEG_PREFIX.size + len(key) + len(data)
         if not self._running:
             raise SpoolClosed("spool committer is not running")

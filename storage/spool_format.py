@@ -125,24 +125,37 @@ class SegRecord:
         return Record(self.kind, self.stored)
 
 
-def read_seg_one(f: Any, left: int) -> tuple[SegRecord | None, str | None]:
-    """The next segment record, or (None, problem; None at a clean end). ``left``:
-    bytes from here to the end of the file."""
+def _read_frame(f: Any, left: int, magic: bytes,
+                max_length: int) -> tuple[tuple[int, int, int, bytes] | None, str | None]:
+    """The next record's (kind, flags, length, body) with its CRC checked, or (None,
+    problem; None at a clean end). ``left``: bytes from here to the end of the file."""
     head = f.read(HEADER.size)
     if not head:
         return None, None
     if len(head) < HEADER.size:
         return None, "torn header"
-    magic, length, kind, flags, crc = HEADER.unpack(head)
-    if magic != SEG_MAGIC:
+    got_magic, length, kind, flags, crc = HEADER.unpack(head)
+    if got_magic != magic:
         return None, "bad magic"
-    if length > left - HEADER.size or length > MAX_PAYLOAD + 1024 or length < SEG_PREFIX.size:
+    if length > left - HEADER.size or length > max_length:
         return None, "torn payload"
     body = f.read(length)
     if len(body) < length:
         return None, "torn payload"
     if zlib.crc32(body, zlib.crc32(head[:12])) != crc:
         return None, "bad crc"
+    return (kind, flags, length, body), None
+
+
+def read_seg_one(f: Any, left: int) -> tuple[SegRecord | None, str | None]:
+    """The next segment record, or (None, problem; None at a clean end). ``left``:
+    bytes from here to the end of the file."""
+    frame, problem = _read_frame(f, left, SEG_MAGIC, MAX_PAYLOAD + 1024)
+    if frame is None:
+        return None, problem
+    kind, flags, length, body = frame
+    if length < SEG_PREFIX.size:
+        return None, "torn payload"
     if flags & ~(FLAG_ZLIB | FLAG_TOMB):
         return None, "unknown flags"
     klen, gen, seq = SEG_PREFIX.unpack_from(body)
@@ -168,23 +181,24 @@ def check_key(key: str) -> list[str]:
     return parts
 
 
+def check_append(key: str, kind: int, payload: bytes) -> bytes:
+    """The payload as bytes, once ``key``, ``kind`` and its size are valid for a journal
+    record; ``ValueError`` otherwise (every journal adapter takes the same records)."""
+    check_key(key)
+    if not 0 <= kind <= 0xFFFF:
+        raise ValueError(f"record kind {kind} outside 0..65535")
+    data = bytes(payload)
+    if len(data) > MAX_PAYLOAD:
+        raise ValueError(f"record payload of {len(data)} bytes exceeds {MAX_PAYLOAD}")
+    return data
+
+
 def read_one(f: Any, left: int) -> tuple[tuple[Record, int] | None, str | None]:
     """The next record and its stored length, or (None, problem; None at a clean end)."""
-    head = f.read(HEADER.size)
-    if not head:
-        return None, None
-    if len(head) < HEADER.size:
-        return None, "torn header"
-    magic, length, kind, flags, crc = HEADER.unpack(head)
-    if magic != MAGIC:
-        return None, "bad magic"
-    if length > left - HEADER.size or length > MAX_PAYLOAD:
-        return None, "torn payload"
-    body = f.read(length)
-    if len(body) < length:
-        return None, "torn payload"
-    if zlib.crc32(body, zlib.crc32(head[:12])) != crc:
-        return None, "bad crc"
+    frame, problem = _read_frame(f, left, MAGIC, MAX_PAYLOAD)
+    if frame is None:
+        return None, problem
+    kind, flags, length, body = frame
     if flags & ~FLAG_ZLIB:
         return None, "unknown flags"
     if flags & FLAG_ZLIB:
