@@ -18,6 +18,7 @@ Only :meth:`Admission.admit_checked` awaits (the journal): it passes
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -101,7 +102,7 @@ def media_refusal(exc: MediaTrackerError) -> TelemetryError:
     return MediaRejected(str(exc), code=exc.code)
 
 
-class Admission:
+class Admission(ABC):
     """The admission half of a session actor (see the module doc). The attributes
     below are the actor's; :class:`~actors.session.SessionActor` sets them."""
 
@@ -121,22 +122,24 @@ class Admission:
     _draining: bool
     _handover: bool
 
-    @property
-    def ending(self) -> bool:
-        raise NotImplementedError
+    # The actor's own side, which admission calls (SessionActor implements each).
 
     @property
-    def end_recorded(self) -> bool:
-        raise NotImplementedError
+    @abstractmethod
+    def ending(self) -> bool: ...
 
-    def _start_pose(self, first: PoseBatch) -> None:
-        raise NotImplementedError
+    @property
+    @abstractmethod
+    def end_recorded(self) -> bool: ...
 
-    def _touch(self, first_t_ms: int) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _start_pose(self, first: PoseBatch) -> None: ...
 
-    async def persist(self, kind: int, body: bytes) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _touch(self, first_t_ms: int) -> None: ...
+
+    @abstractmethod
+    async def persist(self, kind: int, body: bytes) -> None: ...
 
     def retry_hint(self) -> float:
         """Seconds a client should wait before asking again while the end is being
@@ -191,9 +194,12 @@ class Admission:
         try:
             yield
         finally:
-            self._admitting -= 1
-            if not self._admitting:
-                self._admissions_done.set()
+            self._admission_ended()
+
+    def _admission_ended(self) -> None:
+        self._admitting -= 1
+        if not self._admitting:
+            self._admissions_done.set()
 
     def _mark(self) -> tuple[int, int]:
         """What must stay the same for a batch :meth:`check` accepted to still be
@@ -217,9 +223,7 @@ class Admission:
                 return self.accept(batch)
             return self._queue(batch)
         finally:
-            self._admitting -= 1
-            if not self._admitting:
-                self._admissions_done.set()
+            self._admission_ended()
 
     def accept(self, batch: PoseBatch) -> Offer:
         """Queue a batch that :meth:`check` accepted (and the caller made durable).

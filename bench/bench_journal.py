@@ -29,8 +29,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
@@ -38,29 +36,16 @@ import trio
 if __package__ in (None, ""):  # allow `python bench/bench_journal.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_spool import Append, burst  # noqa: E402
 from storage.jetstream import open_jetstream_journal  # noqa: E402
 from storage.spool import Spool  # noqa: E402
 from tests.support.nats import start_cluster, unique_names  # noqa: E402
 
-Append = Callable[[str, int, bytes], Awaitable[None]]
-
 
 async def closed_loop(append: Append, sessions: int, records: int, size: int
                       ) -> tuple[float, list[float]]:
-    payloads = [os.urandom(size) for _ in range(8)]
-    lat: list[float] = []
-
-    async def one(s: int) -> None:
-        for r in range(records):
-            t0 = time.perf_counter()
-            await append(f"org-b/s-{s}", 1, payloads[r % 8])
-            lat.append(time.perf_counter() - t0)
-
-    t0 = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for s in range(sessions):
-            nursery.start_soon(one, s)
-    return time.perf_counter() - t0, lat
+    """Each session appends its records one after another (bench_spool's burst)."""
+    return await burst(append, sessions, records, [os.urandom(size) for _ in range(8)])
 
 
 def report(name: str, wall: float, lat: list[float]) -> None:

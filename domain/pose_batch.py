@@ -92,6 +92,12 @@ class PoseBatch:
         return int(self.t_ms[-1])
 
 
+def _header(version: int, seq: int, n: int, space: str, width: int, height: int) -> bytes:
+    """The header both versions share."""
+    return HEADER.pack(MAGIC, version, SPACES.index(space), LANDMARKS, CHANNELS, seq, n,
+                       width, height, 0)
+
+
 def encode_batch(
     seq: int,
     t_ms: np.ndarray,
@@ -108,10 +114,7 @@ def encode_batch(
     t = np.asarray(t_ms)
     if n and (t.min() < 0 or t.max() > 0xFFFFFFFF or not np.array_equal(t, np.rint(t))):
         raise ValueError("timestamps must be whole ms in [0, 2**32)")
-    header = HEADER.pack(
-        MAGIC, VERSION, SPACES.index(space), LANDMARKS, CHANNELS, seq, n,
-        image_width, image_height, 0,
-    )
+    header = _header(VERSION, seq, n, space, image_width, image_height)
     body = np.empty(n, dtype=FRAME_DTYPE)
     body["t"] = np.asarray(t_ms, dtype=np.uint32)
     body["v"] = np.asarray(frames, dtype=np.float32)
@@ -130,10 +133,7 @@ def encode_batch_v2(
     """Pack frames into a version 2 body (quantised: see :mod:`domain.pose_batch_v2`).
 
     Raises ``ValueError`` if the batch is not representable in v2 (then send v1)."""
-    header = HEADER.pack(
-        MAGIC, VERSION_2, SPACES.index(space), LANDMARKS, CHANNELS, seq, len(t_ms),
-        image_width, image_height, 0,
-    )
+    header = _header(VERSION_2, seq, len(t_ms), space, image_width, image_height)
     return header + pose_batch_v2.encode_body(t_ms, frames)
 
 

@@ -53,6 +53,20 @@ export class SessionClock {
  *   null when no pose was found (sent as an all-NaN frame)
  */
 
+/** The 20-byte header both versions share (docs/pose-batch-format.md). */
+function writeHeader(view, version, { seq, space, n, width, height }) {
+  MAGIC.forEach((b, i) => view.setUint8(i, b));
+  view.setUint8(4, version);
+  view.setUint8(5, SPACES[space]);
+  view.setUint8(6, LANDMARKS);
+  view.setUint8(7, CHANNELS);
+  view.setUint32(8, seq >>> 0, true);
+  view.setUint16(12, n, true);
+  view.setUint16(14, Math.min(0xffff, width), true);
+  view.setUint16(16, Math.min(0xffff, height), true);
+  view.setUint16(18, 0, true);
+}
+
 /**
  * Encode one batch (docs/pose-batch-format.md, version 1).
  * @param {{ seq: number, space?: 'image' | 'world', width?: number, height?: number,
@@ -65,16 +79,7 @@ export function encodeBatch({ seq, space = 'image', width = 0, height = 0, frame
   if (!width || !height) { width = 0; height = 0; } // both or neither
   const buf = new ArrayBuffer(HEADER_BYTES + frames.length * FRAME_BYTES);
   const view = new DataView(buf);
-  MAGIC.forEach((b, i) => view.setUint8(i, b));
-  view.setUint8(4, 1);
-  view.setUint8(5, SPACES[space]);
-  view.setUint8(6, LANDMARKS);
-  view.setUint8(7, CHANNELS);
-  view.setUint32(8, seq >>> 0, true);
-  view.setUint16(12, frames.length, true);
-  view.setUint16(14, Math.min(0xffff, width), true);
-  view.setUint16(16, Math.min(0xffff, height), true);
-  view.setUint16(18, 0, true);
+  writeHeader(view, 1, { seq, space, n: frames.length, width, height });
   let off = HEADER_BYTES;
   for (const { t, values } of frames) {
     view.setUint32(off, t >>> 0, true);
@@ -232,16 +237,7 @@ export function encodeBatchV2({ seq, space = 'image', width = 0, height = 0, fra
   const u = una.bytes();
   const buf = new ArrayBuffer(HEADER_BYTES + 4 + bitmap.length + V2_K_BYTES + r.length + u.length);
   const view = new DataView(buf);
-  MAGIC.forEach((b, i) => view.setUint8(i, b));
-  view.setUint8(4, 2);
-  view.setUint8(5, SPACES[space]);
-  view.setUint8(6, LANDMARKS);
-  view.setUint8(7, CHANNELS);
-  view.setUint32(8, seq >>> 0, true);
-  view.setUint16(12, n, true);
-  view.setUint16(14, Math.min(0xffff, width), true);
-  view.setUint16(16, Math.min(0xffff, height), true);
-  view.setUint16(18, 0, true);
+  writeHeader(view, 2, { seq, space, n, width, height });
   view.setUint32(HEADER_BYTES, frames[0].t, true);
   const bytes = new Uint8Array(buf);
   let off = HEADER_BYTES + 4;

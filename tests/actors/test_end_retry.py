@@ -149,13 +149,10 @@ async def test_blob_store_outage_at_max_duration_backs_off_and_a_repeated_end_cu
     assert [e["event_id"] for e in d.events] == [summary["event_id"]]
 
 
-async def test_recovery_at_publish_retries_a_full_disk(
-    settings: Settings, nursery: trio.Nursery, autojump_clock: trio.abc.Clock
-) -> None:
-    """A session found at ``publish`` after a restart while the disk is full: its
-    batches get "ended", end calls get NotFinalised until the event is out and the
-    summary kept, and the supervisor lives through it (a spool error there used to
-    escape into the supervisor's nursery)."""
+async def _recovered_at_publish(settings: Settings, nursery: trio.Nursery) -> tuple[
+        Spool, SessionClaims, str, dict[str, Any], fu.DiskFull, Durable]:
+    """A session left at the ``publish`` step by an earlier process, on a full disk,
+    and a supervisor that has recovered it."""
     spool = Spool(settings.data_dir / "spool")
     await nursery.start(spool.run)
     c = TokenVerifier(settings).verify_session(session_token(settings))
@@ -167,6 +164,17 @@ async def test_recovery_at_publish_retries_a_full_disk(
     disk = fu.DiskFull(spool)
     d = Durable(settings, spool)
     await nursery.start(d.sup.run)
+    return spool, c, key, summary, disk, d
+
+
+async def test_recovery_at_publish_retries_a_full_disk(
+    settings: Settings, nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    """A session found at ``publish`` after a restart while the disk is full: its
+    batches get "ended", end calls get NotFinalised until the event is out and the
+    summary kept, and the supervisor lives through it (a spool error there used to
+    escape into the supervisor's nursery)."""
+    spool, c, key, summary, disk, d = await _recovered_at_publish(settings, nursery)
     assert d.sup.recovered is not None and d.sup.recovered.finalising == 1
     body = batch_body(0)
     offer = await d.sup.submit(c, decode_batch(body, max_frames=120), body)
@@ -192,17 +200,7 @@ async def test_drain_waits_for_a_recovered_publish(
     """A session recovered at ``publish`` is finished by a task of the supervisor's
     own, not an actor: drain() waits for it as for the actors, and counts it as
     unfinished if the deadline passes first (it used to be left untracked)."""
-    spool = Spool(settings.data_dir / "spool")
-    await nursery.start(spool.run)
-    c = TokenVerifier(settings).verify_session(session_token(settings))
-    key = session_key(c.org_id, c.session_id)
-    summary = {"event_id": "pose-session:org-a:sess-1", "session_id": c.session_id,
-               "org_id": c.org_id, "end_reason": "client_end", "published": False}
-    await spool.append(key, START, encode_claims(c, 1.0))
-    await spool.set_state(key, {"step": "publish", "summary": summary})
-    disk = fu.DiskFull(spool)
-    d = Durable(settings, spool)
-    await nursery.start(d.sup.run)
+    spool, c, key, summary, disk, d = await _recovered_at_publish(settings, nursery)
 
     async def disk_comes_back() -> None:
         await trio.sleep(10)

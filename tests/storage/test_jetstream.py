@@ -5,10 +5,7 @@ down, cancellation, a full stream, and the key encoding."""
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import trio
@@ -25,19 +22,14 @@ from storage.jetstream import (
 from storage.jetstream_bridge import BRIDGES
 from storage.jetstream_client import decode_key, encode_key
 from storage.journal import JournalError, Record
-from tests.support.nats import NatsCluster, start_cluster, unique_names
+from tests.support.nats import NatsCluster, temporary_cluster, unique_names
 
 
 @pytest.fixture
 def private_cluster() -> Iterator[NatsCluster]:
     """A cluster of this test's own, for tests that take the whole cluster down."""
-    root = Path(tempfile.mkdtemp(prefix="telemetry-test-nats-"))
-    cluster = start_cluster(root)
-    try:
+    with temporary_cluster() as cluster:
         yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 async def append_retrying(journal: JetStreamJournal, key: str, record: Record) -> None:

@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -163,9 +164,10 @@ def start_cluster(root: Path, size: int = 3) -> NatsCluster:
     return cluster
 
 
-@pytest.fixture(scope="session")
-def nats_cluster() -> Iterator[NatsCluster]:
-    # Not under pytest's basetemp, which concurrent runs rotate (see tests/support/pg.py).
+@contextmanager
+def temporary_cluster() -> Iterator[NatsCluster]:
+    """A cluster in a directory of its own, stopped and removed on leaving. Not under
+    pytest's basetemp, which concurrent runs rotate (see tests/support/pg.py)."""
     root = Path(tempfile.mkdtemp(prefix="telemetry-test-nats-"))
     cluster = start_cluster(root)
     try:
@@ -175,5 +177,11 @@ def nats_cluster() -> Iterator[NatsCluster]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def nats_cluster() -> Iterator[NatsCluster]:
+    with temporary_cluster() as cluster:
+        yield cluster
+
+
 __all__ = ["NatsCluster", "nats_cluster", "nats_server_binary", "start_cluster",
-           "unique_names"]
+           "temporary_cluster", "unique_names"]
