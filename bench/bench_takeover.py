@@ -18,14 +18,19 @@ What a take-over does, and what each part times:
 
 1. **journal replay** - the session's records (its ``START`` claims and one
    ``POSE`` record per batch, the exact bytes a client sent, as the actor writes
-   them) are appended to a fresh R3 stream through :mod:`storage.jetstream`; then
-   ``journal.replay(key)`` is timed ``--repeats`` times (wall and this process's
-   CPU, which includes the journal's asyncio thread).
+   them) are appended to a fresh R3 stream through :mod:`storage.jetstream`,
+   fenced as in fleet mode; then ``journal.replay(key)`` and
+   ``journal.take_over(key)`` (what a taking-over instance calls: the replay and
+   the fencing owner mark, in one pass) are timed ``--repeats`` times each (wall
+   and this process's CPU, which includes the journal's asyncio thread). The NATS
+   nodes' store directories are measured before and after the appends: the bytes
+   on disk per record.
 2. **actor rebuild** - :func:`actors.recovery.session_start`, the supervisor's
    ``adopt`` and :func:`actors.recovery.restore` over those records: the session's
    batches replayed through the live code paths (decode, sequencer, replay
    encoding, pose statistics, rep engine), which is how a taking-over instance
-   rebuilds the actor (``ActorHost._rebuild``). Timed ``--repeats`` times.
+   rebuilds the actor (``actors/fleet.py``, after its ``take_over``). Timed
+   ``--repeats`` times.
 3. **end to end** (``--e2e``; needs the ownership and take-over code of issue 14):
    two service instances A and B on the cluster (``TELEMETRY_JOURNAL=jetstream``).
    The session streams its batches to A over HTTP as fast as they are acknowledged;
@@ -131,7 +136,9 @@ async def journal_parts(urls: list[str], stores: list[Path], wire: str,
     print(f"\n-- wire {wire}: {a.batches} batches of a {pool.kind} session, "
           f"{mean_b / 1024:.1f} KB per batch on average ({sum(map(len, bodies)) / 2**20:.1f} MB)",
           flush=True)
-    async with open_jetstream_journal(urls, replicas=3, **unique_names()) as journal:
+    # Fenced, as the service opens it in fleet mode (telemetry/wiring.py).
+    async with open_jetstream_journal(urls, replicas=3, fenced=True,
+                                      **unique_names()) as journal:
         try:
             await trio.sleep(1.0)  # let the new stream's files settle before measuring
             before = store_bytes(stores)
@@ -160,14 +167,23 @@ async def journal_parts(urls: list[str], stores: list[Path], wire: str,
                 records = await journal.replay(key)
                 replays.append(since(t))
             assert len(records) == a.batches + 1, len(records)
-            print(summary(f"1. journal.replay({a.batches + 1} records)", replays,
+            print(summary(f"journal.replay({a.batches + 1} records)", replays,
                           f"({replays[0][0] / (a.batches + 1) * 1000:.0f} us per record, "
+                          "first)"), flush=True)
+            takes: list[tuple[float, float]] = []
+            for _ in range(a.repeats):
+                t = clocks()
+                taken = await journal.take_over(key)
+                takes.append(since(t))
+                assert len(taken.records) == a.batches + 1, len(taken.records)
+            print(summary("1. journal.take_over (replay+fence)", takes,
+                          f"({takes[0][0] / (a.batches + 1) * 1000:.0f} us per record, "
                           "first)"), flush=True)
 
             rebuilds = await rebuild_times(records, a.repeats, tmp)
             print(summary("2. actor rebuild (restore)", rebuilds), flush=True)
-            total = [(r[0] + b[0], r[1] + b[1]) for r, b in zip(replays, rebuilds, strict=True)]
-            print(summary("1+2. replay + rebuild", total), flush=True)
+            total = [(r[0] + b[0], r[1] + b[1]) for r, b in zip(takes, rebuilds, strict=True)]
+            print(summary("1+2. take_over + rebuild", total), flush=True)
         finally:
             await journal.delete_everything()
 
@@ -205,13 +221,15 @@ def e2e(urls: list[str], wire: str, a: argparse.Namespace, log_dir: Path) -> Non
            "TELEMETRY_IDLE_TIMEOUT_S": "600"}
     pool = make_pool(sessions=1, wire=wire)
     settings = Settings.from_env({"TELEMETRY_JWT_KEYS": keys})
-    (s,) = make_sessions(settings, f"takeover{secrets.token_hex(3)}", range(1), pool, 1)
+    sessions = make_sessions(settings, f"takeover{secrets.token_hex(3)}", range(a.e2e_runs),
+                             pool, 1)
     inst = [Target("service", keys=keys, extra_env=env, log_dir=log_dir, pin=None,
                    nice=a.nice) for _ in range(2)]
     try:
         for t in inst:
             t.start()
-        trio.run(e2e_session, inst[0].port, inst[1].port, s, a, wire)
+        for s in sessions:  # one after another, on the same two instances
+            trio.run(e2e_session, inst[0].port, inst[1].port, s, a, wire)
     finally:
         for t in inst:
             t.stop()
@@ -294,6 +312,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--e2e", action="store_true",
                    help="part 3: two service instances (needs the take-over code)")
     p.add_argument("--only-e2e", action="store_true", help="part 3 only")
+    p.add_argument("--e2e-runs", type=int, default=1,
+                   help="part 3: sessions taken over, one after another, per wire format")
     p.add_argument("--retry-ms", type=float, default=50.0,
                    help="part 3: retry a 503 after at most this long")
     p.add_argument("--nice", type=int, default=0, help="part 3: niceness of the instances")
