@@ -306,6 +306,8 @@ class ActorHost:
         finally:
             # Runs on cancellation too, so the registry never keeps a dead actor.
             self._unregister(actor)
+            if actor.moved and self.fleet is not None:
+                self.fleet.lost += 1
             # No checkpoint since leaving the live set: a scrape never sees its
             # skipped batches twice or not at all.
             self.skipped_ended += actor.skipped

@@ -24,7 +24,7 @@ from storage.jetstream import open_jetstream_journal
 from storage.replay import read_replay
 from telemetry.config import Settings
 from tests.support.nats import NatsCluster
-from tests.support.payloads import batch_body, hdr, session_token
+from tests.support.payloads import admin_token, auth, batch_body, hdr, session_token
 from tests.support.ready import poll
 from tests.support.service import Running, running_service
 
@@ -155,3 +155,27 @@ async def test_a_session_nobody_resumes_is_ended_by_another_instance(
             assert b.supervisor.fleet.orphans_claimed >= 1  # type: ignore[union-attr]
     assert len(events) == 1 and events[0]["end_reason"] == "idle_timeout"
     assert_blob_holds(fleet_settings.data_dir, sid, list(range(4)))
+
+
+async def test_the_admin_list_and_end_work_fleet_wide(fleet_settings: Settings) -> None:
+    sid = "sess-admin"
+    with trio.fail_after(90):
+        async with running_service(instance(fleet_settings, "inst-a")) as a, \
+                running_service(instance(fleet_settings, "inst-b")) as b:
+            token = session_token(a.settings, org_id=ORG, session_id=sid)
+            for seq in range(3):
+                assert (await post(a, token, seq)).status_code == 202
+            admin = auth(admin_token(b.settings))
+            r = await b.client.get("/v1/admin/sessions", headers=admin)
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["count"] == 0 and body["scope"] == "instance"  # none live on B
+            assert {"org_id": ORG, "session_id": sid, "owner": "inst-a",
+                    "owner_alive": True} in body["fleet"]["sessions"]
+            assert set(body["fleet"]["instances"]) >= {"inst-a", "inst-b"}
+            # The admin end call reaches B: B takes the session over and ends it.
+            r = await b.client.post(f"/v1/admin/sessions/{sid}/end", headers=admin)
+            assert r.status_code == 200, r.text
+            assert r.json()["end_reason"] == "admin" and r.json()["pose"]["frames"] == 90
+            r = await b.client.get("/v1/admin/sessions", headers=admin)
+            assert sid not in [s["session_id"] for s in r.json()["fleet"]["sessions"]]
