@@ -18,6 +18,8 @@ Tokens are real session tokens (the router reads their ``sid`` claim, unverified
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import subprocess
 from pathlib import Path
 
@@ -25,8 +27,10 @@ import httpx
 import pytest
 import yaml
 
+from telemetry import logs
+from telemetry.asgi import parse_networks
 from telemetry.config import Settings
-from tests.support.payloads import admin_token, session_token
+from tests.support.payloads import admin_token, auth, batch_body, session_token
 from tests.support.ready import poll
 from tests.support.router import (
     Router,
@@ -43,6 +47,8 @@ from tests.support.router import (
     wait_haproxy_up,
     write_eds,
 )
+from tests.support.service import running_service
+from tests.support.wsclient import WsClient
 
 SESSIONS = 500
 
@@ -275,3 +281,44 @@ def test_envoy_accepts_the_shipped_config(tmp_path: Path) -> None:
     done = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(cfg)],
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+async def test_envoy_in_front_of_the_real_service(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The shipped Envoy config before the real service: a batch over HTTP, the same
+    session's pose stream upgraded through the router (token as subprotocol), the end
+    call; the service sees the browser's address through X-Forwarded-For."""
+    caplog.set_level(logging.DEBUG, logger="telemetry")
+    caplog.handler.addFilter(logs.RequestContextFilter())
+    # Envoy appends the address it got the request from to X-Forwarded-For; for a
+    # loopback peer (only here: in production the ALB's VPC address) it appends its own
+    # host address instead, which differs per machine. So everything before the browser
+    # is trusted here; in production that is TELEMETRY_TRUSTED_PROXIES, the VPC.
+    cfg = dataclasses.replace(settings, trusted_proxies=parse_networks("0.0.0.0/0"))
+    async with running_service(cfg) as svc, \
+            running_envoy(tmp_path, "r1", tmp_path / "eds") as router:
+        write_eds(tmp_path / "eds", [("127.0.0.1", svc.port)])
+        await wait_envoy_hosts(router, [svc.port])
+        tok = session_token(cfg, session_id="sess-via-envoy")
+        xff = {"X-Forwarded-For": "203.0.113.77"}  # the ALB's line: the browser's address
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{router.port}",
+                                     timeout=20) as c:
+            first = await c.post("/v1/pose/frames", content=batch_body(0),
+                                 headers={**auth(tok), **xff})
+            # a refusal's log line names the client (truncated)
+            refused = await c.get("/v1/nothing", headers={**xff, "X-Request-Id": "probe-7"})
+            ws = await WsClient.connect(router.port, subprotocols=[
+                "restartix.pose.v1", f"bearer.{tok}"])
+            await ws.send_bytes(batch_body(1))
+            ack = await ws.recv_json()
+            await ws.close()
+            end = await c.post("/v1/sessions/sess-via-envoy/end", headers=auth(tok, None))
+    assert (first.status_code, refused.status_code) == (202, 404), first.text
+    assert refused.headers["x-request-id"] == "probe-7"
+    assert ack == {"seq": 1, "status": 202, "duplicate": False}
+    assert end.status_code == 200, end.text
+    assert end.json()["pose"]["batches"] == 2 and end.json()["pose"]["frames"] == 60
+    seen = [r for r in caplog.records if getattr(r, "request_id", None) == "probe-7"
+            and r.getMessage() == "request"]
+    assert [r.client for r in seen] == ["203.0.113.0"]  # type: ignore[attr-defined]
