@@ -131,6 +131,11 @@ def envoy_hcm() -> dict[str, Any]:
     return hcm["typed_config"]
 
 
+def envoy_hcm_port() -> int:
+    (listener,) = envoy()["static_resources"]["listeners"]
+    return int(listener["address"]["socket_address"]["port_value"])
+
+
 def envoy_cluster() -> dict[str, Any]:
     (cluster,) = envoy()["static_resources"]["clusters"]
     return cluster
@@ -415,11 +420,47 @@ def test_envoy_router_hashes_every_session_route_by_its_sid() -> None:
     # The key is the token's own sid: a client's X-Session-Id is dropped first.
     lua = envoy_filter(".lua")["default_source_code"]["inline_string"]
     assert lua.index('headers:remove("x-session-id")') < lua.index('headers:add("x-session-id"')
-    # The EDS file is the one the sidecar writes by default (deploy/aws/README.md).
     source = cluster["eds_cluster_config"]["eds_config"]["path_config_source"]
     assert Path(source["path"]).parent == Path(source["watched_directory"]["path"])
-    sidecar = (ROOT / "deploy" / "aws" / "README.md").read_text(encoding="utf-8")
-    assert f"--out {source['path']}" in sidecar
+
+
+def _through_mount(c: dict[str, Any], path: str) -> tuple[str, str]:
+    """(volume, path inside it) of a container path."""
+    for m in c["mountPoints"]:
+        if Path(path).is_relative_to(m["containerPath"]):
+            return m["sourceVolume"], str(Path(path).relative_to(m["containerPath"]))
+    raise AssertionError(f"{c['name']}: {path} is on no volume")
+
+
+def test_router_task_feeds_envoy_the_file_it_watches() -> None:
+    """The router task (router-task-definition.json): the sidecar's output file, seen
+    through the shared volume, is the EDS file envoy.yaml watches; Envoy starts after
+    the file exists; the sidecar runs the script the telemetry image ships."""
+    router = load_json("router-task-definition.json")
+    containers = {c["name"]: c for c in router["containerDefinitions"]}
+    assert set(containers) == {"envoy", "eds-sync"}
+    envoy_c, sync = containers["envoy"], containers["eds-sync"]
+    args = sync["command"]
+    out = args[args.index("--out") + 1]
+    source = envoy_cluster()["eds_cluster_config"]["eds_config"]["path_config_source"]
+    assert _through_mount(sync, out) == _through_mount(envoy_c, source["path"])
+    assert envoy_c["dependsOn"] == [{"containerName": "eds-sync", "condition": "HEALTHY"}]
+    assert out in " ".join(sync["healthCheck"]["command"])
+    # The sidecar is in the telemetry image, run as its user, on the image's VOLUME path.
+    assert sync["image"].rsplit(":", 1)[0] == container()["image"].rsplit(":", 1)[0]
+    assert sync["entryPoint"] == ["python", "/opt/restartix/eds_sync.py"]
+    assert any(name == "COPY" and rest.split()[-1] == "/opt/restartix/eds_sync.py"
+               for name, rest in dockerfile_stages()[-1])
+    assert sync["user"] == envoy_c["user"] == container()["user"]
+    assert _through_mount(sync, out)[0] == "eds"
+    assert [m["containerPath"] for m in sync["mountPoints"]] == \
+        [m["containerPath"] for m in container()["mountPoints"]], "the image's VOLUME path"
+    assert args[args.index("--port") + 1] == str(task_settings().port)
+    assert [p["containerPort"] for p in envoy_c["portMappings"]] == [
+        envoy_hcm_port()] == [target_group()["Port"]]
+    assert envoy_c["stopTimeout"] <= FARGATE_MAX_STOP_TIMEOUT_S
+    for c in containers.values():
+        assert c["readonlyRootFilesystem"] is True
 
 
 def test_target_group_drains_and_health_checks() -> None:

@@ -322,3 +322,30 @@ async def test_envoy_in_front_of_the_real_service(
     seen = [r for r in caplog.records if getattr(r, "request_id", None) == "probe-7"
             and r.getMessage() == "request"]
     assert [r.client for r in seen] == ["203.0.113.0"]  # type: ignore[attr-defined]
+
+
+def test_eds_sync_holds_a_missing_address_and_ignores_instances_without_one(
+    tmp_path: Path,
+) -> None:
+    """The sidecar's logic without AWS: an address missing from one answer stays for the
+    hold time; instances without an IPv4 attribute are skipped; the port defaults; the
+    file is replaced whole."""
+    mod = eds_sync()
+    answer = [{"Attributes": {"AWS_INSTANCE_IPV4": "10.0.1.5", "AWS_INSTANCE_PORT": "8080"}},
+              {"Attributes": {"AWS_INSTANCE_IPV4": "10.0.2.7"}},
+              {"Attributes": {"ECS_CLUSTER_NAME": "x"}}]
+    assert mod.addresses_of(answer, 8080) == {("10.0.1.5", 8080), ("10.0.2.7", 8080)}
+    hold = mod.Hold(30.0)
+    both = {("10.0.1.5", 8080), ("10.0.2.7", 8080)}
+    assert hold.update(both, now=100.0) == both
+    assert hold.update({("10.0.1.5", 8080)}, now=120.0) == both  # missed once: kept
+    assert hold.update({("10.0.1.5", 8080)}, now=131.0) == {("10.0.1.5", 8080)}
+    out = tmp_path / "telemetry.json"
+    mod.write_atomically(out, mod.eds_document("telemetry", both))
+    mod.write_atomically(out, mod.eds_document("telemetry", {("10.0.1.5", 8080)}))
+    assert [p.name for p in tmp_path.iterdir()] == ["telemetry.json"]  # no temporary left
+    doc = yaml.safe_load(out.read_text(encoding="utf-8"))
+    (cla,) = doc["resources"]
+    assert cla["cluster_name"] == "telemetry"
+    assert [e["endpoint"]["address"]["socket_address"] for e in
+            cla["endpoints"][0]["lb_endpoints"]] == [{"address": "10.0.1.5", "port_value": 8080}]
