@@ -70,7 +70,7 @@ def moved(before: dict[str, str], after: dict[str, str]) -> set[str]:
 # --------------------------------------------------------------------------- Envoy
 
 
-async def test_envoy_replicas_agree_and_a_ring_change_moves_few_sessions(
+async def test_envoy_replicas_agree_and_a_change_moves_few_sessions(
     tmp_path: Path, tokens: dict[str, str]
 ) -> None:
     names = ["a", "b", "c", "d"]
@@ -165,7 +165,7 @@ async def test_envoy_routes_twenty_instances_and_every_kind_of_request(
         assert sid not in lines
 
 
-async def test_envoy_takes_a_host_that_fails_its_readiness_off_the_ring(
+async def test_envoy_drops_a_host_that_fails_its_readiness(
     tmp_path: Path, tokens: dict[str, str]
 ) -> None:
     """A host that stops answering (a task stopping) leaves the table by health check
