@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 import trio
 
@@ -199,7 +199,6 @@ class FleetSessions:
         for actor in self._host.live():
             owner = survey.owners.get(actor.key)
             if owner is not None and owner.instance != me and not actor.moved:
-                self.lost += 1
                 actor.lose()
         if not self._host.accepting:
             return
@@ -220,16 +219,36 @@ class FleetSessions:
                 # never wrote its log: nothing to carry on.
                 await self._ownership.forget(skey)
 
+    # -- the admin view -----------------------------------------------------------------
+
+    async def listing(self) -> dict[str, Any]:
+        """The whole fleet's sessions by owner, from the ownership records (ids and
+        owners only; each instance's own figures are on its admin list)."""
+        survey = await self._ownership.survey()
+        sessions = [{"org_id": k.split("/")[0], "session_id": k.split("/")[1],
+                     "owner": o.instance or None,
+                     "owner_alive": o.instance in survey.alive}
+                    for k, o in sorted(survey.owners.items())]
+        return {"instance": self.instance, "instances": sorted(survey.alive),
+                "sessions": sessions, "count": len(sessions)}
+
+    async def find(self, session_id: str, org_id: str | None = None) -> list[Key]:
+        """Keys of the fleet's sessions with this id (in ``org_id`` if given)."""
+        survey = await self._ownership.survey()
+        keys = [cast(Key, tuple(k.split("/"))) for k in survey.owners]
+        return sorted(k for k in keys if k[1] == session_id
+                      and (org_id is None or k[0] == org_id))
+
     # -- ends ------------------------------------------------------------------------
 
-    async def finished(self, actor: SessionActor) -> None:
-        """A session finalised here: its ownership record goes (best effort: a record
-        left over names a session with no log, which the sweep's claim finds empty)."""
+    async def finished(self, key: str) -> None:
+        """A session finished here (finalised, or its summary published): its
+        ownership record goes (best effort: a record left over names a session with
+        no log, which a later claim finds empty and deletes)."""
         try:
-            await self._ownership.forget(actor.key)
+            await self._ownership.forget(key)
         except JournalError as exc:
-            log.warning("ownership record not deleted: %s", type(exc).__name__,
-                        extra={"session": actor.log_id})
+            log.warning("ownership record not deleted: %s", type(exc).__name__)
 
     async def passivate(self, actors: list[SessionActor]) -> None:
         """Release the records of the actors handed over at shutdown, then leave the
