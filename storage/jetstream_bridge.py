@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -42,6 +43,9 @@ import trio
 T = TypeVar("T")
 
 BRIDGES = ("thread", "trio-asyncio")
+STOP_TIMEOUT_S = 5.0
+
+log = logging.getLogger("telemetry.journal")
 
 
 class Bridge(Protocol):
@@ -93,18 +97,30 @@ class ThreadBridge:
             for task in pending:
                 task.cancel()
             if pending:
-                self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-            self.loop.close()
+                # Bounded: a nats-py task reconnecting to a cluster that is down was
+                # seen to outlive its cancellation, which hung the join below for good.
+                _, stuck = self.loop.run_until_complete(
+                    asyncio.wait(pending, timeout=STOP_TIMEOUT_S))
+                if stuck:
+                    # The loop stays open: closing it under live tasks raises.
+                    log.warning("%d asyncio tasks did not stop; abandoned", len(stuck))
+                    pending = stuck
+            if not pending or not any(not t.done() for t in pending):
+                self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+                self.loop.close()
 
     def start(self) -> None:
         self._thread.start()
 
     async def stop(self) -> None:
-        """Stop the loop (its remaining tasks are cancelled) and join the thread."""
+        """Stop the loop (its remaining tasks are cancelled, for at most
+        :data:`STOP_TIMEOUT_S`) and join the thread (as long again at most: a daemon
+        thread still running then is left behind, never waited for without end)."""
         if self._thread.is_alive():
             self.loop.call_soon_threadsafe(self.loop.stop)
-            await trio.to_thread.run_sync(self._thread.join)
+            await trio.to_thread.run_sync(self._thread.join, 2 * STOP_TIMEOUT_S)
+            if self._thread.is_alive():
+                log.warning("the journal's asyncio thread did not stop; left behind")
 
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
         async def run() -> T:
