@@ -9,6 +9,7 @@ router and failures is tests/system/test_fleet.py."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from storage.blobs import blob_key
 from storage.jetstream import open_jetstream_journal
 from storage.replay import read_replay
 from telemetry.config import Settings
+from tests.support.metrics import scrape
 from tests.support.nats import NatsCluster
 from tests.support.payloads import admin_token, auth, batch_body, hdr, session_token
 from tests.support.ready import poll
@@ -183,3 +185,19 @@ async def test_the_admin_list_and_end_work_fleet_wide(fleet_settings: Settings) 
                 return sid not in [s["session_id"] for s in r.json()["fleet"]["sessions"]]
 
             await poll(gone, 10)  # the record goes right after the summary is stored
+
+
+def documented_fleet_metrics() -> set[str]:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    return set(re.findall(r"^\| `(telemetry_fleet_[a-z_]+)`", doc, re.M))
+
+
+async def test_fleet_metrics_are_the_documented_ones(fleet_settings: Settings) -> None:
+    """docs/operations.md's telemetry_fleet_* rows against a fleet-mode scrape, both
+    ways (the other metrics: tests/telemetry/test_metrics.py)."""
+    rows = documented_fleet_metrics()
+    async with running_service(instance(fleet_settings, "inst-a")) as a:
+        m = await scrape(a)
+    fleet = {f"{f}_total" if t == "counter" else f
+             for f, t in m.types.items() if f.startswith("telemetry_fleet_")}
+    assert rows and rows == fleet, (sorted(rows), sorted(fleet))
