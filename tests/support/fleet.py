@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import re
 import shutil
@@ -150,6 +151,19 @@ class Fleet:
 
     def live(self) -> list[Instance]:
         return [i for i in self.instances if i.live]
+
+    def cpu_s(self) -> dict[str, float]:
+        """CPU seconds (user + system) of each running instance so far."""
+        out = {}
+        tick = os.sysconf("SC_CLK_TCK")
+        for inst in self.instances:
+            if inst.child is not None and inst.child.returncode is None:
+                with contextlib.suppress(OSError):
+                    fields = Path(f"/proc/{inst.child.pid}/stat").read_text().rsplit(")", 1)[1]
+                    parts = fields.split()
+                    out[f"{inst.name}-gen{inst.generation}"] = (
+                        int(parts[11]) + int(parts[12])) / tick
+        return out
 
     def logs(self) -> str:
         return "\n".join(p.read_text(errors="replace")
@@ -440,8 +454,11 @@ class SessionRun:
                         continue
                     self._unexpected(f"frames seq {seq}", status, _code(data), False)
                     if status == 409:
-                        return  # the session was cut: a browser stops here
+                        self.cut = True  # the session was cut: a browser stops sending
+                        break
                     await trio.sleep(1.0)
+                if self.cut:
+                    break
                 seq += 1
             await self.end(conns)
         finally:

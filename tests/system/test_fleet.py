@@ -24,7 +24,8 @@ WebSocket connect goes to a random live instance.
 
 For debugging only, the environment can change the scenario: ``FLEET_CHAOS=off`` (the
 same load without the chaos steps, to tell a load problem from a fleet one),
-``FLEET_SESSIONS`` and ``FLEET_STREAM_S`` (fewer, shorter sessions).
+``FLEET_SESSIONS`` and ``FLEET_STREAM_S`` (fewer, shorter sessions); ``FLEET_KEEP=DIR``
+keeps the processes' logs there.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ CHAOS_START_S = 12.0  # after the first session's start
 STEP_PAUSE_S = 4.0
 ORG = "org-fleet"
 CHAOS = os.environ.get("FLEET_CHAOS", "on") != "off"
+KEEP = os.environ.get("FLEET_KEEP")  # a directory to copy the processes' logs to
 
 
 @pytest.fixture
@@ -115,14 +117,17 @@ def versioned_bucket(s3: S3Server) -> str:
     return bucket
 
 
-def blob_versions(s3: S3Server, bucket: str) -> dict[str, list[str]]:
-    """Key -> its version ids (a blob written twice has two)."""
+def blob_versions(s3: S3Server, bucket: str) -> dict[str, int]:
+    """Key -> how many versions it has (a blob written twice has two). Listed key by
+    key: moto's paginated ``ListObjectVersions`` drops keys."""
     client = s3.client()
-    out: dict[str, list[str]] = {}
+    out: dict[str, int] = {}
     try:
-        for page in client.get_paginator("list_object_versions").paginate(Bucket=bucket):
-            for v in page.get("Versions", []):
-                out.setdefault(v["Key"], []).append(v["VersionId"])
+        keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket) for o in page.get("Contents", [])]
+        for key in keys:
+            got = client.list_object_versions(Bucket=bucket, Prefix=key)
+            out[key] = sum(1 for v in got.get("Versions", []) if v["Key"] == key)
     finally:
         client.close()
     return out
@@ -183,10 +188,12 @@ async def _state_is(router: Router, name: str, up: bool) -> bool:
 @pytest.mark.parametrize("routed", [True, False], ids=["router", "no-router"])
 async def test_fleet_keeps_every_session(routed: bool, fleet_nats: NatsCluster,
                                          s3_server: S3Server, settings: Settings,
-                                         pool: list[PoolSession], tmp_path: Path) -> None:
+                                         pool: list[PoolSession], private_tmp: Path) -> None:
+    tmp_path = private_tmp
     bucket = await trio.to_thread.run_sync(versioned_bucket, s3_server)
     haproxy = haproxy_binary() if routed else ""
     runs: list[SessionRun] = []
+    router_lines: list[str] = []
     t_start = time.monotonic()
     with trio.fail_after(900):
         async with event_recorder(settings) as (events_url, sink):
@@ -210,12 +217,17 @@ async def test_fleet_keeps_every_session(routed: bool, fleet_nats: NatsCluster,
                            for n, i in enumerate(fleet.instances)]
                 async with _maybe_router(routed, haproxy, tmp_path, servers) as router:
                     if router is not None:
+                        router_lines = router.lines
+                    if router is not None:
                         for inst in fleet.instances[:INSTANCES]:
                             await poll(lambda i=inst: _state_is(router, i.name, True), 30)
                     targets = Targets(fleet, router)
                     setup_s = time.monotonic() - t_start
                     await _run_load(fleet, router, fleet_nats, targets, pool, runs,
                                     settings)
+                    cpu = fleet.cpu_s()
+                    router_notes = [x for x in (router.lines if router else [])
+                                    if " is DOWN" in x or " is UP" in x]
                 # the outbox delivers each event after its end call's answer
                 await poll(lambda: len({e["session_id"] for e in sink.deliveries})
                            >= SESSIONS, 60, 0.5)
@@ -223,6 +235,12 @@ async def test_fleet_keeps_every_session(routed: bool, fleet_nats: NatsCluster,
                 logs = fleet.logs()
             finally:
                 await fleet.aclose()
+                if KEEP:
+                    keep = Path(KEEP) / f"fleet-{'router' if routed else 'no-router'}"
+                    shutil.rmtree(keep, ignore_errors=True)
+                    shutil.copytree(tmp_path / "fleet" / "logs", keep)
+                    (keep / "router.log").write_text(
+                        "\n".join(router_lines), encoding="utf-8")
     load_s = time.monotonic() - t_start - setup_s
 
     # -- what the clients saw
@@ -238,8 +256,10 @@ async def test_fleet_keeps_every_session(routed: bool, fleet_nats: NatsCluster,
                f"{sum(r.transport_errors for r in records)} transport errors, "
                f"{sum(r.reconnects for r in records)} stream reconnects, "
                f"take-over log lines {count_lines(logs, TAKEOVER)}; statuses {dict(statuses)};"
+               f" instance CPU s {cpu};"
                f" set-up {setup_s:.0f} s, load+chaos+end {load_s:.0f} s\n"
-               + "\n".join(f"  +{t - t_start:6.1f} s {what}" for t, what in fleet.events))
+               + "\n".join(f"  +{t - t_start:6.1f} s {what}" for t, what in fleet.events)
+               + "".join(f"\n  router: {x[:160]}" for x in router_notes))
     print("\n" + figures)
 
     cut = {r.sid: r.conflicts_before_end for r in records if r.conflicts_before_end}
@@ -260,9 +280,13 @@ async def test_fleet_keeps_every_session(routed: bool, fleet_nats: NatsCluster,
 
     # -- one blob per session, once, holding exactly the acknowledged batches
     versions = await trio.to_thread.run_sync(blob_versions, s3_server, bucket)
+    by_sid_events = {e["session_id"]: e for e in sink.deliveries}
+    missing = [r.sid for r in records if blob_key(ORG, r.sid) not in versions]
+    assert not missing, (f"{len(missing)} sessions without a blob, e.g. {missing[:3]}; "
+                         f"their events: {[by_sid_events.get(s) for s in missing[:2]]}")
     assert sorted(versions) == sorted(blob_key(ORG, r.sid) for r in records)
-    twice = {k: v for k, v in versions.items() if len(v) != 1}
-    assert not twice, f"blobs written more than once: {len(twice)}"
+    twice = {k: n for k, n in versions.items() if n != 1}
+    assert not twice, f"blobs written more than once: {len(twice)}: {list(twice.items())[:5]}"
 
     # -- one event per session (redeliveries of the same event allowed)
     by_session: dict[str, set[str]] = {}
