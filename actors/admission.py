@@ -39,6 +39,7 @@ from domain.errors import (
     SequenceSkipped,
     SessionEnded,
     SessionEnding,
+    SessionMoving,
     SpaceChanged,
     TelemetryError,
     TimestampsOverlap,
@@ -70,6 +71,7 @@ class Offer:
 # The two answers to a batch that is taken, shared: accepting allocates nothing.
 ACCEPTED = Offer(Verdict.ACCEPT)
 DUPLICATE = Offer(Verdict.DUPLICATE)
+MOVING = Offer(Verdict.ENDING, SessionMoving())
 
 
 def end_refusal(recorded: bool, retry_after: float, *, media: bool = False) -> TelemetryError:
@@ -111,6 +113,7 @@ class Admission(ABC):
     media: MediaTracker
     duplicates: int
     backoff: Backoff
+    moved: bool
     _seq: Sequencer
     _tx: trio.MemorySendChannel[PoseBatch]
     _rate: float
@@ -148,7 +151,10 @@ class Admission(ABC):
 
     def ended_offer(self) -> Offer:
         """The refusal of a batch once the session is ending: :class:`SessionEnded`
-        (409) once the end is durable, :class:`SessionEnding` (retry) before."""
+        (409) once the end is durable, :class:`SessionEnding` (retry) before;
+        :class:`SessionMoving` (retry) once another instance took it over."""
+        if self.moved:
+            return MOVING
         return end_offer(self.end_recorded, self.retry_hint())
 
     def offer(self, batch: PoseBatch) -> Offer:
@@ -272,7 +278,7 @@ class Admission(ABC):
         or :class:`MediaFinished` for a batch the session refuses as a whole, and
         :class:`SessionEnded` once the session is draining (:class:`SessionEnding`
         while its end is not durable yet)."""
-        if self._draining:
+        if self._draining or self.moved:
             self.refuse_media()
         try:
             result = self.media.apply(batch)
@@ -283,4 +289,6 @@ class Admission(ABC):
 
     def refuse_media(self) -> NoReturn:
         """Raise what a media batch gets once the session is ending."""
+        if self.moved:
+            raise SessionMoving()
         raise end_refusal(self.end_recorded, self.retry_hint(), media=True)

@@ -15,6 +15,8 @@ from typing import Any
 
 import trio
 
+from storage.ownership import SessionMoved
+
 # The finalisation steps' logger: their retry lines have always been its.
 log = logging.getLogger("telemetry.finalise")
 
@@ -52,11 +54,15 @@ async def retry(fn: Callable[[], Awaitable[Any]], what: str, log_id: str,
     exponential backoff and jitter, paced by ``backoff`` if given (so a kick ends a
     pause early). Returns ``(ok, result)``. An exception of ``fn`` counts as a failed
     attempt and is logged by type only (messages may name the session);
-    cancellation propagates, whether raised by ``fn`` or during a pause."""
+    cancellation propagates, whether raised by ``fn`` or during a pause, and so does
+    :class:`storage.ownership.SessionMoved` (fleet mode: the session is not this
+    instance's to write any more)."""
     attempt = 0
     while True:
         try:
             result = await fn()
+        except SessionMoved:
+            raise  # not a failure to retry: another instance owns the session now
         except Exception as exc:
             attempt += 1
             log.warning("%s failed (attempt %d): %s", what, attempt, type(exc).__name__,

@@ -21,13 +21,14 @@ side (admission, end calls) is :class:`actors.supervisor.Supervisor`, built on i
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 import trio
 
 from actors.backoff import retry
 from actors.ended import Ended, EndedRegistry, Key, stored_event
 from actors.finalise import publish_and_close
+from actors.fleet import FleetSessions
 from actors.limits import ActorLimits
 from actors.recovery import (
     Forget,
@@ -45,6 +46,7 @@ from domain.privacy import Pseudonymiser
 from storage.blobs import BlobStore
 from storage.bus import Bus
 from storage.journal import Journal
+from storage.ownership import FencedJournal, Ownership
 
 log = logging.getLogger("telemetry.supervisor")
 
@@ -52,9 +54,16 @@ log = logging.getLogger("telemetry.supervisor")
 class ActorHost:
     def __init__(
         self, settings: ActorLimits, *, store: BlobStore, bus: Bus, pseudonyms: Pseudonymiser,
-        journal: Journal | None = None,
+        journal: Journal | None = None, ownership: Ownership | None = None,
     ) -> None:
         self._journal = journal
+        # Fleet mode: sessions move between instances (actors.fleet).
+        self.fleet: FleetSessions | None = None
+        if ownership is not None:
+            assert hasattr(journal, "take_over"), "fleet mode needs a fenced journal"
+            self.fleet = FleetSessions(
+                self, cast(FencedJournal, journal), ownership, lease_s=settings.lease_s,
+                orphan_grace_s=settings.orphan_grace_s, sweep_s=settings.lease_s)
         self._settings = settings
         self.settings = settings
         self.recovered: RecoveryReport | None = None
@@ -82,7 +91,11 @@ class ActorHost:
         """Host the actors until :meth:`drain` has finished."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            if self._journal is not None:
+            if self.fleet is not None:
+                # No start-up recovery: the sessions in the journal belong to the fleet;
+                # this instance takes them over on demand or as orphans (actors.fleet).
+                await nursery.start(self.fleet.run)
+            elif self._journal is not None:
                 report = await self._recover(self._journal)
                 log.info("recovered from spool", extra=vars(report))
                 self.recovered = report
@@ -223,6 +236,8 @@ class ActorHost:
                 await actor.finished.wait()
             for entry in publishing:
                 await entry.stored.wait()
+            if self.fleet is not None:
+                await self.fleet.passivate(actors)
         left = sum(1 for a in actors if not a.finished.is_set())
         left += sum(1 for e in publishing if not e.stored.is_set())
         if left:
@@ -251,6 +266,13 @@ class ActorHost:
     def live(self) -> list[SessionActor]:
         return list(self._live.values())
 
+    def live_actor(self, key: Key) -> SessionActor | None:
+        return self._live.get(key)
+
+    def known_ended(self, key: Key) -> bool:
+        """Held here as ended (its summary, or its finalisation under way)."""
+        return self._entry(key) is not None
+
     def find(self, session_id: str, org_id: str | None = None) -> list[SessionActor]:
         return [
             a for (o, s), a in self._live.items()
@@ -273,6 +295,8 @@ class ActorHost:
         key = (actor.org_id, actor.session_id)
         try:
             await actor.run()
+            if self.fleet is not None and actor.summary is not None:
+                await self.fleet.finished(actor)
             if actor.summary is None and not actor.handed_over and self._journal is not None:
                 # Finalisation raised (a bug). Until the next start resumes it from
                 # disk, the session must neither start afresh nor claim a summary.
@@ -282,6 +306,8 @@ class ActorHost:
         finally:
             # Runs on cancellation too, so the registry never keeps a dead actor.
             self._unregister(actor)
+            if actor.moved and self.fleet is not None:
+                self.fleet.lost += 1
             # No checkpoint since leaving the live set: a scrape never sees its
             # skipped batches twice or not at all.
             self.skipped_ended += actor.skipped

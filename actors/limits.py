@@ -29,3 +29,5 @@ class ActorLimits:
     max_live_sessions: int = 5000
     max_sessions_per_org: int = 1000
     blob_encoding: str | None = None  # None: the replay writer's default
+    lease_s: float = 10.0  # fleet mode only, as orphan_grace_s
+    orphan_grace_s: float = 30.0

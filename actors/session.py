@@ -49,10 +49,12 @@ from actors.sequencer import Sequencer, Verdict
 from actors.summary import build_summary
 from actors.summary import iso_time as _iso
 from domain.claims import SessionClaims
+from domain.errors import SessionMoving
 from domain.pose_batch import PoseBatch
 from storage.blobs import BlobStore
 from storage.bus import Bus
 from storage.journal import Journal
+from storage.ownership import SessionMoved
 from storage.replay import ReplayWriter
 
 log = logging.getLogger("telemetry.actor")
@@ -81,6 +83,9 @@ class SessionActor(Admission, ChunkedApply):
         self.start_written = False
         self._start_lock = trio.Lock()
         self._handover = False
+        # Fleet mode: another instance took the session over (a fenced write was
+        # refused, or the sweep saw its ownership record change): stop, finalise nothing.
+        self.moved = False
         self._admitting = 0
         self._admissions_done = trio.Event()
         self._accepted = 0  # batches the sequencer took (see Admission._mark)
@@ -199,6 +204,15 @@ class SessionActor(Admission, ChunkedApply):
         self._handover = True
         self.request_end("shutdown")
 
+    def lose(self) -> None:
+        """Fleet mode: another instance owns the session now. Stop without finalising;
+        batches and end calls here are told to retry (:class:`SessionMoving`)."""
+        if not self.moved:
+            log.info("session taken over by another instance", extra={"session": self.log_id})
+        self.moved = True
+        self._handover = True
+        self.request_end("moved")
+
     async def persist(self, kind: int, body: bytes) -> None:
         """Make a record durable before it is acknowledged; no-op without a journal.
 
@@ -207,15 +221,19 @@ class SessionActor(Admission, ChunkedApply):
         record may or may not be durable (it was not acknowledged either way)."""
         if self.journal is None:
             return
-        if not self.start_written:
-            async with self._start_lock:
-                if not self.start_written:
-                    await self.journal.append(
-                        self.key, START, encode_claims(self.claims, self.started_wall))
-                    self.start_written = True
-        # Pose floats barely compress (about 11% for 0.5 ms of CPU a batch, measured by
-        # bench/bench_spool.py); media JSON does.
-        await self.journal.append(self.key, kind, body, compress=kind != POSE)
+        try:
+            if not self.start_written:
+                async with self._start_lock:
+                    if not self.start_written:
+                        await self.journal.append(
+                            self.key, START, encode_claims(self.claims, self.started_wall))
+                        self.start_written = True
+            # Pose floats barely compress (about 11% for 0.5 ms of CPU a batch, measured
+            # by bench/bench_spool.py); media JSON does.
+            await self.journal.append(self.key, kind, body, compress=kind != POSE)
+        except SessionMoved:
+            self.lose()
+            raise SessionMoving() from None
 
     def restore_pose(self, batch: PoseBatch) -> None:
         """Recovery: re-apply a spooled batch through the live ordering logic. A
@@ -310,6 +328,10 @@ class SessionActor(Admission, ChunkedApply):
             # Finalisation may have found the rep engine broken at its finish.
             self.end_reason = self.summary["end_reason"]
             self.error = self.summary["error"]
+        except SessionMoved:
+            # Fleet mode: another instance took the session over before this one's
+            # end mark (or a finalisation step) was written; it finishes the session.
+            self.lose()
         except Exception as exc:
             # A bug here must cost this session at most: the others run on. With a
             # spool the session stays on disk at its finalisation step, the next

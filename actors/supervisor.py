@@ -28,6 +28,7 @@ from actors.backoff import MAX_BACKOFF_S, retry
 from actors.durable import MEDIA, session_key
 from actors.ended import Ended as _Ended
 from actors.ended import Key
+from actors.fleet import ELSEWHERE
 from actors.hosting import ActorHost
 from actors.limits import ActorLimits
 from actors.pose_stats import PoseStats
@@ -35,13 +36,20 @@ from actors.sequencer import Verdict
 from actors.session import SessionActor
 from actors.summary import build_summary
 from domain.claims import SessionClaims
-from domain.errors import NotFinalised, SessionEnded, ShuttingDown, TooManySessions
+from domain.errors import (
+    NotFinalised,
+    SessionEnded,
+    SessionMoving,
+    ShuttingDown,
+    TooManySessions,
+)
 from domain.media_batch import MediaBatch
 from domain.pose_batch import PoseBatch
 from domain.privacy import Pseudonymiser
 from storage.blobs import BlobStore, blob_key
 from storage.bus import Bus
 from storage.journal import Journal
+from storage.ownership import Ownership
 
 log = logging.getLogger("telemetry.supervisor")
 
@@ -57,9 +65,10 @@ class Supervisor(ActorHost):
 
     def __init__(
         self, settings: ActorLimits, *, store: BlobStore, bus: Bus, pseudonyms: Pseudonymiser,
-        journal: Journal | None = None,
+        journal: Journal | None = None, ownership: Ownership | None = None,
     ) -> None:
-        super().__init__(settings, store=store, bus=bus, pseudonyms=pseudonyms, journal=journal)
+        super().__init__(settings, store=store, bus=bus, pseudonyms=pseudonyms, journal=journal,
+                         ownership=ownership)
         self.end_wait_s = END_WAIT_S
 
 
@@ -123,6 +132,15 @@ class Supervisor(ActorHost):
             return actor
         if self._entry(key) is not None:
             return None
+        if self.fleet is not None:
+            if self._closed:
+                raise ShuttingDown("service is shutting down")
+            # Another instance may hold the session: take it over (actors.fleet).
+            got = await self.fleet.acquire(key)
+            if got is ELSEWHERE:
+                return None  # its end is recorded and its owner is finishing it: 409
+            if got is not None or self._entry(key) is not None:
+                return got
         # A session finalised before a restart (and past the summary's retention)
         # must not start again and overwrite its blob.
         if await self._store.exists(blob_key(*key)):
@@ -153,6 +171,21 @@ class Supervisor(ActorHost):
         return entry is None or entry.recorded
 
     async def end(self, claims: SessionClaims, reason: str = "client_end") -> dict[str, Any]:
+        """End a session and return its summary (see :meth:`_end`). Fleet mode: if
+        the actor here turns out to have been taken over elsewhere, the call takes
+        the session back once, at once, instead of asking the client to retry."""
+        try:
+            return await self._end(claims, reason)
+        except SessionMoving:
+            actor = self._live.get((claims.org_id, claims.session_id))
+            if self.fleet is None:
+                raise
+            if actor is not None:
+                with trio.move_on_after(self.end_wait_s):
+                    await actor.finished.wait()
+            return await self._end(claims, reason)
+
+    async def _end(self, claims: SessionClaims, reason: str) -> dict[str, Any]:
         """End a session and return its summary; the same summary on repeated calls.
 
         Returns only a stored summary (blob stored and verified, event in the
@@ -170,6 +203,17 @@ class Supervisor(ActorHost):
         if entry is not None:
             return await self._await_entry(entry)
         actor = self._live.get(key)
+        if actor is None and self.fleet is not None:
+            got = await self.fleet.acquire(key)
+            if got is ELSEWHERE:
+                raise NotFinalised("the session has ended and another instance is storing "
+                                   "its summary; ask again", 2.0, recorded=True)
+            entry = self._entry(key)
+            if entry is not None:
+                return await self._await_entry(entry)
+            actor = got
+        if actor is not None and actor.moved:
+            raise SessionMoving()
         if actor is None:
             if await self._store.exists(blob_key(*key)):
                 raise SessionEnded("session ended earlier; its summary is no longer held here")
@@ -196,6 +240,8 @@ class Supervisor(ActorHost):
             await actor.finished.wait()
         if actor.summary is not None:
             return actor.summary
+        if actor.finished.is_set() and actor.moved:
+            raise SessionMoving()
         if actor.finished.is_set() and actor.handed_over:
             raise ShuttingDown("the session was handed over; end it again later")
         if actor.finished.is_set():

@@ -13,6 +13,7 @@ the same module), never by comparing strings.
     │   ├── MailboxFull               mailbox_full
     │   ├── SessionEnding             session_ending (its end is not durable yet)
     │   ├── StorageFull               spool_full (storage.spool.SpoolFull)
+    │   ├── SessionMoving             session_moving (taken over, here or elsewhere)
     │   └── SequenceAheadOfWindow     sequence_ahead_of_window
     ├── RetryLater                    the service cannot answer now; ask again later
     │   ├── StorageUnavailable        storage_unavailable
@@ -106,6 +107,15 @@ class StorageFull(Wait):
 
     code = "spool_full"
     retry_after = 30.0
+
+
+class SessionMoving(Wait):
+    """Fleet mode: the session is changing instance (this one is taking it over, or
+    another one just did); send the same data again shortly, through the router."""
+
+    code = "session_moving"
+    default_message = "the session is moving between instances; send it again"
+    retry_after = 1.0
 
 
 class SequenceAheadOfWindow(Wait):

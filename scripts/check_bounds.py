@@ -66,6 +66,7 @@ IO_FRAMEWORKS = frozenset({
 # actor that needs to fsync is doing an adapter's job).
 STORAGE_INTERFACES: dict[str, str] = {
     "storage.journal": "the Journal interface between admission and the spool",
+    "storage.ownership": "fleet mode's Ownership and FencedJournal interfaces",
     "storage.blobs": "the BlobStore interface and the blob key scheme (its filesystem "
                      "adapter shares the module and needs only the standard library)",
     "storage.bus": "the Bus interface, the Event and its errors (the in-process bus "

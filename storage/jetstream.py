@@ -56,15 +56,19 @@ from storage.jetstream_client import (
     AsyncJournal,
     JetStreamError,
     JetStreamFull,
+    JetStreamMoved,
     Op,
     encode,
     encode_key,
 )
+from storage.jetstream_owners import BUCKET as OWNERS_BUCKET
+from storage.jetstream_owners import AsyncOwners, JetStreamOwnership
 from storage.journal import Record
+from storage.ownership import TakeOver
 from storage.spool_format import check_append, check_key
 
 __all__ = ["DEFAULT_BRIDGE", "JetStreamError", "JetStreamFull", "JetStreamJournal",
-           "encode_key", "open_jetstream_journal"]
+           "JetStreamMoved", "encode_key", "open_jetstream_journal"]
 
 DEFAULT_BRIDGE = "thread"  # why: the module docstring
 
@@ -82,7 +86,8 @@ class JetStreamJournal:
         self._client = client
         self._level = compress_level
         self._open = True
-        self._counts = dict(appends=0, bytes=0, failed=0, unreadable=0)
+        self._counts = dict(appends=0, bytes=0, failed=0, unreadable=0, fenced=0,
+                            take_overs=0)
 
     def stats(self) -> dict[str, Any]:
         return dict(self._counts)
@@ -110,7 +115,16 @@ class JetStreamJournal:
         check_key(key)
         await self._write(Op(key, "remove"))
 
-    async def _write(self, op: Op) -> None:
+    async def take_over(self, key: str) -> TakeOver:
+        """Fleet mode (:mod:`storage.ownership`): replay ``key`` and fence out every
+        other writer; after its earlier operations. Raises ``ClaimLost`` (a
+        JetStreamError) if other writers kept appending meanwhile."""
+        check_key(key)
+        result: TakeOver = await self._write(Op(key, "take"))
+        self._counts["take_overs"] += 1
+        return result
+
+    async def _write(self, op: Op) -> Any:
         if not self._open:
             raise JetStreamError("the journal is closed")
         op.result = concurrent.futures.Future()
@@ -119,7 +133,10 @@ class JetStreamJournal:
         except RuntimeError as exc:  # the loop is gone
             raise JetStreamError("the journal's event loop is closed") from exc
         try:
-            await self._bridge.wait(op.result)
+            return await self._bridge.wait(op.result)
+        except JetStreamMoved:
+            self._counts["fenced"] += 1
+            raise
         except JetStreamError:
             self._counts["failed"] += 1
             raise
@@ -145,9 +162,19 @@ class JetStreamJournal:
             raise JetStreamError("the journal is closed")
         return await self._bridge.call(fn)
 
-    async def delete_everything(self) -> None:
-        """Delete the stream and the bucket (tests and the bench clean up with it)."""
-        await self._read(self._client.delete_everything)
+    async def open_ownership(self, instance: str, lease_s: float,
+                             bucket: str = OWNERS_BUCKET) -> JetStreamOwnership:
+        """Fleet mode: the ownership records (:mod:`storage.jetstream_owners`) on this
+        journal's connection, for ``instance`` with leases of ``lease_s``."""
+        owners = AsyncOwners(self._client.js, bucket=bucket, replicas=self._client.replicas,
+                             lease_s=lease_s)
+        await self._read(owners.open)
+        return JetStreamOwnership(self._bridge, owners, instance)
+
+    async def delete_everything(self, owners_bucket: str = OWNERS_BUCKET) -> None:
+        """Delete the stream, the state bucket and the ownership bucket if there is one
+        (tests and the bench clean up with it)."""
+        await self._read(functools.partial(self._client.delete_everything, owners_bucket))
 
 
 @asynccontextmanager
@@ -155,16 +182,17 @@ async def open_jetstream_journal(
     servers: list[str], *, replicas: int = 3, bridge: str = DEFAULT_BRIDGE,
     stream: str = STREAM, subject_root: str = SUBJECT_ROOT, bucket: str = BUCKET,
     max_bytes: int = -1, timeout_s: float = 5.0, ready_timeout_s: float = 30.0,
-    compress_level: int = 1,
+    compress_level: int = 1, fenced: bool = False,
 ) -> AsyncIterator[JetStreamJournal]:
     """Connect to ``servers``, create or update the stream and the bucket (retried for
     up to ``ready_timeout_s`` while the cluster elects its leaders), yield the
     journal; on exit close the connection and stop the bridge (shielded, bounded).
+    ``fenced``: fleet mode, every session write fenced (:mod:`storage.ownership`).
     Raises :class:`JetStreamError` if the cluster cannot be reached or set up in time."""
     async with open_bridge(bridge) as br:
         client = AsyncJournal(servers=servers, stream=stream, subject_root=subject_root,
                               bucket=bucket, replicas=replicas, max_bytes=max_bytes,
-                              timeout_s=timeout_s)
+                              timeout_s=timeout_s, fenced=fenced)
         journal = JetStreamJournal(br, client, compress_level=compress_level)
         try:
             await br.call(functools.partial(client.open, ready_timeout_s=ready_timeout_s))

@@ -12,6 +12,16 @@ call order); each becomes an asyncio task chained behind the key's previous op:
 * ``set_state`` and ``remove`` wait until every earlier op of the key has *finished*
   (they touch the KV bucket, another stream, so wire order is not enough).
 
+**Fencing** (fleet mode, ``fenced=True``; :mod:`storage.ownership`): every write of a
+session key is published with ``Nats-Expected-Last-Subject-Sequence``, the subject's
+last sequence as this instance last wrote or replayed it (0 for a key it never saw,
+so a new session cannot start over an existing one). A refusal of that condition is
+:class:`JetStreamMoved`. An append then waits for the key's previous op to *finish*
+(its sequence is the next one's condition): appends stay pipelined across keys, one
+at a time within a key (one batch a second per session). A state write also appends
+a state record, fenced, before it updates the bucket, so a session's state is in its
+log too, in order, where :meth:`AsyncJournal.take_over` reads it.
+
 Every op is bounded by ``timeout_s`` (no ack in time: :class:`JetStreamError`), and
 its outcome is put in the op's :class:`concurrent.futures.Future`, which the Trio
 side waits on. An op whose future was cancelled before it was issued is skipped.
@@ -36,6 +46,7 @@ from nats.js import api
 
 from domain.errors import StorageFull
 from storage.journal import JournalError, Record
+from storage.ownership import ClaimLost, SessionMoved, TakeOver
 
 T = TypeVar("T")
 
@@ -43,6 +54,12 @@ T = TypeVar("T")
 FULL_CODES = (10047, 10077, 10078)
 KIND = "Tj-Kind"  # header: the record's kind, decimal
 ZLIB = "Tj-Zlib"  # header present: the payload is zlib-compressed
+EXPECT = "Nats-Expected-Last-Subject-Sequence"
+WRONG_LAST = 10071  # JetStream: "wrong last sequence" (the fence held)
+# Record kinds of the journal's own, never returned by replay: an owner mark (written
+# at a take-over) and a state record (a fenced copy of a state write).
+OWNER_KIND, STATE_KIND = 65534, 65535
+TAKE_OVER_ATTEMPTS = 5
 
 
 class JetStreamError(JournalError):
@@ -52,6 +69,14 @@ class JetStreamError(JournalError):
 
 class JetStreamFull(JetStreamError, StorageFull):
     """The journal stream is at its byte limit: wait and send it again."""
+
+
+class JetStreamMoved(JetStreamError, SessionMoved):
+    """The fence held: another instance wrote the session since this one did."""
+
+
+class JetStreamClaimLost(JetStreamError, ClaimLost):
+    """A take-over kept losing the race for the session's log."""
 
 
 # -- keys <-> subject tokens -----------------------------------------------------------
@@ -108,10 +133,10 @@ class Op:
     """One write, created on the Trio side; ``result`` carries its outcome back."""
 
     key: str
-    what: str  # "append" | "state" | "remove"
+    what: str  # "append" | "state" | "remove" | "take"
     payload: bytes = b""
     headers: dict[str, str] | None = None
-    result: concurrent.futures.Future[None] | None = None
+    result: concurrent.futures.Future[Any] | None = None
 
 
 def _settled(loop: asyncio.AbstractEventLoop, *futs: asyncio.Future[Any] | None
@@ -137,15 +162,18 @@ class AsyncJournal:
     """The connection, the stream and the bucket (see the module docstring)."""
 
     def __init__(self, *, servers: list[str], stream: str, subject_root: str, bucket: str,
-                 replicas: int, max_bytes: int, timeout_s: float) -> None:
+                 replicas: int, max_bytes: int, timeout_s: float, fenced: bool = False) -> None:
         self.servers, self.stream, self.root, self.bucket = servers, stream, subject_root, bucket
         self.replicas, self.max_bytes, self.timeout_s = replicas, max_bytes, timeout_s
+        self.fenced = fenced
+        # Fencing: each key's last subject sequence as this instance knows it.
+        self._last: dict[str, int] = {}
         self.nc: Any = None
         self.js: Any = None
         self.kv: Any = None
         self._inbox = ""
         self._next = 0
-        self._acks: dict[str, asyncio.Future[None]] = {}
+        self._acks: dict[str, asyncio.Future[int]] = {}
         self._chains: dict[str, tuple[asyncio.Future[None], asyncio.Future[None]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -199,10 +227,16 @@ class AsyncJournal:
             except Exception:  # noqa: BLE001 - closing a broken connection
                 pass
 
-    async def delete_everything(self) -> None:
-        """Delete the stream and the bucket (tests, bench)."""
+    async def delete_everything(self, *other_buckets: str) -> None:
+        """Delete the stream and the bucket, and the other buckets that exist (tests,
+        bench)."""
         await guarded("delete", self.js.delete_stream(self.stream))
         await guarded("delete", self.js.delete_key_value(self.bucket))
+        for bucket in other_buckets:
+            try:
+                await self.js.delete_key_value(bucket)
+            except nats.js.errors.NotFoundError:
+                pass
 
     # -- writes ----------------------------------------------------------------------
 
@@ -230,16 +264,19 @@ class AsyncJournal:
         try:
             if prev is not None:
                 try:
+                    pipelined = op.what == "append" and not self.fenced
                     await _settled(asyncio.get_running_loop(),
-                                   prev[0] if op.what == "append" else prev[1])
+                                   prev[0] if pipelined else prev[1])
                 except asyncio.CancelledError:  # closing before it was issued
                     if op.result.set_running_or_notify_cancel():
                         op.result.set_exception(JetStreamError("the journal closed"))
                     raise
             if not op.result.set_running_or_notify_cancel():
                 return  # cancelled by its caller before it was issued
+            # A take-over replays the whole log: one round trip per record.
+            limit = self.timeout_s * (12 if op.what == "take" else 1)
             try:
-                await asyncio.wait_for(self._issue(op, issued), self.timeout_s)
+                value = await asyncio.wait_for(self._issue(op, issued), limit)
             except asyncio.CancelledError:  # the journal is closing
                 op.result.set_exception(JetStreamError("the journal closed"))
                 raise
@@ -247,34 +284,67 @@ class AsyncJournal:
                 op.result.set_exception(
                     exc if isinstance(exc, JetStreamError) else _mapped(exc, op.what))
             else:
-                op.result.set_result(None)
+                op.result.set_result(value)
         finally:
             if not issued.done():
                 issued.set_result(None)
 
-    async def _issue(self, op: Op, issued: asyncio.Future[None]) -> None:
+    async def _issue(self, op: Op, issued: asyncio.Future[None]) -> Any:
         if op.what == "append":
-            self._next += 1
-            token = str(self._next)
-            ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._acks[token] = ack
-            try:
-                await self.nc.publish(self.subject(op.key), op.payload,
-                                      reply=f"{self._inbox}.{token}",
-                                      headers={**(op.headers or {}),
-                                               "Nats-Expected-Stream": self.stream})
-                issued.set_result(None)
-                await ack
-            finally:
-                self._acks.pop(token, None)
+            await self._publish(op.key, op.payload, op.headers or {}, issued)
         elif op.what == "state":
+            if self.fenced and op.key in self._last:
+                await self._publish(op.key, op.payload, {KIND: str(STATE_KIND)}, None)
             await self.kv.put(encode_key(op.key), op.payload)
+        elif op.what == "take":
+            return await self._take_over(op.key)
         else:
             await self.js.purge_stream(self.stream, subject=self.subject(op.key))
+            self._last.pop(op.key, None)
             try:
                 await self.kv.purge(encode_key(op.key))
             except nats.js.errors.KeyNotFoundError:
                 pass
+        return None
+
+    async def _publish(self, key: str, payload: bytes, headers: dict[str, str],
+                       issued: asyncio.Future[None] | None) -> int:
+        """Publish one message of ``key`` and wait for its ack (fenced in fleet mode);
+        returns its stream sequence."""
+        self._next += 1
+        token = str(self._next)
+        ack: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._acks[token] = ack
+        headers = {**headers, "Nats-Expected-Stream": self.stream}
+        if self.fenced:
+            headers[EXPECT] = str(self._last.get(key, 0))
+        try:
+            await self.nc.publish(self.subject(key), payload,
+                                  reply=f"{self._inbox}.{token}", headers=headers)
+            if issued is not None:
+                issued.set_result(None)
+            seq = await ack
+        finally:
+            self._acks.pop(token, None)
+        if self.fenced:
+            self._last[key] = seq
+        return seq
+
+    async def _take_over(self, key: str) -> TakeOver:
+        """Replay ``key``, then append an owner mark fenced on the last record read;
+        again if another writer got in between (see :mod:`storage.ownership`)."""
+        for _ in range(TAKE_OVER_ATTEMPTS):
+            records, _bad, last, state = await self._read_log(key)
+            self._last[key] = last
+            if last == 0:
+                return TakeOver(records, state)  # no log: nothing to fence against
+            try:
+                await self._publish(key, b"", {KIND: str(OWNER_KIND)}, None)
+            except JetStreamMoved:
+                continue
+            return TakeOver(records, state)
+        self._last.pop(key, None)
+        raise JetStreamClaimLost("journal take-over: other writers kept appending")
 
     async def _on_ack(self, msg: Any) -> None:
         ack = self._acks.pop(msg.subject.rsplit(".", 1)[-1], None)
@@ -290,7 +360,10 @@ class AsyncJournal:
             return
         err = resp.get("error") if isinstance(resp, dict) else {"description": "bad ack"}
         if not err:
-            ack.set_result(None)
+            ack.set_result(int(resp.get("seq") or 0))
+        elif err.get("err_code") == WRONG_LAST:
+            ack.set_exception(JetStreamMoved("journal write refused: the session was "
+                                             "taken over by another instance"))
         elif err.get("err_code") in FULL_CODES or "maximum bytes" in str(err.get("description")):
             ack.set_exception(JetStreamFull("journal append: the stream is full"))
         else:
@@ -306,36 +379,44 @@ class AsyncJournal:
             if isinstance(exc.__cause__, nats.js.errors.KeyNotFoundError):
                 return None
             raise
-        try:
-            state = json.loads(entry.value or b"")
-        except ValueError:
-            return None
-        return state if isinstance(state, dict) else None
+        return _state(entry.value or b"")
 
     async def replay(self, key: str) -> tuple[list[Record], int]:
         """``key``'s records in stream order, and how many were unreadable (skipped)."""
+        records, bad, _, _ = await self._read_log(key)
+        return records, bad
+
+    async def _read_log(self, key: str
+                        ) -> tuple[list[Record], int, int, dict[str, Any] | None]:
+        """``key``'s records (the journal's own kinds left out), the unreadable count,
+        the subject's last sequence (0: no messages) and its last state record."""
         subject = self.subject(key)
         info = await guarded("replay", self.js.stream_info(self.stream,
                                                            subjects_filter=subject))
         if not (info.state.subjects or {}).get(subject):
-            return [], 0
+            return [], 0, 0, None
         # One leader-served get per record (read-your-writes after a fail-over, no
         # consumer to create and clean up). A batched get is the speed-up for long
         # sessions' take-over (a later step).
-        records, bad, seq = [], 0, max(1, int(info.state.first_seq or 1))
+        records: list[Record] = []
+        bad, seq, last = 0, max(1, int(info.state.first_seq or 1)), 0
+        state: dict[str, Any] | None = None
         while True:
             try:
                 raw = await self.js.get_msg(self.stream, seq=seq, subject=subject, next=True)
             except nats.js.errors.NotFoundError:
-                return records, bad
+                return records, bad, last, state
             except Exception as exc:
                 raise _mapped(exc, "replay") from exc
+            last = int(raw.seq)
             rec = _record(raw)
             if rec is None:
                 bad += 1
-            else:
+            elif rec.kind == STATE_KIND:
+                state = _state(rec.payload)
+            elif rec.kind != OWNER_KIND:
                 records.append(rec)
-            seq = int(raw.seq) + 1
+            seq = last + 1
 
     async def sessions(self) -> list[str]:
         info = await guarded("sessions", self.js.stream_info(
@@ -350,11 +431,19 @@ class AsyncJournal:
         return sorted(keys)
 
 
+def _state(data: bytes) -> dict[str, Any] | None:
+    try:
+        state = json.loads(data or b"")
+    except ValueError:
+        return None
+    return state if isinstance(state, dict) else None
+
+
 def _record(msg: Any) -> Record | None:
     try:
         headers = msg.headers or {}
         kind = int(headers[KIND])
-        data = zlib.decompress(msg.data) if ZLIB in headers else bytes(msg.data)
+        data = zlib.decompress(msg.data) if ZLIB in headers else bytes(msg.data or b"")
         return Record(kind, data)
     except (KeyError, ValueError, zlib.error):
         return None

@@ -230,7 +230,15 @@ def create_app(state: AppState) -> LeanApp:
     async def admin_sessions() -> Response:
         admin()
         live = [a.snapshot() for a in state.supervisor.live()]
-        return jsonify({"sessions": live, "count": len(live)})
+        fleet = state.supervisor.fleet
+        if fleet is None:
+            return jsonify({"sessions": live, "count": len(live), "scope": "instance"})
+        # Fleet mode: this instance's sessions with their figures, and every
+        # instance's sessions (ids and owners) from the ownership records.
+        with storage_boundary():
+            everywhere = await fleet.listing()
+        return jsonify({"sessions": live, "count": len(live), "scope": "instance",
+                        "fleet": everywhere})
 
     def one(session_id: str) -> Any:
         if not is_safe_id(session_id):
@@ -243,6 +251,22 @@ def create_app(state: AppState) -> LeanApp:
             raise AmbiguousSession("session id is live in several organisations; pass ?org_id=")
         logs.set_session(found[0].log_id)
         return found[0]
+
+    async def one_anywhere(session_id: str) -> Any:
+        """:func:`one`; in fleet mode a session live on another instance is taken
+        over here first (the end call works on whichever instance it reaches)."""
+        fleet = state.supervisor.fleet
+        if fleet is None or not is_safe_id(session_id) or state.supervisor.find(
+                session_id, request.args.get("org_id")):
+            return one(session_id)
+        with storage_boundary():
+            keys = await fleet.find(session_id, request.args.get("org_id"))
+            if len(keys) > 1:
+                raise AmbiguousSession("session id is live in several organisations; "
+                                       "pass ?org_id=")
+            if keys:
+                await fleet.acquire(keys[0])
+        return one(session_id)
 
     @app.get("/v1/admin/sessions/<session_id>")
     async def admin_session(session_id: str) -> Response:
@@ -265,7 +289,7 @@ def create_app(state: AppState) -> LeanApp:
                         key, "admin", lambda: state.supervisor.end_ended(key)))
                 except KeyError:
                     pass  # expired meanwhile: not live, as below
-        actor = one(session_id)
+        actor = await one_anywhere(session_id)
         summary = await timed_end((actor.org_id, actor.session_id), "admin",
                                   lambda: state.supervisor.end(actor.claims, reason="admin"))
         return jsonify(summary)

@@ -45,6 +45,7 @@ from telemetry.config_spec import (
     AtLeast,
     ConfigError,
     OneOf,
+    SafeId,
     SubsetOf,
     integer,
     load,
@@ -271,8 +272,23 @@ class Settings:
                                    "holds it.")
     shutdown_mode: str = setting(
         "TELEMETRY_SHUTDOWN_MODE", "flush", check=OneOf(("flush", "finalise")),
-        doc="On SIGTERM: `flush` (leave live sessions in the spool for the next start) or "
-            "`finalise` (end them).")
+        doc="On SIGTERM: `flush` (leave live sessions in the journal: the next start, or in "
+            "fleet mode any instance, carries them on) or `finalise` (end them).")
+    # -- fleet mode (TELEMETRY_JOURNAL=jetstream): session ownership, docs/fleet.md
+    instance_id: str = setting(
+        "TELEMETRY_INSTANCE_ID", "", shown="(random per start)", blank_is_unset=True,
+        check=SafeId(), allowed="a safe id (`[A-Za-z0-9_.-]`, 1-128)",
+        doc="This instance's name in the fleet's ownership records; unset: a random one "
+            "per start (a restarted instance is a new owner).")
+    lease_s: float = _seconds("TELEMETRY_LEASE_S", 10.0, 1.0,
+                              "Fleet mode: an instance's lease; its heartbeat is renewed "
+                              "every third of it, and its sessions are orphans once it "
+                              "expires.")
+    orphan_grace_s: float = _seconds("TELEMETRY_ORPHAN_GRACE_S", 30.0, 0.0,
+                                     "Fleet mode: how long a session released at "
+                                     "passivation waits for its client before another "
+                                     "instance claims it (then it ends by idle timeout if "
+                                     "nobody resumes it).")
     # -- the network in front
     cors_origins: tuple[str, ...] = setting(
         "TELEMETRY_CORS_ORIGINS", (), parse=_cors, allowed="`scheme://host[:port]`, ...",

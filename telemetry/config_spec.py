@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from domain.claims import is_safe_id
+
 META = "telemetry.setting"
 
 
@@ -85,6 +87,19 @@ class OneOf:
 
     def __str__(self) -> str:
         return "one of " + ", ".join(f"`{a}`" for a in self.allowed)
+
+
+@dataclass(frozen=True)
+class SafeId:
+    """Empty (unset), or a safe id: ``[A-Za-z0-9_.-]``, 1-128 characters."""
+
+    def __call__(self, name: str, value: Any) -> None:
+        if value and not is_safe_id(str(value)):
+            raise ConfigError(f"{name}={str(value)[:20]!r}: not a safe id "
+                              "([A-Za-z0-9_.-], 1-128 characters)")
+
+    def __str__(self) -> str:
+        return "a safe id"
 
 
 @dataclass(frozen=True)

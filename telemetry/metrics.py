@@ -354,6 +354,20 @@ class StateCollector(Collector):
         skipped = supervisor.skipped_ended + sum(a.skipped for a in supervisor.live())
         yield _counter("batches_skipped", "Batches never received: skipped after the "
                        "gap timeout, or when the session ended with a gap.", skipped)
+        fleet = supervisor.fleet
+        if fleet is not None:
+            yield _counter("fleet_take_overs", "Sessions this instance took over from the "
+                           "journal (a request or an orphan claim).", fleet.take_overs)
+            yield _counter("fleet_take_over_seconds", "Seconds spent taking sessions over "
+                           "(replay and rebuild); divide by fleet_take_overs.",
+                           fleet.take_over_seconds)
+            yield _counter("fleet_sessions_lost", "Actors stopped here because another "
+                           "instance took their session over.", fleet.lost)
+            yield _counter("fleet_orphans_claimed", "Sessions claimed here after their "
+                           "owner's lease expired or it passivated them.",
+                           fleet.orphans_claimed)
+            yield _counter("fleet_sweep_failures", "Ownership sweeps that failed (NATS "
+                           "unreachable); retried at the next one.", fleet.sweep_failures)
 
     def _spool(self) -> Iterator[Metric]:
         spool = self._src.spool()

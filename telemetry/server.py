@@ -117,7 +117,8 @@ async def serve(
     and bounded, and ``Cancelled`` propagates afterwards."""
     pseudonyms = Pseudonymiser(settings.pseudonym_key)
     supervisor = Supervisor(actor_limits(settings), store=storage.store, bus=storage.bus,
-                            pseudonyms=pseudonyms, journal=storage.journal)
+                            pseudonyms=pseudonyms, journal=storage.journal,
+                            ownership=storage.ownership)
     state = AppState(settings, supervisor, TokenVerifier(settings), pseudonyms, storage=storage)
     app = close_on_connection_close(cors(
         create_app(state), settings.cors_origins,

@@ -18,6 +18,7 @@ here: the entry point starts :meth:`Storage.run_maintenance` in its root nursery
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from storage.blobs import BlobStore, FilesystemBlobStore
 from storage.bus import Bus, InProcessBus
 from storage.journal import Journal
 from storage.outbox import Outbox
+from storage.ownership import Ownership
 from storage.spool import Spool
 from telemetry.auth import mint_service_token
 from telemetry.config import Settings
@@ -44,6 +46,7 @@ class Storage:
     transport: Bus | None = None  # the bus the outbox delivers to (in-process or HTTP)
     spool: Spool | None = None  # the local journal (its committer runs in serve)
     journal: Journal | None = None  # what the supervisor journals to: the spool or JetStream
+    ownership: Ownership | None = None  # fleet mode: who owns which session
     sink: object | None = None  # storage.sink.AggregateSink in embedded mode
     db: object | None = None  # storage.pg.Database in embedded mode
 
@@ -94,7 +97,8 @@ def actor_limits(settings: Settings) -> ActorLimits:
         shutdown_deadline_s=settings.shutdown_deadline_s, shutdown_mode=settings.shutdown_mode,
         max_live_sessions=settings.max_live_sessions,
         max_sessions_per_org=settings.max_sessions_per_org,
-        blob_encoding=settings.blob_encoding,
+        blob_encoding=settings.blob_encoding, lease_s=settings.lease_s,
+        orphan_grace_s=settings.orphan_grace_s,
     )
 
 
@@ -151,8 +155,11 @@ async def open_storage(settings: Settings) -> AsyncIterator[Storage]:
         if settings.journal == "jetstream":
             from storage.jetstream import open_jetstream_journal
 
-            storage.journal = await exits.enter_async_context(open_jetstream_journal(
-                list(settings.nats_urls), replicas=settings.journal_replicas))
+            journal = await exits.enter_async_context(open_jetstream_journal(
+                list(settings.nats_urls), replicas=settings.journal_replicas, fenced=True))
+            storage.journal = journal
+            storage.ownership = await journal.open_ownership(
+                settings.instance_id or uuid.uuid4().hex[:12], settings.lease_s)
         if settings.bus == "inprocess" and settings.sink == "embedded":
             from storage.migrate import migrate
             from storage.pg import Database
