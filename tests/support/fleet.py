@@ -30,7 +30,6 @@ import contextlib
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import time
@@ -41,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import httpx
 import trio
 from hypercorn.trio import serve as hypercorn_serve
 
@@ -56,6 +56,7 @@ from telemetry.config import Settings
 from telemetry.server import hypercorn_config
 from telemetry.sink_app import EVENTS_PATH, create_sink_app
 from telemetry.wiring import actor_limits
+from tests.support.metrics import Scrape
 from tests.support.ports import free_port
 from tests.support.processes import Child, running_process, service
 from tests.support.rawhttp import RawHttp
@@ -67,6 +68,9 @@ SUBPROTOCOL = "restartix.pose.v1"
 REQUEST_TIMEOUT_S = 30.0
 # A browser keeps at most 4 batches in flight on its stream (docs/pose-stream.md).
 WS_WINDOW = 4
+FLEET_COUNTERS = ("telemetry_fleet_take_overs_total", "telemetry_fleet_take_over_seconds_total",
+                  "telemetry_fleet_sessions_lost_total", "telemetry_fleet_orphans_claimed_total",
+                  "telemetry_fleet_sweep_failures_total")
 TRANSPORT_ERRORS = (ConnectionError, OSError, trio.BrokenResourceError,
                     trio.ClosedResourceError, trio.TooSlowError, EOFError)
 
@@ -99,6 +103,7 @@ class Fleet:
         self.env = dict(env)
         self.instances: list[Instance] = []
         self.events: list[tuple[float, str]] = []  # (monotonic, what happened)
+        self.counters: Counter[str] = Counter()  # fleet counters of stopped instances
 
     def note(self, what: str) -> None:
         self.events.append((time.monotonic(), what))
@@ -123,9 +128,24 @@ class Fleet:
         self.note(f"{inst.name} gen{inst.generation} up ({took:.1f} s to ready)")
         return took
 
+    async def scrape(self, inst: Instance) -> None:
+        """Add ``inst``'s fleet counters (take-overs...) to :attr:`counters`; a failed
+        scrape is noted, not raised (the figures are for the report)."""
+        try:
+            async with httpx.AsyncClient(timeout=10) as client:
+                r = await client.get(inst.url + "/metrics")
+            scrape = Scrape(r.text)
+        except (httpx.HTTPError, ValueError) as exc:
+            self.note(f"{inst.name}: no /metrics ({type(exc).__name__})")
+            return
+        for name, _, value in scrape.samples:
+            if name in FLEET_COUNTERS:
+                self.counters[name.removeprefix("telemetry_fleet_")] += value
+
     async def stop(self, inst: Instance, timeout_s: float = 90) -> int:
         """SIGTERM and wait for the exit; the exit status."""
         assert inst.child is not None
+        await self.scrape(inst)
         inst.live = False
         self.note(f"{inst.name} SIGTERM")
         inst.child.signal(signal.SIGTERM)
@@ -142,6 +162,10 @@ class Fleet:
             shutil.rmtree(self.data_dir(inst))
             self.note(f"{inst.name} data directory deleted")
         return code
+
+    async def scrape_all(self) -> None:
+        for inst in self.live():
+            await self.scrape(inst)
 
     async def aclose(self) -> None:
         for inst in self.instances:
@@ -682,13 +706,6 @@ def differences(a: Any, b: Any, path: str = "") -> list[str]:
     return [] if a == b else [f"{path}: {a!r} != {b!r}"]
 
 
-TAKEOVER = re.compile(r"take.?over|took over|claim", re.IGNORECASE)
-
-
-def count_lines(text: str, pattern: re.Pattern[str]) -> int:
-    return sum(1 for line in text.splitlines() if pattern.search(line))
-
-
 __all__ = ["Fleet", "Instance", "RecordingSink", "Refusal", "Router", "SessionRecord",
-           "SessionRun", "Targets", "comparable", "count_lines", "differences", "event_recorder",
+           "SessionRun", "Targets", "comparable", "differences", "event_recorder",
            "reference_summaries", "router_config", "running_router"]

@@ -52,13 +52,11 @@ from storage.blobs import blob_key
 from storage.replay_reader import read_replay
 from telemetry.config import Settings
 from tests.support.fleet import (
-    TAKEOVER,
     Fleet,
     Router,
     SessionRun,
     Targets,
     comparable,
-    count_lines,
     differences,
     event_recorder,
     reference_summaries,
@@ -226,13 +224,13 @@ async def test_fleet_keeps_every_session(routed: bool, fleet_nats: NatsCluster,
                     await _run_load(fleet, router, fleet_nats, targets, pool, runs,
                                     settings)
                     cpu = fleet.cpu_s()
+                    await fleet.scrape_all()
                     router_notes = [x for x in (router.lines if router else [])
                                     if " is DOWN" in x or " is UP" in x]
                 # the outbox delivers each event after its end call's answer
                 await poll(lambda: len({e["session_id"] for e in sink.deliveries})
                            >= SESSIONS, 60, 0.5)
                 await trio.sleep(1.0)  # a second delivery would arrive now
-                logs = fleet.logs()
             finally:
                 await fleet.aclose()
                 if KEEP:
@@ -255,7 +253,7 @@ async def test_fleet_keeps_every_session(routed: bool, fleet_nats: NatsCluster,
                f"{len(refusals)} 503/429 ({Counter(f.code for f in refusals)}), "
                f"{sum(r.transport_errors for r in records)} transport errors, "
                f"{sum(r.reconnects for r in records)} stream reconnects, "
-               f"take-over log lines {count_lines(logs, TAKEOVER)}; statuses {dict(statuses)};"
+               f"fleet counters {dict(fleet.counters)}; statuses {dict(statuses)};"
                f" instance CPU s {cpu};"
                f" set-up {setup_s:.0f} s, load+chaos+end {load_s:.0f} s\n"
                + "\n".join(f"  +{t - t_start:6.1f} s {what}" for t, what in fleet.events)
