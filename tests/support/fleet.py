@@ -43,6 +43,7 @@ from typing import Any, Literal
 import httpx
 import trio
 from hypercorn.trio import serve as hypercorn_serve
+from wsproto.utilities import LocalProtocolError
 
 from actors.supervisor import Supervisor
 from bench.loadgen import PoolSession
@@ -72,7 +73,7 @@ FLEET_COUNTERS = ("telemetry_fleet_take_overs_total", "telemetry_fleet_take_over
                   "telemetry_fleet_sessions_lost_total", "telemetry_fleet_orphans_claimed_total",
                   "telemetry_fleet_sweep_failures_total")
 TRANSPORT_ERRORS = (ConnectionError, OSError, trio.BrokenResourceError,
-                    trio.ClosedResourceError, trio.TooSlowError, EOFError)
+                    trio.ClosedResourceError, trio.TooSlowError, EOFError, LocalProtocolError)
 
 
 # -- the instances --------------------------------------------------------------------
@@ -368,6 +369,7 @@ class SessionRecord:
     sent_batches: int = 0  # the highest seq created + 1
     summary: dict[str, Any] | None = None
     end_attempts: int = 0
+    timeline: list[str] = field(default_factory=list)  # every answer but a 2xx, in order
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -402,6 +404,9 @@ class SessionRun:
         return bytes(pool_batch_body(self.pool.batches[seq % len(self.pool.batches)], seq))
 
     # -- bookkeeping --
+
+    def note(self, what: str) -> None:
+        self.rec.timeline.append(f"{trio.current_time() - self.t0:7.1f} {what}")
 
     def _refused(self, what: str, seq: int | None, status: int, code: str,
                  retry_after: float | None) -> float:
@@ -441,15 +446,20 @@ class SessionRun:
         headers = {"Authorization": f"Bearer {self.token}"}
         if content_type:
             headers["Content-Type"] = content_type
+        what = "end" if path.endswith("/end") else f"seq {int.from_bytes(body[8:12], 'little')}"
         try:
             with trio.fail_after(REQUEST_TIMEOUT_S):
-                return await conn.request("POST", path, headers, body)
-        except TRANSPORT_ERRORS:
+                got = await conn.request("POST", path, headers, body)
+        except TRANSPORT_ERRORS as exc:
             self.rec.transport_errors += 1
+            self.note(f"{what} -> :{port} {type(exc).__name__}")
             with contextlib.suppress(*TRANSPORT_ERRORS):
                 await conn.aclose()
             conns.pop(port, None)
             return None
+        if got[0] >= 300 or what == "end":
+            self.note(f"{what} -> :{port} {got[0]} {_code(got[2]) if got[0] >= 300 else ''}")
+        return got
 
     async def run_http(self, stop: trio.Event) -> None:
         conns: dict[int, RawHttp] = {}
@@ -537,6 +547,7 @@ class SessionRun:
         except WsRefused as exc:
             self.rec.statuses[f"handshake {exc.status}"] += 1
             code = _code(exc.body)
+            self.note(f"handshake -> :{port} {exc.status} {code}")
             if exc.status in (429, 503):
                 await trio.sleep(self._refused("handshake", None, exc.status, code,
                                                _retry_after(exc.headers.get("retry-after"))))
@@ -544,20 +555,25 @@ class SessionRun:
                 self._unexpected("handshake", exc.status, code, False)
                 await trio.sleep(1.0)
             return None
-        except TRANSPORT_ERRORS:
+        except TRANSPORT_ERRORS as exc:
             self.rec.transport_errors += 1
+            self.note(f"handshake -> :{port} {type(exc).__name__}")
             await trio.sleep(0.5)
             return None
         self.rec.statuses["handshake 101"] += 1
+        self.note(f"stream open -> :{port}")
         self._succeeded(None)
         return ws
 
     async def _stream(self, ws: WsClient, stop: trio.Event, next_seq: int) -> int:
         """Send on ``ws`` until it breaks or everything is acknowledged after ``stop``;
-        the next sequence number to create."""
+        the next sequence number to create. As the browser client does, a batch
+        waiting to be resent after a 503 keeps its place in the window, so the
+        stream is never more than :data:`WS_WINDOW` batches ahead of its oldest
+        unacknowledged one."""
         state = {"next": next_seq}
-        resend = [s for s in range(next_seq) if s not in self.rec.acked]
-        in_flight: set[int] = set()
+        outstanding = {s for s in range(next_seq) if s not in self.rec.acked}
+        resend = sorted(outstanding)
         wake = trio.Event()
         broken = False
 
@@ -573,15 +589,17 @@ class SessionRun:
                     ack = await ws.recv_json()
                     seq, status = ack.get("seq"), int(ack.get("status", 0))
                     self.rec.statuses[f"ws {status}"] += 1
-                    in_flight.discard(seq)
                     if status == 202:
+                        outstanding.discard(seq)
                         self._acked(seq)
                     elif status in (429, 503):
-                        pause = self._refused("stream", seq, status,
-                                              str((ack.get("error") or {}).get("code")),
+                        code = str((ack.get("error") or {}).get("code"))
+                        self.note(f"stream seq {seq} {status} {code}")
+                        pause = self._refused("stream", seq, status, code,
                                               _retry_after(ack.get("retry_after")))
                         nursery.start_soon(later, seq, pause)
                     else:
+                        outstanding.discard(seq)
                         self._unexpected(f"stream seq {seq}", status,
                                          str((ack.get("error") or {}).get("code")), False)
                         if status == 409:
@@ -589,8 +607,10 @@ class SessionRun:
                     poke()
             except WsClosed as exc:
                 self.rec.statuses[f"ws close {exc.code}"] += 1
-            except TRANSPORT_ERRORS:
+                self.note(f"stream closed {exc.code}")
+            except TRANSPORT_ERRORS as exc:
                 self.rec.transport_errors += 1
+                self.note(f"stream broken {type(exc).__name__}")
             broken = True
             cancel.cancel()
 
@@ -604,32 +624,32 @@ class SessionRun:
             nursery.start_soon(receiver, nursery.cancel_scope)
             try:
                 while not stop_all.is_set():
-                    if resend and len(in_flight) < WS_WINDOW:
+                    if resend:
                         seq = min(resend)
                         resend.remove(seq)
                         if seq in self.rec.acked:
                             continue
-                    elif (not stop.is_set() and len(in_flight) < WS_WINDOW
+                    elif (not stop.is_set() and len(outstanding) < WS_WINDOW
                           and trio.current_time() >= self._due(state["next"])):
                         seq = state["next"]
                         state["next"] += 1
                         self.rec.sent_batches = state["next"]
+                        outstanding.add(seq)
                     else:
-                        if stop.is_set() and not in_flight and not resend and all(
-                                s in self.rec.acked for s in range(state["next"])):
+                        if stop.is_set() and not outstanding:
                             break
                         w = wake
                         due = (self._due(state["next"])
-                               if not stop.is_set() and len(in_flight) < WS_WINDOW
+                               if not stop.is_set() and len(outstanding) < WS_WINDOW
                                else float("inf"))
                         with trio.move_on_at(due):
                             await w.wait()
                         continue
-                    in_flight.add(seq)
                     with trio.fail_after(REQUEST_TIMEOUT_S):
                         await ws.send_bytes(self.body(seq))
-            except TRANSPORT_ERRORS:
+            except TRANSPORT_ERRORS as exc:
                 self.rec.transport_errors += 1
+                self.note(f"stream send failed {type(exc).__name__}")
                 broken = True
             nursery.cancel_scope.cancel()
         if broken or stop_all.is_set():

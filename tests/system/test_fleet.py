@@ -204,6 +204,8 @@ async def test_fleet_keeps_every_session(routed: bool, fleet_nats: NatsCluster,
                 "BLOB_ENCODING": "f32",
                 "BUS": "http", "BUS_URL": events_url,
                 "TRUSTED_PROXIES": "127.0.0.0/8",
+                # take-overs, passivations and session ends are logged at INFO
+                "LOG_LEVEL": "INFO",
             })
             try:
                 for _ in range(INSTANCES + 1):
@@ -239,6 +241,15 @@ async def test_fleet_keeps_every_session(routed: bool, fleet_nats: NatsCluster,
                     shutil.copytree(tmp_path / "fleet" / "logs", keep)
                     (keep / "router.log").write_text(
                         "\n".join(router_lines), encoding="utf-8")
+                    (keep / "sessions.json").write_text(json.dumps({
+                        r.rec.sid: {"transport": r.rec.transport,
+                                    "acked": len(r.rec.acked), "timeline": r.rec.timeline,
+                                    "end_reason": (r.rec.summary or {}).get("end_reason")}
+                        for r in runs}, indent=1), encoding="utf-8")
+                    (keep / "events.json").write_text(
+                        json.dumps(sink.deliveries, indent=1), encoding="utf-8")
+                    (keep / "ports.txt").write_text("\n".join(
+                        f"{i.name} {i.port}" for i in fleet.instances), encoding="utf-8")
     load_s = time.monotonic() - t_start - setup_s
 
     # -- what the clients saw
