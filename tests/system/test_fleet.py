@@ -271,63 +271,83 @@ async def test_fleet_keeps_every_session(routed: bool, fleet_nats: NatsCluster,
                + "".join(f"\n  router: {x[:160]}" for x in router_notes))
     print("\n" + figures)
 
-    cut = {r.sid: r.conflicts_before_end for r in records if r.conflicts_before_end}
-    assert not cut, f"sessions cut (409 before their end call): {len(cut)}: " + str(
-        list(cut.items())[:5])
-    errors = {r.sid: r.server_errors for r in records if r.server_errors}
-    assert not errors, f"5xx: {len(errors)} sessions: {list(errors.items())[:5]}"
-    other = {r.sid: r.other for r in records if r.other}
-    assert not other, f"unexpected answers: {list(other.items())[:5]}"
-    no_ra = [f for f in refusals if f.retry_after is None]
-    assert not no_ra, f"{len(no_ra)} refusals without Retry-After: {no_ra[:5]}"
-    failed = [f for f in refusals if not f.succeeded]
-    assert not failed, f"{len(failed)} refusals whose retry never succeeded: {failed[:5]}"
-    unended = [r.sid for r in records if r.summary is None]
-    assert not unended, f"{len(unended)} sessions without an end summary"
-    for r in records:
-        assert r.acked == set(range(r.sent_batches)), r.sid  # the client never gave up
+    # Every check runs and every failure is reported together: one run of this
+    # test is expensive, and the failures explain each other.
+    problems: list[str] = []
 
-    # -- one blob per session, once, holding exactly the acknowledged batches
+    def check(ok: object, what: str, items: list[Any] | dict[str, Any]) -> None:
+        if not ok:
+            shown = list(items.items())[:4] if isinstance(items, dict) else items[:4]
+            problems.append(f"{what}: {len(items)}, e.g. {shown}")
+
+    cut = {r.sid: r.conflicts_before_end for r in records if r.conflicts_before_end}
+    check(not cut, "sessions cut (409 before their end call)", cut)
+    errors = {r.sid: r.server_errors for r in records if r.server_errors}
+    check(not errors, "sessions that saw a 5xx other than 503", errors)
+    other = {r.sid: r.other for r in records if r.other}
+    check(not other, "sessions with other unexpected answers", other)
+    no_ra = [f for f in refusals if f.retry_after is None]
+    check(not no_ra, "503/429 without Retry-After", no_ra)
+    failed = [f for f in refusals if not f.succeeded]
+    check(not failed, "503/429 whose retry never succeeded", failed)
+    unended = [r.sid for r in records if r.summary is None]
+    check(not unended, "sessions without an end summary", unended)
+    holes = {r.sid: sorted(set(range(r.sent_batches)) - r.acked)[:5] for r in records
+             if r.acked != set(range(r.sent_batches))}
+    check(not holes, "sessions with batches never acknowledged", holes)
+
+    # -- one blob per session, written once
     versions = await trio.to_thread.run_sync(blob_versions, s3_server, bucket)
-    by_sid_events = {e["session_id"]: e for e in sink.deliveries}
     missing = [r.sid for r in records if blob_key(ORG, r.sid) not in versions]
-    assert not missing, (f"{len(missing)} sessions without a blob, e.g. {missing[:3]}; "
-                         f"their events: {[by_sid_events.get(s) for s in missing[:2]]}")
-    assert sorted(versions) == sorted(blob_key(ORG, r.sid) for r in records)
+    check(not missing, "sessions without a blob", missing)
+    stray = sorted(set(versions) - {blob_key(ORG, r.sid) for r in records})
+    check(not stray, "blobs of no session", stray)
     twice = {k: n for k, n in versions.items() if n != 1}
-    assert not twice, f"blobs written more than once: {len(twice)}: {list(twice.items())[:5]}"
+    check(not twice, "blobs written more than once (versions)", twice)
 
     # -- one event per session (redeliveries of the same event allowed)
     by_session: dict[str, set[str]] = {}
     for e in sink.deliveries:
         by_session.setdefault(e["session_id"], set()).add(json.dumps(e, sort_keys=True))
-    assert sorted(by_session) == sorted(r.sid for r in records)
+    no_event = [r.sid for r in records if r.sid not in by_session]
+    check(not no_event, "sessions without an event", no_event)
     several = {s: len(v) for s, v in by_session.items() if len(v) != 1}
-    assert not several, f"sessions with more than one event: {several}"
-    events = {s: json.loads(next(iter(v))) for s, v in by_session.items()}
+    check(not several, "sessions with more than one event", several)
+    events = {s: json.loads(sorted(v)[0]) for s, v in by_session.items()}
 
-    by_sid = {r.rec.sid: r for r in runs}
-    # the same settings as the instances where they shape the metrics
+    # -- each blob holds exactly the acknowledged batches; the metrics are those one
+    # process computes from them (the same settings where they shape the metrics)
     references = await reference_summaries(dataclasses.replace(settings, blob_encoding="f32"), [
         (run.token, [run.body(s) for s in sorted(run.rec.acked)]) for run in runs])
-    mismatched = []
-    for sid, run in by_sid.items():
-        event, rec = events[sid], run.rec
+    wrong_blob: dict[str, str] = {}
+    mismatched: dict[str, list[str]] = {}
+    for run in runs:
+        sid, rec = run.rec.sid, run.rec
+        event = events.get(sid)
+        if event is None or blob_key(ORG, sid) not in versions:
+            continue
+        if event["end_reason"] != "client_end":
+            wrong_blob[sid] = f"end_reason {event['end_reason']}"
         blob = await trio.to_thread.run_sync(get_blob, s3_server, bucket, blob_key(ORG, sid))
-        assert event["blob"]["sha256"] == hashlib.sha256(blob).hexdigest(), sid
+        if (event.get("blob") or {}).get("sha256") != hashlib.sha256(blob).hexdigest():
+            wrong_blob[sid] = "the event names another blob"
         replay = read_replay(blob)
         sent = [decode_batch(run.body(s), max_frames=1000) for s in sorted(rec.acked)]
-        np.testing.assert_array_equal(replay.t_ms, np.concatenate([b.t_ms for b in sent]))
-        np.testing.assert_array_equal(replay.frames, np.concatenate([b.frames for b in sent]))
-        assert event["end_reason"] == "client_end", (sid, event["end_reason"])
-        assert rec.summary is not None
+        t_ms = np.concatenate([b.t_ms for b in sent])
+        frames = np.concatenate([b.frames for b in sent])
+        if not (np.array_equal(replay.t_ms, t_ms)
+                and np.array_equal(replay.frames, frames, equal_nan=True)):
+            wrong_blob[sid] = (f"blob has {len(replay.t_ms)} frames, the acknowledged "
+                               f"batches {len(t_ms)}")
         ref = comparable(references[sid])
-        diff = (differences(comparable(event), ref)
-                + differences(comparable(rec.summary), ref))
+        diff = differences(comparable(event), ref)
+        if rec.summary is not None:
+            diff += differences(comparable(rec.summary), ref)
         if diff:
-            mismatched.append((sid, diff[:6]))
-    assert not mismatched, (f"{len(mismatched)} sessions whose metrics differ from a "
-                            f"single-process replay: {mismatched[:5]}")
+            mismatched[sid] = diff[:6]
+    check(not wrong_blob, "blobs that are not exactly the acknowledged batches", wrong_blob)
+    check(not mismatched, "metrics that differ from a single-process replay", mismatched)
+    assert not problems, "\n".join(problems)
 
 
 class _NoRouter:
