@@ -34,6 +34,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import resource
 import shutil
 import time
 import uuid
@@ -116,16 +117,14 @@ def versioned_bucket(s3: S3Server) -> str:
 
 
 def blob_versions(s3: S3Server, bucket: str) -> dict[str, int]:
-    """Key -> how many versions it has (a blob written twice has two). Listed key by
-    key: moto's paginated ``ListObjectVersions`` drops keys."""
+    """Key -> how many versions it has (a blob written twice has two). One listing:
+    moto copies every object's bytes for each ``ListObjectVersions`` call."""
     client = s3.client()
     out: dict[str, int] = {}
     try:
-        keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(
-            Bucket=bucket) for o in page.get("Contents", [])]
-        for key in keys:
-            got = client.list_object_versions(Bucket=bucket, Prefix=key)
-            out[key] = sum(1 for v in got.get("Versions", []) if v["Key"] == key)
+        for page in client.get_paginator("list_object_versions").paginate(Bucket=bucket):
+            for v in page.get("Versions", []):
+                out[v["Key"]] = out.get(v["Key"], 0) + 1
     finally:
         client.close()
     return out
@@ -297,6 +296,7 @@ async def test_fleet_keeps_every_session(routed: bool, fleet_nats: NatsCluster,
     check(not holes, "sessions with batches never acknowledged", holes)
 
     # -- one blob per session, written once
+    _phase("blobs")
     versions = await trio.to_thread.run_sync(blob_versions, s3_server, bucket)
     missing = [r.sid for r in records if blob_key(ORG, r.sid) not in versions]
     check(not missing, "sessions without a blob", missing)
@@ -317,6 +317,7 @@ async def test_fleet_keeps_every_session(routed: bool, fleet_nats: NatsCluster,
 
     # -- each blob holds exactly the acknowledged batches; the metrics are those one
     # process computes from them (the same settings where they shape the metrics)
+    _phase("references")
     references = await reference_summaries(dataclasses.replace(settings, blob_encoding="f32"), [
         (run.token, [run.body(s) for s in sorted(run.rec.acked)]) for run in runs])
     wrong_blob: dict[str, str] = {}
@@ -345,9 +346,16 @@ async def test_fleet_keeps_every_session(routed: bool, fleet_nats: NatsCluster,
             diff += differences(comparable(rec.summary), ref)
         if diff:
             mismatched[sid] = diff[:6]
+    _phase("compared")
     check(not wrong_blob, "blobs that are not exactly the acknowledged batches", wrong_blob)
     check(not mismatched, "metrics that differ from a single-process replay", mismatched)
     assert not problems, "\n".join(problems)
+
+
+def _phase(name: str) -> None:
+    if KEEP:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
+        print(f"[fleet] {name}: peak RSS {peak} MB", flush=True)
 
 
 class _NoRouter:
