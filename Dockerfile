@@ -35,6 +35,9 @@ RUN groupadd --system --gid 10001 telemetry \
  && chown 10001:10001 /var/lib/telemetry \
  && chmod 0700 /var/lib/telemetry
 COPY --from=build /install /usr/local
+# The Envoy router's discovery sidecar (standard library and boto3): the router task runs
+# this image a second time as `python /opt/restartix/eds_sync.py ...` (deploy/aws/README.md).
+COPY deploy/envoy/eds_sync.py /opt/restartix/eds_sync.py
 # The data directory (spool, outbox) is the only place the service writes, so the task
 # runs with a read-only root filesystem and mounts a volume here. Fargate creates a bind
 # mount root-owned 0755 unless the image declares the path as a VOLUME: then it takes

@@ -241,14 +241,14 @@ class FleetSessions:
 
     # -- ends ------------------------------------------------------------------------
 
-    async def finished(self, actor: SessionActor) -> None:
-        """A session finalised here: its ownership record goes (best effort: a record
-        left over names a session with no log, which the sweep's claim finds empty)."""
+    async def finished(self, key: str) -> None:
+        """A session finished here (finalised, or its summary published): its
+        ownership record goes (best effort: a record left over names a session with
+        no log, which a later claim finds empty and deletes)."""
         try:
-            await self._ownership.forget(actor.key)
+            await self._ownership.forget(key)
         except JournalError as exc:
-            log.warning("ownership record not deleted: %s", type(exc).__name__,
-                        extra={"session": actor.log_id})
+            log.warning("ownership record not deleted: %s", type(exc).__name__)
 
     async def passivate(self, actors: list[SessionActor]) -> None:
         """Release the records of the actors handed over at shutdown, then leave the

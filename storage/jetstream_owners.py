@@ -25,6 +25,7 @@ dropped, an issued one may still take effect).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import time
@@ -62,10 +63,22 @@ class AsyncOwners:
         self.js, self.bucket, self.replicas, self.lease_s = js, bucket, replicas, lease_s
         self.kv: Any = None
 
-    async def open(self) -> None:
+    async def open(self, ready_timeout_s: float = 30.0) -> None:
+        """Create (or bind) the bucket, retrying while the cluster has no leader for
+        it yet, up to ``ready_timeout_s``."""
         config = api.KeyValueConfig(bucket=self.bucket, history=1, replicas=self.replicas,
                                     storage=api.StorageType.FILE)
-        self.kv = await guarded("opening the owners bucket", self.js.create_key_value(config))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ready_timeout_s
+        while True:
+            try:
+                self.kv = await guarded("opening the owners bucket",
+                                        self.js.create_key_value(config))
+                return
+            except JetStreamError:
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.25)
 
     async def _get(self, key: str) -> Any:
         try:

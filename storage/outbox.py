@@ -39,6 +39,12 @@ event that keeps failing holds up only the later events of its own session.
   and any delivery the receiver answered (accepted or rejected) ends it. One
   failing event alone never pauses the others.
 
+**Confirmed mode** (``confirm=True``, fleet mode): :meth:`Outbox.publish` returns
+only once the event has left the outbox (delivered, or set aside in ``dead/``).
+The instance's disk may be lost with the instance in a fleet, so the caller keeps
+its own durable record of the event (the session's journal, replicated) until then,
+and a take-over elsewhere publishes it again: the disk only spreads retries out.
+
 Attempt counts live in memory and restart from 0 after a restart. A crash after
 the bus accepted an event but before its file was deleted delivers it again.
 
@@ -108,8 +114,11 @@ class Outbox:
         max_attempts: int = 50,
         concurrency: int = 4,
         rng: random.Random | None = None,
+        confirm: bool = False,
     ) -> None:
         self.root = Path(root).absolute()
+        self._confirm = confirm
+        self._gone: dict[str, trio.Event] = {}  # confirmed publishes waiting, by name
         self._dir = OutboxDir(self.root)
         self._bus = bus
         self._limiter = limiter if limiter is not None else trio.CapacityLimiter(2)
@@ -164,6 +173,8 @@ class Outbox:
             await writing.wait()  # the same id is being written: wait for its outcome
         if name in self._entries:
             await trio.lowlevel.checkpoint()
+            if self._confirm:
+                await self._until_gone(name)
             return
         seq = self._last_seq = max(time.time_ns(), self._last_seq + 1)
         try:
@@ -181,6 +192,13 @@ class Outbox:
         finally:
             del self._writing[name]
             done.set()
+        if self._confirm:
+            await self._until_gone(name)
+
+    async def _until_gone(self, name: str) -> None:
+        """Wait until the event ``name`` has left the outbox (delivered or dead)."""
+        if name in self._entries:
+            await self._gone.setdefault(name, trio.Event()).wait()
 
     async def aclose(self) -> None:
         """Stop delivery (events stay on disk for the next start), refuse further
@@ -383,6 +401,9 @@ class Outbox:
     def _drop(self, entry: _Entry) -> None:
         if self._entries.get(entry.name) is entry:
             del self._entries[entry.name]
+            gone = self._gone.pop(entry.name, None)
+            if gone is not None:
+                gone.set()
 
     # -- the directory (worker threads) --------------------------------------------------
 

@@ -148,8 +148,10 @@ async def open_storage(settings: Settings) -> AsyncIterator[Storage]:
         else None
     if settings.journal == "jetstream":
         spool = None
-    storage = Storage(store=store, bus=Outbox(data / "outbox", bus), transport=bus, spool=spool,
-                      journal=spool)
+    # Fleet mode: a summary counts as published once delivered, not once on this
+    # instance's disk, which may go with the instance (storage.outbox, confirmed mode).
+    outbox = Outbox(data / "outbox", bus, confirm=settings.journal == "jetstream")
+    storage = Storage(store=store, bus=outbox, transport=bus, spool=spool, journal=spool)
     exits = AsyncExitStack()
     try:
         if settings.journal == "jetstream":

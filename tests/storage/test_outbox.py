@@ -436,3 +436,21 @@ async def test_pending_files_from_before_the_upgrade_load_and_keep_session_order
     assert sorted(bus.received) == sorted(e["event_id"] for _, e in old)
     s1 = [eid for eid in bus.received if ":s-s-1-" in eid]
     assert s1 == [sid(0, "s-1")["event_id"], sid(1, "s-1")["event_id"]]  # by seq
+
+
+async def test_confirmed_publish_returns_once_delivered(tmp_path: Path,
+                                                      autojump_clock: object) -> None:
+    """Fleet mode: publish returns only after the receiver took the event (or it was
+    set aside), since the disk may be lost with the instance; before that a
+    cancelled publish leaves the caller's own record in charge."""
+    bus = FakeBus(fail_first=3, reject=frozenset({ev("bad")["event_id"]}))
+    outbox = Outbox(tmp_path, bus, base_delay_s=0.5, max_delay_s=4.0, confirm=True,
+                    rng=random.Random(1))
+    async with delivering(outbox):
+        with trio.move_on_after(0.1) as early:
+            await outbox.publish(ev(1, **S1))  # the bus fails at first: not yet
+        assert early.cancelled_caught and bus.received == []
+        await outbox.publish(ev(1, **S1))  # the same id: waits for that delivery
+        assert bus.received == [ev(1)["event_id"]] and outbox.depth == 0
+        await outbox.publish(ev("bad"))  # rejected: set aside in dead/, and returns
+        assert outbox.stats()["dead"] == 1

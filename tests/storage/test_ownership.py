@@ -150,3 +150,19 @@ async def test_concurrent_claims_one_wins(nats_cluster: NatsCluster) -> None:
         owner = await oa.owner(KEY)
         assert owner is not None and owner.instance in ("inst-a", "inst-b")
         assert results.count(True) >= 1
+
+
+async def test_a_long_log_is_replayed_whole_and_in_order(nats_cluster: NatsCluster) -> None:
+    """Past BATCHED_FROM records the replay goes through a consumer: same answer."""
+    async with two_instances(nats_cluster) as ((a, _), (b, _)):
+        sent = [Record(2, f"batch-{i}".encode() * (i % 7 + 1)) for i in range(100)]
+        await a.append(KEY, 1, b"start")
+        for i, rec in enumerate(sent):
+            await a.append(KEY, rec.kind, rec.payload, compress=bool(i % 2))
+            if i == 50:
+                await a.set_state(KEY, {"step": "upload", "end_reason": "admin"})
+        taken = await b.take_over(KEY)
+        assert taken.records == [Record(1, b"start"), *sent]
+        assert taken.state == {"step": "upload", "end_reason": "admin"}
+        assert await b.replay(KEY) == taken.records
+        await b.append(KEY, 2, b"after")  # B's fence is the owner mark it wrote

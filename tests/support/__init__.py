@@ -9,6 +9,7 @@ The rules the tests follow are in ``tests/README.md``. Modules:
 * :mod:`.ready` - the one readiness wait, and ``poll`` for any other condition;
 * :mod:`.s3` - the AWS environment and the moto S3 server (fixtures ``s3_server``...);
 * :mod:`.nats` - a real 3-node NATS JetStream cluster (fixture ``nats_cluster``);
+* :mod:`.router` - the session routers (Envoy, HAProxy) on loopback, stub backends;
 * :mod:`.pg` - real Postgres (fixtures ``pg_admin_url``, ``pg_url``, ``pg_db``) and events;
 * :mod:`.wsclient` - the WebSocket client; :mod:`.rawhttp` - a raw HTTP/1.1 client;
 * :mod:`.faults` - failure injection, and everything a fault test needs as ``fu``;

