@@ -27,6 +27,7 @@ clients that behave like the browser's.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
 import random
@@ -67,6 +68,9 @@ ROOT = Path(__file__).resolve().parents[2]
 HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
 SUBPROTOCOL = "restartix.pose.v1"
 REQUEST_TIMEOUT_S = 30.0
+# The browser client gives up on a WebSocket handshake after 10 s (connectTimeoutMs).
+CONNECT_TIMEOUT_S = 10.0
+_OPENED: contextvars.ContextVar[list[WsClient]] = contextvars.ContextVar("fleet_ws_opened")
 # A browser keeps at most 4 batches in flight on its stream (docs/pose-stream.md).
 WS_WINDOW = 4
 FLEET_COUNTERS = ("telemetry_fleet_take_overs_total", "telemetry_fleet_take_over_seconds_total",
@@ -540,8 +544,10 @@ class SessionRun:
 
     async def _connect(self) -> WsClient | None:
         port = await self.targets.pick()
+        opened: list[WsClient] = []
+        _OPENED.set(opened)  # task-local: the client a timed-out handshake leaves open
         try:
-            with trio.fail_after(REQUEST_TIMEOUT_S):
+            with trio.fail_after(CONNECT_TIMEOUT_S):
                 ws = await SendLockedWs.connect(
                     port, subprotocols=[SUBPROTOCOL, f"bearer.{self.token}"])
         except WsRefused as exc:
@@ -556,6 +562,9 @@ class SessionRun:
                 await trio.sleep(1.0)
             return None
         except TRANSPORT_ERRORS as exc:
+            for client in opened:
+                with contextlib.suppress(*TRANSPORT_ERRORS):
+                    await client.aclose()
             self.rec.transport_errors += 1
             self.note(f"handshake -> :{port} {type(exc).__name__}")
             await trio.sleep(0.5)
@@ -671,6 +680,9 @@ class SendLockedWs(WsClient):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self._send_lock = trio.Lock()
+        opened = _OPENED.get(None)
+        if opened is not None:
+            opened.append(self)
 
     async def _send(self, event: Any) -> None:
         async with self._send_lock:
