@@ -44,7 +44,7 @@ from typing import Any, Literal
 import httpx
 import trio
 from hypercorn.trio import serve as hypercorn_serve
-from wsproto.utilities import LocalProtocolError
+from wsproto.utilities import ProtocolError
 
 from actors.supervisor import Supervisor
 from bench.loadgen import PoolSession
@@ -77,7 +77,7 @@ FLEET_COUNTERS = ("telemetry_fleet_take_overs_total", "telemetry_fleet_take_over
                   "telemetry_fleet_sessions_lost_total", "telemetry_fleet_orphans_claimed_total",
                   "telemetry_fleet_sweep_failures_total")
 TRANSPORT_ERRORS = (ConnectionError, OSError, trio.BrokenResourceError,
-                    trio.ClosedResourceError, trio.TooSlowError, EOFError, LocalProtocolError)
+                    trio.ClosedResourceError, trio.TooSlowError, EOFError, ProtocolError)
 
 
 # -- the instances --------------------------------------------------------------------
@@ -539,7 +539,11 @@ class SessionRun:
             ws = await self._connect()
             if ws is None:
                 continue
-            next_seq = await self._stream(ws, stop, next_seq)
+            try:
+                next_seq = await self._stream(ws, stop, next_seq)
+            finally:
+                with contextlib.suppress(*TRANSPORT_ERRORS):
+                    await ws.aclose()
         await self.end()
 
     async def _connect(self) -> WsClient | None:
@@ -661,13 +665,15 @@ class SessionRun:
                 self.note(f"stream send failed {type(exc).__name__}")
                 broken = True
             nursery.cancel_scope.cancel()
-        if broken or stop_all.is_set():
-            self.rec.reconnects += 1
+        try:
+            if broken or stop_all.is_set():
+                self.rec.reconnects += 1
+            else:
+                with contextlib.suppress(*TRANSPORT_ERRORS, WsClosed):
+                    await ws.close()
+        finally:
             with contextlib.suppress(*TRANSPORT_ERRORS):
-                await ws.aclose()
-        else:
-            with contextlib.suppress(*TRANSPORT_ERRORS, WsClosed):
-                await ws.close()
+                await ws.aclose()  # also after a close that failed half-way
         if stop_all.is_set():
             self.cut = True
         return state["next"]

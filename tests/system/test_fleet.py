@@ -34,6 +34,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import resource
 import shutil
 import time
@@ -82,6 +83,7 @@ STEP_PAUSE_S = 4.0
 ORG = "org-fleet"
 CHAOS = os.environ.get("FLEET_CHAOS", "on") != "off"
 KEEP = os.environ.get("FLEET_KEEP")  # a directory to copy the processes' logs to
+ROUTER_STATE = re.compile(r"Server telemetry/(tel\d+) is (DOWN|UP)")
 
 
 @pytest.fixture
@@ -228,8 +230,9 @@ async def test_fleet_keeps_every_session(routed: bool, fleet_nats: NatsCluster,
                                     settings)
                     cpu = fleet.cpu_s()
                     await fleet.scrape_all()
-                    router_notes = [x for x in (router.lines if router else [])
-                                    if " is DOWN" in x or " is UP" in x]
+                    router_notes = Counter(
+                        m.group(1, 2) for x in (router.lines if router else [])
+                        if not x.startswith("[") and (m := ROUTER_STATE.search(x)))
                 # the outbox delivers each event after its end call's answer
                 await poll(lambda: len({e["session_id"] for e in sink.deliveries})
                            >= SESSIONS, 60, 0.5)
@@ -269,7 +272,8 @@ async def test_fleet_keeps_every_session(routed: bool, fleet_nats: NatsCluster,
                f" instance CPU s {cpu};"
                f" set-up {setup_s:.0f} s, load+chaos+end {load_s:.0f} s\n"
                + "\n".join(f"  +{t - t_start:6.1f} s {what}" for t, what in fleet.events)
-               + "".join(f"\n  router: {x[:160]}" for x in router_notes))
+               + (f"\n  router: servers marked down/up {dict(router_notes)}"
+                  if routed else ""))
     print("\n" + figures)
 
     # Every check runs and every failure is reported together: one run of this
