@@ -429,6 +429,7 @@ class SessionRun:
 
     def _unexpected(self, what: str, status: int, code: str, ended: bool) -> None:
         text = f"{what} {status} {code}"
+        self.note(text)
         if status == 409 and not ended:
             self.rec.conflicts_before_end.append(text)
         elif status >= 500:
