@@ -16,6 +16,8 @@ The rules the tests follow are in ``tests/README.md``. Modules:
 * :mod:`.datadir` - what a service left in its data directory;
 * :mod:`.metrics` - a parsed ``/metrics`` scrape;
 * :mod:`.harness` - a supervisor with in-memory storage, no HTTP;
+* :mod:`.fleet` - a fleet on loopback for the system test: instances, HAProxy, an event
+  recorder, browser-like session clients, the single-process reference;
 * :mod:`.browser`, :mod:`.media`, :mod:`.static_files` - Chromium, test media, a file server.
 
 ``tests/conftest.py`` registers the fixtures of :mod:`.pg`, :mod:`.s3` and :mod:`.nats`.
