@@ -121,6 +121,7 @@ class Admission(ABC):
     _tokens_at: float
     _admitting: int
     _admissions_done: trio.Event
+    _persisting: dict[int, int]  # seq -> admissions of it awaiting the journal
     _accepted: int
     _draining: bool
     _handover: bool
@@ -176,7 +177,10 @@ class Admission(ABC):
             self.duplicates += 1
             return DUPLICATE
         if verdict is not Verdict.ACCEPT:
-            return _sequence_offer(verdict, message, self.settings.gap_timeout_s)
+            # Soon, well before the gap timeout: by then the missing batch has usually
+            # arrived; at the gap timeout itself the retry would race the skip.
+            return _sequence_offer(verdict, message,
+                                   min(1.0, self.settings.gap_timeout_s / 4))
         now = trio.current_time()
         self._tokens = min(2 * self._rate, self._tokens + (now - self._tokens_at) * self._rate)
         self._tokens_at = now
@@ -223,12 +227,20 @@ class Admission(ABC):
         ``trio.Cancelled`` on (nothing queued)."""
         mark = self._mark()
         self._admitting += 1
+        # While it is being made durable, the gap timer must not skip it: it would be
+        # in the journal, and refused here (a later replay would then apply it).
+        self._persisting[batch.seq] = self._persisting.get(batch.seq, 0) + 1
         try:
             await self.persist(POSE, body)
             if mark != self._mark() or self._draining or self._handover:
                 return self.accept(batch)
             return self._queue(batch)
         finally:
+            left = self._persisting[batch.seq] - 1
+            if left:
+                self._persisting[batch.seq] = left
+            else:
+                del self._persisting[batch.seq]
             self._admission_ended()
 
     def accept(self, batch: PoseBatch) -> Offer:

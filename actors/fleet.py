@@ -139,6 +139,13 @@ class FleetSessions:
         if not taken.records:
             if state.get("step") == "publish":  # ended empty: its log never existed
                 host.resume_publish(skey, state["summary"])
+                return None
+            # Finalised elsewhere between the first read and the claim: its log is
+            # gone and its summary kept.
+            kept = await journal.state(ended_key(skey))
+            if kept is not None and isinstance(kept.get("summary"), dict):
+                host.remember(key[0], key[1], kept["summary"],
+                              host.settings.ended_retention_s)
             return None
         state = taken.state or {}
         if state.get("step") == "publish":

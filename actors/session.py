@@ -87,6 +87,7 @@ class SessionActor(Admission, ChunkedApply):
         # refused, or the sweep saw its ownership record change): stop, finalise nothing.
         self.moved = False
         self._admitting = 0
+        self._persisting: dict[int, int] = {}
         self._admissions_done = trio.Event()
         self._accepted = 0  # batches the sequencer took (see Admission._mark)
         self._draining = False
@@ -240,6 +241,12 @@ class SessionActor(Admission, ChunkedApply):
         record the sequencer calls a duplicate (two retries raced to the spool) is
         skipped, as it was live."""
         verdict, _ = self._seq.check(batch.seq, batch.first_t, batch.last_t)
+        while verdict is Verdict.AHEAD_OF_WINDOW:
+            # Acknowledged beyond the window: live, the gap timer had skipped the
+            # missing batches before it came (skips are not journaled; a journaled
+            # batch was acknowledged, so the gap is what was never received).
+            self._skip_gap()
+            verdict, _ = self._seq.check(batch.seq, batch.first_t, batch.last_t)
         if verdict is not Verdict.ACCEPT:
             return
         if self.space is None:
@@ -393,7 +400,8 @@ class SessionActor(Admission, ChunkedApply):
                 self.end_reason = "max_duration"
             elif now >= self.last_batch_mono + s.idle_timeout_s:
                 self.end_reason = "idle_timeout"
-            elif self._gap_since is not None and now >= self._gap_since + s.gap_timeout_s:
+            elif (self._gap_since is not None and now >= self._gap_since + s.gap_timeout_s
+                  and self._seq.next_seq not in self._persisting):
                 self._skip_gap()
             self._apply_due()
 

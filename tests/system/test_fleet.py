@@ -48,7 +48,6 @@ import numpy as np
 import pytest
 import trio
 
-from actors.sequencer import Verdict
 from bench.loadgen import PoolSession, make_pool
 from domain.pose_batch import decode_batch
 from storage.blobs import blob_key
@@ -65,9 +64,8 @@ from tests.support.fleet import (
     reference_summaries,
     running_router,
 )
-from tests.support.harness import Harness
 from tests.support.nats import NatsCluster, temporary_cluster
-from tests.support.payloads import batch_body, session_token
+from tests.support.payloads import session_token
 from tests.support.ready import poll
 from tests.support.s3 import S3Server
 
@@ -407,60 +405,3 @@ async def _run_load(fleet: Fleet, router: Router | None, nats: NatsCluster, targ
 
 
 # -- a finding of this test, reduced -------------------------------------------------
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "service bug found by the fleet test: a batch refused 503 sequence_ahead_of_window "
-    "is told Retry-After = TELEMETRY_GAP_TIMEOUT_S, and the session skips that batch "
-    "after the same gap timeout, counted from when the client's next batch arrived "
-    "(right after the refusal): the resend comes as the gap closes and gets 409 "
-    "sequence_skipped, the session is cut"))
-async def test_a_batch_retried_after_its_retry_after_is_not_skipped(
-        settings: Settings, nursery: trio.Nursery, autojump_clock: trio.abc.Clock) -> None:
-    # What a browser stream does when one batch is refused (here 1, e.g. 503
-    # storage_unavailable while a NATS node is elected) and its window moves on:
-    # the batches after it are held, until one is more than the reorder window ahead.
-    h = Harness(settings)
-    await nursery.start(h.sup.run)
-    c = h.claims()
-    assert h.offer(c, 0).verdict is Verdict.ACCEPT
-    await trio.sleep(0.2)  # applied: batch 1 is the next expected
-    for seq in range(2, 2 + settings.reorder_window):
-        assert h.offer(c, seq).verdict is Verdict.ACCEPT  # held
-    ahead = 2 + settings.reorder_window
-    refused = h.offer(c, ahead)
-    assert refused.verdict is Verdict.AHEAD_OF_WINDOW
-    assert refused.refusal is not None
-    retry_after = refused.refusal.retry_after
-    assert retry_after is not None
-    assert h.offer(c, 1).verdict is Verdict.ACCEPT  # the refused batch, resent: 1..9 apply
-    await trio.sleep(0.2)
-    # The window has room again: the client sends its next new batch at once, and
-    # resends the refused one when Retry-After says (the browser adds 0-10 % jitter).
-    assert h.offer(c, ahead + 1).verdict is Verdict.ACCEPT  # held: `ahead` is missing
-    await trio.sleep(retry_after * 1.05)
-    assert h.offer(c, ahead).verdict is Verdict.ACCEPT  # today: SKIPPED, 409
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "service bug found by the fleet test: a batch the live actor skipped (gap timeout) "
-    "is not in the journal, and the skip is not journaled either; a take-over (or a "
-    "restart's recovery) replays the records through restore_pose, whose reorder window "
-    "still waits for the skipped batch, so every acknowledged batch more than "
-    "TELEMETRY_REORDER_WINDOW past it is dropped silently: acknowledged batches missing "
-    "from the blob"))
-async def test_a_take_over_keeps_every_batch_acknowledged_after_a_skipped_one(
-        settings: Settings, nursery: trio.Nursery, autojump_clock: trio.abc.Clock) -> None:
-    # The journal of a session whose live actor skipped batch 1 and then acknowledged
-    # 2..11 (ten batches); rebuilt as actors.fleet / actors.hosting do it.
-    h = Harness(settings)
-    await nursery.start(h.sup.run)
-    c = h.claims()
-    journaled = [0, *range(2, 12)]
-    actor = h.sup.adopt(c, time.time())
-    for seq in journaled:
-        actor.restore_pose(decode_batch(batch_body(seq), max_frames=120))
-    h.sup.launch(actor)
-    summary = await h.sup.end(c)
-    assert summary["pose"]["batches_skipped"] == 1
-    assert summary["pose"]["batches"] == len(journaled)  # today: 9, batches 10 and 11 lost
