@@ -207,7 +207,13 @@ class S3BlobStore(BlobStore):
     # ------------------------------------------------------------ API
     async def put(self, key: str, data: bytes) -> BlobInfo:
         """Upload, then verify.  BlobVerifyError if the stored object does not
-        match; BlobStoreError (boto exception chained) for other failures."""
+        match; BlobStoreError (boto exception chained) for other failures.
+
+        Written at most once: the upload is conditional (``If-None-Match: *``), so a
+        second writer of the same key (a retry whose first reply was lost, or in a
+        fleet an instance finishing a session another one also finished) stores
+        nothing and verifies the object already there, which must hold the same
+        bytes (a blob is a pure function of the session's acknowledged batches)."""
         full = self._key(key)
         data = bytes(data)
         client = await self._get_client()
@@ -231,10 +237,18 @@ class S3BlobStore(BlobStore):
                         Body=data,
                         ChecksumAlgorithm="SHA256",
                         ChecksumSHA256=expect_checksum,
+                        IfNoneMatch="*",
                         **common,
                     ),
                 )
-        except (bexc.BotoCoreError, bexc.ClientError) as e:
+        except bexc.ClientError as e:
+            if _code(e) != "PreconditionFailed":
+                raise BlobStoreError(f"uploading to s3://{self.bucket}: {_reason(e)}",
+                                     key=key) from e
+            # Stored already: the verification below says whether it is these bytes
+            # (by size and sha256; its ChecksumSHA256 may be of other part sizes).
+            expect_checksum = ""
+        except bexc.BotoCoreError as e:
             raise BlobStoreError(f"uploading to s3://{self.bucket}: {_reason(e)}",
                                  key=key) from e
         await self._verify(client, key, full, info, expect_checksum)
@@ -273,7 +287,8 @@ class S3BlobStore(BlobStore):
                 nonlocal tries
                 tries += 1
                 try:
-                    client.complete_multipart_upload(MultipartUpload={"Parts": parts}, **ids)
+                    client.complete_multipart_upload(MultipartUpload={"Parts": parts},
+                                                     IfNoneMatch="*", **ids)
                 except bexc.ClientError as e:
                     # an earlier attempt whose reply was lost already completed it;
                     # verification decides whether the object is right
@@ -325,7 +340,7 @@ class S3BlobStore(BlobStore):
         if body_sha is not None and body_sha != info.sha256:
             problems.append(f"downloaded sha256 {body_sha} != {info.sha256}")
         got = h.get("ChecksumSHA256")
-        if got is not None and got.split("-")[0] != checksum.split("-")[0]:
+        if checksum and got is not None and got.split("-")[0] != checksum.split("-")[0]:
             problems.append(f"ChecksumSHA256 {got} != {checksum}")
         if self.kms_key_id and h.get("ServerSideEncryption") != "aws:kms":
             problems.append(f"encryption {h.get('ServerSideEncryption')!r} is not aws:kms")

@@ -139,6 +139,31 @@ async def test_small_blob_uses_single_put(
     assert wrapped.calls.get("put_object") == 1 and "upload_part" not in wrapped.calls
 
 
+async def test_a_blob_is_written_once_and_a_second_writer_verifies_it(
+    s3_server: S3Server, s3_prefix: str, s3_client: Any
+) -> None:
+    """Two writers of one session's blob (a retry, or two instances finishing the
+    same session): one object version; the second put verifies the same bytes, and
+    different bytes are a verify error, never an overwrite."""
+    s3_client.put_bucket_versioning(Bucket=s3_server.bucket,
+                                    VersioningConfiguration={"Status": "Enabled"})
+    try:
+        data = os.urandom(50_000)
+        key = blob_key("org1", "sess-twice")
+        async with open_store(s3_server, s3_prefix + "/") as store:
+            first = await store.put(key, data)
+            assert await store.put(key, data) == first
+            with pytest.raises(BlobVerifyError):
+                await store.put(key, os.urandom(50_000))
+            assert await store.get(key) == data
+        versions = s3_client.list_object_versions(
+            Bucket=s3_server.bucket, Prefix=f"{s3_prefix}/{key}").get("Versions", [])
+        assert len(versions) == 1
+    finally:
+        s3_client.put_bucket_versioning(Bucket=s3_server.bucket,
+                                        VersioningConfiguration={"Status": "Suspended"})
+
+
 async def test_missing_keys_and_bad_keys(s3_server: S3Server, s3_prefix: str) -> None:
     async with open_store(s3_server, s3_prefix) as store:
         with pytest.raises(BlobNotFound):
