@@ -182,17 +182,21 @@ async def open_jetstream_journal(
     servers: list[str], *, replicas: int = 3, bridge: str = DEFAULT_BRIDGE,
     stream: str = STREAM, subject_root: str = SUBJECT_ROOT, bucket: str = BUCKET,
     max_bytes: int = -1, timeout_s: float = 5.0, ready_timeout_s: float = 30.0,
-    compress_level: int = 1, fenced: bool = False,
+    compress_level: int = 1, fenced: bool = False, max_age_s: float = 0.0,
+    state_ttl_s: float = 0.0,
 ) -> AsyncIterator[JetStreamJournal]:
     """Connect to ``servers``, create or update the stream and the bucket (retried for
     up to ``ready_timeout_s`` while the cluster elects its leaders), yield the
     journal; on exit close the connection and stop the bridge (shielded, bounded).
     ``fenced``: fleet mode, every session write fenced (:mod:`storage.ownership`).
+    ``max_age_s`` / ``state_ttl_s`` (0: unbounded): the stream's and the state
+    bucket's retention, which bounds what unfinished or ended sessions leave behind.
     Raises :class:`JetStreamError` if the cluster cannot be reached or set up in time."""
     async with open_bridge(bridge) as br:
         client = AsyncJournal(servers=servers, stream=stream, subject_root=subject_root,
                               bucket=bucket, replicas=replicas, max_bytes=max_bytes,
-                              timeout_s=timeout_s, fenced=fenced)
+                              timeout_s=timeout_s, fenced=fenced, max_age_s=max_age_s,
+                              state_ttl_s=state_ttl_s)
         journal = JetStreamJournal(br, client, compress_level=compress_level)
         try:
             await br.call(functools.partial(client.open, ready_timeout_s=ready_timeout_s))

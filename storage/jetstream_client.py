@@ -166,10 +166,15 @@ class AsyncJournal:
     """The connection, the stream and the bucket (see the module docstring)."""
 
     def __init__(self, *, servers: list[str], stream: str, subject_root: str, bucket: str,
-                 replicas: int, max_bytes: int, timeout_s: float, fenced: bool = False) -> None:
+                 replicas: int, max_bytes: int, timeout_s: float, fenced: bool = False,
+                 max_age_s: float = 0.0, state_ttl_s: float = 0.0) -> None:
         self.servers, self.stream, self.root, self.bucket = servers, stream, subject_root, bucket
         self.replicas, self.max_bytes, self.timeout_s = replicas, max_bytes, timeout_s
         self.fenced = fenced
+        # Retention (0: none): records older than max_age_s leave the stream (left
+        # over by a session nobody finished), states older than state_ttl_s (an
+        # ended session's kept summary) leave the bucket.
+        self.max_age_s, self.state_ttl_s = max_age_s, state_ttl_s
         # Fencing: each key's last subject sequence as this instance knows it.
         self._last: dict[str, int] = {}
         self.nc: Any = None
@@ -204,9 +209,10 @@ class AsyncJournal:
         stream = api.StreamConfig(
             name=self.stream, subjects=[f"{self.root}.>"], storage=api.StorageType.FILE,
             num_replicas=self.replicas, discard=api.DiscardPolicy.NEW,
-            max_bytes=self.max_bytes, retention=api.RetentionPolicy.LIMITS)
+            max_bytes=self.max_bytes, retention=api.RetentionPolicy.LIMITS,
+            max_age=self.max_age_s or None)
         kv = api.KeyValueConfig(bucket=self.bucket, history=1, replicas=self.replicas,
-                                storage=api.StorageType.FILE)
+                                storage=api.StorageType.FILE, ttl=self.state_ttl_s or None)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + ready_timeout_s
         while True:
@@ -215,7 +221,12 @@ class AsyncJournal:
                     await self.js.add_stream(stream)
                 except nats.js.errors.BadRequestError:  # exists with another config
                     await self.js.update_stream(stream)
-                self.kv = await self.js.create_key_value(kv)
+                try:
+                    self.kv = await self.js.create_key_value(kv)
+                except nats.js.errors.BadRequestError:
+                    # It exists with another configuration (an older retention): use
+                    # it as it is rather than refuse to start.
+                    self.kv = await self.js.key_value(self.bucket)
                 return
             except Exception as exc:
                 if loop.time() > deadline:

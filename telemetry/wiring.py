@@ -157,8 +157,12 @@ async def open_storage(settings: Settings) -> AsyncIterator[Storage]:
         if settings.journal == "jetstream":
             from storage.jetstream import open_jetstream_journal
 
+            # Retention: a record outlives any session that could need it (4 maximum
+            # durations, at least a day); an ended summary is kept for its retention.
             journal = await exits.enter_async_context(open_jetstream_journal(
-                list(settings.nats_urls), replicas=settings.journal_replicas, fenced=True))
+                list(settings.nats_urls), replicas=settings.journal_replicas, fenced=True,
+                max_age_s=max(86400.0, 4 * settings.max_session_s),
+                state_ttl_s=settings.ended_retention_s))
             storage.journal = journal
             storage.ownership = await journal.open_ownership(
                 settings.instance_id or uuid.uuid4().hex[:12], settings.lease_s)

@@ -166,3 +166,25 @@ async def test_a_long_log_is_replayed_whole_and_in_order(nats_cluster: NatsClust
         assert taken.state == {"step": "upload", "end_reason": "admin"}
         assert await b.replay(KEY) == taken.records
         await b.append(KEY, 2, b"after")  # B's fence is the owner mark it wrote
+
+
+async def test_retention_bounds_leftovers_and_a_changed_one_still_opens(
+        nats_cluster: NatsCluster) -> None:
+    names = unique_names()
+    async with open_jetstream_journal(nats_cluster.urls, fenced=True, max_age_s=86400,
+                                      state_ttl_s=3600, **names) as journal:
+        client = journal._client
+        info = await journal._bridge.call(lambda: client.js.stream_info(client.stream))
+        assert info.config.max_age == 86400
+        status = await journal._bridge.call(client.kv.status)
+        assert status.ttl == 3600
+    # A later start with another retention: the stream follows it, the bucket is used
+    # as it is (refusing to start would be worse).
+    async with open_jetstream_journal(nats_cluster.urls, fenced=True, max_age_s=2 * 86400,
+                                      state_ttl_s=60, **names) as journal:
+        client = journal._client
+        info = await journal._bridge.call(lambda: client.js.stream_info(client.stream))
+        assert info.config.max_age == 2 * 86400
+        await journal.set_state("org-a/s-1", {"step": "live"})
+        assert await journal.state("org-a/s-1") == {"step": "live"}
+        await journal.delete_everything()
