@@ -45,7 +45,7 @@ import nats.js.errors
 from nats.js import api
 
 from domain.errors import StorageFull
-from storage.journal import JournalError, Record
+from storage.journal import JournalError, JournalUnavailable, Record
 from storage.ownership import ClaimLost, SessionMoved, TakeOver
 
 T = TypeVar("T")
@@ -69,6 +69,10 @@ BATCHED_FROM = 32  # a log longer than this is replayed through a consumer
 class JetStreamError(JournalError):
     """A JetStream journal operation failed or was not acknowledged in time; nothing
     it was asked to make durable is known to be durable."""
+
+
+class JetStreamUnavailable(JetStreamError, JournalUnavailable):
+    """No answer in time, or no stream leader to answer (see JournalUnavailable)."""
 
 
 class JetStreamFull(JetStreamError, StorageFull):
@@ -118,7 +122,7 @@ def _mapped(exc: BaseException, what: str) -> JetStreamError:
     if _is_full(exc):
         return JetStreamFull(f"journal {what}: the stream is full")
     if isinstance(exc, asyncio.TimeoutError | nats.errors.TimeoutError):
-        return JetStreamError(f"journal {what}: not acknowledged in time")
+        return JetStreamUnavailable(f"journal {what}: not acknowledged in time")
     return JetStreamError(f"journal {what} failed: {type(exc).__name__}: {exc}")
 
 
@@ -368,7 +372,7 @@ class AsyncJournal:
         if ack is None or ack.done():
             return
         if msg.headers and msg.headers.get("Status") == "503":
-            ack.set_exception(JetStreamError("journal append: no stream answered"))
+            ack.set_exception(JetStreamUnavailable("journal append: no stream answered"))
             return
         try:
             resp = json.loads(msg.data)

@@ -34,6 +34,11 @@ class JournalError(Exception):
     Every adapter's own errors derive from it, so callers map one class."""
 
 
+class JournalUnavailable(JournalError):
+    """The journal did not answer in time (a replicated journal electing a leader, a
+    node or the network lost): expected from time to time, and transient."""
+
+
 @dataclass(frozen=True)
 class Record:
     """One journal record: the caller's record type and its payload."""

@@ -30,7 +30,7 @@ from domain.errors import AuthError, ConsentRequired, StorageUnavailable, Teleme
 from domain.pose_batch import PoseBatch, decode_batch
 from domain.privacy import truncate_ip
 from storage.blobs import BlobStoreError
-from storage.journal import JournalError
+from storage.journal import JournalError, JournalUnavailable
 from telemetry import logs
 
 if TYPE_CHECKING:
@@ -49,9 +49,15 @@ PSEUDONYMS_KEPT = 20_000
 
 
 def storage_unavailable(exc: BaseException) -> StorageUnavailable:
-    """The tree's answer to a storage failure; logs it with its traceback (call it
-    inside the ``except`` block)."""
-    log.exception("storage failed while admitting data", exc_info=exc)
+    """The tree's answer to a storage failure; logs it (call it inside the ``except``
+    block). A journal that could not acknowledge in time (a NATS leader election, a
+    node lost) is an expected condition, one WARNING line each; anything else (a
+    disk error, the blob store) is logged with its traceback."""
+    if isinstance(exc, JournalUnavailable):
+        log.warning("journal unavailable while admitting data: %s: %s",
+                    type(exc).__name__, exc)
+    else:
+        log.exception("storage failed while admitting data", exc_info=exc)
     return StorageUnavailable()
 
 
