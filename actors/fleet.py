@@ -40,10 +40,8 @@ import trio
 from actors.durable import ended_key, session_key
 from actors.ended import Key
 from actors.limits import ActorLimits
-from actors.recovery import restore, session_start
 from actors.session import SessionActor
-from domain.claims import SessionClaims
-from storage.journal import JournalError
+from storage.journal import JournalError, Record
 from storage.ownership import FencedJournal, Ownership
 
 log = logging.getLogger("telemetry.fleet")
@@ -69,8 +67,7 @@ class Host(Protocol):
     def remember(self, org_id: str, session_id: str, summary: dict[str, Any],
                  ttl_s: float) -> None: ...
     def resume_publish(self, key: str, summary: dict[str, Any]) -> None: ...
-    def adopt(self, claims: SessionClaims, started_wall: float) -> SessionActor: ...
-    def abandon(self, actor: SessionActor) -> None: ...
+    def rebuild(self, records: list[Record], end_reason: str | None) -> SessionActor: ...
     def launch(self, actor: SessionActor) -> None: ...
 
 
@@ -124,11 +121,7 @@ class FleetSessions:
     async def _acquire(self, key: Key, steal: bool) -> Acquired:
         host, journal = self._host, self._journal
         skey = session_key(*key)
-        kept = await journal.state(ended_key(skey))
-        if kept is not None and isinstance(kept.get("summary"), dict):
-            age = time.time() - float(kept.get("ended_wall", 0))
-            retention = host.settings.ended_retention_s
-            host.remember(key[0], key[1], kept["summary"], max(0.0, retention - age))
+        if await self._kept_ended(key):
             return None
         state = await journal.state(skey) or {}
         ending = state.get("step") in ENDING
@@ -142,28 +135,18 @@ class FleetSessions:
                 return None
             # Finalised elsewhere between the first read and the claim: its log is
             # gone and its summary kept.
-            kept = await journal.state(ended_key(skey))
-            if kept is not None and isinstance(kept.get("summary"), dict):
-                host.remember(key[0], key[1], kept["summary"],
-                              host.settings.ended_retention_s)
+            await self._kept_ended(key)
             return None
         state = taken.state or {}
         if state.get("step") == "publish":
             host.resume_publish(skey, state["summary"])
             return None
+        ended = str(state.get("end_reason") or "client_end") \
+            if state.get("step") == "upload" else None
         try:
-            claims, started_wall = session_start(taken.records)
+            actor = host.rebuild(taken.records, ended)
         except ValueError as exc:
             raise JournalError("the session's log does not start with its claims") from exc
-        actor = host.adopt(claims, started_wall)
-        try:
-            restore(actor, taken.records)
-        except Exception:
-            host.abandon(actor)
-            raise
-        if state.get("step") == "upload":
-            actor.mark_end_recorded()
-            actor.request_end(str(state.get("end_reason") or "client_end"))
         host.launch(actor)
         elapsed = time.perf_counter() - started
         self.take_overs += 1
@@ -172,6 +155,17 @@ class FleetSessions:
             "session": actor.log_id, "records": len(taken.records),
             "seconds": round(elapsed, 3)})
         return actor
+
+    async def _kept_ended(self, key: Key) -> bool:
+        """Whether the fleet keeps the session's summary as ended (``ended/<key>``);
+        if so the host holds it too, for the rest of its retention."""
+        kept = await self._journal.state(ended_key(session_key(*key)))
+        if kept is None or not isinstance(kept.get("summary"), dict):
+            return False
+        age = time.time() - float(kept.get("ended_wall", 0))
+        self._host.remember(key[0], key[1], kept["summary"],
+                            max(0.0, self._host.settings.ended_retention_s - age))
+        return True
 
     # -- the sweep -------------------------------------------------------------------
 

@@ -45,7 +45,7 @@ from domain.claims import SessionClaims
 from domain.privacy import Pseudonymiser
 from storage.blobs import BlobStore
 from storage.bus import Bus
-from storage.journal import Journal
+from storage.journal import Journal, Record
 from storage.ownership import FencedJournal, Ownership
 
 log = logging.getLogger("telemetry.supervisor")
@@ -129,9 +129,6 @@ class ActorHost:
                     continue
                 report.records += records
                 if step.ended:
-                    # The end mark is on disk: batches get 409 at once, as before.
-                    actor.mark_end_recorded()
-                    actor.request_end(step.end_reason)
                     report.finalising += 1
                 else:
                     report.resumed += 1
@@ -144,6 +141,17 @@ class ActorHost:
         if not records:
             await journal.remove(step.key)  # nothing was ever acknowledged
             return None, 0
+        return self.rebuild(records, step.end_reason if step.ended else None), len(records)
+
+    # -- used by recovery -------------------------------------------------------------
+
+    def rebuild(self, records: list[Record], end_reason: str | None = None) -> SessionActor:
+        """A session's actor rebuilt from its journal records through the live code
+        paths (:func:`actors.recovery.restore`), registered, not launched. With
+        ``end_reason`` its end mark is durable: batches get 409 at once, and it
+        finalises as soon as it is launched. Raises ValueError for a log that does not
+        start with the session's claims, or what restoring raises (then nothing stays
+        registered)."""
         claims, started_wall = session_start(records)
         actor = self.adopt(claims, started_wall)
         try:
@@ -151,9 +159,10 @@ class ActorHost:
         except Exception:
             self.abandon(actor)
             raise
-        return actor, len(records)
-
-    # -- used by recovery -------------------------------------------------------------
+        if end_reason is not None:
+            actor.mark_end_recorded()
+            actor.request_end(end_reason)
+        return actor
 
     def adopt(self, claims: SessionClaims, started_wall: float) -> SessionActor:
         """A recovered session's actor, registered but not started (no limits apply:

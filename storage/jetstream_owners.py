@@ -180,7 +180,6 @@ class JetStreamOwnership:
 
     def __init__(self, bridge: Bridge, owners: AsyncOwners, instance: str) -> None:
         self._bridge, self._owners, self.instance = bridge, owners, instance
-        self.lease_s = owners.lease_s
 
     async def _call(self, fn: Any, *args: Any) -> Any:
         return await self._bridge.call(functools.partial(fn, *args))

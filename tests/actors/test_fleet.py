@@ -41,7 +41,7 @@ async def fleet_settings(settings: Settings, nats_cluster: NatsCluster,
     async with open_jetstream_journal(nats_cluster.urls) as journal:
         await journal.delete_everything()
     # One blob store for the fleet (S3 in production): a shared directory here.
-    blobs = tmp_path / "shared"
+    blobs = tmp_path / "fleet-blobs"
     yield dataclasses.replace(
         settings, journal="jetstream", nats_urls=tuple(nats_cluster.urls),
         journal_replicas=3, shutdown_mode="flush", shutdown_deadline_s=5.0,
