@@ -18,9 +18,23 @@ from storage.replay import read_replay
 from telemetry.config import Settings
 from tests.support.nats import NatsCluster
 from tests.support.payloads import batch_body, hdr, session_token
-from tests.support.service import running_service
+from tests.support.service import Running, running_service
 
 ORG, SID = "org-a", "sess-fleet-1"
+
+
+async def post_until_accepted(svc: Running, token: str, seq: int) -> bytes:
+    """Batch ``seq`` as the browser client sends it: a 503 (the stream just created
+    and still electing its leader, a journal write not acknowledged in time) carries
+    Retry-After and is sent again."""
+    body = batch_body(seq)
+    for _ in range(100):
+        r = await svc.client.post("/v1/pose/frames", content=body, headers=hdr(token))
+        if r.status_code == 202:
+            return body
+        assert r.status_code == 503 and r.headers.get("Retry-After"), r.text
+        await trio.sleep(0.1)
+    raise AssertionError(f"batch {seq} was never accepted")
 
 
 async def test_a_new_process_with_a_new_disk_carries_the_session_on(
@@ -41,21 +55,13 @@ async def test_a_new_process_with_a_new_disk_carries_the_session_on(
             async with running_service(first) as svc:
                 tok = session_token(svc.settings, org_id=ORG, session_id=SID)
                 for seq in range(8):
-                    body = batch_body(seq)
-                    r = await svc.client.post("/v1/pose/frames", content=body,
-                                              headers=hdr(tok))
-                    assert r.status_code == 202, r.text
-                    acked.append(body)
+                    acked.append(await post_until_accepted(svc, tok, seq))
             assert not (first.data_dir / "spool").exists()  # nothing journaled locally
             assert not (second.data_dir / "spool").exists()
 
             async with running_service(second) as svc:
                 for seq in range(8, 12):
-                    body = batch_body(seq)
-                    r = await svc.client.post("/v1/pose/frames", content=body,
-                                              headers=hdr(tok))
-                    assert r.status_code == 202, r.text
-                    acked.append(body)
+                    acked.append(await post_until_accepted(svc, tok, seq))
                 r = await svc.client.post(f"/v1/sessions/{SID}/end", headers=hdr(tok))
                 assert r.status_code == 200, r.text
                 summary = r.json()
