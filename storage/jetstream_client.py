@@ -424,11 +424,14 @@ class AsyncJournal:
         if count > BATCHED_FROM:
             try:
                 await self._read_pushed(subject, log)
-                return log
+                if log.seen >= count:
+                    return log
             except JetStreamError:
-                # A consumer can fail to start or stall while the cluster re-elects
-                # after a node loss; the leader's gets still answer. Carry on there.
-                first = log.last + 1 if log.last else first
+                pass
+            # A consumer can fail to start or stall while the cluster re-elects after
+            # a node loss, and one placed on a replica still catching up (a node just
+            # restarted) ends early: the leader's gets carry on from where it stopped.
+            first = log.last + 1 if log.last else first
         await self._read_each(subject, first, log)
         return log
 
@@ -466,6 +469,10 @@ class AsyncJournal:
                 pass
 
     async def sessions(self) -> list[str]:
+        """Keys with records or a state. The bucket's keys are listed through a
+        consumer, which a replica still catching up may serve: right after a node
+        restart the list can lag (start-up recovery of the spool's kind uses it; fleet
+        mode does not)."""
         info = await guarded("sessions", self.js.stream_info(
             self.stream, subjects_filter=f"{self.root}.>"))
         prefix = len(self.root) + 1
@@ -484,10 +491,12 @@ class _Log:
     def __init__(self) -> None:
         self.records: list[Record] = []
         self.bad = 0
+        self.seen = 0  # messages read, whatever their kind
         self.last = 0
         self.state: dict[str, Any] | None = None
 
     def add(self, seq: int, msg: Any) -> None:
+        self.seen += 1
         self.last = seq
         rec = _record(msg)
         if rec is None:

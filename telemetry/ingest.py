@@ -43,6 +43,9 @@ log = logging.getLogger("telemetry.http")
 # session ended before. Nothing was acknowledged; the client retries.
 STORAGE_ERRORS = (JournalError, OSError, BlobStoreError)
 
+# Retry-After for a batch the journal did not acknowledge in time.
+JOURNAL_RETRY_S = 1.0
+
 # Session pseudonyms kept for the log lines (about 100 bytes each); past this many
 # the whole map is dropped and refilled by the sessions still sending.
 PSEUDONYMS_KEPT = 20_000
@@ -56,8 +59,10 @@ def storage_unavailable(exc: BaseException) -> StorageUnavailable:
     if isinstance(exc, JournalUnavailable):
         log.warning("journal unavailable while admitting data: %s: %s",
                     type(exc).__name__, exc)
-    else:
-        log.exception("storage failed while admitting data", exc_info=exc)
+        # A leader election takes seconds: retry soon, well inside the gap timeout,
+        # or the session skips this batch before its retry comes (a cut session).
+        return StorageUnavailable(retry_after=JOURNAL_RETRY_S)
+    log.exception("storage failed while admitting data", exc_info=exc)
     return StorageUnavailable()
 
 

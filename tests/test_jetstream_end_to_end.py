@@ -81,7 +81,12 @@ async def test_a_new_process_with_a_new_disk_carries_the_session_on(
         # The session's journal data is gone once its blob is stored; the ended
         # summary stays for the retention period.
         async with open_jetstream_journal(nats_cluster.urls) as journal:
-            assert await journal.sessions() == [f"ended/{ORG}/{SID}"]
+            # Read from the leader: sessions() lists through a consumer, which a
+            # replica still catching up (a node restarted by an earlier test) may serve.
+            assert await journal.replay(f"{ORG}/{SID}") == []
+            assert await journal.state(f"{ORG}/{SID}") is None
+            kept = await journal.state(f"ended/{ORG}/{SID}")
+            assert kept is not None and kept["summary"]["session_id"] == SID
     finally:
         async with open_jetstream_journal(nats_cluster.urls) as journal:
             await journal.delete_everything()
