@@ -56,6 +56,9 @@ MIN_COVERAGE = 0.3  # share of the repetition's frames that must be tracked
 RETURN_TIMEOUT_MS = 1500.0
 STILL_MS = 250.0
 STALE_MS = 3000.0  # before the first count: no progress this long means a new rest
+# Untracked this long while out (landmarks hidden or unreliable at the top): the
+# depth seen is not the depth reached, so a later repetition is not judged shallow
+HIDDEN_MS = 300.0
 OVERSHOOT_FRAC = 0.5  # landing this far (of the depth) below the start rest
 NOISE_GAIN = 0.02
 NOISE_K = 3.0  # an excursion must exceed NOISE_K x the mean |second difference|
@@ -87,6 +90,7 @@ class SideRep:
     counted: bool
     reason: str
     noise: float
+    depth: float  # how far it went on the counted channel (``P - b``; see ``process``)
 
 
 def _clip01(v: float) -> float:
@@ -110,11 +114,16 @@ class SideDetector:
         "state", "b", "t_low", "n_acc", "v_acc", "shallow_amp",
         "start", "tr_enter", "P", "p_ref", "t_pf", "t_pl",
         "m", "m_ref", "tm", "t_exit", "tr_exit", "t_cross", "tr_last",
-        "q1", "q2", "z", "zb", "zP", "zm", "sync",
+        "q1", "q2", "z", "zb", "zP", "zm", "sync", "lo", "t_lo", "refined", "hidden",
     )
 
-    def __init__(self, profile: Profile, side: str) -> None:
+    def __init__(self, profile: Profile, side: str, *, refined: bool = True) -> None:
+        """``refined``: start an excursion where its rise began when it hovered
+        above the rest first, and do not judge one whose top went untracked by the
+        depth seen (see ``process`` and ``_rep``). Off for the fallback's
+        candidates, whose choice of direction reads the excursions' durations."""
         self.side = side
+        self.refined = refined
         self.min_ms = profile.min_rep_ms
         self.max_ms = profile.max_rep_ms
         self.R = profile.rom_prior_deg
@@ -138,6 +147,11 @@ class SideDetector:
         self.q1 = self.q2 = self.z = self.zP = self.zm = 0.0
         self.zb = math.inf
         self.sync = True  # the two channels have been the same so far
+        # lowest x since x last touched the rest band, and when: where a rise that
+        # did not start from the rest band began (see process)
+        self.lo = math.inf
+        self.t_lo = 0.0
+        self.hidden = False  # tracking was lost for HIDDEN_MS while out (see _rep)
 
     def process(
         self, ts: list[float], xs: list[float], vs: list[float], trs: list[float],
@@ -184,6 +198,8 @@ class SideDetector:
         tau, max_gap = TAU_MS, MAX_GAP_MS
         sep = zs is not None
         q1, q2, z, zb, zP, zm = self.q1, self.q2, self.z, self.zb, self.zP, self.zm
+        lo, t_lo = self.lo, self.t_lo
+        refined = self.refined
         for t, r, v, tr, q in zip(ts, xs, vs, trs, zs if sep else xs, strict=True):
             dt = t - t_last
             t_last = t
@@ -230,13 +246,25 @@ class SideDetector:
                 if x <= b + band:
                     t_low = t
                     n_acc, v_acc = 1, v
+                    lo = math.inf
                 elif x >= b + enter:
                     state = ACTIVE
+                    if refined and lo < math.inf and t_lo - t_low > STILL_MS:
+                        # it hovered above the rest band before rising: the rise began at
+                        # the lowest point of the hover, not when the rest was last seen
+                        t_low = t_lo
                     self.start, self.tr_enter = t_low, tr
                     P, p_ref, t_pf, t_pl = x, x, t, t
                     zP = z
+                    lo = math.inf
+                    self.hidden = False
                     ev.append((t, ENTER, t_low))
+                else:
+                    if x <= lo:
+                        lo, t_lo = x, t
             elif state == ACTIVE:
+                if dt > HIDDEN_MS and refined:
+                    self.hidden = True
                 if sep and z > zP:
                     zP = z
                 if x > P:
@@ -301,6 +329,7 @@ class SideDetector:
         if not sep:  # one channel: the reported one is the same
             q1, q2, z, zb, zP, zm = r1, r2, y, b, P, m
         self.q1, self.q2, self.z, self.zb, self.zP, self.zm = q1, q2, z, zb, zP, zm
+        self.lo, self.t_lo = lo, t_lo
         if trs:
             self.tr_last = trs[-1]
         return ev
@@ -360,6 +389,7 @@ class SideDetector:
         dur = end - start
         R = self.R
         first = self.n_counted == 0
+        hidden = False
         depth = (FIRST_DEPTH_FRAC if first else DEPTH_FRAC) * R
         n = max(n, 1)
         mean_vis = v_sum / n
@@ -379,6 +409,10 @@ class SideDetector:
                 # came back to a clearly different rest: it was a change of position
                 # (e.g. sitting down after walking in), not a repetition
                 reason = "rest changed"
+            elif amp < depth and self.hidden and not first:
+                # its top went untracked: the depth seen is a lower bound, the range
+                # it gives is not the patient's (so R does not follow it below)
+                hidden = True
             elif amp < depth:
                 reason = "shallow"
                 if first:
@@ -400,11 +434,11 @@ class SideDetector:
         if counted:
             if first:
                 self.R, self.dur_typ = amp, dur
-            else:
+            elif not hidden:
                 # a deep repetition is strong evidence of the patient's range; shallow
                 # counted ones may be half-hearted, so the range follows them slowly
                 self.R += (R_GAIN_UP if amp > R else R_GAIN_DOWN) * (amp - R)
                 self.dur_typ += R_GAIN_DOWN * (dur - self.dur_typ)
             self.n_counted += 1
         return SideRep(self.side, start, end, t_done, t_pf, t_pl, zP, zb, zP - zb, mean_vis,
-                       coverage, confidence, counted, reason, noise)
+                       coverage, confidence, counted, reason, noise, amp)

@@ -72,7 +72,7 @@ class RepEngine:
             cands = fallback_profiles()
         else:
             cands = [profile]
-        self._trackers = [JointTracker(p, sides) for p in cands]
+        self._trackers = [JointTracker(p, sides, candidate=profile is None) for p in cands]
         self._profile: Profile | None = profile
         self._gate = (WalkGate() if profile is not None and profile.hips_still
                       and space == "image" else None)

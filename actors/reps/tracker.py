@@ -10,7 +10,7 @@ were split into batches.
 
 from __future__ import annotations
 
-from .detector import DONE, ENTER, RETURN_TIMEOUT_MS, SideDetector, SideRep
+from .detector import DEPTH_FRAC, DONE, ENTER, RETURN_TIMEOUT_MS, SideDetector, SideRep
 from .profiles import Profile
 
 # How long a finished excursion waits for the other side, which is still in an
@@ -31,6 +31,16 @@ def _overlap(a: SideRep, b: SideRep) -> bool:
     return inter > 0 and inter >= OVERLAP_MIN * shorter
 
 
+def _shallower(first: list[SideRep], nxt: list[SideRep]) -> bool:
+    """True when ``first`` went less than DEPTH_FRAC as far as ``nxt`` on every side
+    the two share (on the counted channel), or, sharing none, on their deepest."""
+    depth = {s.side: s.depth for s in nxt}
+    shared = [(s.depth, depth[s.side]) for s in first if s.side in depth]
+    if not shared:
+        shared = [(max(s.depth for s in first), max(depth.values()))]
+    return all(a < DEPTH_FRAC * b for a, b in shared)
+
+
 class JointTracker:
     """Detectors for ``profile.joint`` on the given sides (0 = left, 1 = right).
 
@@ -39,40 +49,80 @@ class JointTracker:
     at which the repetition became final; it does not depend on batching.
     """
 
-    def __init__(self, profile: Profile, sides: tuple[int, ...]) -> None:
+    def __init__(self, profile: Profile, sides: tuple[int, ...], *,
+                 candidate: bool = False) -> None:
+        """``candidate``: one of the fallback's candidates, which race to lock on
+        (``engine.RepEngine``): their first repetitions are not held back (that
+        would only delay the lock) and their rest does not follow the limb."""
         self.profile = profile
         self.sides = sides
         names = ("left", "right")
-        self.dets = [SideDetector(profile, names[s]) for s in sides]
+        self.dets = [SideDetector(profile, names[s], refined=not candidate)
+                     for s in sides]
         self._active: list[float | None] = [None, None]
         self._pending: list[SideRep | None] = [None, None]
         self._last_single: tuple[int, SideRep] | None = None
         self._typ = [0.0, 0.0]
         self._seq = 0
+        # the first repetition, until the second confirms it (see _confirm)
+        self._first: tuple[float, list[SideRep]] | None = None
+        self._confirmed = candidate
 
     def feed(self, per_side: list[tuple[list, list, list, list]], t_end: float) -> list:
         """Process one batch; ``per_side[i]`` holds the lists for ``self.sides[i]``."""
         if len(self.dets) == 1:
             ev = self.dets[0].process(*per_side[0])
-            return [(e[0], [e[2]]) for e in ev if e[1] == DONE and e[2].counted]
+            return self._confirm([(e[0], [e[2]]) for e in ev if e[1] == DONE and e[2].counted])
         events = []
         for i, det in enumerate(self.dets):
             for e in det.process(*per_side[i]):
                 events.append((e[0], i, self._next(), e[1], e[2]))
-        return self._replay(events, t_end)
+        return self._confirm(self._replay(events, t_end))
 
     def flush(self, t_end: float) -> list:
-        """End of stream: finish returning excursions and release anything waiting."""
+        """End of stream: finish returning excursions and release anything waiting,
+        the first repetition too if nothing came to confirm it."""
         if len(self.dets) == 1:
-            return [(e[0], [e[2]]) for e in self.dets[0].flush() if e[2].counted]
-        events = [(e[0], i, self._next(), e[1], e[2])
-                  for i, det in enumerate(self.dets) for e in det.flush()]
-        out = self._replay(events, t_end)
-        for i in (0, 1):
-            rep = self._pending[i]
-            if rep is not None:
-                self._pending[i] = None
-                self._single(i, rep, t_end, out)
+            out = [(e[0], [e[2]]) for e in self.dets[0].flush() if e[2].counted]
+        else:
+            events = [(e[0], i, self._next(), e[1], e[2])
+                      for i, det in enumerate(self.dets) for e in det.flush()]
+            out = self._replay(events, t_end)
+            for i in (0, 1):
+                rep = self._pending[i]
+                if rep is not None:
+                    self._pending[i] = None
+                    self._single(i, rep, t_end, out)
+        out = self._confirm(out)
+        if self._first is not None:
+            out.insert(0, self._first)
+            self._first = None
+        return out
+
+    def _confirm(self, out: list) -> list:
+        """Hold the first repetition back until the second one ends, then judge it
+        by the rule every later one meets: deeper than DEPTH_FRAC of the patient's
+        range, now known from the second. The first is otherwise judged against
+        the profile's prior alone, so a partial repetition or a shallow adjustment
+        before the set (picking up a weight) would count whenever the patient's
+        range is above the prior's. A dropped first repetition also stops setting
+        the detectors' typical range: the second sets it, as if it were the first.
+        """
+        if self._confirmed or not out:
+            return out
+        if self._first is None:
+            self._first, out = out[0], out[1:]
+            if not out:
+                return out
+        first, nxt = self._first, out[0]
+        self._first, self._confirmed = None, True
+        if not _shallower(first[1], nxt[1]):
+            return [first, *out]
+        for side in nxt[1]:
+            for det in self.dets:
+                if det.side == side.side:
+                    det.R = side.depth
+                    det.dur_typ = side.end_ms - side.start_ms
         return out
 
     def _single(self, i: int, rep: SideRep, t: float, out: list) -> None:
