@@ -59,6 +59,9 @@ STALE_MS = 3000.0  # before the first count: no progress this long means a new r
 # Untracked this long while out (landmarks hidden or unreliable at the top): the
 # depth seen is not the depth reached, so a later repetition is not judged shallow
 HIDDEN_MS = 300.0
+# ... if it lasted this share of the typical duration at least: a partial repetition
+# (a hidden top or not) is a short one
+HIDDEN_DUR_FRAC = 0.8
 OVERSHOOT_FRAC = 0.5  # landing this far (of the depth) below the start rest
 NOISE_GAIN = 0.02
 NOISE_K = 3.0  # an excursion must exceed NOISE_K x the mean |second difference|
@@ -409,7 +412,8 @@ class SideDetector:
                 # came back to a clearly different rest: it was a change of position
                 # (e.g. sitting down after walking in), not a repetition
                 reason = "rest changed"
-            elif amp < depth and self.hidden and not first:
+            elif (amp < depth and self.hidden and not first
+                  and dur >= HIDDEN_DUR_FRAC * self.dur_typ):
                 # its top went untracked: the depth seen is a lower bound, the range
                 # it gives is not the patient's (so R does not follow it below)
                 hidden = True
