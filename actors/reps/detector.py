@@ -94,6 +94,9 @@ class SideRep:
     reason: str
     noise: float
     depth: float  # how far it went on the counted channel (``P - b``; see ``process``)
+    # counted although shallower than the patient's range because its top went
+    # untracked: ``rom_deg`` is then only a lower bound (``rep.build_rep``)
+    hidden: bool = False
 
 
 def _clip01(v: float) -> float:
@@ -164,7 +167,7 @@ class SideDetector:
 
         With ``ds`` (the hip-drop angle, direction-adjusted like ``xs``) and ``ws``
         (its weight, ``hipdrop.ViewEstimate``: 1 in front and rear views),
-        excursions are found on ``xs + w * ds``, while the range of motion
+        excursions are found on ``xs + w * (ds - xs)``, while the range of motion
         reported stays that of ``xs``. As long as every weight is 0 (side and
         oblique views) the result is exactly that without them.
         """
@@ -174,7 +177,7 @@ class SideDetector:
         mixed = False
         for x, d, w in zip(xs, ds, ws, strict=True):
             if w > 0.0 and d == d:
-                cs.append(x + w * d)
+                cs.append(x + w * (d - x))
                 mixed = True
             else:
                 cs.append(x)
@@ -445,4 +448,4 @@ class SideDetector:
                 self.dur_typ += R_GAIN_DOWN * (dur - self.dur_typ)
             self.n_counted += 1
         return SideRep(self.side, start, end, t_done, t_pf, t_pl, zP, zb, zP - zb, mean_vis,
-                       coverage, confidence, counted, reason, noise, amp)
+                       coverage, confidence, counted, reason, noise, amp, hidden)

@@ -154,7 +154,7 @@ class RepEngine:
             left, right, w = self._view.update(tl, height.tolist(), seg.tolist(),
                                                hip_w.tolist(), trunk_len2.tolist())
             sign = self._profile.direction
-            front = ([sign * (d - 180.0) for d in left], [sign * (d - 180.0) for d in right]), w
+            front = ([sign * d for d in left], [sign * d for d in right]), w
         all_ok = valid.all(axis=0).tolist()
         oks = None if all(all_ok) else valid.T.tolist()
         produced = []

@@ -13,10 +13,12 @@ depend on its batch:
 - the hip width and the trunk length in the image, from which ``ViewEstimate``
   judges how squarely the patient faces (or turns away from) the camera.
 
-The detector (``detector.py``) counts on the knee angle plus ``weight`` times
-the hip drop, ``weight`` being 1 in front and rear views and 0 in side and
-oblique ones (where nothing changes); the range of motion it reports stays the
-knee angle's. The view is judged from the body's layout, not from how much each
+The detector (``detector.py``) counts on ``(1 - weight)`` times the knee angle
+plus ``weight`` times the hip-drop angle, ``weight`` being 1 in front and rear
+views (the hip drop alone: with the thigh along the camera axis the 2-D knee
+angle is degenerate, a seated patient reads anywhere from 0 to 170 degrees) and
+0 in side and oblique ones (where nothing changes); the range of motion it
+reports stays the knee angle's. The view is judged from the body's layout, not from how much each
 channel moves, because a split stance (lunge) lowers the hip at rest and would
 fool a magnitude rule.
 """
@@ -36,6 +38,7 @@ from .angles import L_ANKLE, L_HIP, L_KNEE, L_SHOULDER, R_ANKLE, R_HIP, R_KNEE, 
 # front and rear clips 0.37-0.39)
 FRONT_FROM, FRONT_FULL = 0.35, 0.37
 VIEW_TAU_MS = 2000.0  # the view estimate's time constant: long against a repetition
+VIEW_DT_MAX_MS = 100.0  # the most one upright frame stands for in the view estimate
 # The trunk length the ratio is taken against is the trunk's upright length: a
 # running maximum, so a forward lean (sitting down, a deep squat), which shortens
 # the trunk in the image from the front, does not make a side view look frontal.
@@ -172,7 +175,10 @@ class FrontView:
                     if n == 1:
                         view = r
                     else:
-                        dt = t - t_view  # since the last upright frame
+                        # the time this frame stands for, not the gap since the
+                        # last upright one: after sitting for seconds, the first
+                        # frame up (often still half-risen) would weigh as much
+                        dt = min(t - t_view, VIEW_DT_MAX_MS)
                         view += (r - view) * max(dt / (VIEW_TAU_MS + dt), 1.0 / n)
                     t_view = t
             out.append(front_weight(view) if n else 0.0)

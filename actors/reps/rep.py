@@ -28,6 +28,10 @@ class Rep:
     ``rom_deg`` is the excursion from rest, the same number in either convention.
     ``symmetry`` is min/max of the left and right range of motion (1 = equal),
     None unless both sides moved and were both reliably tracked.
+    ``rom_left_deg``/``rom_right_deg`` are None for a side that did not move, or
+    whose top went untracked (the repetition counted, its range is unknown); when
+    no side's range is known ``rom_deg`` is the depth seen, a lower bound
+    (``has_rom`` is False and the session's ROM figures leave it out).
     """
 
     index: int
@@ -49,6 +53,11 @@ class Rep:
     mean_visibility: float
     coverage: float
     confidence: float
+
+    @property
+    def has_rom(self) -> bool:
+        """True when the range of motion was measured on at least one side."""
+        return self.rom_left_deg is not None or self.rom_right_deg is not None
 
     def to_dict(self) -> dict:
         """JSON-serialisable dict; floats rounded to what the measurement supports."""
@@ -80,8 +89,11 @@ def build_rep(index: int, profile: Profile, sides: list[SideRep]) -> Rep:
     With two sides, fields are visibility-weighted means when both were
     reliably tracked, else those of the better-tracked side alone.
     """
+    measured = [s for s in sides if not s.hidden]
+    if measured and len(measured) < len(sides):
+        sides = measured  # a side whose top went untracked says nothing of the range
     parts = [_one(s, profile.direction) for s in sides]
-    roms = {s.side: s.rom_deg for s in sides}
+    roms = {s.side: s.rom_deg for s in sides if not s.hidden}
     symmetry = None
     if len(sides) == 2:
         va, vb = sides[0].mean_vis, sides[1].mean_vis

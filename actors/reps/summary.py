@@ -19,6 +19,7 @@ class SessionStats:
 
     def __init__(self) -> None:
         self.n = 0
+        self.rom_n = 0  # repetitions whose range was measured (Rep.has_rom)
         self.rom_sum = 0.0
         self.rom_min = math.inf
         self.rom_max = -math.inf
@@ -35,9 +36,11 @@ class SessionStats:
 
     def add(self, rep: Rep) -> None:
         self.n += 1
-        self.rom_sum += rep.rom_deg
-        self.rom_min = min(self.rom_min, rep.rom_deg)
-        self.rom_max = max(self.rom_max, rep.rom_deg)
+        if rep.has_rom:
+            self.rom_n += 1
+            self.rom_sum += rep.rom_deg
+            self.rom_min = min(self.rom_min, rep.rom_deg)
+            self.rom_max = max(self.rom_max, rep.rom_deg)
         self.angle_min = min(self.angle_min, rep.angle_min_deg)
         self.angle_max = max(self.angle_max, rep.angle_max_deg)
         delta = rep.duration_ms - self.dur_mean
@@ -61,9 +64,9 @@ class SessionStats:
         cv = round(std / self.dur_mean, 3) if std is not None and self.dur_mean > 0 else None
         active = min(self.active_ms, span_ms)
         return {
-            "rom_mean_deg": round(self.rom_sum / n, 2) if n else None,
-            "rom_min_deg": round(self.rom_min, 2) if n else None,
-            "rom_max_deg": round(self.rom_max, 2) if n else None,
+            "rom_mean_deg": round(self.rom_sum / self.rom_n, 2) if self.rom_n else None,
+            "rom_min_deg": round(self.rom_min, 2) if self.rom_n else None,
+            "rom_max_deg": round(self.rom_max, 2) if self.rom_n else None,
             "angle_min_deg": round(self.angle_min, 2) if n else None,
             "angle_max_deg": round(self.angle_max, 2) if n else None,
             "tempo_mean_ms": round(self.dur_mean, 1) if n else None,
