@@ -388,8 +388,9 @@ class SessionActor(Admission, ChunkedApply):
     async def _loop(self) -> None:
         while self.end_reason is None:
             with trio.CancelScope(deadline=self._deadline()) as self._wake:
-                batch = await self._rx.receive()
-                self._take(batch)
+                # no local name: one would keep the last batch (16 KB of frames,
+                # already recorded) alive while waiting for the next
+                self._take(await self._rx.receive())
                 continue
             self._wake = None
             if self.end_reason is not None:

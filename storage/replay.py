@@ -167,9 +167,8 @@ class ReplayWriter:
             step=params.get("step"),
         )
         self._level = level
-        # A 4 KB window and memLevel 4 keep zlib's state near 24 KB per live session
-        # (the defaults take about 260 KB); on q16delta pose data the output size was
-        # the same within 1% (measured on a 7,462-frame synthetic session).
+        # A 512-byte window and memLevel 4 keep zlib's state near 16 KB per live
+        # session (the defaults take about 260 KB); see ZLIB_WBITS for the sizes.
         self._z: Any = zlib.compressobj(
             level, zlib.DEFLATED, 16 + ZLIB_WBITS, ZLIB_MEMLEVEL, strategy
         )
@@ -257,7 +256,7 @@ class ReplayWriter:
                 self._spill()
 
     def _spill(self) -> None:
-        # A page-cache append of <= SPILL_BYTES every few tens of seconds per session:
+        # A page-cache append of <= SPILL_BYTES every few seconds per session:
         # cheap enough inline. Not fsynced: after a crash the replay is rebuilt from
         # the spool's records, not from this file.
         assert self._spill_path is not None
