@@ -19,11 +19,13 @@ FORMAT_VERSION: Final = 1
 SUPPORTED_VERSIONS: Final = (1,)
 DEFAULT_ENCODING: Final = "q16delta"
 SPACES: Final = ("image", "world")
-# zlib window: 512 bytes, the smallest. Z_RLE (below) only looks one byte back, so the
-# window does not change the output's size (1.523 MB for a 10-minute session with a
-# 4 KB or a 512-byte window) while zlib's state per live session falls from 30 KB
-# to 16 KB (tracemalloc); memLevel 4 stays: below it blobs grow 1.5-7 %.
-ZLIB_WBITS: Final = 9
+# zlib window: 1 KB. Z_RLE (below) only looks one byte back, so the window does not
+# change the output's size (1.523 MB for a 10-minute session with 4 KB, 1 KB or 512
+# bytes), while zlib's state per live session (tracemalloc) is 30 KB at 4 KB, 18 KB
+# at 1 KB and 16 KB at 512 bytes. A smaller window slides more often: 160, 166 and
+# 174 us of CPU per 1-second batch (encode + zlib). memLevel 4 stays: below it
+# blobs grow 1.5-7 %.
+ZLIB_WBITS: Final = 10
 ZLIB_MEMLEVEL: Final = 4
 # zlib strategy for the body. Z_RLE (matches of distance 1 only: runs) fits the
 # byte planes of small deltas; on the 30-minute benchmark session it halves zlib's
