@@ -120,7 +120,8 @@ class SideDetector:
         "state", "b", "t_low", "n_acc", "v_acc", "shallow_amp",
         "start", "tr_enter", "P", "p_ref", "t_pf", "t_pl",
         "m", "m_ref", "tm", "t_exit", "tr_exit", "t_cross", "tr_last",
-        "q1", "q2", "z", "zb", "zP", "zm", "sync", "lo", "t_lo", "refined", "hidden",
+        "q1", "q2", "z", "zb", "zP", "zm", "sync",
+        "lo", "t_lo", "n_lo", "v_lo", "refined", "hidden", "first_depth",
     )
 
     def __init__(self, profile: Profile, side: str, *, refined: bool = True) -> None:
@@ -157,6 +158,8 @@ class SideDetector:
         # did not start from the rest band began (see process)
         self.lo = math.inf
         self.t_lo = 0.0
+        self.n_lo, self.v_lo = 0, 0.0  # n_acc, v_acc just before that lowest point
+        self.first_depth = 0.0  # the first counted excursion's depth (see _rep)
         self.hidden = False  # tracking was lost for HIDDEN_MS while out (see _rep)
 
     def process(
@@ -204,7 +207,7 @@ class SideDetector:
         tau, max_gap = TAU_MS, MAX_GAP_MS
         sep = zs is not None
         q1, q2, z, zb, zP, zm = self.q1, self.q2, self.z, self.zb, self.zP, self.zm
-        lo, t_lo = self.lo, self.t_lo
+        lo, t_lo, n_lo, v_lo = self.lo, self.t_lo, self.n_lo, self.v_lo
         refined = self.refined
         for t, r, v, tr, q in zip(ts, xs, vs, trs, zs if sep else xs, strict=True):
             dt = t - t_last
@@ -257,8 +260,11 @@ class SideDetector:
                     state = ACTIVE
                     if refined and lo < math.inf and t_lo - t_low > STILL_MS:
                         # it hovered above the rest band before rising: the rise began at
-                        # the lowest point of the hover, not when the rest was last seen
+                        # the lowest point of the hover, not when the rest was last seen;
+                        # coverage and visibility count from there too
                         t_low = t_lo
+                        n_acc -= n_lo
+                        v_acc -= v_lo
                     self.start, self.tr_enter = t_low, tr
                     P, p_ref, t_pf, t_pl = x, x, t, t
                     zP = z
@@ -268,6 +274,7 @@ class SideDetector:
                 else:
                     if x <= lo:
                         lo, t_lo = x, t
+                        n_lo, v_lo = n_acc - 1, v_acc - v
             elif state == ACTIVE:
                 if dt > HIDDEN_MS and refined:
                     self.hidden = True
@@ -335,7 +342,7 @@ class SideDetector:
         if not sep:  # one channel: the reported one is the same
             q1, q2, z, zb, zP, zm = r1, r2, y, b, P, m
         self.q1, self.q2, self.z, self.zb, self.zP, self.zm = q1, q2, z, zb, zP, zm
-        self.lo, self.t_lo = lo, t_lo
+        self.lo, self.t_lo, self.n_lo, self.v_lo = lo, t_lo, n_lo, v_lo
         if trs:
             self.tr_last = trs[-1]
         return ev
@@ -440,6 +447,14 @@ class SideDetector:
         counted = not reason
         if counted:
             if first:
+                self.R, self.dur_typ = amp, dur
+                self.first_depth = amp
+            elif (self.n_counted == 1 and self.refined and not hidden
+                  and self.first_depth < DEPTH_FRAC * amp):
+                # The first was a partial one by the rule every later one meets (the
+                # tracker drops it, tracker._confirm): this one sets the range, as if
+                # it were the first. Decided here, in stream time, so that the frames
+                # after it are judged alike however the stream was batched.
                 self.R, self.dur_typ = amp, dur
             elif not hidden:
                 # a deep repetition is strong evidence of the patient's range; shallow

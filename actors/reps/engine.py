@@ -76,7 +76,8 @@ class RepEngine:
         self._profile: Profile | None = profile
         self._gate = (WalkGate() if profile is not None and profile.hips_still
                       and space == "image" else None)
-        # filmed from the front the knee angle hardly moves: also follow the hip's drop
+        # filmed from the front the knee angle hardly moves (and seated, is degenerate):
+        # count on the hip's drop instead
         self._view = (FrontView() if profile is not None and profile.hip_drop
                       and space == "image" else None)
         # one angle column per (joint, side); candidates of the same joint share columns

@@ -33,7 +33,7 @@ from .angles import L_ANKLE, L_HIP, L_KNEE, L_SHOULDER, R_ANKLE, R_HIP, R_KNEE, 
 
 # hip width / upright trunk length: at or below FRONT_FROM the knee angle alone
 # counts (0.33 at 35 degrees off facing the camera in the generator; 0.0-0.3 in
-# the real side and rear-oblique clips), from FRONT_FULL the hip drop is added
+# the real side and rear-oblique clips), from FRONT_FULL the hip drop replaces it
 # (within 20 degrees of facing the camera or turned away: 0.37-0.40, real
 # front and rear clips 0.37-0.39)
 FRONT_FROM, FRONT_FULL = 0.35, 0.37
@@ -105,7 +105,7 @@ def hip_drop_angle(height: float, seg: float) -> float:
 
 
 def front_weight(view: float) -> float:
-    """How much of the hip drop is added to the knee angle (0 to 1) for a running
+    """How much the hip drop takes the knee angle's place (0 to 1) for a running
     frontal ratio ``view``."""
     w = (view - FRONT_FROM) / (FRONT_FULL - FRONT_FROM)
     return 0.0 if not w > 0.0 else (1.0 if w > 1.0 else w)

@@ -100,7 +100,9 @@ def build_rep(index: int, profile: Profile, sides: list[SideRep]) -> Rep:
         both_ok = min(va, vb) >= max(SYMMETRY_MIN_VIS, SYMMETRY_MIN_VIS_RATIO * max(va, vb))
         if both_ok:
             ra, rb = sides[0].rom_deg, sides[1].rom_deg
-            symmetry = min(ra, rb) / max(ra, rb) if max(ra, rb) > 0 else None
+            # two hidden tops (one alone was dropped above): two lower bounds
+            if max(ra, rb) > 0 and not sides[0].hidden:
+                symmetry = min(ra, rb) / max(ra, rb)
             wa, wb = va / (va + vb), vb / (va + vb)
             merged = {k: wa * parts[0][k] + wb * parts[1][k] for k in parts[0]}
             merged["confidence"] = max(parts[0]["confidence"], parts[1]["confidence"])

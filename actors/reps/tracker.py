@@ -105,8 +105,9 @@ class JointTracker:
         range, now known from the second. The first is otherwise judged against
         the profile's prior alone, so a partial repetition or a shallow adjustment
         before the set (picking up a weight) would count whenever the patient's
-        range is above the prior's. A dropped first repetition also stops setting
-        the detectors' typical range: the second sets it, as if it were the first.
+        range is above the prior's. Each side's detector, on its own second
+        repetition, likewise lets that one set its typical range when its first
+        was shallower (``SideDetector._rep``), in stream time.
         """
         if self._confirmed or not out:
             return out
@@ -116,20 +117,17 @@ class JointTracker:
                 return out
         first, nxt = self._first, out[0]
         self._first, self._confirmed = None, True
-        if not _shallower(first[1], nxt[1]):
-            return [first, *out]
-        for side in nxt[1]:
-            for det in self.dets:
-                if det.side == side.side:
-                    det.R = side.depth
-                    det.dur_typ = side.end_ms - side.start_ms
-        return out
+        return out if _shallower(first[1], nxt[1]) else [first, *out]
 
     def _single(self, i: int, rep: SideRep, t: float, out: list) -> None:
         other = self._typ[1 - i]
+        # A one-sided movement this small against the other side's range is the
+        # other leg's wobble, even if its top went untracked (its range is then a
+        # lower bound: a real one may be lost, a wobble is not counted).
         if other > 0.0 and rep.rom_deg < CROSS_MIN * other:
             return
-        self._learn(i, rep.rom_deg)
+        if not rep.hidden:  # a lower bound is not the side's typical range
+            self._learn(i, rep.rom_deg)
         out.append((t, [rep]))
         self._last_single = (i, rep)
 
@@ -172,8 +170,9 @@ class JointTracker:
                 self._pending[o] = None
                 if rep.counted and _overlap(rep, other):
                     pair = [other, rep] if o == 0 else [rep, other]
-                    self._learn(0, pair[0].rom_deg)
-                    self._learn(1, pair[1].rom_deg)
+                    for k in (0, 1):
+                        if not pair[k].hidden:
+                            self._learn(k, pair[k].rom_deg)
                     out.append((t, pair))
                     self._last_single = None
                     continue
