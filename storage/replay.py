@@ -167,7 +167,7 @@ class ReplayWriter:
             step=params.get("step"),
         )
         self._level = level
-        # A 1 KB window and memLevel 4 keep zlib's state near 18 KB per live
+        # A 4 KB window and memLevel 4 keep zlib's state near 30 KB per live
         # session (the defaults take about 260 KB); see ZLIB_WBITS for the sizes.
         self._z: Any = zlib.compressobj(
             level, zlib.DEFLATED, 16 + ZLIB_WBITS, ZLIB_MEMLEVEL, strategy

@@ -19,13 +19,15 @@ FORMAT_VERSION: Final = 1
 SUPPORTED_VERSIONS: Final = (1,)
 DEFAULT_ENCODING: Final = "q16delta"
 SPACES: Final = ("image", "world")
-# zlib window: 1 KB. Z_RLE (below) only looks one byte back, so the window does not
+# zlib window: 4 KB. Z_RLE (below) only looks one byte back, so the window does not
 # change the output's size (1.523 MB for a 10-minute session with 4 KB, 1 KB or 512
-# bytes), while zlib's state per live session (tracemalloc) is 30 KB at 4 KB, 18 KB
-# at 1 KB and 16 KB at 512 bytes. A smaller window slides more often: 160, 166 and
-# 174 us of CPU per 1-second batch (encode + zlib). memLevel 4 stays: below it
+# bytes), and zlib's state per live session (tracemalloc) would fall from 30 KB to
+# 18 KB at 1 KB. But a smaller window slides more often: at 1 KB zlib's slide
+# doubled, +3.3 % instructions per acknowledged WebSocket batch for the whole ingest
+# path (callgrind, bench/bench_ingest_path.py --child ws 8 30). CPU, not memory,
+# limits the sessions a process holds, so the window stays. memLevel 4: below it
 # blobs grow 1.5-7 %.
-ZLIB_WBITS: Final = 10
+ZLIB_WBITS: Final = 12
 ZLIB_MEMLEVEL: Final = 4
 # zlib strategy for the body. Z_RLE (matches of distance 1 only: runs) fits the
 # byte planes of small deltas; on the 30-minute benchmark session it halves zlib's
