@@ -37,13 +37,14 @@ def _tsc() -> Path:
 
 
 def test_node_unit_tests_pass() -> None:
-    """``npm test``'s files under node --test: batching, backoff, the buffer bound and the
-    v1 encoder. The TAP reporter is asked for by name: the default one differs by Node
-    version and by whether stdout is a terminal."""
+    """``npm test``'s files under node --test: batching, backoff, the buffer bound, the
+    v1 encoder and the token refresh of the stream transport's POST side. The TAP
+    reporter is asked for by name: the default one differs by Node version and by
+    whether stdout is a terminal."""
     assert PACKAGE["scripts"]["test"] == "node --test test/unit/*.test.js"
     files = sorted(str(p.relative_to(WEB)) for p in (WEB / "test" / "unit").glob("*.test.js"))
     assert files == ["test/unit/backoff.test.js", "test/unit/batching.test.js",
-                     "test/unit/encoder.test.js"]
+                     "test/unit/encoder.test.js", "test/unit/token-refresh.test.js"]
     out = _run([_tool("node"), "--test", "--test-reporter=tap", *files], WEB)
     counts = dict(line[2:].split() for line in out.splitlines()
                   if line.startswith(("# pass ", "# fail ", "# cancelled ")))

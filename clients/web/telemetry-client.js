@@ -525,7 +525,8 @@ export const STREAM_CLOSE = Object.freeze({
  * @property {string} baseUrl the service (`https://...`; the stream is `wss://.../v1/pose/stream`)
  * @property {string} token the session token
  * @property {() => string | Promise<string>} [getToken] a fresh token for the same session,
- *   asked for when the stream closes with 4401 (token expired) or a POST answers 401;
+ *   asked for when the stream closes with 4401 (token expired) or a POST (pose batch,
+ *   media events, the end call) answers 401; once per refused token;
  *   without it, an expired token moves delivery to POST (which answers 401 once the
  *   service's leeway is over: the batches are then reported `rejected`)
  * @property {number} [window=4] unacknowledged batches on the socket at once
@@ -568,6 +569,8 @@ export class WebSocketTransport {
     /** @private */ this._base = String(baseUrl).replace(/\/+$/, '');
     /** @private */ this._token = token;
     /** @private */ this._getToken = getToken ?? null;
+    /** @private @type {Promise<boolean> | null} the `getToken` call under way */
+    this._refreshing = null;
     /** @private */ this._window = Math.max(1, Math.floor(window));
     /** @private */ this._maxOpenFailures = Math.max(1, maxOpenFailures);
     /** @private */ this._connectTimeoutMs = connectTimeoutMs;
@@ -617,14 +620,17 @@ export class WebSocketTransport {
     this.fetchTransport.setToken(token);
   }
 
-  /** @param {string} json @param {SendOptions} [opts] */
-  sendMediaBatch(json, opts) { return this.fetchTransport.sendMediaBatch(json, opts); }
+  /** A 401 (token expired) is answered as for pose batches: one fresh token, one resend.
+   * @param {string} json @param {SendOptions} [opts] */
+  sendMediaBatch(json, opts) {
+    return this._withFreshToken((o) => this.fetchTransport.sendMediaBatch(json, o), opts);
+  }
 
   /** Close the socket (normal closure), then `POST /v1/sessions/{id}/end`.
    * @param {string} sessionId @param {SendOptions} [opts] */
   endSession(sessionId, opts) {
     this.close();
-    return this.fetchTransport.endSession(sessionId, opts);
+    return this._withFreshToken((o) => this.fetchTransport.endSession(sessionId, o), opts);
   }
 
   /** Let go of the socket: unanswered batches are answered `status: 0`. */
@@ -688,23 +694,44 @@ export class WebSocketTransport {
   _post(body, signal) {
     const run = () => {
       this.counters.postBatches++;
-      return this.fetchTransport.sendPoseBatch(body, { signal })
-        .then((r) => this._afterPost(r, () => this.fetchTransport.sendPoseBatch(body, { signal })));
+      return this._withFreshToken((o) => this.fetchTransport.sendPoseBatch(body, o), { signal });
     };
     const p = this._chain.then(run, run);
     this._chain = p.catch(() => {});
     return p;
   }
 
-  /** @private A 401 on POST with a `getToken`: refresh once and resend. */
-  async _afterPost(r, again) {
-    if (r.status !== 401 || !this._getToken) return r;
-    return (await this._refreshToken()) ? again() : r;
+  /**
+   * @private A POST with the current token; a 401 with a `getToken` gets one fresh token
+   * and one resend. Not for `keepalive` sends: the page is going away.
+   * @param {(opts: SendOptions) => Promise<TransportResult>} send
+   * @param {SendOptions} [opts]
+   */
+  async _withFreshToken(send, opts = {}) {
+    const used = this._token;
+    const r = await send(opts);
+    if (r.status !== 401 || !this._getToken || opts.keepalive) return r;
+    return (await this._refreshToken(used)) ? send(opts) : r;
+  }
+
+  /**
+   * @private A fresh token for a request or socket that used `used` and was refused:
+   * true if there is one. One `getToken` call serves every refusal of the same token
+   * (the stream's 4401, a media POST's 401 and a pose POST's 401 often come together):
+   * a token already replaced is not asked for again, and a call under way is shared.
+   * @param {string} used
+   */
+  _refreshToken(used) {
+    if (!this._getToken) return Promise.resolve(false);
+    if (this._token !== used) return Promise.resolve(true);
+    if (this._refreshing === null) {
+      this._refreshing = this._askToken().finally(() => { this._refreshing = null; });
+    }
+    return this._refreshing;
   }
 
   /** @private Ask `getToken` for a fresh token; true if it gave a different one. */
-  async _refreshToken() {
-    if (!this._getToken) return false;
+  async _askToken() {
     const before = this._token;
     try {
       const token = await this._getToken();
@@ -855,7 +882,7 @@ export class WebSocketTransport {
     }
     if (code === C.TOKEN) {
       this._busy = true;
-      this._refreshToken().then((fresh) => {
+      this._refreshToken(sock.token).then((fresh) => {
         this._busy = false;
         if (this._mode !== 'socket') return;
         // The same token again would be closed at once: only POST can still use it.
@@ -903,6 +930,7 @@ export class WebSocketTransport {
     this.counters.probes++;
     const rec = [...this._pending.values()].sort((a, b) => a.seq - b.seq)[0];
     this.counters.postBatches++;
+    const used = this._token;
     const r = await this.fetchTransport.sendPoseBatch(rec.body, { signal: rec.signal });
     this._busy = false;
     if (this._mode !== 'socket') return;
@@ -911,7 +939,7 @@ export class WebSocketTransport {
       this._later(retryDelay(r, this._attempt++, this._retry, this._random));
       return;
     }
-    if (r.status === 401 && (await this._refreshToken())) {
+    if (r.status === 401 && (await this._refreshToken(used))) {
       this._pump();
       return;
     }
