@@ -41,11 +41,11 @@ def _child(transport: str, sessions: int, batches: int) -> dict[str, float]:
     import trio
 
     from actors.supervisor import Supervisor
-    from bench.loadgen import batch_body, make_pool
+    from bench.loadgen import make_pool
     from domain.pose_batch import CONTENT_TYPE
     from domain.privacy import Pseudonymiser
     from telemetry.app import AppState, create_app
-    from telemetry.auth import TokenVerifier, mint_session_token
+    from telemetry.auth import TokenVerifier
     from telemetry.config import Settings
     from telemetry.connection_close import close_on_connection_close
     from telemetry.cors import cors
@@ -84,11 +84,7 @@ def _child(transport: str, sessions: int, batches: int) -> dict[str, float]:
             go = trio.Event()
 
             async def session(i: int) -> None:
-                token = mint_session_token(settings, org_id="org-bench",
-                                           session_id=f"s-{i}").encode()
-                p = pool[i % len(pool)]
-                bodies = [bytes(batch_body(p.batches[k % len(p.batches)], k))
-                          for k in range(batches)]
+                token, bodies = session_requests(settings, pool, i, batches)
                 if transport == "http":
                     await http_session(app, token, bodies, warm, go, CONTENT_TYPE)
                 else:
@@ -116,6 +112,18 @@ def _child(transport: str, sessions: int, batches: int) -> dict[str, float]:
     return {"cpu_us": 1e6 * timed["cpu"] / timed["acks"],
             "wall_us": 1e6 * timed["wall"] / timed["acks"],
             "steps": timed["steps"] / timed["acks"]}
+
+
+def session_requests(settings: Any, pool: list[Any], i: int, batches: int
+                     ) -> tuple[bytes, list[bytes]]:
+    """Bench session ``i``'s token and its ``batches`` batch bodies (pool session
+    ``i`` modulo the pool, batches numbered from 0)."""
+    from bench.loadgen import batch_body
+    from telemetry.auth import mint_session_token
+
+    token = mint_session_token(settings, org_id="org-bench", session_id=f"s-{i}").encode()
+    p = pool[i % len(pool)]
+    return token, [bytes(batch_body(p.batches[k % len(p.batches)], k)) for k in range(batches)]
 
 
 def _callgrind(state: str) -> None:

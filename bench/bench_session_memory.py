@@ -36,11 +36,11 @@ async def _run(data_dir: Path, sessions: int, batches: int, top: int) -> None:
     from actors.chunks import CHUNK_DELAY_S
     from actors.supervisor import Supervisor
     from bench import bench_ingest_path as path
-    from bench.loadgen import batch_body, make_pool
+    from bench.loadgen import make_pool
     from domain.pose_batch import CONTENT_TYPE
     from domain.privacy import Pseudonymiser
     from telemetry.app import AppState, create_app
-    from telemetry.auth import TokenVerifier, mint_session_token
+    from telemetry.auth import TokenVerifier
     from telemetry.config import Settings
     from telemetry.connection_close import close_on_connection_close
     from telemetry.cors import cors
@@ -52,10 +52,7 @@ async def _run(data_dir: Path, sessions: int, batches: int, top: int) -> None:
         max_batches_per_s=1e6, idle_timeout_s=600.0, gap_timeout_s=60.0)
     go = trio.Event()
     go.set()
-
-    class _NoWarmup:
-        def release(self) -> None:
-            pass
+    warm = trio.Semaphore(0)  # http_session's warm-up signal: nobody waits on it here
 
     async with open_storage(settings) as storage, trio.open_nursery() as nursery:
         pseudonyms = Pseudonymiser(settings.pseudonym_key)
@@ -68,12 +65,8 @@ async def _run(data_dir: Path, sessions: int, batches: int, top: int) -> None:
         await nursery.start(sup.run)
 
         async def session(i: int) -> None:
-            token = mint_session_token(settings, org_id="org-bench",
-                                       session_id=f"s-{i}").encode()
-            p = pool[i % len(pool)]
-            bodies = [bytes(batch_body(p.batches[k % len(p.batches)], k))
-                      for k in range(batches)]
-            await path.http_session(app, token, bodies, _NoWarmup(), go, CONTENT_TYPE)
+            token, bodies = path.session_requests(settings, pool, i, batches)
+            await path.http_session(app, token, bodies, warm, go, CONTENT_TYPE)
 
         async def wave(ids: range) -> None:
             async with trio.open_nursery() as clients:
