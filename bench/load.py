@@ -8,6 +8,7 @@ Run from the repository root (a default run takes about ten minutes)::
     .venv/bin/python -m bench.load --only paced --sessions 1500 --seconds 1800  # soak
     .venv/bin/python -m bench.load --only long --s3      # finalisation to moto S3
     .venv/bin/python -m bench.load --only paced --profile DIR   # py-spy too
+    .venv/bin/python -m bench.load --only max --processes 2     # two processes per target
 
 Every target runs as its own subprocess on 127.0.0.1 with a fresh temporary data
 directory (``bench/loadproc.py``), and is driven by load-generator subprocesses
@@ -21,6 +22,11 @@ directory (``bench/loadproc.py``), and is driven by load-generator subprocesses
   yardstick;
 * ``raw`` (max section only): the same answers from a raw ASGI callable on
   hypercorn's trio worker: the floor of the server itself.
+
+``--processes P`` runs P processes of each target (max, paced, sweep and journal
+sections), each on its own port and driven by its own load generators, as a router
+with session affinity would drive them (``docs/affinity.md``); CPU and RSS are their
+sums. It measures what a host with several cores gains from one process per core.
 
 Transports (``--transports``, default both; every section runs each, and the
 tables put them side by side, the service as a ratio of the yardsticks *for the
@@ -151,7 +157,7 @@ def section_max(a: argparse.Namespace, log_dir: Path, env: dict[str, str]) -> No
     for tr in a.transport_list:
         spec = RunSpec("closed", a.connections, duration=a.warmup + a.max_seconds,
                        warmup=a.warmup, transport=tr, window_k=a.window,
-                       journal=a.journal)
+                       journal=a.journal, processes=a.processes)
         results += [run(t, spec, a, log_dir=log_dir, extra_env=env, profile_dir=a.profile)
                     for t in targets(a, "service", "bare", "raw")]
     print(compare(results, paced=False))
@@ -182,7 +188,7 @@ def section_paced(a: argparse.Namespace, log_dir: Path, env: dict[str, str],
     for tr in a.transport_list:
         spec = RunSpec("paced", a.sessions, ramp=a.ramp, seconds=a.seconds,
                        end_spread=a.end_spread, transport=tr, window_k=a.window,
-                       journal=a.journal)
+                       journal=a.journal, processes=a.processes)
         results += [run(t, spec, a, log_dir=log_dir, extra_env=env,
                         profile_dir=profile_dir if t == "service" else None)
                     for t in targets(a, "service", "bare")]
@@ -256,7 +262,7 @@ def section_sweep(a: argparse.Namespace, log_dir: Path, env: dict[str, str]) -> 
                 ramp = max(a.sweep_ramp, n / a.sweep_starts_per_s)
                 spec = RunSpec("paced", n, ramp=ramp, seconds=a.sweep_seconds,
                                end_spread=ramp, transport=tr, window_k=a.window,
-                               journal=a.journal)
+                               journal=a.journal, processes=a.processes)
                 r = run(target, spec, a, log_dir=log_dir, extra_env=env, quiet=True)
                 ok = r.passes(a.p99_ms)
                 rows.append((f"{label(r)} N={n}", [
@@ -296,7 +302,7 @@ def section_journal(a: argparse.Namespace, log_dir: Path, env: dict[str, str]) -
             for journal in a.journal_list:
                 spec = RunSpec("paced", n, ramp=a.ramp, seconds=a.seconds,
                                end_spread=a.end_spread, transport=tr, window_k=a.window,
-                               journal=journal)
+                               journal=journal, processes=a.processes)
                 r = by[tr, n, journal] = run("service", spec, a, log_dir=log_dir,
                                              extra_env=env)
 
@@ -355,6 +361,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=1, metavar="K",
                    help="ws: batches in flight per session (acks pending)")
     p.add_argument("--generators", type=int, default=1, help="load generator processes")
+    p.add_argument("--processes", type=int, default=1, metavar="P",
+                   help="processes per target (max, paced, sweep, journal), each on its own "
+                        "port with its own sessions, as behind a router with session "
+                        "affinity; figures are their sums")
     p.add_argument("--timeout", type=float, default=30.0, help="per request, seconds")
     p.add_argument("--pin", action="store_true",
                    help="pin the server to CPU 0 and the generators to CPU 1")

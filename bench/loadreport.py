@@ -26,7 +26,8 @@ LEGEND = ("  (bare = bare quart-trio, raw = raw ASGI; svc/x = service / x for th
 
 def label(r: Result) -> str:
     journal = " js" if r.spec.journal == "jetstream" else ""
-    return f"{TARGET_LABEL[r.target]}{journal} {r.transport}"
+    procs = f" x{r.spec.processes}" if r.spec.processes > 1 else ""
+    return f"{TARGET_LABEL[r.target]}{procs}{journal} {r.transport}"
 
 
 def fmt(x: float, spec: str = ".1f") -> str:

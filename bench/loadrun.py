@@ -66,6 +66,9 @@ class RunSpec:
     transport: str = "http"  # "http" | "ws"
     window_k: int = 1  # ws: batches in flight per session
     journal: str = "spool"  # the service's: "spool" | "jetstream" (see journal_cluster)
+    # Processes of the target, each on its own port with its own sessions, as behind a
+    # router with session affinity (docs/affinity.md); the figures sum them.
+    processes: int = 1
 
     @property
     def window(self) -> tuple[float, float]:
@@ -253,8 +256,9 @@ def run(target_name: str, spec: RunSpec, a: argparse.Namespace, *, log_dir: Path
     if target_name == "service" and spec.mode == "closed":
         env["TELEMETRY_MAX_BATCHES_PER_S"] = "100000"
     env.update(dict(kv.split("=", 1) for kv in a.env))
-    target = Target(target_name, keys=keys, extra_env=env, log_dir=log_dir,
-                    pin=0 if a.pin else None, nice=a.nice)
+    procs = [Target(target_name, keys=keys, extra_env=env, log_dir=log_dir,
+                     pin=0 if a.pin else None, nice=a.nice) for _ in range(spec.processes)]
+    target = procs[0]
     gens: list[subprocess.Popen[str]] = []
     outs: list[Path] = []
     prof: subprocess.Popen[bytes] | None = None
@@ -267,16 +271,22 @@ def run(target_name: str, spec: RunSpec, a: argparse.Namespace, *, log_dir: Path
         if target_name == "service" and spec.journal == "jetstream":
             cluster = cluster_exit.enter_context(journal_cluster(a.nice))
             nats_pids = cluster.pids
-            target.extra_env = {**env, **cluster.env}
-        target.start()
-        n_gen = max(1, min(a.generators, spec.sessions))
+            for t in procs:
+                t.extra_env = {**env, **cluster.env}
+        for t in procs:
+            t.start()
+        pids = [t.pid for t in procs]
+        # At least one generator per process, and as many for each: generator j drives
+        # process j % P, so a session's requests all reach one process.
+        n_gen = max(1, min(-(-a.generators // len(procs)) * len(procs), spec.sessions))
         bounds = np.linspace(0, spec.sessions, n_gen + 1).astype(int)
         gen_env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRY_")}
         gen_env["TELEMETRY_JWT_KEYS"] = keys
         for j in range(n_gen):
             out = target.dir.parent / f"bench-gen-{run_id}-{j}.npz"
             outs.append(out)
-            cmd = [sys.executable, "-m", "bench.loadgen", "--port", str(target.port),
+            port = procs[j % len(procs)].port
+            cmd = [sys.executable, "-m", "bench.loadgen", "--port", str(port),
                    "--mode", spec.mode, "--run-id", run_id,
                    "--index-from", str(bounds[j]), "--index-to", str(bounds[j + 1]),
                    "--total", str(spec.sessions), "--ramp", str(spec.ramp),
@@ -290,7 +300,7 @@ def run(target_name: str, spec: RunSpec, a: argparse.Namespace, *, log_dir: Path
                 cmd += ["--pause-before-end", str(spec.pause_before_end)]
             if target_name == "service":
                 cmd.append("--check-summary")
-            if j == 0:
+            if j < len(procs):  # one priming session per process
                 cmd.append("--prime")
             gens.append(subprocess.Popen(cmd, cwd=ROOT, env=gen_env, text=True,
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -303,8 +313,8 @@ def run(target_name: str, spec: RunSpec, a: argparse.Namespace, *, log_dir: Path
             if line.strip() != "ready":
                 raise RuntimeError(f"load generator said {line!r}")
         time.sleep(0.5)  # let the priming session's finalisation settle
-        idle = sample(target.pid)
-        assert idle is not None
+        idle = sample_sum(pids)
+        idle_each = [sample(pid) for pid in pids]
         nats_idle = float("nan")
         if nats_pids:  # what the cluster costs with nothing to do (raft heartbeats)
             n0 = sample_sum(nats_pids)
@@ -349,8 +359,8 @@ def run(target_name: str, spec: RunSpec, a: argparse.Namespace, *, log_dir: Path
                      "--nonblocking", "-o", str(prof_path)],
                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE)
-            s = sample(target.pid)
-            if s is not None:
+            s = sample_sum(pids)
+            if s.cpu_s:
                 server.append(s)
             if nats_pids:
                 nats.append(sample_sum(nats_pids))
@@ -364,6 +374,9 @@ def run(target_name: str, spec: RunSpec, a: argparse.Namespace, *, log_dir: Path
         for g in gens:
             if g.returncode != 0:
                 raise RuntimeError(f"load generator exited with {g.returncode}")
+        # CPU each process used since it went idle: how the load was shared.
+        process_cpu_s = [e.cpu_s - i.cpu_s if e is not None and i is not None else float("nan")
+                         for i, e in zip(idle_each, (sample(pid) for pid in pids), strict=True)]
         profile = None
         if prof is not None:
             prof.wait(60)
@@ -389,10 +402,12 @@ def run(target_name: str, spec: RunSpec, a: argparse.Namespace, *, log_dir: Path
             codes=dict(codes), end_checks=dict(checks), server=server, gens=gen_samples,
             go=go, idle_rss_kb=idle.rss_kb,
             gen_self_cpu_s=sum(m["cpu_s"] for m in metas),
-            log_lines=target.log_lines(), machine=machine, psi=psi, quiet_before_pct=settled,
+            log_lines=sum(t.log_lines() for t in procs), machine=machine, psi=psi,
+            quiet_before_pct=settled,
             profile=profile,
             extra={"blob_bytes": sum(sum(m.get("blob_sizes", [])) for m in metas),
-                   "held": held, "nats": nats, "nats_idle_pct": nats_idle},
+                   "held": held, "nats": nats, "nats_idle_pct": nats_idle,
+                   "process_cpu_s": process_cpu_s},
         )
         if not quiet:
             print(f"  {label(res):<20} {one_line(res)}", flush=True)
@@ -403,8 +418,12 @@ def run(target_name: str, spec: RunSpec, a: argparse.Namespace, *, log_dir: Path
             prof.wait(10)
         for g in gens:
             kill(g, 2.0)
+            for pipe in (g.stdin, g.stdout):
+                if pipe is not None:
+                    pipe.close()
         try:
-            target.stop()
+            for t in procs:
+                t.stop()
         finally:
             cluster_exit.close()
         for o in outs:
