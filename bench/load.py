@@ -282,9 +282,10 @@ def section_sweep(a: argparse.Namespace, log_dir: Path, env: dict[str, str]) -> 
                        "KB/sess", "final p99", "gen cpu %", ""]))
     for tr in a.transport_list:
         s, b = best.get((tr, "service"), 0), best.get((tr, "bare"), 0)
-        print(f"  => {tr}: largest N passing (of those tried): service {s}, bare quart-trio "
-              f"{b}{f' (service/bare {s / b:.2f})' if b else ''}; target >= {GOAL[tr]} for "
-              "the service", flush=True)
+        hosts = f" (N over {a.processes} processes)" if a.processes > 1 else ""
+        print(f"  => {tr}: largest N passing (of those tried){hosts}: service {s}, bare "
+              f"quart-trio {b}{f' (service/bare {s / b:.2f})' if b else ''}; target >= "
+              f"{GOAL[tr]} per process for the service", flush=True)
 
 
 def section_journal(a: argparse.Namespace, log_dir: Path, env: dict[str, str]) -> None:

@@ -225,12 +225,13 @@ def admin_sessions(port: int, keys: str) -> list[dict[str, Any]]:
     return list(json.loads(body)["sessions"])
 
 
-def snapshot(target: Target, keys: str) -> dict[str, Any]:
-    """RSS, and the replay bytes the live sessions hold by the service's own count."""
-    rss = sample(target.pid)
-    live = admin_sessions(target.port, keys)
+def snapshot(targets: list[Target], keys: str) -> dict[str, Any]:
+    """RSS, and the replay bytes the live sessions hold by the service's own count,
+    over every process of the target."""
+    rss = sample_sum([t.pid for t in targets])
+    live = [x for t in targets for x in admin_sessions(t.port, keys)]
     held = [int(x.get("bytes_held") or 0) for x in live]
-    return {"rss_kb": rss.rss_kb if rss else 0, "live": len(live),
+    return {"rss_kb": rss.rss_kb, "live": len(live),
             "bytes_held_mean": float(np.mean(held)) if held else 0.0,
             "batches_mean": float(np.mean([x.get("batches") or 0 for x in live])) if live
             else 0.0}

@@ -344,7 +344,7 @@ def run(target_name: str, spec: RunSpec, a: argparse.Namespace, *, log_dir: Path
             if target_name == "service" and held is None and (
                     (spec.mode == "paced" and now >= go + win_b)
                     or (spec.pause_before_end and streamed == len(gens))):
-                held = snapshot(target, keys)
+                held = snapshot(procs, keys)
             if spec.pause_before_end:
                 streamed += sum(1 for g in gens if line_ready(g) == "streamed")
             if now > deadline:
