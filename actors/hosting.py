@@ -124,6 +124,14 @@ class ActorHost:
                 except Exception:  # one bad log must not keep the service from starting
                     log.exception("spool log could not be replayed; left alone")
                     report.unrecoverable += 1
+                    # Its acknowledged batches are still on disk: the session must
+                    # neither start afresh over them nor be ended empty (which would
+                    # remove them) before a later start replays it. Its requests are
+                    # answered "retry" (503), or "ended" if its end was recorded.
+                    org_id, session_id = step.key.split("/", 1)
+                    self._put((org_id, session_id), Ended(
+                        None, trio.current_time() + self._settings.ended_retention_s,
+                        trio.Event(), recorded=step.ended))
                     continue
                 if actor is None:
                     continue

@@ -18,7 +18,7 @@ import trio
 import trio.testing
 
 import actors.supervisor as supervisor_mod
-from actors.durable import START, encode_claims, session_key
+from actors.durable import POSE, START, encode_claims, session_key
 from actors.sequencer import Verdict
 from actors.supervisor import Supervisor
 from domain.pose_batch import decode_batch
@@ -216,3 +216,44 @@ async def test_drain_waits_for_a_recovered_publish(
         # published, but not kept and closed: the next start does it again (idempotent)
         assert left == 1
         assert spool.get_state(key) == {"step": "publish", "summary": summary}
+
+
+class _ReplayFailsOnce(Spool):
+    """A spool whose first replay of a session's log fails, as an I/O error (EIO)
+    while reading a segment at start-up would."""
+
+    failed = False
+
+    async def replay(self, key: str) -> Any:
+        if not self.failed:
+            self.failed = True
+            raise OSError(5, "Input/output error")
+        return await super().replay(key)
+
+
+async def test_a_log_that_cannot_be_replayed_is_neither_restarted_nor_ended_empty(
+    settings: Settings, nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    """A session whose log fails to replay at start-up keeps its acknowledged batches:
+    its batches and end calls are answered "retry" until a later start replays it. It
+    used to start afresh, and its end call published an empty summary and removed
+    the log (the review of December)."""
+    spool = _ReplayFailsOnce(settings.data_dir / "spool")
+    await nursery.start(spool.run)
+    c = TokenVerifier(settings).verify_session(session_token(settings))
+    key = session_key(c.org_id, c.session_id)
+    await spool.append(key, START, encode_claims(c, 1.0))
+    for seq in range(3):  # what the previous process acknowledged
+        await spool.append(key, POSE, batch_body(seq), compress=False)
+    d = Durable(settings, spool)
+    await nursery.start(d.sup.run)
+    assert d.sup.recovered is not None and d.sup.recovered.unrecoverable == 1
+
+    offer = await d.submit(c, 3)
+    assert offer.verdict == "session_ending"  # 503, retry: not accepted into a new session
+    with pytest.raises(supervisor_mod.NotFinalised) as e:
+        await d.sup.end(c)
+    assert not e.value.recorded
+    await trio.sleep(60)
+    assert d.events == []
+    assert len(await spool.replay(key)) == 4  # every acknowledged batch is still there
