@@ -248,6 +248,12 @@ class UpgradeRequired(FixRequest):
     code = "upgrade_required"
 
 
+class NotFound(FixRequest):
+    """No endpoint at the requested path (the code Quart's own 404 carries)."""
+
+    code = "not_found"
+
+
 # -- refused ------------------------------------------------------------------------
 
 

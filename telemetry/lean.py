@@ -78,6 +78,8 @@ class LeanApp:
             await self._pose_post(scope, receive, send)
         elif path == STREAM_PATH and kind in ("http", "websocket"):
             await self.stream(scope, receive, send)
+        elif kind == "websocket":
+            await self.stream.refuse_elsewhere(scope, send)
         else:
             await self.quart(scope, receive, send)
 

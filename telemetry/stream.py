@@ -41,6 +41,7 @@ from domain.claims import SessionClaims
 from domain.errors import (
     AuthError,
     MethodNotAllowed,
+    NotFound,
     OriginNotAllowed,
     ShuttingDown,
     TelemetryError,
@@ -73,6 +74,7 @@ from telemetry.http.pipeline import (
     send_error,
 )
 from telemetry.ingest import PoseIngest
+from telemetry.metrics import UNMATCHED
 
 if TYPE_CHECKING:
     from telemetry.http.state import AppState
@@ -271,6 +273,24 @@ class PoseStream:
         self._ack_seconds.observe(trio.current_time() - t0)
         return None
 
+    async def refuse_elsewhere(self, scope: Scope, send: Send) -> None:
+        """A WebSocket handshake on any path but :data:`STREAM_PATH`, the service's
+        only WebSocket endpoint: refused with the JSON 404 that an unknown URL gets
+        over HTTP. (Handed to Quart, it failed in error handlers that need an HTTP
+        request context, and hypercorn answered a bare 500.)"""
+        ctx = logs.begin_request(Headers.of(scope).get("x-request-id"))
+        try:
+            exc = NotFound(f"no WebSocket endpoint at this path; the pose stream is "
+                           f"{STREAM_PATH}")
+            await _deny(scope, send, exc, ctx.request_id)
+            status = http_status(exc)
+            self._state.metrics.count_request("GET", UNMATCHED, status, 0.0)
+            logs.log_request(log, logs.request_level(status, quiet=False), method="GET",
+                             endpoint=UNMATCHED, status=status, seconds=0.0,
+                             code=exc.code, client=client_of(scope))
+        finally:
+            logs.end_request()
+
     def _count_handshake(self, status: int) -> None:
         self._state.metrics.requests.labels("GET", STREAM_PATH, str(status)).inc()
 
@@ -286,8 +306,10 @@ class PoseStream:
                                       "Upgrade: websocket")
             else:
                 exc = MethodNotAllowed()
+            # RFC 9110 15.5.22: a 426 names the protocol to upgrade to.
             await send_error(send, exc, ctx.request_id, close=True,
-                             allow=None if get else b"GET")
+                             allow=None if get else b"GET",
+                             headers=[(b"upgrade", b"websocket")] if get else None)
             method = "GET" if get else "other"
             status = http_status(exc)
             self._state.metrics.requests.labels(method, STREAM_PATH, str(status)).inc()

@@ -31,6 +31,7 @@ from domain.errors import (
     MailboxFull,
     MediaFinished,
     MethodNotAllowed,
+    NotFound,
     OriginNotAllowed,
     Refused,
     RetryLater,
@@ -65,6 +66,7 @@ HTTP_STATUS: dict[type[TelemetryError], int] = {
     UnsupportedEncoding: 415,
     MethodNotAllowed: 405,
     UpgradeRequired: 426,
+    NotFound: 404,
     # refused
     Refused: 409,
     ConsentRequired: 403,
@@ -77,7 +79,7 @@ HTTP_STATUS: dict[type[TelemetryError], int] = {
 
 # Quart's (werkzeug's) own HTTP errors, by status: the code their JSON body carries.
 FRAMEWORK_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
-                   400: "bad_request", 408: "body_timeout"}
+                   400: "bad_request", 408: "body_timeout", 500: "internal_error"}
 
 CLOSE_NORMAL = 1000
 CLOSE_UNSUPPORTED = 1003

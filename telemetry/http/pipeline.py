@@ -197,9 +197,11 @@ async def send_json(send: Send, status: int, body: bytes | None, request_id: str
 
 async def send_error(send: Send, exc: TelemetryError, request_id: str, *,
                      close: bool = False, allow: bytes | None = None,
-                     kind: str = "http") -> None:
-    """The JSON error answering ``exc``, its status from :func:`http_status`."""
-    extra = error_headers(exc)
+                     kind: str = "http",
+                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """The JSON error answering ``exc``, its status from :func:`http_status`;
+    ``headers``: more response headers."""
+    extra = error_headers(exc) + (headers or [])
     if allow is not None:
         extra.append((b"allow", allow))
     if close:

@@ -171,7 +171,7 @@ async def test_levels_follow_what_happened(
 
         monkeypatch.setattr(svc.supervisor, "end", broken)
         r = await svc.client.post("/v1/sessions/sess-1/end", headers=hdr(tok, "boom"))
-        assert r.status_code == 500 and r.json()["error"]["code"] == "http_error"
+        assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
         monkeypatch.undo()
     lines = captured.lines()
 

@@ -147,6 +147,22 @@ async def test_plain_http_on_the_stream_path_is_426(settings: Settings) -> None:
         r = await svc.client.get("/v1/pose/stream")
         assert r.status_code == 426
         assert r.json()["error"]["code"] == "upgrade_required"
+        assert r.headers["upgrade"] == "websocket"  # RFC 9110: a 426 names the protocol
+
+
+@pytest.mark.parametrize("path", ["/v1/pose/stream/", "/v1/pose/frames", "/v1/healthz",
+                                  "/nope"])
+async def test_a_websocket_on_another_path_is_a_json_404(settings: Settings, path: str) -> None:
+    """The stream is the only WebSocket endpoint; a handshake anywhere else gets the
+    404 an unknown URL gets (it was a bare 500 from hypercorn, with an error
+    traceback logged: Quart's error handlers need an HTTP request context)."""
+    async with running_service(settings, websocket_ping_s=None) as svc:
+        with pytest.raises(WsRefused) as refused:
+            await WsClient.connect(svc.port, path, headers=[
+                ("Authorization", f"Bearer {session_token(settings)}")])
+        assert refused.value.status == 404
+        assert refused.value.json()["error"]["code"] == "not_found"
+        assert "/v1/pose/stream" in refused.value.json()["error"]["message"]
 
 
 async def test_a_bad_batch_is_refused_and_the_stream_goes_on(settings: Settings) -> None:
