@@ -122,6 +122,7 @@ class Admission(ABC):
     _admitting: int
     _admissions_done: trio.Event
     _persisting: dict[int, int]  # seq -> admissions of it awaiting the journal
+    _judging: TurnOrder
     _accepted: int
     _draining: bool
     _handover: bool
@@ -230,12 +231,18 @@ class Admission(ABC):
         # While it is being made durable, the gap timer must not skip it: it would be
         # in the journal, and refused here (a later replay would then apply it).
         self._persisting[batch.seq] = self._persisting.get(batch.seq, 0) + 1
+        turn = self._judging.take()
         try:
             await self.persist(POSE, body)
+            # Judged in the order they were checked, which is the order they reached
+            # the journal: a replay then judges them exactly as they were judged here
+            # (two batches from one commit round wake in either order).
+            await self._judging.wait_for(turn)
             if mark != self._mark() or self._draining or self._handover:
                 return self.accept(batch)
             return self._queue(batch)
         finally:
+            self._judging.done(turn)
             left = self._persisting[batch.seq] - 1
             if left:
                 self._persisting[batch.seq] = left
@@ -304,3 +311,36 @@ class Admission(ABC):
         if self.moved:
             raise SessionMoving()
         raise end_refusal(self.end_recorded, self.retry_hint(), media=True)
+
+
+class TurnOrder:
+    """Turns handed out in order; :meth:`wait_for` returns once every earlier turn is
+    :meth:`done`. A turn is done whatever happens to its holder (error or
+    cancellation), so a later one never waits for ever."""
+
+    def __init__(self) -> None:
+        self._next = 0  # the next turn handed out
+        self._now = 0  # the earliest turn not done
+        self._done: set[int] = set()
+        self._moved = trio.Event()
+
+    def take(self) -> int:
+        turn, self._next = self._next, self._next + 1
+        return turn
+
+    async def wait_for(self, turn: int) -> None:
+        """Return once ``turn`` is the earliest not done (at once, without a
+        checkpoint, if it already is). Cancellation propagates."""
+        while self._now != turn:
+            await self._moved.wait()
+
+    def done(self, turn: int) -> None:
+        self._done.add(turn)
+        if turn != self._now:
+            return
+        while self._now in self._done:
+            self._done.discard(self._now)
+            self._now += 1
+        if self._moved.statistics().tasks_waiting:  # the usual case has none: no new Event
+            self._moved.set()
+            self._moved = trio.Event()

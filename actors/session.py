@@ -36,7 +36,7 @@ from typing import Any
 
 import trio
 
-from actors.admission import Admission
+from actors.admission import Admission, TurnOrder
 from actors.backoff import Backoff
 from actors.chunks import CHUNK_BATCHES, CHUNK_DELAY_S, ChunkedApply
 from actors.durable import POSE, START, encode_claims, session_key
@@ -88,6 +88,7 @@ class SessionActor(Admission, ChunkedApply):
         self.moved = False
         self._admitting = 0
         self._persisting: dict[int, int] = {}
+        self._judging = TurnOrder()
         self._admissions_done = trio.Event()
         self._accepted = 0  # batches the sequencer took (see Admission._mark)
         self._draining = False

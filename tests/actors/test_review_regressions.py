@@ -10,9 +10,9 @@ import pytest
 import trio
 
 import actors.session
-from actors.durable import MEDIA, START, encode_claims, session_key
+from actors.durable import MEDIA, POSE, START, encode_claims, session_key
 from actors.supervisor import Supervisor
-from domain.pose_batch import decode_batch
+from domain.pose_batch import decode_batch, encode_batch
 from domain.privacy import Pseudonymiser
 from storage.blobs import MemoryBlobStore
 from storage.bus import InProcessBus
@@ -21,7 +21,7 @@ from telemetry.auth import TokenVerifier, is_safe_id
 from telemetry.config import Settings
 from telemetry.wiring import actor_limits
 from tests.support.harness import Harness
-from tests.support.payloads import batch_body, hdr, session_token
+from tests.support.payloads import batch_body, hdr, pose_frames, session_token
 from tests.support.service import running_service
 
 
@@ -129,3 +129,66 @@ async def test_recovery_skips_a_media_record_refused_live(
     (actor,) = sup.live()
     assert [v["media_id"] for v in actor.media.summaries()] == ["video-a"]
     await sup.drain(5)
+
+
+class _SecondCommitsFirst(Spool):
+    """A spool whose append of seq 1 returns only after seq 2's, as when both wake
+    from one group-commit round and Trio runs the second's task first."""
+
+    second_done: trio.Event
+
+    async def append(self, key: str, kind: int, payload: bytes, *,
+                     compress: bool = True) -> None:
+        await super().append(key, kind, payload, compress=compress)
+        if kind == POSE:
+            seq = decode_batch(payload, max_frames=120).seq
+            if seq == 1:
+                await self.second_done.wait()
+            elif seq == 2:
+                self.second_done.set()
+
+
+def _taken(actor: Any) -> set[int]:
+    """The seqs a session's sequencer took: applied or waiting for their turn."""
+    seq = actor._seq
+    return (set(range(seq.next_seq)) - seq.skipped) | set(seq.pending)
+
+
+async def test_batches_are_judged_in_journal_order_so_a_replay_takes_the_same_ones(
+    settings: Settings, nursery: trio.Nursery
+) -> None:
+    """Two batches whose timestamps overlap, in flight together: the one the journal
+    holds first is the one taken, live as on a replay. Judged in the order their
+    appends returned, the live session took seq 2 and refused seq 1, and a replay
+    (a restart, a take-over) took seq 1 and refused seq 2."""
+    journal = _SecondCommitsFirst(settings.data_dir / "spool")
+    journal.second_done = trio.Event()
+    await nursery.start(journal.run)
+    claims = TokenVerifier(settings).verify_session(session_token(settings))
+
+    def supervisor() -> Supervisor:
+        return Supervisor(actor_limits(settings), store=MemoryBlobStore(), bus=InProcessBus(),
+                          pseudonyms=Pseudonymiser(b"k" * 32), journal=journal)
+
+    t, f = pose_frames(30, t0=1500, seed=9)  # starts before seq 1's last frame (1957 ms)
+    bodies = {0: batch_body(0), 1: batch_body(1),
+              2: encode_batch(2, t, f, space="image", image_width=640, image_height=480)}
+    answers: dict[int, str] = {}
+    sup = supervisor()
+    await nursery.start(sup.run)
+
+    async def send(seq: int) -> None:
+        offer = await sup.submit(claims, decode_batch(bodies[seq], max_frames=120),
+                                 bodies[seq])
+        answers[seq] = offer.verdict.value
+
+    await send(0)
+    async with trio.open_nursery() as both:
+        both.start_soon(send, 1)
+        await trio.lowlevel.checkpoint()
+        both.start_soon(send, 2)
+    assert answers[1] == "accept" and answers[2] != "accept", answers
+    (live,) = sup.live()
+    rebuilt = supervisor().rebuild(
+        await journal.replay(session_key(claims.org_id, claims.session_id)))
+    assert _taken(live) == _taken(rebuilt) == {0, 1}
