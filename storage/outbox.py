@@ -32,7 +32,8 @@ event that keeps failing holds up only the later events of its own session.
   ``max_attempts`` times in a row (default 50: 22 to 44 minutes with the default
   delays) is moved to ``dead/`` and counted (``dead``), in case the receiver cannot
   say that an event is bad. An operator can move a dead event back into
-  ``pending/`` and restart.
+  ``pending/`` and restart. Not in confirmed mode (below): there it is logged
+  every ``max_attempts`` failures and retried on, at the capped backoff.
 * An outage fails every event, and retrying each on its own clock would multiply
   the load on a receiver that is coming back. So failures in a row, across events,
   also pause all delivery: after the n-th (n >= 2) the pause is ``retry_delay(n-1)``,
@@ -40,10 +41,17 @@ event that keeps failing holds up only the later events of its own session.
   failing event alone never pauses the others.
 
 **Confirmed mode** (``confirm=True``, fleet mode): :meth:`Outbox.publish` returns
-only once the event has left the outbox (delivered, or set aside in ``dead/``).
-The instance's disk may be lost with the instance in a fleet, so the caller keeps
-its own durable record of the event (the session's journal, replicated) until then,
-and a take-over elsewhere publishes it again: the disk only spreads retries out.
+only once the receiver has judged the event: delivered, or refused for good
+(:class:`~storage.bus.EventRejected`, then set aside in ``dead/``). The instance's
+disk may be lost with the instance in a fleet, so the caller keeps its own durable
+record of the event (the session's journal, replicated) until then, and a
+take-over elsewhere publishes it again: the disk only spreads retries out. So a
+transient failure never sets a confirmed event aside, however long it lasts (an
+outage, or a 401/403 from a bad token, retried like one): ``dead/`` is on the
+instance's disk, and releasing the caller then would let it drop its replicated
+record of an event the receiver never took. The event is retried at the capped
+backoff until the receiver takes or refuses it, or the caller is cancelled (its
+record is still there; the next owner of the session publishes it again).
 
 Attempt counts live in memory and restart from 0 after a restart. A crash after
 the bus accepted an event but before its file was deleted delivers it again.
@@ -196,7 +204,9 @@ class Outbox:
             await self._until_gone(name)
 
     async def _until_gone(self, name: str) -> None:
-        """Wait until the event ``name`` has left the outbox (delivered or dead)."""
+        """Wait until the event ``name`` has left the outbox: delivered or refused
+        (in confirmed mode a transient failure never takes it out; see the module
+        docstring). Cancellation raises ``Cancelled`` and leaves the event queued."""
         if name in self._entries:
             await self._gone.setdefault(name, trio.Event()).wait()
 
@@ -318,7 +328,13 @@ class Outbox:
             self._pause_until = max(self._pause_until,
                                     now + self.retry_delay(self._streak - 1))
         tag = _tag(entry.name)
-        if entry.attempts >= self._max_attempts:
+        if self._confirm and entry.attempts % self._max_attempts == 0:
+            # Not set aside: its publisher's replicated record waits for the receiver
+            # (see "Confirmed mode" in the module docstring). Said loudly, and on.
+            log.error("outbox event %s has failed %d times in a row (%s); confirmed, "
+                      "so it is not set aside: still retrying", tag, entry.attempts,
+                      type(exc).__name__)
+        elif not self._confirm and entry.attempts >= self._max_attempts:
             log.error("outbox gives up on event %s after %d attempts (%s); moved to dead/",
                       tag, entry.attempts, type(exc).__name__)
             await self._give_up(entry, f"{type(exc).__name__}: {exc}")

@@ -36,7 +36,9 @@ an operation that was not fsynced.
 Budget: ``bytes_used`` is what the spool holds on disk (every segment, live or
 not, old-layout logs) plus the reservations of queued appends; an append that
 would take it past ``max_bytes`` raises :class:`SpoolFull`. Compaction (between
-rounds) keeps the dead part at most about the live part plus one segment.
+rounds) keeps the dead part at most about the live part plus one segment. A
+compaction step and :meth:`Spool.aread` exclude each other (a step moves records
+and deletes segments); appends wait for neither.
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ class Spool(GroupCommit):
         self._closed = False
         self._broken: set[str] = set()
         self._reading: set[str] = set()
+        self._upkeep_busy: trio.Event | None = None  # set: a compaction step in flight
         self._unsynced: set[Path] = set()  # directories whose entries are not yet fsynced
         self._known_dirs: set[Path] = set()
         self._counts = dict(records=0, bytes=0, rounds=0, fsyncs=0, failed=0,
@@ -227,7 +230,9 @@ class Spool(GroupCommit):
 
     def read(self, key: str) -> list[Record]:
         """All intact records of ``key``, in order; [] if it has no log (blocking
-        reads: for start-up). A torn or corrupt tail of an old-layout log is cut
+        reads: for start-up before the committer runs, and tests; with the committer
+        running use :meth:`aread`, which waits for a compaction step in flight).
+        A torn or corrupt tail of an old-layout log is cut
         off (truncate + fsync) and counted; segment tails are cut by :meth:`run`.
         Never raises for corruption (reading stops there); OSError for I/O
         failures; RuntimeError if the key has queued operations or is being read."""
@@ -241,10 +246,16 @@ class Spool(GroupCommit):
             self._reading.discard(key)
 
     async def aread(self, key: str) -> list[Record]:
-        """:meth:`read` in a worker thread under the limiter. Not abandoned on
-        cancellation: the read, and any cut, completes before Cancelled is raised."""
+        """:meth:`read` in a worker thread under the limiter, safe while the committer
+        runs: it first waits for a compaction step in flight to end (no new one
+        starts while a key is being read), so it never reads a segment a step is
+        moving records out of and deleting. Appends to other keys go on meanwhile.
+        Cancelled while waiting: raises ``Cancelled``, nothing read. Not abandoned
+        once reading: the read, and any cut, completes before Cancelled is raised."""
         self._begin_read(key)
         try:
+            while (busy := self._upkeep_busy) is not None:
+                await busy.wait()
             reader, positions, paths = self._read_plan(key)
             records = await trio.to_thread.run_sync(read_key, reader, positions, paths,
                                                      limiter=self._limiter)

@@ -76,6 +76,7 @@ class GroupCommit:
     _closed: bool
     _broken: set[str]
     _reading: set[str]
+    _upkeep_busy: trio.Event | None
     _unsynced: set[Path]
     _known_dirs: set[Path]
     _counts: dict[str, Any]
@@ -223,28 +224,43 @@ class GroupCommit:
                 return
 
     async def _upkeep_step(self) -> bool:
-        """One step; False if there was none or it failed."""
+        """One step; False if there was none or it failed.
+
+        Reads and steps exclude each other, since a step moves records and deletes
+        the segments it emptied: a step is planned only while nothing is being read
+        (``_reading``), and while one is in flight ``_upkeep_busy`` is set, which
+        :meth:`storage.spool.Spool.aread` waits on before it takes its positions (it
+        then reads them from the index this step updated). The event is set once the
+        index is updated, also if the step fails or the committer is cancelled (the
+        thread is never abandoned, so that is after it ended). Appends never wait."""
         idx = self._index
         assert idx is not None
         plan = idx.upkeep(self.max_bytes, bool(self._reading))
         if plan is None:
             return False
-        ok = True
-        w = Writer(idx.seg_dir, idx.active, idx.next_sid, self.segment_bytes)
+        busy = self._upkeep_busy = trio.Event()
         try:
-            await trio.to_thread.run_sync(self._upkeep_thread, plan, w, limiter=self._limiter)
-        except Exception as e:
-            log.error("spool compaction failed: %s", os_error_text(e))
-            ok = False
-            plan.moved.clear()
-            plan.carried.clear()
-            plan.deleted.clear()
-        idx.active, idx.next_sid = w.active, max(idx.next_sid, w.next_sid)
-        idx.written([*w.created, *w.seen.values()], w.touched)
-        idx.apply_upkeep(plan)
-        self._counts["compacted_bytes"] += sum(sz for m in plan.moved.values() for *_, sz in m)
-        self._counts["segments_deleted"] += len(plan.deleted)
-        return ok
+            ok = True
+            w = Writer(idx.seg_dir, idx.active, idx.next_sid, self.segment_bytes)
+            try:
+                await trio.to_thread.run_sync(self._upkeep_thread, plan, w,
+                                              limiter=self._limiter)
+            except Exception as e:
+                log.error("spool compaction failed: %s", os_error_text(e))
+                ok = False
+                plan.moved.clear()
+                plan.carried.clear()
+                plan.deleted.clear()
+            idx.active, idx.next_sid = w.active, max(idx.next_sid, w.next_sid)
+            idx.written([*w.created, *w.seen.values()], w.touched)
+            idx.apply_upkeep(plan)
+            self._counts["compacted_bytes"] += sum(sz for m in plan.moved.values()
+                                                   for *_, sz in m)
+            self._counts["segments_deleted"] += len(plan.deleted)
+            return ok
+        finally:  # no checkpoint since the index was updated
+            self._upkeep_busy = None
+            busy.set()
 
     def _upkeep_thread(self, plan: Upkeep, w: Writer) -> None:
         """Worker thread: copy, copy tombstones forward, fsync, delete."""

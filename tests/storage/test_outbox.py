@@ -454,3 +454,30 @@ async def test_confirmed_publish_returns_once_delivered(tmp_path: Path,
         assert bus.received == [ev(1)["event_id"]] and outbox.depth == 0
         await outbox.publish(ev("bad"))  # rejected: set aside in dead/, and returns
         assert outbox.stats()["dead"] == 1
+
+
+async def test_confirmed_event_is_never_set_aside_for_a_transient_failure(
+        tmp_path: Path, autojump_clock: object) -> None:
+    """Fleet mode: an outage (or a 401/403, retried like one) outlasting max_attempts
+    must not release the publisher, which would then purge the session's replicated
+    record while the event sits only in this instance's dead/. It keeps retrying at
+    the capped backoff and publish returns once the receiver takes it."""
+    bus = FakeBus(fail_first=10**9)
+    outbox = Outbox(tmp_path, bus, base_delay_s=0.01, max_delay_s=0.02, max_attempts=3,
+                    confirm=True, rng=random.Random(1))
+    returned = trio.Event()
+
+    async def publisher() -> None:
+        await outbox.publish(ev(1, **S1))
+        returned.set()
+
+    async with delivering(outbox), trio.open_nursery() as nursery:
+        nursery.start_soon(publisher)
+        await until(lambda: len(bus.calls) >= 4 * 3)  # max_attempts exhausted 4 times
+        assert not returned.is_set() and outbox.depth == 1
+        assert outbox.stats()["dead"] == 0 and os.listdir(tmp_path / "dead") == []
+        assert len(pending_files(tmp_path)) == 1
+        bus.fail_first = 0  # the receiver is back
+        await until(returned.is_set)
+    assert bus.received == [ev(1)["event_id"]] and outbox.depth == 0
+    assert outbox.stats()["dead"] == 0 and pending_files(tmp_path) == []

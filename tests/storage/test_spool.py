@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import random
 import struct
 import threading
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -657,6 +658,57 @@ async def test_read_refuses_a_key_with_queued_operations(
                 spool.read("o/s")
             gate.set()
         assert spool.read("o/s") == [Record(1, b"1")]
+
+
+async def _collect(into: list[list[Record]], read: Awaitable[list[Record]]) -> None:
+    into.append(await read)
+
+
+async def test_a_read_never_meets_a_compaction_step_deleting_its_segment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start-up recovery reads logs (aread, a worker thread) while the committer
+    runs: a removal completes a round, the committer plans a compaction step while
+    nobody is reading, and the next key's read must not take positions in the
+    segment that step copies away and deletes. The read's thread is held until the
+    step has ended (as if scheduled late), which made it fail with
+    FileNotFoundError when aread did not wait for the step."""
+    import storage.spool as spool_module
+
+    go, step_done = threading.Event(), threading.Event()
+    real_step = Spool._upkeep_thread
+
+    def step(self: Spool, *args: object) -> None:
+        go.wait(10)  # held until the read has begun
+        try:
+            real_step(self, *args)  # type: ignore[arg-type]
+        finally:
+            step_done.set()
+
+    real_read = spool_module.read_key
+
+    def late_read(*args: object) -> list[Record]:
+        step_done.wait(10)
+        return real_read(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Spool, "_upkeep_thread", step)
+    monkeypatch.setattr(spool_module, "read_key", late_read)
+    async with running(tmp_path, segment_bytes=4096) as spool:
+        async with trio.open_nursery() as nursery:  # one round: A's and B's in segment 1
+            nursery.start_soon(spool.append, "org-a/A", 1, b"a" * 100)
+            for i in range(8):
+                nursery.start_soon(functools.partial(
+                    spool.append, "org-a/B", 2, bytes([i]) * 2000, compress=False))
+        await spool.remove("org-a/B")  # segment 1 is now mostly dead: a step is due
+        assert not step_done.is_set()  # the step is in flight as the read begins
+        got: list[list[Record]] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: _collect(got, spool.aread("org-a/A")))
+            await trio.testing.wait_all_tasks_blocked()
+            go.set()
+        assert got == [[Record(1, b"a" * 100)]]
+        assert spool.stats()["segments_deleted"] >= 1  # it did delete segment 1
+        await spool.append("org-a/A", 1, b"more")  # the key is writable again
+        assert await spool.aread("org-a/A") == [Record(1, b"a" * 100), Record(1, b"more")]
 
 
 # ------------------------------------------------------------------ the shared segment log
