@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from storage import logtags
 from storage.fsutil import fsync_dir
 
 # The outbox's logger: these lines belong to it.
@@ -40,8 +41,9 @@ def event_file_name(event_id: str) -> str:
 
 
 def log_tag(name: str) -> str:
-    """What log lines carry: the hash part only (event ids name sessions)."""
-    return "e_" + name.rsplit(".", 1)[-1]
+    """What log lines carry instead of an event's file name (event ids name
+    sessions): a keyed digest, see :mod:`storage.logtags`."""
+    return logtags.tag("e_", name)
 
 
 class OutboxDir:

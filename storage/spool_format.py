@@ -51,13 +51,13 @@ never acknowledged (the session sequencer drops duplicates by sequence number).
 
 from __future__ import annotations
 
-import hashlib
 import re
 import struct
 import zlib
 from dataclasses import dataclass
 from typing import Any, Final
 
+from storage import logtags
 from storage.journal import Record
 
 MAGIC: Final = b"RXS1"
@@ -210,5 +210,6 @@ def read_one(f: Any, left: int) -> tuple[tuple[Record, int] | None, str | None]:
 
 
 def tag(key: str) -> str:
-    """What log lines carry instead of a key: keys join to a patient in the Core API."""
-    return "k_" + hashlib.sha256(key.encode()).hexdigest()[:12]
+    """What log lines carry instead of a key (keys join to a patient in the Core API):
+    a keyed digest, see :mod:`storage.logtags`."""
+    return logtags.tag("k_", key)

@@ -27,6 +27,7 @@ from pathlib import Path
 import trio
 
 from actors.limits import ActorLimits
+from storage import logtags
 from storage.blobs import BlobStore, FilesystemBlobStore
 from storage.bus import Bus, InProcessBus
 from storage.journal import Journal
@@ -133,6 +134,8 @@ class _TokenCache:
 
 @asynccontextmanager
 async def open_storage(settings: Settings) -> AsyncIterator[Storage]:
+    # Before anything in storage can log a tag: keyed as the s_ pseudonyms are.
+    logtags.configure(settings.pseudonym_key)
     store = open_blob_store(settings)
     bus: Bus
     if settings.bus == "http":
