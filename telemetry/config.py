@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from storage.replay_codec import ENCODINGS
 from telemetry.asgi import Network, parse_networks
 from telemetry.config_spec import (
     AtLeast,
@@ -313,8 +314,11 @@ class Settings:
         blank_is_unset=True, in_repr=False, allowed="JSON; EC P-256 or Ed25519 keys",
         doc="JSON `{kid: PEM public key}` for EdDSA/ES256 tokens, alongside the HMAC keys.")
     # -- storage
+    # Checked here, not only by the replay writer: that runs at a session's first batch,
+    # so a typo would pass `config --check` and then answer every session 500.
     blob_encoding: str | None = _optional(env="TELEMETRY_BLOB_ENCODING",
                                           shown="(replay default)",
+                                          check=OneOf(ENCODINGS, unset_ok=True),
                                           doc="Replay blob encoding; see docs/replay-format.md.")
     blob_store: str = setting("TELEMETRY_BLOB_STORE", "fs", check=OneOf(("fs", "s3")),
                               doc="`fs` (files under the data dir) or `s3`.")

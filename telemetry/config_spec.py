@@ -77,11 +77,15 @@ class AtLeast:
 
 @dataclass(frozen=True)
 class OneOf:
-    """An enumeration; the first value is listed first in the docs, nothing more."""
+    """An enumeration; the first value is listed first in the docs, nothing more.
+    ``unset_ok``: ``None`` (an optional setting left unset) is accepted too."""
 
     allowed: tuple[str, ...]
+    unset_ok: bool = False
 
     def __call__(self, name: str, value: Any) -> None:
+        if value is None and self.unset_ok:
+            return
         if value not in self.allowed:
             raise ConfigError(f"{name}={str(value)[:20]!r}: must be one of {self.allowed}")
 

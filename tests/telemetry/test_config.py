@@ -41,6 +41,8 @@ def test_values_parsed() -> None:
     ({"TELEMETRY_JWT_ALGORITHMS": "none"}, "TELEMETRY_JWT_ALGORITHMS"),
     ({"TELEMETRY_JWT_SIGNING_KID": "zzz"}, "TELEMETRY_JWT_SIGNING_KID"),
     ({"TELEMETRY_MAILBOX_SIZE": "0"}, "TELEMETRY_MAILBOX_SIZE"),
+    # Refused at start-up, not at the first batch (the replay writer would answer 500).
+    ({"TELEMETRY_BLOB_ENCODING": "bogus"}, "TELEMETRY_BLOB_ENCODING='bogus': must be one of"),
 ])
 def test_bad_values_name_the_variable(env: dict, names: str) -> None:
     with pytest.raises(ConfigError, match=names):
@@ -86,6 +88,7 @@ def test_from_env_of_nothing_is_the_declared_defaults() -> None:
     ("max_batches_per_s", float("nan"), "TELEMETRY_MAX_BATCHES_PER_S"),
     ("max_body_bytes", "big", "TELEMETRY_MAX_BODY_BYTES"),
     ("blob_store", "gcs", "TELEMETRY_BLOB_STORE"),
+    ("blob_encoding", "bogus", "TELEMETRY_BLOB_ENCODING"),
     ("log_level", "LOUD", "TELEMETRY_LOG_LEVEL"),
     ("jwt_algorithms", ("none",), "TELEMETRY_JWT_ALGORITHMS"),
     ("jwt_algorithms", (), "TELEMETRY_JWT_ALGORITHMS"),
