@@ -13,6 +13,7 @@ variable's name; nothing here does I/O.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields
 from functools import cache
@@ -52,14 +53,20 @@ def integer(name: str, raw: str) -> int:
 
 def number(name: str, raw: str) -> float:
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a number") from None
+    # float() takes "inf" and "nan": an infinite leeway or lifetime would switch a check
+    # off rather than bound it, so no setting accepts them.
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={raw!r} is not a finite number")
+    return value
 
 
 @dataclass(frozen=True)
 class AtLeast:
-    """A lower bound (NaN is refused too). ``str()`` is what the docs print."""
+    """A lower bound; NaN and infinities are refused too. ``str()`` is what the docs
+    print."""
 
     minimum: float
 
@@ -68,11 +75,46 @@ class AtLeast:
             ok = value >= self.minimum
         except TypeError:  # a Settings built directly with a value of the wrong type
             raise ConfigError(f"{name}={value!r} is not a number") from None
+        # Also for a Settings built directly (from_env's parser already refuses them).
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name}={value} is not a finite number")
         if not ok:
             raise ConfigError(f"{name}={value} is below the minimum {self.minimum}")
 
     def __str__(self) -> str:
         return f">= {self.minimum:g}"
+
+
+@dataclass(frozen=True)
+class Between(AtLeast):
+    """A lower and an upper bound, both inclusive."""
+
+    maximum: float
+
+    def __call__(self, name: str, value: Any) -> None:
+        super().__call__(name, value)
+        if value > self.maximum:
+            raise ConfigError(f"{name}={value} is above the maximum {self.maximum}")
+
+    def __str__(self) -> str:
+        return f"{self.minimum:g} to {self.maximum:g}"
+
+
+@dataclass(frozen=True)
+class MinBytes:
+    """A secret of at least ``minimum`` bytes. The message gives only its length."""
+
+    minimum: int
+
+    def __call__(self, name: str, value: Any) -> None:
+        if not isinstance(value, bytes):
+            raise ConfigError(f"{name} is a {type(value).__name__}, not bytes")
+        if len(value) < self.minimum:
+            raise ConfigError(f"{name} is {len(value)} bytes; at least {self.minimum} "
+                              "are needed")
+
+    def __str__(self) -> str:
+        return f">= {self.minimum} bytes"
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from telemetry.config_report import (
     generated,
     unknown_variables,
 )
-from telemetry.config_spec import AtLeast, OneOf, redact_url, specs
+from telemetry.config_spec import AtLeast, Between, OneOf, number, redact_url, specs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -127,6 +127,58 @@ def test_every_enumeration_holds_from_env_and_directly(
         Settings(**{attr: "bogus"})
 
 
+@pytest.mark.parametrize(("attr", "variable", "check"), _bounded(Between))
+def test_every_upper_bound_holds_from_env_and_directly(
+    attr: str, variable: str, check: Between
+) -> None:
+    assert getattr(Settings.from_env({variable: str(check.maximum)}), attr) == check.maximum
+    with pytest.raises(ConfigError, match=f"{variable}=.* is above the maximum"):
+        Settings.from_env({variable: str(check.maximum + 1)})
+    with pytest.raises(ConfigError, match=variable):
+        Settings(**{attr: check.maximum + 1})
+
+
+@pytest.mark.parametrize("variable", ["TELEMETRY_PORT", "TELEMETRY_SINK_PORT",
+                                      "TELEMETRY_JWT_LEEWAY_S",
+                                      "TELEMETRY_JWT_MAX_LIFETIME_S"])
+def test_ports_and_token_time_rules_have_an_upper_bound(variable: str) -> None:
+    # An unbounded leeway or lifetime switches the check off (a year-old token verified
+    # with TELEMETRY_JWT_LEEWAY_S=1e9); a port above 65535 failed only at bind.
+    assert variable in {v for _, v, _ in _bounded(Between)}
+    with pytest.raises(ConfigError, match=f"{variable}=.* is above the maximum"):
+        Settings.from_env({variable: "1000000000"})
+
+
+@pytest.mark.parametrize(("attr", "variable"),
+                         [(a, v) for a, v, _ in _bounded(AtLeast)])
+@pytest.mark.parametrize("raw", ["inf", "-inf", "nan", "Infinity"])
+def test_no_numeric_setting_takes_a_non_finite_value(attr: str, variable: str,
+                                                      raw: str) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        Settings.from_env({variable: raw})
+    with pytest.raises(ConfigError, match=rf"Settings\.{attr}: {variable}="):
+        Settings(**{attr: float(raw)})
+
+
+def test_numbers_are_finite() -> None:
+    assert number("X", "2.5") == 2.5
+    for raw in ("inf", "-inf", "nan", "1e400"):
+        with pytest.raises(ConfigError, match=f"X='{raw}' is not a finite number"):
+            number("X", raw)
+
+
+def test_the_pseudonym_key_is_at_least_32_bytes() -> None:
+    key = "P" * 31
+    with pytest.raises(ConfigError, match="TELEMETRY_PSEUDONYM_KEY is 31 bytes; at least 32"
+                       ) as refused:
+        Settings.from_env({"TELEMETRY_PSEUDONYM_KEY": key})
+    assert key not in str(refused.value)  # a secret: only its length is said
+    assert Settings.from_env({"TELEMETRY_PSEUDONYM_KEY": key + "P"}).pseudonym_key == b"P" * 32
+    with pytest.raises(ConfigError, match=r"Settings\.pseudonym_key: TELEMETRY_PSEUDONYM_KEY"):
+        Settings(pseudonym_key=b"x")
+    assert len(Settings().pseudonym_key) == 32  # the random default
+
+
 def test_rules_linking_two_variables_apply_to_the_environment() -> None:
     with pytest.raises(ConfigError, match="TELEMETRY_TLS_CERT and TELEMETRY_TLS_KEY"):
         Settings.from_env({"TELEMETRY_TLS_CERT": "/c.pem"})
@@ -187,7 +239,7 @@ def test_check_exits_2_listing_unknown_variables(capsys: pytest.CaptureFixture[s
 
 SECRETS = {
     "TELEMETRY_JWT_KEYS": json.dumps({"k-1": "S1-" + "a" * 40, "k-2": "S2-" + "b" * 40}),
-    "TELEMETRY_PSEUDONYM_KEY": "S3-pseudonym-key-material",
+    "TELEMETRY_PSEUDONYM_KEY": "S3-pseudonym-key-material-of-32-bytes",
     "TELEMETRY_BUS_TOKEN": "S4.bus.token",
     "DATABASE_URL": "postgresql://telemetry:S5pass@db.internal:5432/telemetry",
     "TELEMETRY_SINK_DATABASE_URL": "postgresql://sink@db.internal/telemetry?password=S6pass",
