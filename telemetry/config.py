@@ -383,7 +383,10 @@ class Settings:
         doc="Postgres for the sink; when unset an embedded server is started in the data dir.")
     # -- logs
     log_level: str = setting("TELEMETRY_LOG_LEVEL", "INFO", parse=_upper_level,
-                             check=OneOf(LOG_LEVELS), doc="Log level.")
+                             check=OneOf(LOG_LEVELS),
+                             doc="Log level of the service's own loggers; third-party "
+                                 "libraries stay at `WARNING` or above (their lower "
+                                 "levels print raw ids).")
     pseudonym_key: bytes = setting(
         "TELEMETRY_PSEUDONYM_KEY", factory=lambda: os.urandom(32),
         shown="(random per process)", parse=_secret_bytes, blank_is_unset=True, secret=True,
