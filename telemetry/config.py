@@ -125,7 +125,9 @@ def _urls(name: str, raw: str) -> tuple[str, ...]:
     urls = tuple(u.strip() for u in raw.split(",") if u.strip())
     bad = [u for u in urls if not u.startswith(("nats://", "tls://"))]
     if bad:
-        raise ConfigError(f"{name}: not a nats:// or tls:// URL: {', '.join(bad)}")
+        # Masked: a URL may hold credentials, and this message is logged (logs.fatal).
+        raise ConfigError(f"{name}: not a nats:// or tls:// URL: "
+                          f"{', '.join(masked_url(u) for u in bad)}")
     return urls
 
 

@@ -14,6 +14,7 @@ variable's name; nothing here does I/O.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields
 from functools import cache
@@ -163,21 +164,41 @@ class SubsetOf:
         return "some of " + ", ".join(f"`{a}`" for a in sorted(self.allowed))
 
 
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+# libpq's other notation (psycopg takes it as DATABASE_URL): ``host=db password=pw``.
+_CONNINFO = re.compile(r"\s*\w+\s*=")
+# A keyword naming a password (``password``, ``sslpassword``) and its value: a single-quoted
+# string with backslash escapes (unterminated: to the end) or a word, in which a backslash
+# escapes the next character (a space too), as libpq reads them.
+_CONNINFO_PASSWORD = re.compile(
+    r"(?i)\b(\w*password\s*=\s*)('(?:[^'\\]|\\.)*'?|(?:\\.|[^\s\\])*\\?)")
+HIDDEN = "(not a URL, hidden)"
+
+
 def redact_url(value: str) -> str:
-    """``value`` with any password in it (``user:PASSWORD@``, ``?password=``) replaced by
-    ``***``; what does not parse as a URL is hidden whole rather than risk a secret."""
+    """``value`` with any password in it (``user:PASSWORD@``, ``?password=``, libpq's
+    ``password=`` keyword) replaced by ``***``; what is neither a ``scheme://`` URL nor
+    ``keyword=value`` pairs is hidden whole rather than risk a secret (``user:pw@host``
+    without a scheme parses as a URL without a password)."""
+    if not _URL.match(value):
+        if not _CONNINFO.match(value):
+            return HIDDEN
+        return _CONNINFO_PASSWORD.sub(r"\1***", value)
     try:
         parts = urlsplit(value)
         if parts.password is not None:
             host = parts.netloc.rpartition("@")[2]
             parts = parts._replace(netloc=f"{parts.username}:***@{host}")
         if "password" in parts.query.lower():
-            query = [(k, "***" if k.lower() == "password" else v)
+            query = [(k, "***" if k.lower().endswith("password") else v)
                      for k, v in parse_qsl(parts.query, keep_blank_values=True)]
             parts = parts._replace(query=urlencode(query, safe="*"))
-        return urlunsplit(parts)
+        out = urlunsplit(parts)
     except ValueError:
-        return "(not a URL, hidden)"
+        return HIDDEN
+    # urlsplit lowercases the scheme; keep it as written (``NATS://`` is refused for it).
+    scheme = len(parts.scheme)
+    return value[:scheme] + out[scheme:] if out[:scheme] == value[:scheme].lower() else out
 
 
 def masked_url(value: str | None) -> str:

@@ -259,6 +259,30 @@ def test_secrets_are_never_printed(capsys: pytest.CaptureFixture[str]) -> None:
     assert "TELEMETRY_TYPO" in err
 
 
+def test_a_keyword_database_url_is_printed_without_its_password(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = {"DATABASE_URL": "host=db.internal user=telemetry password=S5pass dbname=t",
+           "TELEMETRY_SINK_DATABASE_URL": "host=db.internal user=sink password='S6 pass'"}
+    assert config_main(env) == 0
+    out, err = capsys.readouterr()
+    assert "S5pass" not in out + err and "S6" not in out + err
+    assert "host=db.internal user=telemetry password=*** dbname=t" in out
+
+
+def test_a_refused_nats_url_is_named_without_its_credentials(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = {"TELEMETRY_NATS_URLS": "nats://ok:4222, NATS://telemetry:S9pass@nats-1:4222, "
+                                  "telemetry:S9pass@nats-2:4222"}
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env(env)
+    assert str(refused.value) == ("TELEMETRY_NATS_URLS: not a nats:// or tls:// URL: "
+                                  "NATS://telemetry:***@nats-1:4222, (not a URL, hidden)")
+    assert config_main(env, check=True) == 2
+    assert "S9pass" not in capsys.readouterr().err
+
+
 def test_effective_configuration_says_where_each_value_came_from() -> None:
     env = {"TELEMETRY_PORT": "9000", "TELEMETRY_ENV": "prod"}
     rows = {name: (value, where)
@@ -276,6 +300,16 @@ def test_effective_configuration_says_where_each_value_came_from() -> None:
      "postgresql://u@h/db?sslmode=require&password=***"),
     ("postgresql://u@h/db", "postgresql://u@h/db"),
     ("http://[::1/x", "(not a URL, hidden)"),
+    ("postgresql://u@h/db?sslpassword=pw", "postgresql://u@h/db?sslpassword=***"),
+    ("NATS://u:pw@h:4222", "NATS://u:***@h:4222"),  # the scheme as written
+    # libpq's keyword notation, which psycopg takes as DATABASE_URL too
+    ("host=db user=u password=pw dbname=t", "host=db user=u password=*** dbname=t"),
+    ("host=db password = 'p w \\' x' port=5", "host=db password = *** port=5"),
+    ("password='pw unterminated", "password=***"),
+    ("host=db PASSWORD=pw sslpassword=pw", "host=db PASSWORD=*** sslpassword=***"),
+    ("password=p\\ w host=db", "password=*** host=db"),
+    # neither a URL nor keywords: user:pw@host without a scheme has no URL password
+    ("u:pw@h:4222", "(not a URL, hidden)"),
 ])
 def test_passwords_in_urls_are_masked(url: str, shown: str) -> None:
     assert redact_url(url) == shown

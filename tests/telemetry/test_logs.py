@@ -367,6 +367,9 @@ def json_lines(text: str) -> list[dict[str, Any]]:
     ("serve", {"TELEMETRY_TRUSTED_PROXIES": "10.0.0.1/8"}, "TELEMETRY_TRUSTED_PROXIES"),
     ("sink", {"TELEMETRY_SINK_PORT": "-1"}, "TELEMETRY_SINK_PORT"),
     ("migrate", {"TELEMETRY_JWT_KEYS": "{"}, "TELEMETRY_JWT_KEYS"),
+    # the refused URL is named in the line, its password masked
+    ("serve", {"TELEMETRY_NATS_URLS": "NATS://telemetry:S9pass@nats-1:4222"},
+     "TELEMETRY_NATS_URLS"),
 ])
 def test_a_bad_setting_stops_a_service_with_one_json_line(
     command: str, env: dict[str, str], named: str, tmp_path: Path
@@ -377,6 +380,7 @@ def test_a_bad_setting_stops_a_service_with_one_json_line(
     (line,) = json_lines(done.stderr)
     assert line["level"] == "critical" and line["msg"] == "configuration error; not starting"
     assert line["error"].startswith(named)
+    assert "S9pass" not in done.stderr
 
 
 def test_a_start_up_failure_is_json_lines_only(tmp_path: Path) -> None:
