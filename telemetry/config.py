@@ -40,10 +40,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from storage.replay_codec import ENCODINGS
 from telemetry.asgi import Network, parse_networks
 from telemetry.config_spec import (
     AtLeast,
+    Between,
     ConfigError,
+    MinBytes,
     OneOf,
     SafeId,
     SubsetOf,
@@ -122,7 +125,9 @@ def _urls(name: str, raw: str) -> tuple[str, ...]:
     urls = tuple(u.strip() for u in raw.split(",") if u.strip())
     bad = [u for u in urls if not u.startswith(("nats://", "tls://"))]
     if bad:
-        raise ConfigError(f"{name}: not a nats:// or tls:// URL: {', '.join(bad)}")
+        # Masked: a URL may hold credentials, and this message is logged (logs.fatal).
+        raise ConfigError(f"{name}: not a nats:// or tls:// URL: "
+                          f"{', '.join(masked_url(u) for u in bad)}")
     return urls
 
 
@@ -148,14 +153,32 @@ def _optional(**kw: Any) -> Any:
     return setting(default=None, blank_is_unset=True, **kw)
 
 
-def _count(env: str, default: int, minimum: int, doc: str) -> Any:
-    return setting(env, default, parse=integer, check=AtLeast(minimum), blank_is_unset=True,
-                   doc=doc)
+def _bounds(minimum: float, maximum: float | None) -> AtLeast:
+    return AtLeast(minimum) if maximum is None else Between(minimum, maximum)
 
 
-def _seconds(env: str, default: float, minimum: float, doc: str) -> Any:
-    return setting(env, default, parse=number, check=AtLeast(minimum), blank_is_unset=True,
-                   doc=doc)
+def _count(env: str, default: int, minimum: int, doc: str, maximum: int | None = None) -> Any:
+    return setting(env, default, parse=integer, check=_bounds(minimum, maximum),
+                   blank_is_unset=True, doc=doc)
+
+
+def _seconds(env: str, default: float, minimum: float, doc: str,
+             maximum: float | None = None) -> Any:
+    return setting(env, default, parse=number, check=_bounds(minimum, maximum),
+                   blank_is_unset=True, doc=doc)
+
+
+# TCP's port field is 16 bits; a larger number would fail only when the server binds.
+MAX_PORT = 65535
+# Upper bounds of the token time rules (docs/security.md): larger values would not loosen
+# them but switch them off (a leeway of days accepts long-expired tokens; a lifetime of
+# years makes the wait of a key rotation, and a stolen token's use, unbounded).
+MAX_JWT_LEEWAY_S = 300.0
+MAX_JWT_LIFETIME_S = 24 * 3600.0
+# The same floor as an HMAC JWT key (RFC 7518 3.2): the pseudonym key is an HMAC-SHA256
+# key, and a short one lets anyone holding the logs brute-force it and link pseudonyms
+# back to patient ids.
+MIN_PSEUDONYM_KEY_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -166,7 +189,7 @@ class Settings:
     # -- the HTTP server
     host: str = setting("TELEMETRY_HOST", "127.0.0.1", doc="Address the HTTP server binds.")
     port: int = _count("TELEMETRY_PORT", 8080, 0,
-                       "Port the HTTP server binds (0 = any free port).")
+                       "Port the HTTP server binds (0 = any free port).", MAX_PORT)
     data_dir: Path = setting("TELEMETRY_DATA_DIR", Path(".telemetry-data"), parse=path,
                              doc="Root for embedded state: blobs, Postgres.")
     env: str = setting("TELEMETRY_ENV", "dev", doc="Environment name; the S3 bucket defaults "
@@ -194,10 +217,11 @@ class Settings:
                                   doc="Required `aud` of service-account tokens for the admin "
                                       "endpoints.")
     jwt_leeway_s: float = _seconds("TELEMETRY_JWT_LEEWAY_S", 30.0, 0.0,
-                                   "Clock leeway for `exp`/`iat`/`nbf`, seconds.")
+                                   "Clock leeway for `exp`/`iat`/`nbf`, seconds.",
+                                   MAX_JWT_LEEWAY_S)
     jwt_max_lifetime_s: float = _seconds("TELEMETRY_JWT_MAX_LIFETIME_S", 4 * 3600.0, 1.0,
                                          "Tokens whose `exp - iat` exceeds this are rejected "
-                                         "even if unexpired.")
+                                         "even if unexpired.", MAX_JWT_LIFETIME_S)
     # -- requests
     max_body_bytes: int = _count("TELEMETRY_MAX_BODY_BYTES", 256 * 1024, 1024,
                                  "Cap on a request body; larger gets 413 before the body is "
@@ -313,8 +337,11 @@ class Settings:
         blank_is_unset=True, in_repr=False, allowed="JSON; EC P-256 or Ed25519 keys",
         doc="JSON `{kid: PEM public key}` for EdDSA/ES256 tokens, alongside the HMAC keys.")
     # -- storage
+    # Checked here, not only by the replay writer: that runs at a session's first batch,
+    # so a typo would pass `config --check` and then answer every session 500.
     blob_encoding: str | None = _optional(env="TELEMETRY_BLOB_ENCODING",
                                           shown="(replay default)",
+                                          check=OneOf(ENCODINGS, unset_ok=True),
                                           doc="Replay blob encoding; see docs/replay-format.md.")
     blob_store: str = setting("TELEMETRY_BLOB_STORE", "fs", check=OneOf(("fs", "s3")),
                               doc="`fs` (files under the data dir) or `s3`.")
@@ -346,7 +373,8 @@ class Settings:
                             "publish only.")
     sink_host: str = setting("TELEMETRY_SINK_HOST", "127.0.0.1",
                              doc="Bind address of `telemetry sink`.")
-    sink_port: int = _count("TELEMETRY_SINK_PORT", 8081, 0, "Port of `telemetry sink`.")
+    sink_port: int = _count("TELEMETRY_SINK_PORT", 8081, 0, "Port of `telemetry sink`.",
+                            MAX_PORT)
     # Secret for the password a URL may hold: `telemetry config` prints it masked.
     sink_database_url: str | None = _optional(
         env="TELEMETRY_SINK_DATABASE_URL", shown="(derived)", secret=True, show=masked_url,
@@ -357,10 +385,14 @@ class Settings:
         doc="Postgres for the sink; when unset an embedded server is started in the data dir.")
     # -- logs
     log_level: str = setting("TELEMETRY_LOG_LEVEL", "INFO", parse=_upper_level,
-                             check=OneOf(LOG_LEVELS), doc="Log level.")
+                             check=OneOf(LOG_LEVELS),
+                             doc="Log level of the service's own loggers; third-party "
+                                 "libraries stay at `WARNING` or above (their lower "
+                                 "levels print raw ids).")
     pseudonym_key: bytes = setting(
         "TELEMETRY_PSEUDONYM_KEY", factory=lambda: os.urandom(32),
         shown="(random per process)", parse=_secret_bytes, blank_is_unset=True, secret=True,
+        check=MinBytes(MIN_PSEUDONYM_KEY_BYTES),
         doc="HMAC key for patient pseudonyms in logs.")
 
     def __post_init__(self) -> None:

@@ -13,6 +13,8 @@ variable's name; nothing here does I/O.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields
 from functools import cache
@@ -52,14 +54,20 @@ def integer(name: str, raw: str) -> int:
 
 def number(name: str, raw: str) -> float:
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a number") from None
+    # float() takes "inf" and "nan": an infinite leeway or lifetime would switch a check
+    # off rather than bound it, so no setting accepts them.
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={raw!r} is not a finite number")
+    return value
 
 
 @dataclass(frozen=True)
 class AtLeast:
-    """A lower bound (NaN is refused too). ``str()`` is what the docs print."""
+    """A lower bound; NaN and infinities are refused too. ``str()`` is what the docs
+    print."""
 
     minimum: float
 
@@ -68,6 +76,9 @@ class AtLeast:
             ok = value >= self.minimum
         except TypeError:  # a Settings built directly with a value of the wrong type
             raise ConfigError(f"{name}={value!r} is not a number") from None
+        # Also for a Settings built directly (from_env's parser already refuses them).
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name}={value} is not a finite number")
         if not ok:
             raise ConfigError(f"{name}={value} is below the minimum {self.minimum}")
 
@@ -76,12 +87,48 @@ class AtLeast:
 
 
 @dataclass(frozen=True)
-class OneOf:
-    """An enumeration; the first value is listed first in the docs, nothing more."""
+class Between(AtLeast):
+    """A lower and an upper bound, both inclusive."""
 
-    allowed: tuple[str, ...]
+    maximum: float
 
     def __call__(self, name: str, value: Any) -> None:
+        super().__call__(name, value)
+        if value > self.maximum:
+            raise ConfigError(f"{name}={value} is above the maximum {self.maximum}")
+
+    def __str__(self) -> str:
+        return f"{self.minimum:g} to {self.maximum:g}"
+
+
+@dataclass(frozen=True)
+class MinBytes:
+    """A secret of at least ``minimum`` bytes. The message gives only its length."""
+
+    minimum: int
+
+    def __call__(self, name: str, value: Any) -> None:
+        if not isinstance(value, bytes):
+            raise ConfigError(f"{name} is a {type(value).__name__}, not bytes")
+        if len(value) < self.minimum:
+            raise ConfigError(f"{name} is {len(value)} bytes; at least {self.minimum} "
+                              "are needed")
+
+    def __str__(self) -> str:
+        return f">= {self.minimum} bytes"
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """An enumeration; the first value is listed first in the docs, nothing more.
+    ``unset_ok``: ``None`` (an optional setting left unset) is accepted too."""
+
+    allowed: tuple[str, ...]
+    unset_ok: bool = False
+
+    def __call__(self, name: str, value: Any) -> None:
+        if value is None and self.unset_ok:
+            return
         if value not in self.allowed:
             raise ConfigError(f"{name}={str(value)[:20]!r}: must be one of {self.allowed}")
 
@@ -117,21 +164,41 @@ class SubsetOf:
         return "some of " + ", ".join(f"`{a}`" for a in sorted(self.allowed))
 
 
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+# libpq's other notation (psycopg takes it as DATABASE_URL): ``host=db password=pw``.
+_CONNINFO = re.compile(r"\s*\w+\s*=")
+# A keyword naming a password (``password``, ``sslpassword``) and its value: a single-quoted
+# string with backslash escapes (unterminated: to the end) or a word, in which a backslash
+# escapes the next character (a space too), as libpq reads them.
+_CONNINFO_PASSWORD = re.compile(
+    r"(?i)\b(\w*password\s*=\s*)('(?:[^'\\]|\\.)*'?|(?:\\.|[^\s\\])*\\?)")
+HIDDEN = "(not a URL, hidden)"
+
+
 def redact_url(value: str) -> str:
-    """``value`` with any password in it (``user:PASSWORD@``, ``?password=``) replaced by
-    ``***``; what does not parse as a URL is hidden whole rather than risk a secret."""
+    """``value`` with any password in it (``user:PASSWORD@``, ``?password=``, libpq's
+    ``password=`` keyword) replaced by ``***``; what is neither a ``scheme://`` URL nor
+    ``keyword=value`` pairs is hidden whole rather than risk a secret (``user:pw@host``
+    without a scheme parses as a URL without a password)."""
+    if not _URL.match(value):
+        if not _CONNINFO.match(value):
+            return HIDDEN
+        return _CONNINFO_PASSWORD.sub(r"\1***", value)
     try:
         parts = urlsplit(value)
         if parts.password is not None:
             host = parts.netloc.rpartition("@")[2]
             parts = parts._replace(netloc=f"{parts.username}:***@{host}")
         if "password" in parts.query.lower():
-            query = [(k, "***" if k.lower() == "password" else v)
+            query = [(k, "***" if k.lower().endswith("password") else v)
                      for k, v in parse_qsl(parts.query, keep_blank_values=True)]
             parts = parts._replace(query=urlencode(query, safe="*"))
-        return urlunsplit(parts)
+        out = urlunsplit(parts)
     except ValueError:
-        return "(not a URL, hidden)"
+        return HIDDEN
+    # urlsplit lowercases the scheme; keep it as written (``NATS://`` is refused for it).
+    scheme = len(parts.scheme)
+    return value[:scheme] + out[scheme:] if out[:scheme] == value[:scheme].lower() else out
 
 
 def masked_url(value: str | None) -> str:

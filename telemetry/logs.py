@@ -237,16 +237,33 @@ def fatal(message: str, **fields: Any) -> None:
     logging.getLogger("telemetry").critical(message, extra=fields)
 
 
+# Libraries whose DEBUG and INFO lines print what the service's own lines never do, raw
+# and unredacted: botocore and s3transfer the S3 keys (``{org_id}/{session_id}.bin.gz``)
+# and request URLs, urllib3, httpx and httpcore the URLs they call (session ids in the
+# path), hpack every decoded HTTP/2 header (the Authorization token too), psycopg its
+# failed connection attempts (host and user) and a line per pooled connection; nats logs
+# only errors today and is held in case that changes. They are held at WARNING (or the
+# service's level if higher) whatever TELEMETRY_LOG_LEVEL says, so that DEBUG debugs our
+# code without leaking ids. hypercorn.error is not here: it logs its start-up lines and
+# exceptions (formatted by format_exception, which redacts ids), never a request.
+THIRD_PARTY_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "httpx", "httpcore",
+                       "hpack", "psycopg", "nats")
+
+
 def configure(level: str = "INFO", stream: TextIO | None = None) -> logging.Handler:
     """Send every log record to ``stream`` (stderr) as one JSON object per line,
     with the request context added, and an uncaught exception that ends the
-    process too (:func:`log_uncaught`); returns the handler installed on the root."""
+    process too (:func:`log_uncaught`); returns the handler installed on the root.
+    ``level`` applies to the project's loggers; :data:`THIRD_PARTY_LOGGERS` stay at
+    WARNING or above."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
     handler.addFilter(RequestContextFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
     # hypercorn's access log would print full client IPs; ours logs truncated ones.
     logging.getLogger("hypercorn.access").disabled = True
     sys.excepthook = log_uncaught

@@ -15,7 +15,7 @@ from telemetry.config_report import (
     generated,
     unknown_variables,
 )
-from telemetry.config_spec import AtLeast, OneOf, redact_url, specs
+from telemetry.config_spec import AtLeast, Between, OneOf, number, redact_url, specs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,6 +41,8 @@ def test_values_parsed() -> None:
     ({"TELEMETRY_JWT_ALGORITHMS": "none"}, "TELEMETRY_JWT_ALGORITHMS"),
     ({"TELEMETRY_JWT_SIGNING_KID": "zzz"}, "TELEMETRY_JWT_SIGNING_KID"),
     ({"TELEMETRY_MAILBOX_SIZE": "0"}, "TELEMETRY_MAILBOX_SIZE"),
+    # Refused at start-up, not at the first batch (the replay writer would answer 500).
+    ({"TELEMETRY_BLOB_ENCODING": "bogus"}, "TELEMETRY_BLOB_ENCODING='bogus': must be one of"),
 ])
 def test_bad_values_name_the_variable(env: dict, names: str) -> None:
     with pytest.raises(ConfigError, match=names):
@@ -86,6 +88,7 @@ def test_from_env_of_nothing_is_the_declared_defaults() -> None:
     ("max_batches_per_s", float("nan"), "TELEMETRY_MAX_BATCHES_PER_S"),
     ("max_body_bytes", "big", "TELEMETRY_MAX_BODY_BYTES"),
     ("blob_store", "gcs", "TELEMETRY_BLOB_STORE"),
+    ("blob_encoding", "bogus", "TELEMETRY_BLOB_ENCODING"),
     ("log_level", "LOUD", "TELEMETRY_LOG_LEVEL"),
     ("jwt_algorithms", ("none",), "TELEMETRY_JWT_ALGORITHMS"),
     ("jwt_algorithms", (), "TELEMETRY_JWT_ALGORITHMS"),
@@ -122,6 +125,58 @@ def test_every_enumeration_holds_from_env_and_directly(
         Settings.from_env({variable: "bogus"})
     with pytest.raises(ConfigError, match=variable):
         Settings(**{attr: "bogus"})
+
+
+@pytest.mark.parametrize(("attr", "variable", "check"), _bounded(Between))
+def test_every_upper_bound_holds_from_env_and_directly(
+    attr: str, variable: str, check: Between
+) -> None:
+    assert getattr(Settings.from_env({variable: str(check.maximum)}), attr) == check.maximum
+    with pytest.raises(ConfigError, match=f"{variable}=.* is above the maximum"):
+        Settings.from_env({variable: str(check.maximum + 1)})
+    with pytest.raises(ConfigError, match=variable):
+        Settings(**{attr: check.maximum + 1})
+
+
+@pytest.mark.parametrize("variable", ["TELEMETRY_PORT", "TELEMETRY_SINK_PORT",
+                                      "TELEMETRY_JWT_LEEWAY_S",
+                                      "TELEMETRY_JWT_MAX_LIFETIME_S"])
+def test_ports_and_token_time_rules_have_an_upper_bound(variable: str) -> None:
+    # An unbounded leeway or lifetime switches the check off (a year-old token verified
+    # with TELEMETRY_JWT_LEEWAY_S=1e9); a port above 65535 failed only at bind.
+    assert variable in {v for _, v, _ in _bounded(Between)}
+    with pytest.raises(ConfigError, match=f"{variable}=.* is above the maximum"):
+        Settings.from_env({variable: "1000000000"})
+
+
+@pytest.mark.parametrize(("attr", "variable"),
+                         [(a, v) for a, v, _ in _bounded(AtLeast)])
+@pytest.mark.parametrize("raw", ["inf", "-inf", "nan", "Infinity"])
+def test_no_numeric_setting_takes_a_non_finite_value(attr: str, variable: str,
+                                                      raw: str) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        Settings.from_env({variable: raw})
+    with pytest.raises(ConfigError, match=rf"Settings\.{attr}: {variable}="):
+        Settings(**{attr: float(raw)})
+
+
+def test_numbers_are_finite() -> None:
+    assert number("X", "2.5") == 2.5
+    for raw in ("inf", "-inf", "nan", "1e400"):
+        with pytest.raises(ConfigError, match=f"X='{raw}' is not a finite number"):
+            number("X", raw)
+
+
+def test_the_pseudonym_key_is_at_least_32_bytes() -> None:
+    key = "P" * 31
+    with pytest.raises(ConfigError, match="TELEMETRY_PSEUDONYM_KEY is 31 bytes; at least 32"
+                       ) as refused:
+        Settings.from_env({"TELEMETRY_PSEUDONYM_KEY": key})
+    assert key not in str(refused.value)  # a secret: only its length is said
+    assert Settings.from_env({"TELEMETRY_PSEUDONYM_KEY": key + "P"}).pseudonym_key == b"P" * 32
+    with pytest.raises(ConfigError, match=r"Settings\.pseudonym_key: TELEMETRY_PSEUDONYM_KEY"):
+        Settings(pseudonym_key=b"x")
+    assert len(Settings().pseudonym_key) == 32  # the random default
 
 
 def test_rules_linking_two_variables_apply_to_the_environment() -> None:
@@ -184,7 +239,7 @@ def test_check_exits_2_listing_unknown_variables(capsys: pytest.CaptureFixture[s
 
 SECRETS = {
     "TELEMETRY_JWT_KEYS": json.dumps({"k-1": "S1-" + "a" * 40, "k-2": "S2-" + "b" * 40}),
-    "TELEMETRY_PSEUDONYM_KEY": "S3-pseudonym-key-material",
+    "TELEMETRY_PSEUDONYM_KEY": "S3-pseudonym-key-material-of-32-bytes",
     "TELEMETRY_BUS_TOKEN": "S4.bus.token",
     "DATABASE_URL": "postgresql://telemetry:S5pass@db.internal:5432/telemetry",
     "TELEMETRY_SINK_DATABASE_URL": "postgresql://sink@db.internal/telemetry?password=S6pass",
@@ -204,6 +259,30 @@ def test_secrets_are_never_printed(capsys: pytest.CaptureFixture[str]) -> None:
     assert "TELEMETRY_TYPO" in err
 
 
+def test_a_keyword_database_url_is_printed_without_its_password(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = {"DATABASE_URL": "host=db.internal user=telemetry password=S5pass dbname=t",
+           "TELEMETRY_SINK_DATABASE_URL": "host=db.internal user=sink password='S6 pass'"}
+    assert config_main(env) == 0
+    out, err = capsys.readouterr()
+    assert "S5pass" not in out + err and "S6" not in out + err
+    assert "host=db.internal user=telemetry password=*** dbname=t" in out
+
+
+def test_a_refused_nats_url_is_named_without_its_credentials(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = {"TELEMETRY_NATS_URLS": "nats://ok:4222, NATS://telemetry:S9pass@nats-1:4222, "
+                                  "telemetry:S9pass@nats-2:4222"}
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env(env)
+    assert str(refused.value) == ("TELEMETRY_NATS_URLS: not a nats:// or tls:// URL: "
+                                  "NATS://telemetry:***@nats-1:4222, (not a URL, hidden)")
+    assert config_main(env, check=True) == 2
+    assert "S9pass" not in capsys.readouterr().err
+
+
 def test_effective_configuration_says_where_each_value_came_from() -> None:
     env = {"TELEMETRY_PORT": "9000", "TELEMETRY_ENV": "prod"}
     rows = {name: (value, where)
@@ -221,6 +300,16 @@ def test_effective_configuration_says_where_each_value_came_from() -> None:
      "postgresql://u@h/db?sslmode=require&password=***"),
     ("postgresql://u@h/db", "postgresql://u@h/db"),
     ("http://[::1/x", "(not a URL, hidden)"),
+    ("postgresql://u@h/db?sslpassword=pw", "postgresql://u@h/db?sslpassword=***"),
+    ("NATS://u:pw@h:4222", "NATS://u:***@h:4222"),  # the scheme as written
+    # libpq's keyword notation, which psycopg takes as DATABASE_URL too
+    ("host=db user=u password=pw dbname=t", "host=db user=u password=*** dbname=t"),
+    ("host=db password = 'p w \\' x' port=5", "host=db password = *** port=5"),
+    ("password='pw unterminated", "password=***"),
+    ("host=db PASSWORD=pw sslpassword=pw", "host=db PASSWORD=*** sslpassword=***"),
+    ("password=p\\ w host=db", "password=*** host=db"),
+    # neither a URL nor keywords: user:pw@host without a scheme has no URL password
+    ("u:pw@h:4222", "(not a URL, hidden)"),
 ])
 def test_passwords_in_urls_are_masked(url: str, shown: str) -> None:
     assert redact_url(url) == shown

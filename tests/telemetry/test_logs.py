@@ -52,13 +52,11 @@ def captured() -> Iterator[Captured]:
     hook = sys.excepthook
     access = logging.getLogger("hypercorn.access")
     access_disabled = access.disabled
+    # configure() holds these at WARNING; put back what they were
+    quiet = [logging.getLogger(n) for n in logs.THIRD_PARTY_LOGGERS]
+    levels = [q.level for q in quiet]
     cap = Captured()
     logs.configure("DEBUG", cap.stream)
-    # the HTTP client's own debug lines are not the service's
-    quiet = [logging.getLogger(n) for n in ("httpx", "httpcore", "hpack")]
-    levels = [q.level for q in quiet]
-    for q in quiet:
-        q.setLevel(logging.WARNING)
     try:
         yield cap
     finally:
@@ -191,6 +189,45 @@ async def test_levels_follow_what_happened(
     assert exc["endpoint"] == "/v1/sessions/<session_id>/end"
     assert "sess-1" not in json.dumps(boom)  # the path is never logged, the template is
     assert all(x["session"].startswith("s_") for x in boom)
+
+
+def test_third_party_libraries_stay_at_warning_at_debug(captured: Captured) -> None:
+    """TELEMETRY_LOG_LEVEL=DEBUG is for our code: a library's DEBUG/INFO lines would
+    print raw ids (botocore: the S3 key ``{org_id}/{session_id}.bin.gz``)."""
+    key = f"{ORG}/{SESSION}.bin.gz"
+    for name in logs.THIRD_PARTY_LOGGERS:
+        child = logging.getLogger(f"{name}.endpoint")
+        child.debug("Making request for PutObject: Key=%s", key)
+        child.info("PUT /%s", key)
+    logging.getLogger("telemetry.test").debug("ours")
+    logging.getLogger("botocore.endpoint").warning("a warning still shows")
+    assert SESSION not in captured.text()
+    assert [line["msg"] for line in captured.lines()] == ["ours", "a warning still shows"]
+
+
+def test_third_party_libraries_follow_a_level_above_warning(captured: Captured) -> None:
+    logs.configure("ERROR", captured.stream)
+    logging.getLogger("botocore.endpoint").warning("held back too")
+    assert logging.getLogger("botocore").level == logging.ERROR
+    assert captured.text() == ""
+
+
+async def test_a_real_s3_put_at_debug_logs_no_raw_key(
+    captured: Captured, s3_server: Any, s3_prefix: str
+) -> None:
+    """The reviewer's reproduction: a real put through botocore to moto's server."""
+    from storage.s3 import S3BlobStore
+
+    store = S3BlobStore(bucket=s3_server.bucket, prefix=s3_prefix,
+                        endpoint_url=s3_server.endpoint_url, region=s3_server.region)
+    try:
+        await store.put(f"{ORG}/{SESSION}.bin.gz", b"x" * 100)
+    finally:
+        await store.aclose()
+    # werkzeug and moto are the S3 server, running in this process for the test
+    ours = [line for line in captured.lines()
+            if not line["logger"].startswith(("werkzeug", "moto"))]
+    assert not [line for line in ours if SESSION in json.dumps(line)]
 
 
 def test_filter_outside_a_request_adds_nothing() -> None:
@@ -330,6 +367,9 @@ def json_lines(text: str) -> list[dict[str, Any]]:
     ("serve", {"TELEMETRY_TRUSTED_PROXIES": "10.0.0.1/8"}, "TELEMETRY_TRUSTED_PROXIES"),
     ("sink", {"TELEMETRY_SINK_PORT": "-1"}, "TELEMETRY_SINK_PORT"),
     ("migrate", {"TELEMETRY_JWT_KEYS": "{"}, "TELEMETRY_JWT_KEYS"),
+    # the refused URL is named in the line, its password masked
+    ("serve", {"TELEMETRY_NATS_URLS": "NATS://telemetry:S9pass@nats-1:4222"},
+     "TELEMETRY_NATS_URLS"),
 ])
 def test_a_bad_setting_stops_a_service_with_one_json_line(
     command: str, env: dict[str, str], named: str, tmp_path: Path
@@ -340,6 +380,7 @@ def test_a_bad_setting_stops_a_service_with_one_json_line(
     (line,) = json_lines(done.stderr)
     assert line["level"] == "critical" and line["msg"] == "configuration error; not starting"
     assert line["error"].startswith(named)
+    assert "S9pass" not in done.stderr
 
 
 def test_a_start_up_failure_is_json_lines_only(tmp_path: Path) -> None:
