@@ -198,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
         return config_main(os.environ, check=args.check, markdown=args.markdown)
     try:
         settings = Settings.from_env()
+        if args.command == "serve":
+            from telemetry.preflight import preflight
+
+            preflight(settings)
     except ConfigError as exc:
         if args.command in ("serve", "migrate", "sink"):
             # A service's output is read by a log pipeline: one JSON line, not text.

@@ -87,6 +87,10 @@ def config_main(env: Mapping[str, str], *, check: bool = False, markdown: bool =
         return 0
     try:
         settings = Settings.from_env(env)
+        if check:
+            from telemetry.preflight import preflight
+
+            preflight(settings)  # the keyset and TLS files, as `serve` loads them
     except ConfigError as exc:
         print(f"telemetry: configuration error: {exc}", file=sys.stderr)
         unknown = unknown_variables(env)

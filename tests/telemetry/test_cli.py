@@ -121,3 +121,17 @@ def test_config_markdown_is_the_readme_table() -> None:
     r = run("config", "--markdown")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("env", [
+    {"TELEMETRY_JWT_KEYS_FILE": "/nonexistent/keys.json"},
+    {"TELEMETRY_TLS_CERT": "/nonexistent/cert.pem", "TELEMETRY_TLS_KEY": "/nonexistent/key.pem"},
+    {"TELEMETRY_JWT_PUBLIC_KEYS":
+     '{"ec-1": "-----BEGIN PUBLIC KEY-----\\nnot base64\\n-----END PUBLIC KEY-----\\n"}'},
+])
+def test_config_check_loads_the_files_serve_would(env: dict[str, str]) -> None:
+    """A keyset or TLS file that `serve` cannot load fails `config --check` too (it
+    used to say "configuration OK", and `serve` then died with a traceback)."""
+    from telemetry.config_report import config_main
+
+    assert config_main(env, check=True) == 2

@@ -370,6 +370,13 @@ def json_lines(text: str) -> list[dict[str, Any]]:
     # the refused URL is named in the line, its password masked
     ("serve", {"TELEMETRY_NATS_URLS": "NATS://telemetry:S9pass@nats-1:4222"},
      "TELEMETRY_NATS_URLS"),
+    # files the settings name, loaded before the service opens its storage
+    ("serve", {"TELEMETRY_JWT_KEYS_FILE": "/nonexistent/keys.json"}, "keys file"),
+    ("serve", {"TELEMETRY_TLS_CERT": "/nonexistent/cert.pem",
+               "TELEMETRY_TLS_KEY": "/nonexistent/key.pem"}, "TELEMETRY_TLS_CERT"),
+    ("serve", {"TELEMETRY_JWT_PUBLIC_KEYS":
+               '{"ec-1": "-----BEGIN PUBLIC KEY-----\\nnot base64\\n-----END PUBLIC KEY-----\\n"}'},
+     "TELEMETRY_JWT_PUBLIC_KEYS"),
 ])
 def test_a_bad_setting_stops_a_service_with_one_json_line(
     command: str, env: dict[str, str], named: str, tmp_path: Path
