@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 EXERCISE_KINDS_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# fullmatch: with match and "$", an id ending in a newline passed ("$" matches before it).
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 # The spool keeps a session's state as "{org}/{session}.state.json" (and read logs of
 # the older layout as "{org}/{session}.log"), and keeps
 # temp files as ".tmp": an id ending so could collide with those names.
@@ -21,7 +22,7 @@ _RESERVED_ID_SUFFIXES = (".log", ".json", ".tmp")
 def is_safe_id(value: object) -> bool:
     """Ids become object-store and spool path segments, so only a conservative charset
     is allowed, without the spool's reserved file suffixes."""
-    return (isinstance(value, str) and bool(_ID_RE.match(value)) and ".." not in value
+    return (isinstance(value, str) and bool(_ID_RE.fullmatch(value)) and ".." not in value
             and not value.endswith(_RESERVED_ID_SUFFIXES))
 
 

@@ -79,6 +79,11 @@ def test_ids_with_spool_suffixes_are_refused() -> None:
     assert is_safe_id("visit.json2") and is_safe_id("s-1.2")
 
 
+def test_an_id_ending_in_a_newline_is_refused() -> None:
+    assert not is_safe_id("sess-1\n") and not is_safe_id("org-a\n")
+    assert is_safe_id("sess-1")
+
+
 async def test_a_failing_finalisation_costs_only_its_session(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
