@@ -97,6 +97,8 @@ class _Conn:
     """One open stream: what shutdown needs to stop it between batches."""
 
     claims: SessionClaims
+    token: str
+    generation: int  # the keyset generation the token was last verified under
     stop: bool = False
     waiting: trio.CancelScope | None = None
     acked: int = 0
@@ -138,13 +140,13 @@ class PoseStream:
         try:
             subprotocols = list(scope.get("subprotocols") or ())
             try:
-                claims = self._handshake(scope, headers, subprotocols)
+                claims, token = self._handshake(scope, headers, subprotocols)
             except TelemetryError as exc:
                 self._count_handshake(http_status(exc))
                 await _deny(scope, send, exc, ctx.request_id)
                 return
             self._count_handshake(101)
-            await self._serve(claims, receive, send, {
+            await self._serve(claims, token, receive, send, {
                 "type": "websocket.accept",
                 "subprotocol": SUBPROTOCOL if SUBPROTOCOL in subprotocols else None,
                 "headers": [(b"x-request-id", ctx.request_id.encode())]})
@@ -152,7 +154,8 @@ class PoseStream:
             logs.end_request()
 
     def _handshake(self, scope: Scope, headers: Headers,
-                   subprotocols: list[str]) -> SessionClaims:
+                   subprotocols: list[str]) -> tuple[SessionClaims, str]:
+        """The verified claims and the token they came from."""
         state = self._state
         if self._stopping or not state.ready or not state.supervisor.accepting:
             raise ShuttingDown("the service is shutting down; reconnect", retry_after=1)
@@ -173,9 +176,15 @@ class PoseStream:
                 raise AuthError("malformed_token", "the bearer subprotocol holds no token")
             return token
 
-        claims = self._ingest.claims(token, client_of(scope))
+        raw: list[str] = []
+
+        def kept() -> str:
+            raw.append(token())
+            return raw[0]
+
+        claims = self._ingest.claims(kept, client_of(scope))
         self._ingest.require_consent(claims)
-        return claims
+        return claims, raw[0]
 
     def _origin_allowed(self, origin: str) -> bool:
         try:
@@ -183,9 +192,9 @@ class PoseStream:
         except CorsConfigError:
             return False
 
-    async def _serve(self, claims: SessionClaims, receive: Receive, send: Send,
+    async def _serve(self, claims: SessionClaims, token: str, receive: Receive, send: Send,
                      accept: dict[str, Any]) -> None:
-        conn = _Conn(claims)
+        conn = _Conn(claims, token, self._state.verifier.keystore.generation)
         self._open.add(conn)
         self._state.metrics.streams_open.inc()
         code = CLOSE_NORMAL
@@ -230,6 +239,10 @@ class PoseStream:
             if data is None:
                 return await _close(send, CLOSE_UNSUPPORTED,
                                     "send pose batches as binary messages")
+            if self._state.verifier.keystore.generation != conn.generation \
+                    and not self._still_valid(conn):
+                return await _close(send, CLOSE_TOKEN, "token no longer valid; reconnect "
+                                    "with a fresh token")
             code = await self._batch(conn, data, send)
             if code is not None:
                 return await _close(send, code, CLOSE_CODES.get(code, "closed"))
@@ -272,6 +285,22 @@ class PoseStream:
         await send({"type": "websocket.send", "text": _ack(batch.seq, duplicate)})
         self._ack_seconds.observe(trio.current_time() - t0)
         return None
+
+    def _still_valid(self, conn: _Conn) -> bool:
+        """After a keyset reload: whether the stream's token still verifies (its
+        signing key may have been removed, e.g. revoked after a leak). A stream is
+        authenticated at its handshake; this is what makes a revocation reach it,
+        at its next batch, instead of at the token's expiry."""
+        verifier = self._state.verifier
+        generation = verifier.keystore.generation
+        try:
+            verifier.verify_session(conn.token)
+        except AuthError as exc:
+            self._state.metrics.auth_failures.labels("session", exc.reason).inc()
+            log.info("stream token no longer valid", extra={"reason": exc.reason})
+            return False
+        conn.generation = generation
+        return True
 
     async def refuse_elsewhere(self, scope: Scope, send: Send) -> None:
         """A WebSocket handshake on any path but :data:`STREAM_PATH`, the service's

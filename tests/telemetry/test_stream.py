@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
+from pathlib import Path
 
 import pytest
 import trio
@@ -317,3 +319,31 @@ async def test_metrics_count_open_streams(settings: Settings) -> None:
         assert "telemetry_stream_ack_duration_seconds" in r.text
 
 
+
+
+async def test_a_removed_signing_key_closes_its_open_streams(
+        settings: Settings, tmp_path: Path) -> None:
+    """A stream is authenticated at its handshake; once its token's key is removed
+    from the keyset (revoked after a leak), the stream is closed 4401 at its next
+    batch, not left open until the token expires. A stream whose key stays carries
+    on through the same reload."""
+    keyfile = tmp_path / "keys.json"
+    a, b = "a-secret-" + "a" * 32, "b-secret-" + "b" * 32
+    keyfile.write_text(json.dumps({"k-a": a, "k-b": b}))
+    settings = dataclasses.replace(settings, jwt_keys_file=keyfile, jwt_keys={})
+    async with running_service(settings) as svc:
+        revoked = await open_stream(svc, session_id="sess-a")  # signed with k-a, the first
+        keyfile.write_text(json.dumps({"k-b": b, "k-a": a}))
+        kept = await open_stream(svc, session_id="sess-b")  # k-b, first now
+        for ws in (revoked, kept):
+            await ws.send_bytes(batch_body(0))
+            assert (await ws.recv_json())["status"] == 202
+        keyfile.write_text(json.dumps({"k-b": b}))
+        assert svc.state is not None and svc.state.verifier.keystore.reload()
+        await revoked.send_bytes(batch_body(1))
+        with pytest.raises(WsClosed) as closed:
+            await revoked.recv_json()
+        assert closed.value.code == 4401
+        await kept.send_bytes(batch_body(1))
+        assert (await kept.recv_json())["status"] == 202
+        await kept.close()
