@@ -129,9 +129,7 @@ class ActorHost:
                     # remove them) before a later start replays it. Its requests are
                     # answered "retry" (503), or "ended" if its end was recorded.
                     org_id, session_id = step.key.split("/", 1)
-                    self._put((org_id, session_id), Ended(
-                        None, trio.current_time() + self._settings.ended_retention_s,
-                        trio.Event(), recorded=step.ended))
+                    self._hold_unfinished((org_id, session_id), recorded=step.ended)
                     continue
                 if actor is None:
                     continue
@@ -319,9 +317,7 @@ class ActorHost:
             if actor.summary is None and not actor.handed_over and self._journal is not None:
                 # Finalisation raised (a bug). Until the next start resumes it from
                 # disk, the session must neither start afresh nor claim a summary.
-                self._put(key, Ended(None, trio.current_time()
-                                      + self._settings.ended_retention_s, trio.Event(),
-                                      recorded=actor.end_recorded))
+                self._hold_unfinished(key, recorded=actor.end_recorded)
         finally:
             # Runs on cancellation too, so the registry never keeps a dead actor.
             self._unregister(actor)
@@ -369,6 +365,13 @@ class ActorHost:
     def _remember(self, key: Key, summary: dict[str, Any]) -> None:
         self._put(key, Ended(summary, trio.current_time() + self._settings.ended_retention_s,
                               stored_event()))
+
+    def _hold_unfinished(self, key: Key, *, recorded: bool) -> None:
+        """Hold a session whose state is on disk but not in an actor here (its log
+        could not be replayed, or its finalisation raised) until a later start takes
+        it up: its requests are answered "retry", or "ended" once ``recorded``."""
+        self._put(key, Ended(None, trio.current_time() + self._settings.ended_retention_s,
+                             trio.Event(), recorded=recorded))
 
     def _put(self, key: Key, entry: Ended) -> None:
         self._ended.put(key, entry)

@@ -70,6 +70,7 @@ from telemetry.http.answers import (
 from telemetry.http.pipeline import (
     Headers,
     error_body,
+    observe,
     retry_after_value,
     send_error,
 )
@@ -176,15 +177,16 @@ class PoseStream:
                 raise AuthError("malformed_token", "the bearer subprotocol holds no token")
             return token
 
-        raw: list[str] = []
+        taken = ""
 
-        def kept() -> str:
-            raw.append(token())
-            return raw[0]
+        def kept() -> str:  # the stream keeps it, to verify it again after a key reload
+            nonlocal taken
+            taken = token()
+            return taken
 
         claims = self._ingest.claims(kept, client_of(scope))
         self._ingest.require_consent(claims)
-        return claims, raw[0]
+        return claims, taken
 
     def _origin_allowed(self, origin: str) -> bool:
         try:
@@ -312,11 +314,9 @@ class PoseStream:
             exc = NotFound(f"no WebSocket endpoint at this path; the pose stream is "
                            f"{STREAM_PATH}")
             await _deny(scope, send, exc, ctx.request_id)
-            status = http_status(exc)
-            self._state.metrics.count_request("GET", UNMATCHED, status, 0.0)
-            logs.log_request(log, logs.request_level(status, quiet=False), method="GET",
-                             endpoint=UNMATCHED, status=status, seconds=0.0,
-                             code=exc.code, client=client_of(scope))
+            observe(self._state.metrics, log, method="GET", endpoint=UNMATCHED,
+                    status=http_status(exc), seconds=0.0, code=exc.code,
+                    client=client_of(scope), quiet=False)
         finally:
             logs.end_request()
 
